@@ -1,0 +1,97 @@
+"""AutoencoderKL: the frozen first stage of Stable Diffusion v1.
+
+Reproduces the KL-regularised autoencoder of Rombach et al., "High-Resolution Image Synthesis with Latent
+Diffusion Models" (CVPR 2022, Sec. 3.1): an image x is encoded to a diagonal Gaussian q(z|x) over 4-channel
+latents at 1/8 resolution and decoded back. The keys of ``state_dict()`` equal the ``first_stage_model.*``
+keys of the released checkpoints. DreamBooth never trains this model, so it is a plain ``nn.Module``
+without the original's reconstruction/GAN training step.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ldm.modules.diffusionmodules.model import Decoder, Encoder
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.util import instantiate_from_config
+
+
+class AutoencoderKL(nn.Module):
+    """Encoder -> ``quant_conv`` -> q(z|x); z -> ``post_quant_conv`` -> Decoder.
+
+    Args:
+        ddconfig: keyword arguments shared by :class:`Encoder` and :class:`Decoder`; ``double_z`` must be true.
+        lossconfig: ``target``/``params`` of the training loss. Only parameter-free losses
+            (``torch.nn.Identity`` in the SD configs) are accepted, so the state dict stays the checkpoint's.
+        embed_dim: latent channels after ``quant_conv`` (4 for SD v1).
+        ckpt_path: not supported here; weights load through the LatentDiffusion checkpoint loader.
+        ignore_keys: only meaningful with ``ckpt_path``.
+        image_key: the batch entry :meth:`get_input` reads.
+        colorize_nlabels: segmentation-map first stages only; not supported.
+        monitor: the metric name the original logged for checkpointing; kept for config compatibility.
+    """
+
+    def __init__(
+        self,
+        ddconfig: Mapping[str, Any],
+        lossconfig: Mapping[str, Any],
+        embed_dim: int,
+        ckpt_path: str | None = None,
+        ignore_keys: Sequence[str] = (),
+        image_key: str = "image",
+        colorize_nlabels: int | None = None,
+        monitor: str | None = None,
+    ) -> None:
+        super().__init__()
+        if ckpt_path is not None:
+            raise ValueError(
+                f"AutoencoderKL(ckpt_path={ckpt_path!r}) is not supported: load the whole Stable Diffusion "
+                "checkpoint through the LatentDiffusion loader (ldm/checkpoint.py), which fills "
+                "first_stage_model.* and reports every missing or unexpected key."
+            )
+        if colorize_nlabels is not None:
+            raise ValueError("colorize_nlabels is for segmentation-map autoencoders, which this codebase does not have.")
+        if not ddconfig["double_z"]:
+            raise ValueError("AutoencoderKL needs ddconfig.double_z = true: the encoder must output mean and logvar.")
+        self.image_key = image_key
+        self.monitor = monitor
+        self.embed_dim = embed_dim
+
+        self.encoder = Encoder(**ddconfig)
+        self.decoder = Decoder(**ddconfig)
+        self.loss = instantiate_from_config(lossconfig)
+        if len(self.loss.state_dict()) > 0:
+            # A loss with weights (e.g. LPIPS + discriminator) would add loss.* keys that no SD checkpoint has.
+            raise ValueError(
+                f"lossconfig {lossconfig['target']} has parameters or buffers; the frozen first stage only "
+                "accepts a parameter-free loss such as torch.nn.Identity."
+            )
+        z_channels = ddconfig["z_channels"]
+        self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, kernel_size=1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, kernel_size=1)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
+        """Image in [-1, 1], (B, 3, H, W) -> q(z|x) over (B, embed_dim, H/f, W/f)."""
+        moments = self.quant_conv(self.encoder(x))
+        return DiagonalGaussianDistribution(moments)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent (B, embed_dim, h, w) -> image (B, out_ch, h*f, w*f), roughly in [-1, 1]."""
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(
+        self, input: torch.Tensor, sample_posterior: bool = True
+    ) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
+        """Reconstruct ``input`` through a sampled (or, with ``sample_posterior=False``, the mean) latent."""
+        posterior = self.encode(input)
+        z = posterior.sample() if sample_posterior else posterior.mode()
+        return self.decode(z), posterior
+
+    def get_input(self, batch: Mapping[str, torch.Tensor], k: str | None = None) -> torch.Tensor:
+        """Batch images stored channels-last (B, H, W, C) -> (B, C, H, W) float, read from ``image_key``."""
+        x = batch[self.image_key if k is None else k]
+        if x.ndim == 3:
+            x = x[..., None]
+        return x.permute(0, 3, 1, 2).contiguous().float()
