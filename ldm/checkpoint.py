@@ -1,0 +1,255 @@
+"""The one checkpoint loader and saver.
+
+Reading never executes pickled code: ``.ckpt`` files go through ``torch.load(weights_only=True)`` (globals that
+are not plain data, such as a Lightning callback class pickled into old checkpoints, are replaced by an inert
+stub, never imported or called), and ``.safetensors`` through safetensors. Before any tensor is copied, the file's
+keys are audited against the model: what is missing, what has another shape, and what the file probably is
+instead (an SD 2 checkpoint, a LoRA adapter, a diffusers folder), all said in one line.
+Writing is atomic: a temporary file in the same folder, fsync, then ``os.replace``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+#: Key prefixes of the three SD v1 sub-models, with the names used in messages.
+GROUPS = {
+    "model.diffusion_model.": "UNet (model.diffusion_model.*)",
+    "first_stage_model.": "VAE (first_stage_model.*)",
+    "cond_stage_model.": "text encoder (cond_stage_model.*)",
+    "model_ema.": "EMA (model_ema.*)",
+}
+#: Keys a file may lack without harm: transformers releases after 4.x stopped saving ``position_ids``.
+OPTIONAL_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
+EMA_COUNTERS = ("model_ema.decay", "model_ema.num_updates")
+MAX_STUBS = 32
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message is one line naming the file and the problem."""
+
+
+class _Inert:
+    """Stands in for any non-data global found in a pickle: accepts anything, runs nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def _stubs_for(path: Path) -> list:
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    if len(names) > MAX_STUBS:
+        raise CheckpointError(f"{path}: the pickle names {len(names)} non-tensor globals; refusing to load it")
+    return [(type(n.rsplit(".", 1)[-1], (_Inert,), {}), n) for n in names]
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as first:  # noqa: BLE001 - re-raised below with the file named
+        if "Unsupported global" not in str(first):
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint (truncated download, or not a .ckpt file): "
+                f"{type(first).__name__}: {str(first).splitlines()[0][:200]}") from None
+    with torch.serialization.safe_globals(_stubs_for(path)):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Return ``(state_dict, meta)`` from a ``.ckpt``/``.pt``/``.pth`` or ``.safetensors`` file.
+
+    ``meta`` holds ``global_step`` when the file records it. A bare state dict is accepted as well as a dict
+    with a ``state_dict`` entry (the Lightning/CompVis layout).
+    """
+    path = Path(path)
+    if path.is_dir():
+        hint = " (a diffusers folder? this loader reads single .ckpt/.safetensors files)" \
+            if (path / "model_index.json").exists() else ""
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file{hint}")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+                meta: dict[str, Any] = dict(f.metadata() or {})
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{path}: not a readable safetensors file: {str(e).splitlines()[0][:200]}") \
+                from None
+        if "global_step" in meta:
+            meta["global_step"] = int(meta["global_step"])
+        return sd, meta
+    obj = _torch_load(path)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    sd = obj.get("state_dict", obj)
+    if not isinstance(sd, Mapping):
+        raise CheckpointError(f"{path}: its 'state_dict' entry is a {type(sd).__name__}, not a mapping")
+    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    meta = {k: obj[k] for k in ("global_step", "epoch") if k in obj and isinstance(obj[k], int)}
+    return tensors, meta
+
+
+def ema_key(model_key: str) -> str:
+    """``model.diffusion_model.a.0.weight`` -> ``model_ema.diffusion_modela0weight`` (the LitEma naming)."""
+    return "model_ema." + model_key[len("model."):].replace(".", "")
+
+
+def _guess_kind(keys: set[str]) -> str:
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "it looks like a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder)"
+    if any("lora" in k.lower() for k in keys):
+        return "it looks like a LoRA adapter, not a full model"
+    if any(k.startswith(("down_blocks.", "conv_in.", "time_embedding.", "encoder.down_blocks.")) for k in keys):
+        return "it looks like a diffusers model file"
+    if any(k.startswith(("conditioner.", "model.diffusion_model.label_emb")) for k in keys):
+        return "it looks like a Stable Diffusion XL checkpoint"
+    return "it is not a Stable Diffusion v1 checkpoint"
+
+
+def _group(key: str) -> str:
+    return next((label for prefix, label in GROUPS.items() if key.startswith(prefix)), "schedule buffers")
+
+
+def audit(expected: Mapping[str, torch.Size], found: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """Compare the keys and shapes a model expects with those a file has. ``None`` when they fit, else a reason."""
+    missing: dict[str, list[str]] = {}
+    wrong: dict[str, list[str]] = {}
+    for k, shape in expected.items():
+        if k not in found:
+            if k not in OPTIONAL_KEYS:
+                missing.setdefault(_group(k), []).append(k)
+        elif tuple(found[k].shape) != tuple(shape):
+            wrong.setdefault(_group(k), []).append(k)
+    if not missing and not wrong:
+        return None
+    parts = [f"{label}: {len(keys)} keys missing (e.g. {keys[0]})" for label, keys in missing.items()]
+    parts += [f"{label}: {len(keys)} tensors of another shape (e.g. {keys[0]} is {list(found[keys[0]].shape)}, "
+              f"expected {list(expected[keys[0]])})" for label, keys in wrong.items()]
+    return f"{_guess_kind(set(found))}: " + "; ".join(parts)
+
+
+def select_weights(model_keys: Mapping[str, torch.Size], sd: Mapping[str, torch.Tensor], use_ema: bool,
+                   prefer_ema: bool = True) -> tuple[dict[str, torch.Tensor], bool]:
+    """Pick the tensors for a model from a file's state dict. Returns ``(state_dict, used_ema_weights)``.
+
+    A model without its own EMA (``use_ema: False``) loaded from a full-EMA file takes the EMA weights as its
+    UNet weights when ``prefer_ema``: they are the ones the released files were meant to be sampled with.
+    """
+    out = {k: sd[k] for k in model_keys if k in sd}
+    unet_keys = [k for k in model_keys if k.startswith("model.diffusion_model.")]
+    has_ema = bool(unet_keys) and all(ema_key(k) in sd for k in unet_keys)
+    used_ema = not use_ema and has_ema and prefer_ema
+    for k in unet_keys:
+        if used_ema:
+            out[k] = sd[ema_key(k)]
+        elif use_ema and not has_ema and k in sd:
+            # The file carries no EMA (an EMA-only release, say): the EMA starts from the model weights.
+            out[ema_key(k)] = sd[k]
+    return out, used_ema
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, prefer_ema: bool = True,
+                    assign: bool = False, verbose: bool = True) -> dict[str, Any]:
+    """Load a SD v1 checkpoint into ``model`` after auditing it; returns the file's meta (``global_step``...).
+
+    ``assign=True`` lets a model built on the meta device take the file's tensors without a copy.
+    """
+    sd, meta = read_checkpoint(path)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    use_ema = bool(getattr(model, "use_ema", False))
+    chosen, used_ema = select_weights(expected, sd, use_ema=use_ema, prefer_ema=prefer_ema)
+    # The EMA step counters may be absent (then the EMA starts afresh); everything else must be there.
+    problem = audit({k: s for k, s in expected.items() if k not in EMA_COUNTERS}, sd | chosen)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
+    own = model.state_dict()
+    for k in expected:
+        if k not in chosen:  # optional keys and a freshly started EMA keep the model's own values
+            chosen[k] = own[k] if own[k].device.type != "meta" else _default_for(k, own[k])
+        chosen[k] = chosen[k].to(own[k].dtype) if own[k].dtype != chosen[k].dtype else chosen[k]
+    model.load_state_dict(chosen, strict=True, assign=assign)
+    meta["used_ema"] = used_ema
+    ignored = sorted(set(sd) - set(chosen) - {k for k in sd if k.startswith("model_ema.")})
+    if verbose:
+        step = f" (global_step {meta['global_step']})" if "global_step" in meta else ""
+        print(f"Loaded {path}{step}" + ("; sampling with its EMA weights" if used_ema else "")
+              + (f"; ignored {len(ignored)} unused keys (e.g. {ignored[0]})" if ignored else ""))
+    return meta
+
+
+def _default_for(key: str, like: torch.Tensor) -> torch.Tensor:
+    if key.endswith("position_ids"):
+        return torch.arange(like.shape[-1], dtype=like.dtype).expand(like.shape).clone()
+    if key == "model_ema.decay":
+        return torch.tensor(0.9999, dtype=like.dtype)
+    if key == "model_ema.num_updates":
+        return torch.tensor(0, dtype=like.dtype)
+    raise CheckpointError(f"no value for {key}")
+
+
+def load_model_from_config(config: Mapping[str, Any], ckpt: str | os.PathLike, prefer_ema: bool = True,
+                           verbose: bool = True) -> nn.Module:
+    """Build ``config.model`` on the meta device and fill it from ``ckpt`` (no random init, no double copy)."""
+    from ldm.util import instantiate_from_config
+    with torch.device("meta"):
+        model = instantiate_from_config(config["model"])
+    load_checkpoint(model, ckpt, prefer_ema=prefer_ema, assign=True, verbose=verbose)
+    return model.eval()
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],
+                    global_step: Optional[int] = None, extra: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write ``state_dict`` atomically: ``.safetensors`` by extension, else a ``{"state_dict", "global_step"}``
+    pickle of tensors and ints that ``torch.load(weights_only=True)`` and every SD v1 tool read."""
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        meta = {"format": "pt"}
+        if global_step is not None:
+            meta["global_step"] = str(int(global_step))
+        # safetensors refuses tensors that share memory; clone the few that do.
+        seen: set[int] = set()
+        for k, v in tensors.items():
+            ptr = v.untyped_storage().data_ptr()
+            if ptr in seen:
+                tensors[k] = v.clone()
+            seen.add(ptr)
+        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    else:
+        obj: dict[str, Any] = {"state_dict": tensors}
+        if global_step is not None:
+            obj["global_step"] = int(global_step)
+        obj.update(extra or {})
+        _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    return path

@@ -1,0 +1,139 @@
+"""DDIM sampling (Song et al. 2021, eq. 12) with classifier-free guidance (Ho & Salimans 2022).
+
+The sampler needs only ``model.apply_model`` and the schedule buffer ``alphas_cumprod``; its device comes from
+that buffer. Timestep selection reproduces the original CompVis code exactly, so the same step count gives the
+same trajectory, including its quirks: ``range(0, 1000, 1000 // S) + 1`` can hold more than S steps
+(S=3 gives 4), and for some S it reaches timestep 1000, past the end of the schedule, where the original
+crashes. We clamp that step to 999 and say so.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Literal, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+Discretize = Literal["uniform", "quad"]
+
+
+def make_ddim_timesteps(num_ddim_timesteps: int, num_ddpm_timesteps: int = 1000,
+                        discretize: Discretize = "uniform") -> np.ndarray:
+    """The DDPM timesteps visited by DDIM, ascending, as the original ``make_ddim_timesteps`` selects them."""
+    if not 1 <= num_ddim_timesteps <= num_ddpm_timesteps:
+        raise ValueError(f"ddim_steps must be between 1 and {num_ddpm_timesteps}, got {num_ddim_timesteps}")
+    if discretize == "uniform":
+        c = num_ddpm_timesteps // num_ddim_timesteps
+        steps = np.asarray(list(range(0, num_ddpm_timesteps, c)))
+    elif discretize == "quad":
+        steps = ((np.linspace(0, np.sqrt(num_ddpm_timesteps * .8), num_ddim_timesteps)) ** 2).astype(int)
+    else:
+        raise ValueError(f"unknown ddim_discretize {discretize!r} (uniform or quad)")
+    # The original adds one so the final alpha is alphas_cumprod[1] rather than [0].
+    steps = steps + 1
+    if steps[-1] >= num_ddpm_timesteps:
+        warnings.warn(f"DDIM with {num_ddim_timesteps} steps selects timestep {steps[-1]}, beyond the "
+                      f"schedule's last ({num_ddpm_timesteps - 1}); the original code fails here, we use "
+                      f"{num_ddpm_timesteps - 1} instead", stacklevel=2)
+        steps = np.minimum(steps, num_ddpm_timesteps - 1)
+    return steps
+
+
+def ddim_coefficients(alphas_cumprod: torch.Tensor, timesteps: np.ndarray,
+                      eta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """alpha_t, alpha_{t-1} and sigma_t(eta) of Song et al. 2021, eq. 16, for the selected timesteps (float32).
+
+    Computed in float64 from the float32 ``alphas_cumprod`` buffer, as the original did through numpy.
+    """
+    acp = alphas_cumprod.detach().cpu().double()
+    alphas = acp[torch.as_tensor(timesteps)]
+    alphas_prev = torch.cat([acp[:1], alphas[:-1]])
+    sigmas = eta * torch.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
+    return alphas.float(), alphas_prev.float(), sigmas.float()
+
+
+def guided_eps(model: Any, x: torch.Tensor, t: torch.Tensor, c: Any, uc: Any, scale: float) -> torch.Tensor:
+    """eps with classifier-free guidance: eps(x, uc) + scale * (eps(x, c) - eps(x, uc)), in one batch."""
+    if uc is None or scale == 1.0:
+        return model.apply_model(x, t, c)
+    e_uncond, e_cond = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uc, c])).chunk(2)
+    return e_uncond + scale * (e_cond - e_uncond)
+
+
+def ddim_step(x: torch.Tensor, e_t: torch.Tensor, a_t: torch.Tensor, a_prev: torch.Tensor, sigma_t: torch.Tensor,
+              noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of Song et al. 2021, eq. 12: returns (x_{t-1}, predicted x_0)."""
+    pred_x0 = (x - (1 - a_t).sqrt() * e_t) / a_t.sqrt()
+    dir_xt = (1. - a_prev - sigma_t ** 2).sqrt() * e_t
+    return a_prev.sqrt() * pred_x0 + dir_xt + sigma_t * noise, pred_x0
+
+
+class DDIMSampler:
+    """The original ``DDIMSampler`` interface: ``DDIMSampler(model).sample(S, batch_size, shape, ...)``."""
+
+    progress_label = "DDIM Sampler"
+
+    def __init__(self, model: Any, schedule: str = "linear", **kwargs: Any):
+        self.model = model
+        self.ddpm_num_timesteps = int(model.num_timesteps)
+        self.schedule = schedule
+
+    def make_schedule(self, ddim_num_steps: int, ddim_discretize: Discretize = "uniform", ddim_eta: float = 0.,
+                      verbose: bool = True) -> None:
+        self.ddim_timesteps = make_ddim_timesteps(ddim_num_steps, self.ddpm_num_timesteps, ddim_discretize)
+        device = self.model.alphas_cumprod.device
+        alphas, alphas_prev, sigmas = ddim_coefficients(self.model.alphas_cumprod, self.ddim_timesteps, ddim_eta)
+        self.ddim_alphas, self.ddim_alphas_prev, self.ddim_sigmas = (
+            alphas.to(device), alphas_prev.to(device), sigmas.to(device))
+        if verbose:
+            print(f"Selected timesteps for ddim sampler: {self.ddim_timesteps}")
+
+    def _noise(self, x: torch.Tensor, generator: Optional[torch.Generator], temperature: float) -> torch.Tensor:
+        # Drawn at every step even when sigma is 0, as the original does, so that the random stream (and so the
+        # next image of a multi-image run) stays the same as the original's for the same seed.
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * temperature
+
+    @torch.no_grad()
+    def sample(self, S: int, batch_size: int, shape: Sequence[int], conditioning: Any = None,
+               callback: Optional[Callable[[int], None]] = None, img_callback: Optional[Callable] = None,
+               eta: float = 0., temperature: float = 1., verbose: bool = True, x_T: Optional[torch.Tensor] = None,
+               log_every_t: int = 100, unconditional_guidance_scale: float = 1.,
+               unconditional_conditioning: Any = None, generator: Optional[torch.Generator] = None,
+               disable_progress: bool = False, **unsupported: Any) -> tuple[torch.Tensor, dict[str, list]]:
+        """Sample ``batch_size`` latents of ``shape`` (C, H, W). Returns ``(samples, intermediates)``."""
+        unsupported = {k: v for k, v in unsupported.items() if v not in (None, False, 0., 1.)}
+        if unsupported:
+            raise NotImplementedError(f"{type(self).__name__}.sample: unsupported options {sorted(unsupported)}")
+        if conditioning is not None and conditioning.shape[0] != batch_size:
+            print(f"Warning: Got {conditioning.shape[0]} conditionings but batch-size is {batch_size}")
+        self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=False)
+        C, H, W = shape
+        if verbose:
+            print(f"Data shape for {self.progress_label.split()[0]} sampling is {(batch_size, C, H, W)}, eta {eta}")
+        device = self.model.alphas_cumprod.device
+        img = x_T if x_T is not None else torch.randn(
+            (batch_size, C, H, W), generator=generator, device=device)
+        return self._loop(img, conditioning, unconditional_conditioning, unconditional_guidance_scale,
+                          temperature, generator, callback, img_callback, log_every_t, disable_progress)
+
+    def _loop(self, img: torch.Tensor, c: Any, uc: Any, scale: float, temperature: float,
+              generator: Optional[torch.Generator], callback: Optional[Callable], img_callback: Optional[Callable],
+              log_every_t: int, disable_progress: bool) -> tuple[torch.Tensor, dict[str, list]]:
+        intermediates: dict[str, list] = {"x_inter": [img], "pred_x0": [img]}
+        time_range = np.flip(self.ddim_timesteps)
+        total = len(time_range)
+        for i, step in enumerate(tqdm(time_range, desc=self.progress_label, total=total, disable=disable_progress)):
+            index = total - i - 1
+            t = torch.full((img.shape[0],), int(step), device=img.device, dtype=torch.long)
+            e_t = guided_eps(self.model, img, t, c, uc, scale)
+            img, pred_x0 = ddim_step(img, e_t, self.ddim_alphas[index], self.ddim_alphas_prev[index],
+                                     self.ddim_sigmas[index], self._noise(img, generator, temperature))
+            if callback:
+                callback(i)
+            if img_callback:
+                img_callback(pred_x0, i)
+            if index % log_every_t == 0 or index == total - 1:
+                intermediates["x_inter"].append(img)
+                intermediates["pred_x0"].append(pred_x0)
+        return img, intermediates

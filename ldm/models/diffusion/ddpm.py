@@ -1,0 +1,178 @@
+"""LatentDiffusion (Rombach et al. 2022): the frozen VAE, the text encoder and the denoising UNet, wired together.
+
+This file keeps the original public names (``apply_model``, ``get_learned_conditioning``,
+``encode_first_stage``, ``get_first_stage_encoding``, ``decode_first_stage``, ``q_sample``, ``ema_scope``)
+and the original attribute names, which fix the checkpoint keys: ``model.diffusion_model.*`` (UNet),
+``first_stage_model.*`` (VAE), ``cond_stage_model.*`` (CLIP text encoder), ``model_ema.*`` and the schedule
+buffers at the top level. The schedule maths lives in ``schedule.py``, samplers in ``ddim.py``/``plms.py``.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from ldm.models.diffusion.schedule import BetaSchedule, extract_into_tensor, q_sample, register_schedule
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.ema import LitEma
+from ldm.util import instantiate_from_config
+
+
+def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    """Replacement for ``nn.Module.train`` on frozen parts, so Lightning's ``model.train()`` cannot flip them."""
+    return self
+
+
+def freeze(module: nn.Module) -> None:
+    module.eval()
+    module.train = disabled_train.__get__(module)
+    for p in module.parameters():
+        p.requires_grad = False
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet as ``diffusion_model``: this thin layer is what pins the ``model.diffusion_model.`` prefix."""
+
+    def __init__(self, diff_model_config: Mapping[str, Any], conditioning_key: Optional[str]):
+        super().__init__()
+        if conditioning_key not in ("crossattn", None):
+            raise NotImplementedError(f"conditioning_key {conditioning_key!r}: only 'crossattn' (SD v1) is supported")
+        self.diffusion_model = instantiate_from_config(diff_model_config)
+        self.conditioning_key = conditioning_key
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor,
+                c_crossattn: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+        if self.conditioning_key is None:
+            return self.diffusion_model(x, t)
+        context = torch.cat(list(c_crossattn), 1)
+        return self.diffusion_model(x, t, context=context)
+
+
+class LatentDiffusion(pl.LightningModule):
+    """Stable Diffusion v1: eps-prediction diffusion in the latent space of a KL autoencoder, text-conditioned."""
+
+    def __init__(self,
+                 first_stage_config: Mapping[str, Any],
+                 cond_stage_config: Mapping[str, Any],
+                 unet_config: Mapping[str, Any],
+                 num_timesteps_cond: int = 1,
+                 cond_stage_key: str = "txt",
+                 cond_stage_trainable: bool = False,
+                 conditioning_key: Optional[str] = "crossattn",
+                 scale_factor: float = 1.0,
+                 scale_by_std: bool = False,
+                 timesteps: int = 1000,
+                 beta_schedule: BetaSchedule = "linear",
+                 linear_start: float = 1e-4,
+                 linear_end: float = 2e-2,
+                 cosine_s: float = 8e-3,
+                 log_every_t: int = 100,
+                 first_stage_key: str = "image",
+                 image_size: int = 64,
+                 channels: int = 4,
+                 monitor: Optional[str] = None,
+                 use_ema: bool = True,
+                 ema_decay: float = 0.9999,
+                 parameterization: Literal["eps"] = "eps",
+                 loss_type: Literal["l2", "l1"] = "l2",
+                 scheduler_config: Optional[Mapping[str, Any]] = None,
+                 ckpt_path: Optional[str] = None):
+        super().__init__()
+        if parameterization != "eps":
+            raise NotImplementedError(f"parameterization {parameterization!r}: SD v1 predicts 'eps'")
+        if scale_by_std:
+            raise NotImplementedError("scale_by_std: SD v1 uses the fixed scale_factor 0.18215")
+        if num_timesteps_cond != 1:
+            raise NotImplementedError("num_timesteps_cond other than 1 is not used by SD v1")
+        self.parameterization, self.loss_type = parameterization, loss_type
+        self.cond_stage_key, self.first_stage_key = cond_stage_key, first_stage_key
+        self.cond_stage_trainable = cond_stage_trainable
+        self.image_size, self.channels = image_size, channels
+        self.log_every_t, self.monitor = log_every_t, monitor
+        self.scale_factor = scale_factor
+        self.scheduler_config = scheduler_config
+
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        self.use_ema = use_ema
+        if use_ema:
+            self.model_ema = LitEma(self.model, decay=ema_decay)
+        register_schedule(self, beta_schedule=beta_schedule, timesteps=timesteps,
+                          linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s)
+
+        self.first_stage_model = instantiate_from_config(first_stage_config)
+        freeze(self.first_stage_model)
+        self.cond_stage_model = instantiate_from_config(cond_stage_config)
+        if not cond_stage_trainable:
+            freeze(self.cond_stage_model)
+
+        if ckpt_path is not None:
+            from ldm.checkpoint import load_checkpoint  # local: the loader imports this module's names
+            load_checkpoint(self, ckpt_path)
+
+    # ---- EMA -------------------------------------------------------------------------------------------
+    @contextmanager
+    def ema_scope(self, context: Optional[str] = None) -> Iterator[None]:
+        """Run the body with the EMA weights in place of the live ones (a no-op when EMA is off)."""
+        if self.use_ema:
+            self.model_ema.store(self.model.parameters())
+            self.model_ema.copy_to(self.model)
+        try:
+            yield None
+        finally:
+            if self.use_ema:
+                self.model_ema.restore(self.model.parameters())
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        if self.use_ema:
+            self.model_ema(self.model)
+
+    # ---- first stage (VAE) -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_first_stage(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, encoder_posterior: DiagonalGaussianDistribution | torch.Tensor,
+                                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Sample the posterior and scale it to unit variance (the 0.18215 of SD v1)."""
+        if isinstance(encoder_posterior, DiagonalGaussianDistribution):
+            z = encoder_posterior.sample(generator=generator)
+        elif isinstance(encoder_posterior, torch.Tensor):
+            z = encoder_posterior
+        else:
+            raise TypeError(f"encoder_posterior of type {type(encoder_posterior)} not supported")
+        return self.scale_factor * z
+
+    @torch.no_grad()
+    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    # ---- conditioning ----------------------------------------------------------------------------------
+    def get_learned_conditioning(self, c: Sequence[str]) -> torch.Tensor:
+        """Text prompts -> CLIP last hidden states ``[B, 77, context_dim]``."""
+        if isinstance(c, str):
+            c = [c]
+        return self.cond_stage_model.encode(list(c))
+
+    # ---- denoiser --------------------------------------------------------------------------------------
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor,
+                    cond: torch.Tensor | Mapping[str, Any] | Sequence[torch.Tensor],
+                    return_ids: bool = False) -> torch.Tensor:
+        """eps_theta(x_t, t, c). ``cond`` is a context tensor, a list of them, or ``{"c_crossattn": [...]}``."""
+        if return_ids:
+            raise NotImplementedError("return_ids is only meaningful for patched (split-input) models")
+        if not isinstance(cond, Mapping):
+            cond = {"c_crossattn": cond if isinstance(cond, (list, tuple)) else [cond]}
+        return self.model(x_noisy, t, **cond)
+
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor,
+                 noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        noise = torch.randn_like(x_start) if noise is None else noise
+        return q_sample(self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod, x_start, t, noise)
+
+    def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_0 from x_t and eps (inverse of eq. 4 of Ho et al. 2020)."""
+        return (extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+                - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)

@@ -1,0 +1,65 @@
+"""Exponential moving average of model weights, stored under the original ``model_ema.*`` key names."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+class LitEma(nn.Module):
+    """EMA shadow copy of every trainable parameter of ``model``.
+
+    Each shadow is a buffer named after the parameter with every "." removed
+    (``diffusion_model.input_blocks.0.0.weight`` -> ``diffusion_modelinput_blocks00weight``), plus the
+    scalars ``decay`` (float32) and ``num_updates`` (int32): exactly the layout of ``sd-v1-4-full-ema.ckpt``.
+    With ``use_num_upates`` (sic, the original spelling) the effective decay warms up as
+    min(decay, (1 + n) / (10 + n)).
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, use_num_upates: bool = True):
+        super().__init__()
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be between 0 and 1, got {decay}")
+        self.m_name2s_name: dict[str, str] = {}
+        self.register_buffer("decay", torch.tensor(decay, dtype=torch.float32))
+        self.register_buffer("num_updates", torch.tensor(0 if use_num_upates else -1, dtype=torch.int32))
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                s_name = name.replace(".", "")
+                self.m_name2s_name[name] = s_name
+                self.register_buffer(s_name, p.detach().clone())
+        self.collected_params: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def forward(self, model: nn.Module) -> None:
+        """One EMA update: shadow <- shadow - (1 - decay) * (shadow - param)."""
+        decay = float(self.decay)
+        if self.num_updates >= 0:
+            self.num_updates += 1
+            n = int(self.num_updates)
+            decay = min(decay, (1 + n) / (10 + n))
+        one_minus_decay = 1.0 - decay
+        shadow = dict(self.named_buffers())
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            s = shadow[self.m_name2s_name[name]]
+            s.sub_(one_minus_decay * (s - p.detach().to(s.dtype)))
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        shadow = dict(self.named_buffers())
+        for name, p in model.named_parameters():
+            if name in self.m_name2s_name:
+                p.copy_(shadow[self.m_name2s_name[name]])
+
+    def store(self, parameters: Iterable[torch.Tensor]) -> None:
+        """Keep a copy of the live weights so ``restore`` can put them back after sampling with EMA."""
+        self.collected_params = [p.detach().clone() for p in parameters]
+
+    @torch.no_grad()
+    def restore(self, parameters: Iterable[torch.Tensor]) -> None:
+        for c, p in zip(self.collected_params, parameters):
+            p.copy_(c)
+        self.collected_params = []
