@@ -1,0 +1,234 @@
+"""DreamBooth's data: subject images with their identifier prompt, paired with class (prior) images.
+
+DreamBooth (Ruiz et al. 2022, "DreamBooth: Fine Tuning Text-to-Image Diffusion Models for Subject-Driven
+Generation") fine-tunes on 3-30 photos captioned "a [V] [class noun]" while a prior-preservation loss on
+images the original model generated for "a [class noun]" keeps the class from collapsing onto the subject.
+Each item here is one subject example and, when class images are given, one class example, as in the
+reference DreamBooth port; the model concatenates both in one forward pass and weights the prior term.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset
+
+from ldm.data.image_loading import find_images, load_caption, load_image, uint8_to_tensor
+
+DEFAULT_SUBJECT_TEMPLATE = "photo of a {token} {class_word}"
+DEFAULT_CLASS_TEMPLATE = "photo of a {class_word}"
+# CLIP's ids are BPE merge ranks: the lower the id, the earlier (more frequent) the merge. Below this the
+# token is a common word or name whose meaning fine-tuning would have to overwrite (and would damage).
+FREQUENT_TOKEN_ID = 10000
+
+
+class _Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+def check_identifier(token: str, tokenizer: _Tokenizer) -> list[str]:
+    """Warnings about a DreamBooth identifier, empty if it is a good one (a single rare token like ``sks``).
+
+    The paper picks identifiers from rare tokens: a token that splits into several pieces spreads the subject
+    over tokens that also appear in other words, and a frequent word already means something strong.
+    """
+    if not token or not token.strip():
+        raise ValueError("the identifier token is empty; pass a rare token such as 'sks'")
+    ids = tokenizer.encode(token)
+    if len(ids) > 1:
+        pieces = ", ".join(repr(tokenizer.decode([i]).strip()) for i in ids)
+        return [f"'{token}' splits into {len(ids)} CLIP tokens ({pieces}); a single rare token is easier "
+                f"to bind to the subject: pick one such as 'sks'"]
+    if ids and ids[0] < FREQUENT_TOKEN_ID:
+        return [f"'{token}' is a frequent word in CLIP's vocabulary (id {ids[0]}); the model already has a "
+                f"strong meaning for it: pick a rare token such as 'sks'"]
+    return []
+
+
+def _format(template: str, name: str, token: str, class_word: str) -> str:
+    # Checked here so that a typo such as "{clas_word}" fails in __init__, not in a DataLoader worker.
+    try:
+        return template.format(token=token, class_word=class_word)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"{name} {template!r}: only {{token}} and {{class_word}} may appear ({exc!r})") from None
+
+
+def _load_folder(folder: str | Path, role: str, size: int, min_size: int | None,
+                 default_caption: str) -> tuple[np.ndarray, list[str]]:
+    """Decode every image of a folder once: ``[N, size, size, 3]`` uint8 and one caption per image.
+
+    One stacked array (not N small ones) so that forked DataLoader workers share its pages copy-on-write.
+    """
+    paths = find_images(folder, role)
+    images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    captions = []
+    for k, path in enumerate(paths):
+        images[k] = np.asarray(load_image(path, size, min_size))
+        captions.append(load_caption(path) or default_caption)
+    return images, captions
+
+
+class DreamBoothDataset(Dataset):
+    """Subject images (``data_root``), optionally paired with class images (``reg_data_root``).
+
+    Every image is decoded, resized and centre-cropped in ``__init__`` and kept in memory as uint8, so a bad
+    file stops the run before the first step and ``__getitem__`` only flips and converts (5-30 subject plus
+    ~200 class images at 512 px are ~160 MB).
+
+    Length: ``n_subject * repeats`` epochs-worth of subject examples. With class images it is
+    ``min(n_subject * repeats, n_class * reg_repeats)`` as in the reference port, which zips the two datasets
+    and stops at the shorter, but at least ``n_subject`` so that every subject photo is seen each epoch.
+    Item ``i`` uses subject image ``i % n_subject`` and class image ``i % n_class``: with a shuffled loader
+    each subject image meets many class images over training.
+    """
+
+    def __init__(
+        self,
+        data_root: str | Path,
+        token: str,
+        class_word: str,
+        reg_data_root: str | Path | None = None,
+        size: int = 512,
+        repeats: int = 100,
+        reg_repeats: int = 10,
+        flip_p: float = 0.5,
+        subject_template: str = DEFAULT_SUBJECT_TEMPLATE,
+        class_template: str = DEFAULT_CLASS_TEMPLATE,
+        min_size: int | None = None,
+    ) -> None:
+        if not token or not token.strip():
+            raise ValueError("token is empty; pass a rare identifier such as 'sks'")
+        if not class_word or not class_word.strip():
+            raise ValueError("class_word is empty; pass the subject's class, e.g. 'dog'")
+        if not 0.0 <= flip_p <= 1.0:
+            raise ValueError(f"flip_p={flip_p} must be in [0, 1]")
+        if repeats < 1 or reg_repeats < 1:
+            raise ValueError(f"repeats={repeats} and reg_repeats={reg_repeats} must be >= 1")
+        if "{token}" not in subject_template:
+            raise ValueError(f"subject_template {subject_template!r} must contain {{token}}")
+        if "{token}" in class_template:
+            # The class prompts must not mention the identifier, or the prior loss would train it too.
+            raise ValueError(f"class_template {class_template!r} must not contain {{token}}")
+        self.token, self.class_word = token.strip(), " ".join(class_word.split())
+        self.size, self.repeats, self.reg_repeats, self.flip_p = size, repeats, reg_repeats, flip_p
+        subject_caption = _format(subject_template, "subject_template", self.token, self.class_word)
+        class_caption = _format(class_template, "class_template", self.token, self.class_word)
+
+        self.images, self.captions = _load_folder(data_root, "--data_root", size, min_size, subject_caption)
+        self.reg_images: np.ndarray | None = None
+        self.reg_captions: list[str] = []
+        if reg_data_root is not None:
+            self.reg_images, self.reg_captions = _load_folder(
+                reg_data_root, "--reg_data_root", size, min_size, class_caption)
+
+    @property
+    def num_subject(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_class(self) -> int:
+        return 0 if self.reg_images is None else len(self.reg_images)
+
+    def __len__(self) -> int:
+        subject_len = self.num_subject * self.repeats
+        if self.reg_images is None:
+            return subject_len
+        return max(self.num_subject, min(subject_len, self.num_class * self.reg_repeats))
+
+    def _example(self, image: np.ndarray) -> torch.Tensor:
+        x = uint8_to_tensor(image)
+        # torch's RNG, not numpy's or random's: Lightning's seed_everything and its per-worker seeding cover it.
+        if self.flip_p > 0 and torch.rand(()).item() < self.flip_p:
+            x = x.flip(-1)
+        return x
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} items")
+        s = i % self.num_subject
+        item: dict[str, Any] = {"image": self._example(self.images[s]), "caption": self.captions[s]}
+        if self.reg_images is not None:
+            c = i % self.num_class
+            item["reg_image"] = self._example(self.reg_images[c])
+            item["reg_caption"] = self.reg_captions[c]
+        return item
+
+
+class DreamBoothDataModule(pl.LightningDataModule):
+    """The training data of one DreamBooth run, built from the config's ``data.params`` or the CLI flags.
+
+    ``validation_prompts`` are not a dataset: they are kept here for the image logger, which samples them
+    (None lets the trainer choose its own, e.g. from the subject and class prompts).
+    """
+
+    def __init__(
+        self,
+        data_root: str,
+        token: str,
+        class_word: str,
+        reg_data_root: str | None = None,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        size: int = 512,
+        repeats: int = 100,
+        reg_repeats: int = 10,
+        flip_p: float = 0.5,
+        subject_template: str = DEFAULT_SUBJECT_TEMPLATE,
+        class_template: str = DEFAULT_CLASS_TEMPLATE,
+        validation_prompts: Sequence[str] | None = None,
+        min_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.data_root = data_root
+        self.token = token
+        self.class_word = class_word
+        self.reg_data_root = reg_data_root
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.size = size
+        self.repeats = repeats
+        self.reg_repeats = reg_repeats
+        self.flip_p = flip_p
+        self.subject_template = subject_template
+        self.class_template = class_template
+        self.validation_prompts = list(validation_prompts) if validation_prompts is not None else None
+        self.min_size = min_size
+        self.train_dataset: DreamBoothDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build (once: Lightning calls setup per stage) and validate the dataset; warn about the token."""
+        if self.train_dataset is not None:
+            return
+        self._warn_about_token()
+        self.train_dataset = DreamBoothDataset(
+            self.data_root, self.token, self.class_word, reg_data_root=self.reg_data_root, size=self.size,
+            repeats=self.repeats, reg_repeats=self.reg_repeats, flip_p=self.flip_p,
+            subject_template=self.subject_template, class_template=self.class_template, min_size=self.min_size)
+        ds = self.train_dataset
+        rank_zero_info(f"DreamBooth data: {ds.num_subject} subject images ('{ds.captions[0]}'), "
+                       f"{ds.num_class} class images, {len(ds)} items per epoch")
+
+    def _warn_about_token(self) -> None:
+        from ldm.modules.encoders.tokenizer import CLIPTokenizer  # heavy vocabulary: loaded only when used
+        try:
+            tokenizer = CLIPTokenizer()
+        except FileNotFoundError:  # the text encoder will report the missing vocabulary itself
+            return
+        for warning in check_identifier(self.token, tokenizer):
+            rank_zero_warn(warning)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            raise RuntimeError("call setup() before train_dataloader()")
+        return DataLoader(
+            self.train_dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
+            drop_last=False,  # the short last batch is real training data; nothing in the model needs a full one
+            persistent_workers=self.num_workers > 0,  # workers hold the decoded images; do not refork each epoch
+            pin_memory=torch.cuda.is_available(),
+        )

@@ -1,0 +1,212 @@
+"""Reading the user's training photos: find them, decode them robustly, square-crop them, caption them.
+
+DreamBooth users bring a handful of phone photos and a folder of class images, in whatever format their
+camera or browser produced: rotated JPEGs that only EXIF says are upright, two-frame MPOs, PNGs with
+transparency, CMYK or 16-bit scans. Every one of those must become the same thing, an RGB ``size x size``
+crop, and every file that cannot must stop the run with one line that names it, before training starts.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+try:  # LittleCMS is optional in Pillow builds; without it embedded ICC profiles are ignored
+    from PIL import ImageCms
+except ImportError:  # pragma: no cover - present in the PyPI wheels
+    ImageCms = None
+
+logger = logging.getLogger(__name__)
+
+# Suffixes we try to decode; everything else in a data folder is skipped (captions) or reported (HEIC, GIF...).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".mpo"})
+CAPTION_SUFFIX = ".txt"
+# Pillow's guidance: a reducing_gap of 3 is indistinguishable from a full Lanczos resample, and much faster
+# on 12-megapixel phone photos because most of the reduction is done by cheap box averaging first.
+REDUCING_GAP = 3.0
+# Exceptions that Pillow's plugins raise on broken files (SyntaxError and EOFError come from older plugins).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+class ImageError(ValueError):
+    """A training image or caption that cannot be used; the message is one line: ``<file>: <problem>``."""
+
+
+def _error(path: str | Path, problem: object) -> ImageError:
+    # Pillow's own messages sometimes span lines; the user should get one line to grep for.
+    text = " ".join(str(problem).split())
+    return ImageError(f"{path}: {text}")
+
+
+def find_images(folder: str | Path, role: str) -> list[Path]:
+    """The image files directly inside ``folder``, sorted by name.
+
+    ``role`` names where the folder came from (e.g. ``"--data_root"``) so that the error points at the flag.
+    Caption files (``.txt``) and hidden files (``.DS_Store``, macOS ``._IMG.jpg`` forks) are skipped silently;
+    other files (HEIC, GIF, ...) are skipped with a logged warning, because a user who exported from a phone
+    would otherwise train on fewer photos than they think.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        what = "not a folder" if folder.exists() else "folder not found"
+        raise ImageError(f"{role} {folder}: {what}")
+    images, others = [], []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file() or path.suffix.lower() == CAPTION_SUFFIX:
+            continue
+        (images if path.suffix.lower() in IMAGE_SUFFIXES else others).append(path)
+    if not images:
+        hint = f" (skipped {len(others)} other files, e.g. {others[0].name})" if others else ""
+        raise ImageError(f"{role} {folder}: no images (PNG, JPEG, WebP, BMP) in this folder{hint}")
+    if others:
+        logger.warning("%s %s: skipping %d files that are not PNG/JPEG/WebP/BMP: %s", role, folder,
+                       len(others), ", ".join(p.name for p in others[:5]) + (" ..." if len(others) > 5 else ""))
+    return images
+
+
+def _on_white(img: Image.Image) -> Image.Image:
+    """Composite an image with alpha (or a palette/grey transparency key) over white.
+
+    Converting RGBA straight to RGB keeps the colour under fully transparent pixels, which is often black or
+    garbage; white is what the user saw in their viewer and is a neutral background for the model.
+    """
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _high_bit_depth_to_rgb(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float greyscale -> 8-bit RGB, scaling the range instead of clipping it.
+
+    Pillow's own ``convert("RGB")`` clips these modes at 255, turning a 16-bit scan almost entirely white.
+    ``I;16*`` says its range (0..65535). ``I`` and ``F`` do not, so the range is inferred from the values:
+    [0, 1] floats, then 8-bit, then 16-bit data, else a min-max stretch.
+    """
+    a = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16"):
+        lo, peak = 0.0, 65535.0
+    else:
+        lo, hi = float(a.min()), float(a.max())
+        if lo >= 0 and hi <= 1 and img.mode == "F":
+            lo, peak = 0.0, 1.0
+        elif lo >= 0 and hi <= 255:
+            lo, peak = 0.0, 255.0
+        elif lo >= 0 and hi <= 65535:
+            lo, peak = 0.0, 65535.0
+        else:
+            peak = max(hi - lo, 1e-12)
+    grey = np.clip(np.round((a - lo) * (255.0 / peak)), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def _icc_to_srgb(img: Image.Image) -> Image.Image | None:
+    """Colour-manage an RGB or CMYK image with an embedded ICC profile into sRGB, or None if it has none.
+
+    Phones tag photos Display P3 and print files carry CMYK press profiles; reading their numbers as sRGB
+    shifts colours. A profile LittleCMS cannot use is ignored (we fall back to the plain conversion).
+    """
+    icc = img.info.get("icc_profile")
+    if not icc or img.mode not in ("RGB", "CMYK") or ImageCms is None:
+        return None
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        return ImageCms.profileToProfile(img, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB as a viewer would show it (alpha over white, ranges scaled, ICC applied)."""
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        return _on_white(img)
+    if img.mode.startswith("I") or img.mode == "F":
+        return _high_bit_depth_to_rgb(img)
+    managed = _icc_to_srgb(img)
+    if managed is not None:
+        return managed
+    # "1", "L", "P", "CMYK", "YCbCr", "RGB": Pillow's conversions are right for these.
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _center_square(img: Image.Image, size: int) -> Image.Image:
+    """Resize so the short side is ``size`` and keep the centre square, in one resample.
+
+    Resampling only the centre box (``box=``) is the same as crop-then-resize but never builds the large
+    intermediate; half-pixel box edges keep the crop exactly centred for odd size differences.
+    """
+    w, h = img.size
+    side = min(w, h)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    return img.resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=REDUCING_GAP)
+
+
+def load_image(path: str | Path, size: int, min_size: int | None = None) -> Image.Image:
+    """Decode ``path`` fully and return an RGB ``size x size`` centre crop (short side resized to ``size``).
+
+    The first frame of multi-frame files is used (MPO from phones hold the photo then a depth/preview frame).
+    EXIF orientation is applied, so the crop is taken from the image as the user sees it. ``min_size``
+    (default ``size // 4``) rejects thumbnails that would be upscaled into blur. Raises :class:`ImageError`
+    naming the file for unreadable, empty, truncated or too-small images.
+    """
+    path = Path(path)
+    min_size = size // 4 if min_size is None else min_size
+    try:
+        with Image.open(path) as img:
+            img.seek(0)
+            w, h = img.size  # the short side is the same before and after EXIF rotation
+            if min(w, h) < min_size:
+                raise _error(path, f"image is {w}x{h} pixels; its short side must be at least {min_size} "
+                                   f"(training size {size})")
+            # JPEG only: let libjpeg decode at 1/2..1/8 scale while keeping >= 2x the target, as Pillow's
+            # thumbnail() does; the remaining reduction is done by the high-quality resample below.
+            img.draft(None, (2 * size, 2 * size))
+            img.load()  # a full decode: lazy opening only reads the header and would miss truncation
+            try:
+                img = ImageOps.exif_transpose(img)
+            except _DECODE_ERRORS + (KeyError, IndexError, TypeError) as exc:
+                # Malformed EXIF is common in edited photos; the pixels are still good.
+                logger.warning("%s: ignoring unreadable EXIF orientation (%s)", path, exc)
+            return _center_square(to_rgb(img), size)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise _error(path, "file not found") from None
+    except Image.UnidentifiedImageError:
+        problem = "empty file" if path.stat().st_size == 0 else "not an image Pillow can read (corrupt file?)"
+        raise _error(path, problem) from None
+    except _DECODE_ERRORS as exc:
+        raise _error(path, f"cannot decode image ({exc})") from None
+
+
+def uint8_to_tensor(array: np.ndarray) -> torch.Tensor:
+    """``[H, W, 3]`` uint8 -> ``[3, H, W]`` float32 in [-1, 1], the range the autoencoder was trained on."""
+    # np.array copies: arrays viewed from PIL images are read-only, which torch.from_numpy warns about.
+    return torch.from_numpy(np.array(array, dtype=np.uint8)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB PIL image -> ``[3, H, W]`` float32 tensor in [-1, 1]."""
+    return uint8_to_tensor(np.asarray(img.convert("RGB"), dtype=np.uint8))
+
+
+def load_caption(path: str | Path) -> str | None:
+    """The stripped text of the caption file next to an image (``img.txt`` for ``img.png``), or None.
+
+    An empty caption file is an error rather than "no caption": it is almost always an unfinished edit,
+    and training on an empty prompt would silently teach the subject as the unconditional image.
+    """
+    caption_path = Path(path).with_suffix(CAPTION_SUFFIX)
+    if not caption_path.is_file():
+        return None
+    try:
+        text = caption_path.read_text(encoding="utf-8-sig").strip()  # -sig: Windows editors add a BOM
+    except UnicodeDecodeError as exc:
+        raise _error(caption_path, f"caption file is not UTF-8 text ({exc.reason})") from None
+    if not text:
+        raise _error(caption_path, "caption file is empty (delete it to use the prompt template)")
+    return " ".join(text.split())  # one line: CLIP sees whitespace runs as one space anyway
