@@ -207,7 +207,7 @@ def load_model_from_config(config: Mapping[str, Any], ckpt: str | os.PathLike, p
     return model.eval()
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -245,11 +245,11 @@ def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tens
             if ptr in seen:
                 tensors[k] = v.clone()
             seen.add(ptr)
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     else:
         obj: dict[str, Any] = {"state_dict": tensors}
         if global_step is not None:
             obj["global_step"] = int(global_step)
         obj.update(extra or {})
-        _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+        atomic_write(path, lambda tmp: torch.save(obj, tmp))
     return path

@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from ldm.models.diffusion.losses import prior_preservation_loss
 from ldm.models.diffusion.schedule import BetaSchedule, extract_into_tensor, q_sample, register_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -79,6 +80,10 @@ class LatentDiffusion(pl.LightningModule):
                  parameterization: Literal["eps"] = "eps",
                  loss_type: Literal["l2", "l1"] = "l2",
                  scheduler_config: Optional[Mapping[str, Any]] = None,
+                 reg_weight: float = 1.0,
+                 optimizer_config: Optional[Mapping[str, Any]] = None,
+                 lr_warmup_steps: int = 0,
+                 lr_schedule: Literal["constant", "cosine"] = "constant",
                  ckpt_path: Optional[str] = None):
         super().__init__()
         if parameterization != "eps":
@@ -94,6 +99,10 @@ class LatentDiffusion(pl.LightningModule):
         self.log_every_t, self.monitor = log_every_t, monitor
         self.scale_factor = scale_factor
         self.scheduler_config = scheduler_config
+        self.reg_weight = reg_weight
+        self.optimizer_config = dict(optimizer_config or {})
+        self.lr_warmup_steps, self.lr_schedule = lr_warmup_steps, lr_schedule
+        self.learning_rate = 1.0e-4  # main.py sets base_learning_rate (times the batch scaling) here
 
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         self.use_ema = use_ema
@@ -105,7 +114,9 @@ class LatentDiffusion(pl.LightningModule):
         self.first_stage_model = instantiate_from_config(first_stage_config)
         freeze(self.first_stage_model)
         self.cond_stage_model = instantiate_from_config(cond_stage_config)
-        if not cond_stage_trainable:
+        if cond_stage_trainable:
+            self.cond_stage_model.requires_grad_(True)
+        else:
             freeze(self.cond_stage_model)
 
         if ckpt_path is not None:
@@ -176,3 +187,47 @@ class LatentDiffusion(pl.LightningModule):
         """x_0 from x_t and eps (inverse of eq. 4 of Ho et al. 2020)."""
         return (extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
                 - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
+
+    # ---- training (DreamBooth) --------------------------------------------------------------------------
+    def get_input(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, list[str], int]:
+        """Subject images and captions, with the class (prior) examples appended when the batch has them."""
+        images, captions = batch[self.first_stage_key], list(batch[self.cond_stage_key])
+        n_subject = images.shape[0]
+        if "reg_" + self.first_stage_key in batch:
+            images = torch.cat([images, batch["reg_" + self.first_stage_key]])
+            captions += list(batch["reg_" + self.cond_stage_key])
+        return images.to(memory_format=torch.contiguous_format), captions, n_subject
+
+    def shared_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One DreamBooth loss evaluation: encode, noise at a random t, predict eps, subject + prior terms."""
+        images, captions, n_subject = self.get_input(batch)
+        with torch.no_grad():
+            z = self.get_first_stage_encoding(self.encode_first_stage(images)).detach()
+        c = self.get_learned_conditioning(captions)
+        t = torch.randint(0, self.num_timesteps, (z.shape[0],), device=z.device).long()
+        noise = torch.randn_like(z)
+        eps_pred = self.apply_model(self.q_sample(z, t, noise), t, c)
+        return prior_preservation_loss(eps_pred, noise, n_subject, self.reg_weight, self.loss_type)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, logs = self.shared_step(batch)
+        batch_size = batch[self.first_stage_key].shape[0]
+        self.log("train/loss", logs["loss"], prog_bar=True, on_step=True, logger=True, batch_size=batch_size)
+        self.log_dict({"train/loss_subject": logs["loss_subject"], "train/loss_prior": logs["loss_prior"]},
+                      prog_bar=False, on_step=True, logger=True, batch_size=batch_size)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=False, on_step=True, logger=True,
+                 batch_size=batch_size)
+        return loss
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.cond_stage_trainable:
+            params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
+        return params
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        from ldm.models.diffusion.optim import build_optimizer, build_scheduler
+        optimizer = build_optimizer(self.trainable_parameters(), self.learning_rate, self.optimizer_config)
+        scheduler = build_scheduler(optimizer, self.scheduler_config, self.lr_schedule, self.lr_warmup_steps,
+                                    max_steps=self.trainer.max_steps if self._trainer is not None else -1)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

@@ -1,0 +1,118 @@
+"""Lightning callbacks: run-folder setup, atomic checkpoints, save-on-interrupt, and validation image grids.
+
+All file I/O of a training run happens here, on rank 0 only.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from ldm.checkpoint import atomic_write
+from ldm.images import make_grid, save_png, to_pil
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic: a killed process leaves the old file or the new one, never
+    half of one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
+                        storage_options: Optional[Any] = None) -> None:
+        atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+
+
+class SetupCallback(pl.Callback):
+    """Creates ``logs/<run>/{checkpoints,configs,images}`` and writes the merged config actually used."""
+
+    def __init__(self, logdir: str, config: DictConfig, now: str, resume: bool = False):
+        super().__init__()
+        self.logdir, self.config, self.now, self.resume = Path(logdir), config, now, resume
+
+    @rank_zero_only
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for sub in ("checkpoints", "configs", "images"):
+            (self.logdir / sub).mkdir(parents=True, exist_ok=True)
+        path = self.logdir / "configs" / f"{self.now}-project.yaml"
+        OmegaConf.save(self.config, path)
+        print(f"Run folder: {self.logdir} (config saved to {path})")
+
+
+class SaveOnInterrupt(pl.Callback):
+    """Ctrl-C or SIGTERM: write ``last.ckpt`` (weights, optimizer, global step) before Lightning exits, and
+    write it at the normal end of training too, so ``last.ckpt`` is always the newest state."""
+
+    def __init__(self, ckptdir: str):
+        super().__init__()
+        self.last = Path(ckptdir) / "last.ckpt"
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            print(f"\nInterrupted at step {trainer.global_step}: saving {self.last}")
+            trainer.save_checkpoint(self.last)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.save_checkpoint(self.last)
+
+
+class ImageLogger(pl.Callback):
+    """Every ``batch_frequency`` steps, samples the validation prompts with a fixed seed and saves one grid
+    (a row per prompt) to ``images/train/`` and to TensorBoard. Include a prompt without the identifier:
+    it shows whether the class itself drifts towards the subject (language drift)."""
+
+    def __init__(self, batch_frequency: int, prompts: Sequence[str], max_images: int = 8, n_per_prompt: int = 2,
+                 ddim_steps: int = 50, scale: float = 7.5, seed: int = 23, log_first_step: bool = False,
+                 height: Optional[int] = None, width: Optional[int] = None, logdir: Optional[str] = None):
+        super().__init__()
+        self.logdir = logdir
+        if batch_frequency < 1:
+            raise ValueError("image_logger.batch_frequency must be at least 1")
+        self.batch_frequency, self.prompts = batch_frequency, list(prompts)
+        self.max_images, self.n_per_prompt = max_images, n_per_prompt
+        self.ddim_steps, self.scale, self.seed = ddim_steps, scale, seed
+        self.log_first_step, self.height, self.width = log_first_step, height, width
+
+    @torch.no_grad()
+    def sample_grid(self, model: Any) -> torch.Tensor:
+        from ldm.models.diffusion.ddim import DDIMSampler
+        prompts = [p for p in self.prompts for _ in range(self.n_per_prompt)][: self.max_images]
+        latent = model.image_size
+        shape = (model.channels, (self.height or latent * 8) // 8, (self.width or latent * 8) // 8)
+        generator = torch.Generator(model.device).manual_seed(self.seed)
+        was_training = model.training
+        model.eval()
+        try:
+            with model.ema_scope():
+                c = model.get_learned_conditioning(prompts)
+                uc = model.get_learned_conditioning(len(prompts) * [""])
+                z, _ = DDIMSampler(model).sample(self.ddim_steps, len(prompts), shape, conditioning=c,
+                                                 unconditional_conditioning=uc, unconditional_guidance_scale=self.scale,
+                                                 generator=generator, verbose=False, disable_progress=True)
+                images = model.decode_first_stage(z).float().clamp(-1, 1).cpu()
+        finally:
+            model.train(was_training)
+        return make_grid(images, nrow=self.n_per_prompt, pad_value=-1.0)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        due = step % self.batch_frequency == 0 and (step > 0 or self.log_first_step)
+        if due and trainer.is_global_zero and getattr(self, "_last_step", None) != step:
+            self._last_step = step  # with gradient accumulation several batches share one global step
+            self.log_grid(trainer, pl_module, step)
+
+    def log_grid(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> Path:
+        grid = self.sample_grid(pl_module)
+        path = Path(self.logdir or trainer.default_root_dir) / "images" / "train" / f"step-{step:06d}.png"
+        save_png(to_pil(grid), path, {"prompts": " | ".join(self.prompts), "seed": self.seed, "step": step,
+                                      "steps": self.ddim_steps, "scale": self.scale})
+        for logger in trainer.loggers:
+            if hasattr(logger.experiment, "add_image"):
+                logger.experiment.add_image("samples", ((grid + 1) / 2).clamp(0, 1), step)
+        return path

@@ -1,0 +1,55 @@
+"""Class ("prior") images on demand: the DreamBooth paper generates them with the frozen starting model from
+the class prompt alone (Ruiz et al. 2023, sec. 3.3), before fine-tuning begins."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ldm.images import next_index, save_png, to_pil
+from ldm.models.diffusion.ddim import DDIMSampler
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".mpo")
+
+
+def count_images(folder: Path) -> int:
+    if not folder.is_dir():
+        return 0
+    return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+@torch.no_grad()
+def generate_class_images(model, folder: str | Path, prompt: str, num: int, size: int = 512, ddim_steps: int = 50,
+                          scale: float = 7.5, batch_size: int = 4, seed: int = 0) -> list[Path]:
+    """Add images to ``folder`` until it holds ``num``; returns the new files. Deterministic for a seed."""
+    folder = Path(folder)
+    missing = num - count_images(folder)
+    if missing <= 0:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"Generating {missing} class images for {prompt!r} into {folder} ({ddim_steps} DDIM steps, "
+          f"scale {scale})")
+    sampler = DDIMSampler(model)
+    generator = torch.Generator(model.device).manual_seed(seed + count_images(folder))
+    shape = (model.channels, size // 8, size // 8)
+    written = []
+    was_training = model.training
+    model.eval()
+    try:
+        with model.ema_scope():
+            uc_one = model.get_learned_conditioning([""])
+            c_one = model.get_learned_conditioning([prompt])
+            for start in tqdm(range(0, missing, batch_size), desc="class images"):
+                n = min(batch_size, missing - start)
+                z, _ = sampler.sample(ddim_steps, n, shape, conditioning=c_one.expand(n, -1, -1),
+                                      unconditional_conditioning=uc_one.expand(n, -1, -1),
+                                      unconditional_guidance_scale=scale, generator=generator, verbose=False,
+                                      disable_progress=True)
+                for img in model.decode_first_stage(z).float():
+                    index = next_index(folder, r"^class-(\d+)\.png$")
+                    written.append(save_png(to_pil(img), folder / f"class-{index:05d}.png",
+                                            {"prompt": prompt, "seed": seed, "steps": ddim_steps, "scale": scale}))
+    finally:
+        model.train(was_training)
+    return written

@@ -1,0 +1,48 @@
+"""Optimizer and learning-rate schedule for fine-tuning, built from the model's config keys."""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping, Optional
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from ldm.util import instantiate_from_config
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float,
+                    config: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """AdamW (Loshchilov & Hutter 2019) with the config's ``weight_decay``, ``betas`` and ``eps``."""
+    params = list(params)
+    if not params:
+        raise ValueError("no trainable parameters: the UNet and the text encoder are both frozen")
+    kwargs = {"weight_decay": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8}
+    unknown = set(config) - set(kwargs)
+    if unknown:
+        raise ValueError(f"model.params.optimizer_config: unknown keys {sorted(unknown)} "
+                         f"(known: {sorted(kwargs)})")
+    kwargs.update({k: tuple(v) if k == "betas" else v for k, v in config.items()})
+    return torch.optim.AdamW(params, lr=lr, **kwargs)
+
+
+def warmup_then(schedule: str, warmup_steps: int, max_steps: int):
+    """Multiplier of the base learning rate at optimizer step n: linear warm-up, then constant or cosine to 0."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule {schedule!r}: expected 'constant' or 'cosine'")
+
+    def factor(n: int) -> float:
+        if n < warmup_steps:
+            return (n + 1) / warmup_steps
+        if schedule == "constant" or max_steps <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (n - warmup_steps) / (max_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, scheduler_config: Optional[Mapping[str, Any]],
+                    schedule: str, warmup_steps: int, max_steps: int) -> LambdaLR:
+    """The original ``scheduler_config`` (e.g. ``LambdaLinearScheduler``) when given, else warm-up + schedule."""
+    if scheduler_config is not None:
+        return LambdaLR(optimizer, lr_lambda=instantiate_from_config(scheduler_config).schedule)
+    return LambdaLR(optimizer, lr_lambda=warmup_then(schedule, warmup_steps, max_steps))
