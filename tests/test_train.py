@@ -98,8 +98,9 @@ def fixed_subject_loss(model, images: torch.Tensor, captions: list[str]) -> floa
     return total / 5
 
 
-def test_end_to_end_run(tmp_path):
-    assert main_module.main(base_args(tmp_path, "--max_steps", "40")) == 0
+def test_end_to_end_run(tmp_path, capsys):
+    assert main_module.main(base_args(tmp_path, "--max_steps", "40", "--gpus", "0,")) == 0
+    assert "No GPU found: ignoring --gpus 0 and training on the CPU" in capsys.readouterr().out
     run = run_folder(tmp_path)
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts == ["last.ckpt", "step=000020.ckpt", "step=000040.ckpt"]
@@ -138,10 +139,49 @@ def test_end_to_end_run(tmp_path):
     assert [p.name for p in written] == ["00000.png", "grid-0000.png"]
 
 
-def test_lightning_checkpoint_loads_with_weights_only(tmp_path):
-    main_module.main(base_args(tmp_path, "--max_steps", "2"))
+def test_max_steps_exact_across_epochs_and_checkpoint_loads_with_weights_only(tmp_path):
+    # 4 subject x 1 repeat: an epoch is 4 steps, so 10 steps end in the middle of the third epoch.
+    main_module.main(base_args(tmp_path, "--max_steps", "10", "data.params.repeats=1", "data.params.reg_repeats=1"))
     ckpt = torch.load(run_folder(tmp_path) / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 2 and "optimizer_states" in ckpt and "state_dict" in ckpt
+    assert ckpt["global_step"] == 10 and ckpt["epoch"] >= 2  # several epochs, and exactly 10 steps
+    assert "optimizer_states" in ckpt and "state_dict" in ckpt
+
+
+def test_same_seed_same_weights(tmp_path):
+    finals = []
+    for k in range(2):
+        main_module.main(base_args(tmp_path / str(k), "--max_steps", "3"))
+        finals.append(torch.load(run_folder(tmp_path / str(k)) / "checkpoints" / "last.ckpt",
+                                 weights_only=True)["state_dict"])
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+
+
+def test_gradient_accumulation_and_clipping(tmp_path):
+    main_module.main(base_args(tmp_path, "--max_steps", "3", "lightning.trainer.accumulate_grad_batches=2",
+                               "lightning.trainer.gradient_clip_val=0.5", "lightning.trainer.log_every_n_steps=1"))
+    run = run_folder(tmp_path)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    lrs = {float(r["lr"]) for r in metrics(run) if r.get("lr")}
+    assert sorted(lrs) == pytest.approx([2e-3])  # scale_lr: 1 device * batch 1 * accumulate 2 * 1e-3
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main_module.main(["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--base", "--train", "--actual_resume", "--name", "--gpus", "--data_root", "--reg_data_root",
+                 "--class_word", "--resume", "--logdir", "--seed", "--scale_lr", "--no-test", "--token",
+                 "--max_steps", "--num_class_images"):
+        assert flag in out, flag
+
+
+def test_warmup_and_cosine_schedule_closed_form():
+    from ldm.models.diffusion.optim import warmup_then
+    f = warmup_then("cosine", warmup_steps=10, max_steps=110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
+    g = warmup_then("constant", warmup_steps=4, max_steps=100)
+    assert [g(n) for n in (0, 1, 3, 50)] == pytest.approx([0.25, 0.5, 1.0, 1.0])
 
 
 def test_interrupt_then_resume_ends_at_the_same_step(tmp_path):
