@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -52,15 +53,18 @@ def _stubs_for(path: Path) -> list:
 
 
 def _torch_load(path: Path) -> Any:
+    # Memory-map the zip format (every file since torch 1.6) so tensors are paged in as they are used;
+    # the legacy format cannot be mapped and is read whole.
+    mmap = zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as first:  # noqa: BLE001 - re-raised below with the file named
         if "Unsupported global" not in str(first):
             raise CheckpointError(
                 f"{path}: not a readable PyTorch checkpoint (truncated download, or not a .ckpt file): "
                 f"{type(first).__name__}: {str(first).splitlines()[0][:200]}") from None
     with torch.serialization.safe_globals(_stubs_for(path)):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

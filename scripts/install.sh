@@ -5,9 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 . .venv/bin/activate
-python -m pip install -q --upgrade pip 2>/dev/null || true
 python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-# Only the packaged CLIP BPE vocabulary is used; open_clip's own requirements would pull torchvision.
-python -m pip install -q --no-deps open_clip_torch
+# Only package data is used from these two (the CLIP BPE vocabulary, the LPIPS linear weights); their own
+# requirements would pull torchvision.
+python -m pip install -q --no-deps open_clip_torch lpips
 python -m pip install -q -e ".[test]"
 python -c "import torch, pytorch_lightning; print(f'installed: torch {torch.__version__}, lightning {pytorch_lightning.__version__}')"

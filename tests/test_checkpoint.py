@@ -171,3 +171,12 @@ def test_atomic_save_keeps_old_file_when_writing_fails(tiny_model, tmp_path, mon
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
     assert zipfile.is_zipfile(path)
+
+
+def test_legacy_non_zip_pickle_loads(tiny_model, tmp_path):
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": tiny_model.state_dict()}, path, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(path)
+    model = fresh_tiny()
+    load_checkpoint(model, path)
+    assert_same_weights(model, tiny_model)
