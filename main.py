@@ -57,6 +57,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_class_images", type=int, default=None,
                    help="generate class images with the starting model until --reg_data_root holds this many")
     p.add_argument("--max_steps", type=int, default=None, help="stop after exactly this many optimizer steps")
+    p.add_argument("--lora_rank", type=int, default=None,
+                   help="train LoRA adapters of this rank on the frozen model instead of the whole UNet "
+                        "(sets model.params.lora_config.rank; alpha, targets and the text encoder are config keys)")
     p.add_argument("--gpus", type=str, default=None,
                    help="GPU ids: '0,' is GPU 0, '0,1' two GPUs with DDP; without a GPU training runs on the CPU")
     return p
@@ -133,7 +136,7 @@ def run(opt: argparse.Namespace, overrides: Sequence[str]) -> int:
     import pytorch_lightning as pl
     from omegaconf import OmegaConf
 
-    from ldm.callbacks import AtomicCheckpointIO, SaveOnInterrupt, SetupCallback
+    from ldm.callbacks import AtomicCheckpointIO, ExportWeights, SaveOnInterrupt, SetupCallback
 
     if opt.name and opt.resume:
         raise ConfigError("-n/--name and -r/--resume cannot both be given: a resumed run keeps its folder")
@@ -171,6 +174,8 @@ def run(opt: argparse.Namespace, overrides: Sequence[str]) -> int:
     n_devices = devices.pop("n_devices")
 
     model = build_model(config)
+    if model.lora_settings:
+        model.add_lora()
     maybe_generate_class_images(config, model, devices)
 
     data = instantiate(config.data)
@@ -186,7 +191,11 @@ def run(opt: argparse.Namespace, overrides: Sequence[str]) -> int:
         if opt.scale_lr else " (not scaled)"))
 
     ckptdir = logdir / "checkpoints"
+    every = int(config.lightning.get("modelcheckpoint", {}).get("params", {}).get("every_n_train_steps", 0) or 0)
+    export = config.lightning.get("export")
+    export = OmegaConf.to_container(export, resolve=True) if export is not None else {}
     callbacks = [SetupCallback(str(logdir), config, now, resume=bool(opt.resume)), SaveOnInterrupt(str(ckptdir)),
+                 ExportWeights(str(ckptdir), every_n_train_steps=every, **export),
                  pl.callbacks.ModelCheckpoint(dirpath=ckptdir, filename="{step:06d}", save_top_k=-1,
                                               **config.lightning.get("modelcheckpoint", {}).get("params", {})),
                  pl.callbacks.TQDMProgressBar(refresh_rate=1)]

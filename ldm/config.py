@@ -16,6 +16,7 @@ FLAG_KEYS = {
     "token": "data.params.token",
     "max_steps": "lightning.trainer.max_steps",
     "num_class_images": "class_images.num",
+    "lora_rank": "model.params.lora_config.rank",
 }
 
 

@@ -141,22 +141,23 @@ class DreamBoothDataset(Dataset):
             return subject_len
         return max(self.num_subject, min(subject_len, self.num_class * self.reg_repeats))
 
-    def _example(self, image: np.ndarray) -> torch.Tensor:
+    def _example(self, image: np.ndarray) -> tuple[torch.Tensor, bool]:
         x = uint8_to_tensor(image)
         # torch's RNG, not numpy's or random's: Lightning's seed_everything and its per-worker seeding cover it.
-        if self.flip_p > 0 and torch.rand(()).item() < self.flip_p:
-            x = x.flip(-1)
-        return x
+        flip = self.flip_p > 0 and torch.rand(()).item() < self.flip_p
+        return (x.flip(-1) if flip else x), flip
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} items")
+        # ``*_id`` and ``*_flip`` name the exact pixels, so a latent cache can stand in for the VAE.
         s = i % self.num_subject
-        item: dict[str, Any] = {"image": self._example(self.images[s]), "caption": self.captions[s]}
+        image, flip = self._example(self.images[s])
+        item: dict[str, Any] = {"image": image, "caption": self.captions[s], "image_id": s, "image_flip": flip}
         if self.reg_images is not None:
             c = i % self.num_class
-            item["reg_image"] = self._example(self.reg_images[c])
-            item["reg_caption"] = self.reg_captions[c]
+            reg, reg_flip = self._example(self.reg_images[c])
+            item.update(reg_image=reg, reg_caption=self.reg_captions[c], reg_image_id=c, reg_image_flip=reg_flip)
         return item
 
 

@@ -15,7 +15,9 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from ldm.models.diffusion.losses import prior_preservation_loss
+from ldm.lora import LoraSettings
+from ldm.models.diffusion.cache import LatentCache, TextCache
+from ldm.models.diffusion.losses import min_snr_weights, offset_noise_, prior_preservation_loss
 from ldm.models.diffusion.schedule import BetaSchedule, extract_into_tensor, q_sample, register_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -32,6 +34,21 @@ def freeze(module: nn.Module) -> None:
     module.train = disabled_train.__get__(module)
     for p in module.parameters():
         p.requires_grad = False
+
+
+@contextmanager
+def borrowed(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """Run ``module`` on ``device`` for the body, then put it back: frozen parts offloaded to the CPU during
+    training (cached latents) come back to the GPU only when validation images are sampled."""
+    home = next(module.parameters()).device
+    if home == device:
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
 
 
 class DiffusionWrapper(nn.Module):
@@ -84,6 +101,11 @@ class LatentDiffusion(pl.LightningModule):
                  optimizer_config: Optional[Mapping[str, Any]] = None,
                  lr_warmup_steps: int = 0,
                  lr_schedule: Literal["constant", "cosine"] = "constant",
+                 lora_config: Optional[Mapping[str, Any]] = None,
+                 offset_noise: float = 0.0,
+                 min_snr_gamma: Optional[float] = None,
+                 cache_latents: bool = False,
+                 set_grads_to_none: bool = True,
                  ckpt_path: Optional[str] = None):
         super().__init__()
         if parameterization != "eps":
@@ -103,6 +125,13 @@ class LatentDiffusion(pl.LightningModule):
         self.optimizer_config = dict(optimizer_config or {})
         self.lr_warmup_steps, self.lr_schedule = lr_warmup_steps, lr_schedule
         self.learning_rate = 1.0e-4  # main.py sets base_learning_rate (times the batch scaling) here
+        self.lora_settings = LoraSettings(**lora_config) if lora_config else None
+        if self.lora_settings and use_ema:
+            raise NotImplementedError("use_ema with LoRA: the EMA would track the frozen base weights")
+        self.offset_noise, self.min_snr_gamma = offset_noise, min_snr_gamma
+        self.cache_latents, self.set_grads_to_none = cache_latents, set_grads_to_none
+        self.latent_cache: Optional[LatentCache] = None
+        self.text_cache: Optional[TextCache] = None
 
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         self.use_ema = use_ema
@@ -158,14 +187,16 @@ class LatentDiffusion(pl.LightningModule):
 
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
-        return self.first_stage_model.decode(z / self.scale_factor)
+        with borrowed(self.first_stage_model, z.device):
+            return self.first_stage_model.decode(z / self.scale_factor)
 
     # ---- conditioning ----------------------------------------------------------------------------------
     def get_learned_conditioning(self, c: Sequence[str]) -> torch.Tensor:
         """Text prompts -> CLIP last hidden states ``[B, 77, context_dim]``."""
         if isinstance(c, str):
             c = [c]
-        return self.cond_stage_model.encode(list(c))
+        with borrowed(self.cond_stage_model, self.betas.device):
+            return self.cond_stage_model.encode(list(c))
 
     # ---- denoiser --------------------------------------------------------------------------------------
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor,
@@ -189,25 +220,36 @@ class LatentDiffusion(pl.LightningModule):
                 - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
 
     # ---- training (DreamBooth) --------------------------------------------------------------------------
-    def get_input(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, list[str], int]:
-        """Subject images and captions, with the class (prior) examples appended when the batch has them."""
-        images, captions = batch[self.first_stage_key], list(batch[self.cond_stage_key])
-        n_subject = images.shape[0]
-        if "reg_" + self.first_stage_key in batch:
-            images = torch.cat([images, batch["reg_" + self.first_stage_key]])
-            captions += list(batch["reg_" + self.cond_stage_key])
-        return images.to(memory_format=torch.contiguous_format), captions, n_subject
+    def add_lora(self) -> None:
+        """Freeze the base weights and add the configured LoRA adapters (after the base weights are loaded)."""
+        from ldm.lora import add_lora
+        add_lora(self, self.lora_settings)
+
+    def get_latents(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Latents of the subject images, then of the class images: from the cache, else through the VAE."""
+        roles = [self.first_stage_key] + (["reg_" + self.first_stage_key] if "reg_" + self.first_stage_key in batch
+                                          else [])
+        if self.latent_cache is not None:
+            posterior = self.latent_cache.posterior(batch, roles)
+        else:
+            images = torch.cat([batch[r] for r in roles]).to(memory_format=torch.contiguous_format)
+            posterior = self.encode_first_stage(images)
+        return self.get_first_stage_encoding(posterior).detach()
+
+    def get_captions(self, batch: Mapping[str, Any]) -> tuple[list[str], int]:
+        captions = list(batch[self.cond_stage_key])
+        return captions + list(batch.get("reg_" + self.cond_stage_key, [])), len(captions)
 
     def shared_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One DreamBooth loss evaluation: encode, noise at a random t, predict eps, subject + prior terms."""
-        images, captions, n_subject = self.get_input(batch)
-        with torch.no_grad():
-            z = self.get_first_stage_encoding(self.encode_first_stage(images)).detach()
-        c = self.get_learned_conditioning(captions)
+        z = self.get_latents(batch)
+        captions, n_subject = self.get_captions(batch)
+        c = self.text_cache(captions) if self.text_cache is not None else self.get_learned_conditioning(captions)
         t = torch.randint(0, self.num_timesteps, (z.shape[0],), device=z.device).long()
-        noise = torch.randn_like(z)
+        noise = offset_noise_(torch.randn_like(z), self.offset_noise)
         eps_pred = self.apply_model(self.q_sample(z, t, noise), t, c)
-        return prior_preservation_loss(eps_pred, noise, n_subject, self.reg_weight, self.loss_type)
+        weights = min_snr_weights(self.alphas_cumprod[t], self.min_snr_gamma) if self.min_snr_gamma else None
+        return prior_preservation_loss(eps_pred, noise, n_subject, self.reg_weight, self.loss_type, weights)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         loss, logs = self.shared_step(batch)
@@ -219,11 +261,39 @@ class LatentDiffusion(pl.LightningModule):
                  batch_size=batch_size)
         return loss
 
+    def on_fit_start(self) -> None:
+        if not self.cache_latents:
+            return
+        dataset = self.trainer.datamodule.train_dataset
+        self.latent_cache = LatentCache()
+        self.latent_cache.build(self.first_stage_model.encode, dataset, self.device)
+        text_frozen = not any(p.requires_grad for p in self.cond_stage_model.parameters())
+        if text_frozen:
+            self.text_cache = TextCache()
+            self.text_cache.build(self.cond_stage_model.encode, list(dataset.captions) + list(dataset.reg_captions or []))
+        if self.device.type == "cuda":
+            # Nothing in a training step needs them now: free their GPU memory (the image logger borrows them).
+            self.first_stage_model.to("cpu")
+            if text_frozen:
+                self.cond_stage_model.to("cpu")
+            torch.cuda.empty_cache()
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.cond_stage_trainable:
-            params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
-        return params
+        return [p for m in (self.model, self.cond_stage_model) for p in m.parameters() if p.requires_grad]
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        # set_to_none frees the gradient tensors between steps instead of zero-filling them.
+        optimizer.zero_grad(set_to_none=self.set_grads_to_none)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.lora_settings:  # keep the original key layout; adapters ride along as extra keys
+            from ldm.lora import plain_keys
+            checkpoint["state_dict"] = plain_keys(checkpoint["state_dict"])
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.lora_settings:
+            from ldm.lora import peft_keys
+            checkpoint["state_dict"] = peft_keys(checkpoint["state_dict"], self.state_dict().keys())
 
     def configure_optimizers(self) -> dict[str, Any]:
         from ldm.models.diffusion.optim import build_optimizer, build_scheduler

@@ -18,16 +18,37 @@ def per_example_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: Litera
     return err.flatten(1).mean(dim=1)
 
 
+def min_snr_weights(alphas_cumprod_t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weighting for eps-prediction (Hang et al. 2023, eq. 8 with the eps target):
+    w_t = min(SNR_t, gamma) / SNR_t, where SNR_t = abar_t / (1 - abar_t)."""
+    snr = alphas_cumprod_t.float() / (1.0 - alphas_cumprod_t.float())
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def offset_noise_(noise: torch.Tensor, strength: float) -> torch.Tensor:
+    """Offset noise (Guttenberg 2023): add one random constant per example and channel, so the model also
+    learns to change an image's overall brightness. Returns ``noise`` with the offset added."""
+    if strength == 0:
+        return noise
+    offset = torch.randn(noise.shape[0], noise.shape[1], *([1] * (noise.ndim - 2)), device=noise.device,
+                         dtype=noise.dtype)
+    return noise + strength * offset
+
+
 def prior_preservation_loss(eps_pred: torch.Tensor, eps: torch.Tensor, n_subject: int, reg_weight: float,
-                            loss_type: Literal["l2", "l1"] = "l2") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                            loss_type: Literal["l2", "l1"] = "l2", weights: torch.Tensor | None = None,
+                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``mse(subject) + reg_weight * mse(class)`` over a batch whose first ``n_subject`` rows are subject examples.
 
-    Returns the loss and its terms. With no class rows the prior term is zero and the loss is the plain
-    denoising loss (DreamBooth without prior preservation).
+    ``weights`` (one per example, e.g. min-SNR) scale each example's error before the means. Returns the loss and
+    its terms. With no class rows the prior term is zero and the loss is the plain denoising loss (DreamBooth
+    without prior preservation).
     """
     if not 0 < n_subject <= eps.shape[0]:
         raise ValueError(f"n_subject={n_subject} for a batch of {eps.shape[0]}")
     losses = per_example_loss(eps_pred, eps, loss_type)
+    if weights is not None:
+        losses = losses * weights.to(losses.dtype)
     subject = losses[:n_subject].mean()
     prior = losses[n_subject:].mean() if eps.shape[0] > n_subject else torch.zeros_like(subject)
     loss = subject + reg_weight * prior

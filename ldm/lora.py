@@ -1,0 +1,176 @@
+"""LoRA (Hu et al. 2022): low-rank adapters on the attention projections of the UNet (and optionally the CLIP
+text encoder), trained on top of frozen base weights.
+
+Injection and the adapter maths are peft's. Files use the kohya/sd-scripts layout that diffusers'
+``load_lora_weights`` and the common web UIs read: ``lora_unet_<module path with _>.lora_down.weight``
+(rank x in), ``.lora_up.weight`` (out x rank) and ``.alpha``, the update being ``alpha / rank * up @ down``.
+Module paths are those of the original checkpoint (``input_blocks_1_1_transformer_blocks_0_attn1_to_q``), which
+diffusers maps to its own block names when it loads the file.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Optional
+
+import torch
+from torch import nn
+
+ADAPTER = "dreambooth"
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+#: state-dict prefix of each adapted sub-model -> kohya key prefix
+PREFIXES = {"model.diffusion_model.": "lora_unet_", "cond_stage_model.transformer.": "lora_te_"}
+
+
+@dataclass
+class LoraSettings:
+    """``model.params.lora_config`` in a config; ``--lora_rank`` sets ``rank``."""
+    rank: int = 4
+    alpha: Optional[float] = None  # None: alpha = rank, i.e. a scale of 1
+    unet_targets: tuple[str, ...] = UNET_TARGETS
+    text_encoder: bool = False
+    text_targets: tuple[str, ...] = TEXT_TARGETS
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"lora rank must be at least 1, got {self.rank}")
+        self.unet_targets, self.text_targets = tuple(self.unet_targets), tuple(self.text_targets)
+
+
+def _target_regex(targets: tuple[str, ...]) -> str:
+    return r".*\.(" + "|".join(re.escape(t) for t in targets) + r")$"
+
+
+def _roots(model: nn.Module) -> dict[str, nn.Module]:
+    return {"model.diffusion_model.": model.model.diffusion_model,
+            "cond_stage_model.transformer.": model.cond_stage_model.transformer}
+
+
+def add_lora(model: nn.Module, settings: LoraSettings) -> list[nn.Parameter]:
+    """Freeze the UNet and text encoder, add trainable adapters; returns the adapter parameters."""
+    from peft import LoraConfig, inject_adapter_in_model
+    for root in _roots(model).values():
+        root.requires_grad_(False)
+    alpha = settings.alpha if settings.alpha is not None else settings.rank
+    targets = {"model.diffusion_model.": settings.unet_targets}
+    if settings.text_encoder:
+        targets["cond_stage_model.transformer."] = settings.text_targets
+    for prefix, names in targets.items():
+        config = LoraConfig(r=settings.rank, lora_alpha=alpha, lora_dropout=settings.dropout,
+                            target_modules=_target_regex(names), init_lora_weights=True)
+        inject_adapter_in_model(config, _roots(model)[prefix], adapter_name=ADAPTER)
+    return [p for n, p in model.named_parameters() if ".lora_" in n and p.requires_grad]
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(kohya name, peft LoRA layer) for every adapted module."""
+    from peft.tuners.lora import LoraLayer
+    for prefix, root in _roots(model).items():
+        for name, module in root.named_modules():
+            if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+                yield PREFIXES[prefix] + name.replace(".", "_"), module
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters in the kohya layout, float32, ready for ``save_checkpoint(... .safetensors)``."""
+    out = {}
+    for kohya, layer in lora_layers(model):
+        down, up = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+        out[f"{kohya}.lora_down.weight"] = down.detach().float().cpu().contiguous()
+        out[f"{kohya}.lora_up.weight"] = up.detach().float().cpu().contiguous()
+        out[f"{kohya}.alpha"] = torch.tensor(float(layer.scaling[ADAPTER] * down.shape[0]))
+    if not out:
+        raise ValueError("the model has no LoRA adapters")
+    return out
+
+
+def parse_lora(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """kohya name -> (down, up, alpha) from an adapter file's state dict; one-line errors for other files."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        name, _, part = key.partition(".")
+        if name.startswith(tuple(PREFIXES.values())) and part in ("lora_down.weight", "lora_up.weight", "alpha"):
+            groups.setdefault(name, {})[part] = value
+    if not groups:
+        raise ValueError("no kohya-style LoRA keys (lora_unet_*.lora_down.weight) in this file")
+    out = {}
+    for name, parts in groups.items():
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            raise ValueError(f"{name}: lora_down/lora_up pair incomplete")
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])
+        out[name] = (down, up, alpha)
+    return out
+
+
+def module_keys(state_dict_keys) -> dict[str, str]:
+    """kohya name -> state-dict key of the module's weight, for every Linear-like weight under the prefixes."""
+    out = {}
+    for key in state_dict_keys:
+        for prefix, kohya in PREFIXES.items():
+            if key.startswith(prefix) and key.endswith(".weight"):
+                path = key[len(prefix):-len(".weight")].replace(".base_layer", "")
+                out[kohya + path.replace(".", "_")] = key
+    return out
+
+
+def merge_lora(sd: Mapping[str, torch.Tensor], lora: Mapping[str, torch.Tensor],
+               scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Bake an adapter into full weights: W + scale * alpha / rank * up @ down (computed in float32)."""
+    merged = dict(sd)
+    keys = module_keys(sd.keys())
+    for name, (down, up, alpha) in parse_lora(lora).items():
+        if name not in keys:
+            raise ValueError(f"{name}: no such module in the base checkpoint (a LoRA for another model?)")
+        key = keys[name]
+        w = sd[key]
+        delta = (up.float().flatten(1) @ down.float().flatten(1)).reshape(w.shape)
+        merged[key] = (w.float() + scale * alpha / down.shape[0] * delta).to(w.dtype)
+    return merged
+
+
+def load_lora(model: nn.Module, lora: Mapping[str, torch.Tensor], scale: float = 1.0) -> int:
+    """Attach an adapter file's weights to ``model`` as live (unmerged) peft adapters; returns how many."""
+    from peft import LoraConfig, inject_adapter_in_model
+    parsed = parse_lora(lora)
+    names = module_keys(model.state_dict().keys())
+    for prefix, root in _roots(model).items():
+        mine = {n: v for n, v in parsed.items() if n.startswith(PREFIXES[prefix])}
+        if not mine:
+            continue
+        missing = [n for n in mine if n not in names]
+        if missing:
+            raise ValueError(f"{missing[0]}: no such module in this model (a LoRA for another model?)")
+        paths = {n: names[n][len(prefix):-len(".weight")] for n in mine}
+        ranks = {paths[n]: int(down.shape[0]) for n, (down, _, _) in mine.items()}
+        alphas = {paths[n]: alpha for n, (_, _, alpha) in mine.items()}
+        first = next(iter(ranks))
+        config = LoraConfig(r=ranks[first], lora_alpha=alphas[first], target_modules=list(paths.values()),
+                            rank_pattern={f"^{re.escape(p)}$": r for p, r in ranks.items()},
+                            alpha_pattern={f"^{re.escape(p)}$": a for p, a in alphas.items()})
+        inject_adapter_in_model(config, root, adapter_name=ADAPTER)
+        modules = dict(root.named_modules())
+        with torch.no_grad():
+            for n, (down, up, _) in mine.items():
+                layer = modules[paths[n]]
+                layer.lora_A[ADAPTER].weight.copy_(down)
+                layer.lora_B[ADAPTER].weight.copy_(up * scale)
+    return len(parsed)
+
+
+def plain_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """peft's ``x.base_layer.weight`` back to the original ``x.weight``, so a checkpoint keeps the SD layout."""
+    return {k.replace(".base_layer.", "."): v for k, v in sd.items()}
+
+
+def peft_keys(sd: Mapping[str, torch.Tensor], model_keys) -> dict[str, torch.Tensor]:
+    """The reverse of ``plain_keys`` for a model with adapters injected (resuming a LoRA run)."""
+    model_keys = set(model_keys)
+    out = {}
+    for k, v in sd.items():
+        head, _, leaf = k.rpartition(".")
+        wrapped = f"{head}.base_layer.{leaf}"
+        out[wrapped if k not in model_keys and wrapped in model_keys else k] = v
+    return out

@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Bake a LoRA adapter into a full Stable Diffusion v1 checkpoint: W <- W + strength * alpha / rank * up @ down.
+
+    python scripts/merge_lora.py sd-v1-4.ckpt lora-last.safetensors[:0.8] merged.safetensors [--fp16]
+
+The result loads anywhere a SD v1 checkpoint does, with no adapter support needed. Several adapters may be
+given; they are added one after the other.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from ldm.checkpoint import CheckpointError, read_checkpoint, save_checkpoint  # noqa: E402
+from ldm.lora import merge_lora  # noqa: E402
+
+
+def split_spec(spec: str) -> tuple[str, float]:
+    path, sep, scale = spec.rpartition(":")
+    try:
+        return (path, float(scale)) if sep and path else (spec, 1.0)
+    except ValueError:
+        return spec, 1.0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("base", help="full SD v1 checkpoint (.ckpt or .safetensors)")
+    p.add_argument("lora", nargs="+", help="adapter file(s), each FILE[:STRENGTH]")
+    p.add_argument("out", help="output checkpoint (.ckpt or .safetensors)")
+    p.add_argument("--fp16", action="store_true", help="write half-precision weights")
+    args = p.parse_args(argv)
+    if Path(args.out).resolve() == Path(args.base).resolve():
+        p.error("out must differ from base")
+    try:
+        sd, meta = read_checkpoint(args.base)
+        if not any(k.startswith("model.diffusion_model.") for k in sd):
+            raise CheckpointError(f"{args.base}: not a full SD v1 checkpoint (no model.diffusion_model.* keys)")
+        for spec in args.lora:
+            path, strength = split_spec(spec)
+            try:
+                sd = merge_lora(sd, read_checkpoint(path)[0], strength)
+            except ValueError as e:
+                raise CheckpointError(f"{path}: {e}") from None
+            print(f"merged {path} at strength {strength}")
+    except CheckpointError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
+    if args.fp16:
+        sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+    out = save_checkpoint(args.out, sd, global_step=meta.get("global_step"))
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
