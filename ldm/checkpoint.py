@@ -108,7 +108,7 @@ def ema_key(model_key: str) -> str:
     return "model_ema." + model_key[len("model."):].replace(".", "")
 
 
-def _guess_kind(keys: set[str]) -> str:
+def guess_kind(keys: set[str]) -> str:
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         return "it looks like a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder)"
     if any("lora" in k.lower() for k in keys):
@@ -139,7 +139,7 @@ def audit(expected: Mapping[str, torch.Size], found: Mapping[str, torch.Tensor])
     parts = [f"{label}: {len(keys)} keys missing (e.g. {keys[0]})" for label, keys in missing.items()]
     parts += [f"{label}: {len(keys)} tensors of another shape (e.g. {keys[0]} is {list(found[keys[0]].shape)}, "
               f"expected {list(expected[keys[0]])})" for label, keys in wrong.items()]
-    return f"{_guess_kind(set(found))}: " + "; ".join(parts)
+    return f"{guess_kind(set(found))}: " + "; ".join(parts)
 
 
 def select_weights(model_keys: Mapping[str, torch.Size], sd: Mapping[str, torch.Tensor], use_ema: bool,

@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Convert a SD v1 checkpoint (.ckpt or .safetensors) into a diffusers folder.
+
+    python scripts/convert_to_diffusers.py sks-dog.ckpt sks-dog-diffusers [--half] [--no-ema]
+
+The folder holds unet/, vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json (no safety checker),
+and loads offline:
+
+    StableDiffusionPipeline.from_pretrained("sks-dog-diffusers", local_files_only=True)
+
+The diffusers configs come from ``--config`` (the model config the checkpoint was trained with). With full EMA
+weights in the file the UNet is exported from them, as the sampling script does, unless ``--no-ema``.
+Needs ``pip install diffusers transformers``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from ldm.checkpoint import CheckpointError  # noqa: E402
+from ldm.export_diffusers import MissingDependency, export_diffusers  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpt", type=Path, help="SD v1 checkpoint (.ckpt or .safetensors)")
+    p.add_argument("outdir", type=Path, help="folder to create (must not exist, or be empty)")
+    p.add_argument("--config", type=Path, default=REPO / "configs/stable-diffusion/v1-inference.yaml",
+                   help="model config the checkpoint belongs to (default: v1-inference.yaml)")
+    p.add_argument("--half", action="store_true", help="store the weights as float16")
+    p.add_argument("--safetensors", action=argparse.BooleanOptionalAction, default=True,
+                   help="write .safetensors weight files (default) or, with --no-safetensors, .bin pickles")
+    p.add_argument("--no-ema", dest="prefer_ema", action="store_false",
+                   help="with a full-EMA checkpoint, export the live (non-EMA) UNet weights")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Path:
+    """Run the script; returns the folder written."""
+    parser = build_parser()
+    opt = parser.parse_args(argv)
+    if not opt.config.is_file():
+        parser.error(f"--config {opt.config}: file not found")
+    try:
+        out = export_diffusers(OmegaConf.load(opt.config), opt.ckpt, opt.outdir, half=opt.half,
+                               safetensors=opt.safetensors, prefer_ema=opt.prefer_ema)
+    except (CheckpointError, MissingDependency, FileExistsError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    print(f"Wrote {out} (weights {'float16' if opt.half else 'float32'}, "
+          f"{'safetensors' if opt.safetensors else '.bin'}); load it with "
+          f"StableDiffusionPipeline.from_pretrained({str(out)!r}, local_files_only=True)")
+    return out
+
+
+if __name__ == "__main__":
+    main()
