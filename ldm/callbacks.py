@@ -116,3 +116,47 @@ class ImageLogger(pl.Callback):
             if hasattr(logger.experiment, "add_image"):
                 logger.experiment.add_image("samples", ((grid + 1) / 2).clamp(0, 1), step)
         return path
+
+
+class ExportWeights(pl.Callback):
+    """Small, shareable files next to the Lightning checkpoints, at every ``every_n_train_steps`` and at the end:
+
+    - ``lora-<step>.safetensors`` (+ ``lora-last``) when the model trains LoRA adapters;
+    - ``pruned-<step>.{ckpt,safetensors}`` (+ ``pruned-last``) with ``pruned: true``: sampling weights only,
+      optionally in half precision, that every SD v1 tool opens.
+    """
+
+    def __init__(self, ckptdir: str, every_n_train_steps: int = 0, pruned: bool = False,
+                 dtype: Optional[str] = "fp16", safetensors: bool = True, ema: Optional[bool] = None):
+        super().__init__()
+        if dtype not in (None, "fp32", "fp16", "bf16"):
+            raise ValueError(f"export dtype {dtype!r}: expected fp32, fp16 or bf16")
+        self.ckptdir, self.every = Path(ckptdir), every_n_train_steps
+        self.pruned, self.safetensors, self.ema = pruned, safetensors, ema
+        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype or "fp32")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every and step > 0 and step % self.every == 0 and getattr(self, "_done", None) != step:
+            self._done = step
+            self.export(trainer, pl_module, f"{step:06d}")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.export(trainer, pl_module, "last")
+
+    def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> list[Path]:
+        from ldm.checkpoint import save_checkpoint
+        written = []
+        if trainer.is_global_zero and pl_module.lora_settings:
+            from ldm.lora import lora_state_dict
+            written.append(save_checkpoint(self.ckptdir / f"lora-{tag}.safetensors", lora_state_dict(pl_module),
+                                           global_step=trainer.global_step))
+        if trainer.is_global_zero and self.pruned:
+            from ldm.lora import plain_keys
+            from ldm.prune import prune_state_dict
+            sd, _ = prune_state_dict(plain_keys(pl_module.state_dict()), dtype=self.dtype, use_ema=self.ema)
+            suffix = ".safetensors" if self.safetensors else ".ckpt"
+            written.append(save_checkpoint(self.ckptdir / f"pruned-{tag}{suffix}", sd,
+                                           global_step=trainer.global_step))
+        return written
