@@ -4,8 +4,8 @@ text encoder), trained on top of frozen base weights.
 Injection and the adapter maths are peft's. Files use the kohya/sd-scripts layout that diffusers'
 ``load_lora_weights`` and the common web UIs read: ``lora_unet_<module path with _>.lora_down.weight``
 (rank x in), ``.lora_up.weight`` (out x rank) and ``.alpha``, the update being ``alpha / rank * up @ down``.
-Module paths are those of the original checkpoint (``input_blocks_1_1_transformer_blocks_0_attn1_to_q``), which
-diffusers maps to its own block names when it loads the file.
+Like sd-scripts, we name UNet modules by diffusers' block names (``down_blocks_0_attentions_0_...``), which every
+reader maps; reading accepts those and the original checkpoint's names (``input_blocks_1_1_...``) alike.
 """
 from __future__ import annotations
 
@@ -64,13 +64,49 @@ def add_lora(model: nn.Module, settings: LoraSettings) -> list[nn.Parameter]:
     return [p for n, p in model.named_parameters() if ".lora_" in n and p.requires_grad]
 
 
+_BLOCK = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.1\.(.*)$")
+
+
+def diffusers_path(path: str, layers_per_block: int) -> str:
+    """A UNet module path of the original layout in diffusers' naming, e.g. with 2 layers per block
+    ``input_blocks.4.1.proj_in`` -> ``down_blocks.1.attentions.0.proj_in``; other paths are returned as they are.
+
+    In the original UNet each level holds ``layers_per_block`` input blocks then a downsampler (input block 0 is
+    the stem conv), and ``layers_per_block + 1`` output blocks; index 1 inside a block is its spatial transformer.
+    """
+    if path.startswith("middle_block.1."):
+        return "mid_block.attentions.0." + path[len("middle_block.1."):]
+    m = _BLOCK.match(path)
+    if not m:
+        return path
+    kind, index, rest = m.group(1), int(m.group(2)), m.group(3)
+    per_level = layers_per_block + 1
+    if kind == "input_blocks":
+        return f"down_blocks.{(index - 1) // per_level}.attentions.{(index - 1) % per_level}.{rest}"
+    return f"up_blocks.{index // per_level}.attentions.{index % per_level}.{rest}"
+
+
+def layers_per_block(state_dict_keys) -> int:
+    """num_res_blocks from a UNet's keys: the first downsampler sits at input block num_res_blocks + 1."""
+    ops = [int(k.split(".")[3]) for k in state_dict_keys if k.startswith("model.diffusion_model.input_blocks.")
+           and ".0.op." in k]
+    return min(ops) - 1 if ops else 2
+
+
+def _kohya(prefix: str, path: str, per_block: int) -> str:
+    if prefix == "model.diffusion_model.":
+        path = diffusers_path(path, per_block)
+    return PREFIXES[prefix] + path.replace(".", "_")
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(kohya name, peft LoRA layer) for every adapted module."""
     from peft.tuners.lora import LoraLayer
+    per_block = model.model.diffusion_model.num_res_blocks
     for prefix, root in _roots(model).items():
         for name, module in root.named_modules():
             if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
-                yield PREFIXES[prefix] + name.replace(".", "_"), module
+                yield _kohya(prefix, name, per_block), module
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -106,13 +142,16 @@ def parse_lora(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, 
 
 
 def module_keys(state_dict_keys) -> dict[str, str]:
-    """kohya name -> state-dict key of the module's weight, for every Linear-like weight under the prefixes."""
+    """kohya name (both namings) -> state-dict key of the module's weight, for every weight under the prefixes."""
+    state_dict_keys = list(state_dict_keys)
+    per_block = layers_per_block(state_dict_keys)
     out = {}
     for key in state_dict_keys:
         for prefix, kohya in PREFIXES.items():
             if key.startswith(prefix) and key.endswith(".weight"):
                 path = key[len(prefix):-len(".weight")].replace(".base_layer", "")
                 out[kohya + path.replace(".", "_")] = key
+                out[_kohya(prefix, path, per_block)] = key
     return out
 
 

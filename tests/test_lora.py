@@ -49,8 +49,10 @@ def test_only_adapters_train_and_the_file_is_kohya(lora_run, tiny_ckpt):
     # tiny UNet: 6 spatial transformers (input 1, 2; middle; output 3, 4, 5) x 2 attentions x (q, k, v, out);
     # text encoder: 2 layers x 4 projections.
     assert len(unet) == 48 and len(text) == 8
-    assert "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q" in parsed
-    down, up, alpha = parsed["lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"]
+    # sd-scripts' naming: diffusers block names (input block 1 = first attention of down block 0)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in parsed
+    assert "lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn2_to_out_0" in parsed  # output block 5
+    down, up, alpha = parsed["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"]
     assert down.shape == (4, 32) and up.shape == (32, 4) and alpha == 4.0
     assert up.abs().max() > 0  # lora_up starts at zero: it moved, so the adapter trained
 
@@ -92,6 +94,16 @@ def test_merged_checkpoint_equals_adapter_applied(lora_run, tiny_ckpt, tmp_path)
     assert diff.max() <= 1
 
 
+def test_block_names_map_to_diffusers():
+    from ldm.lora import diffusers_path
+    # SD v1 (2 layers per block): input blocks 1, 2 | 4, 5 | 7, 8 hold attentions; output blocks 3..11 do.
+    assert diffusers_path("input_blocks.8.1.proj_in", 2) == "down_blocks.2.attentions.1.proj_in"
+    assert diffusers_path("output_blocks.11.1.proj_out", 2) == "up_blocks.3.attentions.2.proj_out"
+    assert diffusers_path("output_blocks.3.1.norm", 2) == "up_blocks.1.attentions.0.norm"
+    assert diffusers_path("middle_block.1.transformer_blocks.0.attn1.to_q", 2) == \
+        "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
 def test_merge_by_hand():
     w = torch.randn(6, 5)
     down, up = torch.randn(2, 5), torch.randn(6, 2)
@@ -131,3 +143,27 @@ def test_lora_errors(tiny_ckpt, tmp_path, capsys):
                                        "--H", "64", "--W", "64", "--outdir", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "lora_unet_nowhere_to_q" in err
+
+
+def test_diffusers_load_lora_weights_accepts_the_adapter(lora_run, tiny_ckpt, tmp_path):
+    """diffusers reads our kohya file (mapping the original block names to its own) and then predicts what our
+    model predicts with the adapter applied, for the UNet and the text encoder."""
+    diffusers = pytest.importorskip("diffusers")
+    folder = script("convert_to_diffusers").main([str(tiny_ckpt), str(tmp_path / "sd"), "--config", str(TINY_CONFIG)])
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None)
+    adapter = lora_run / "lora-last.safetensors"
+    pipe.load_lora_weights(str(adapter))
+
+    ours = load_model_from_config(load_config(TINY_CONFIG), tiny_ckpt)
+    load_lora(ours, read_checkpoint(adapter)[0])
+    prompts = ["photo of a sks toy", "a toy on the beach"]
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([30, 600])
+    with torch.no_grad():
+        c = ours.get_learned_conditioning(prompts)
+        ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        c_theirs = pipe.text_encoder(ids.input_ids)[0]
+        e_ours = ours.apply_model(x, t, c)
+        e_theirs = pipe.unet(x, t, encoder_hidden_states=c).sample
+    assert rel_err(c, c_theirs) < 1e-4
+    assert rel_err(e_ours, e_theirs) < 1e-4
