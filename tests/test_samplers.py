@@ -96,3 +96,26 @@ def test_ddim_trajectory_matches_diffusers(tiny_model):
     for a, b in zip(ours, theirs):
         assert rel_err(a, b) < 1e-4
     assert rel_err(final, theirs[-1]) < 1e-4
+
+
+def test_plms_trajectory_matches_diffusers_pndm(tiny_model):
+    """diffusers' PNDMScheduler with skip_prk_steps runs the original PLMS (Heun-like first step, then
+    Adams-Bashforth on eps): the same final latent for the same start."""
+    from diffusers import PNDMScheduler
+    steps, scale = 10, 5.0
+    with torch.no_grad():
+        c = tiny_model.get_learned_conditioning(["a dog"])
+        uc = tiny_model.get_learned_conditioning([""])
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours, _ = PLMSSampler(tiny_model).sample(steps, 1, (4, 8, 8), conditioning=c, unconditional_conditioning=uc,
+                                             unconditional_guidance_scale=scale, x_T=x_T, verbose=False)
+    scheduler = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", skip_prk_steps=True, set_alpha_to_one=False,
+                              steps_offset=1)
+    scheduler.set_timesteps(steps)
+    unet, x = diffusers_unet(tiny_model), x_T.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            e_u, e_c = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uc, c])).sample.chunk(2)
+            x = scheduler.step(e_u + scale * (e_c - e_u), t, x).prev_sample
+    assert rel_err(ours, x) < 1e-4

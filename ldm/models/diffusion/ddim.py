@@ -9,6 +9,7 @@ crashes. We clamp that step to 999 and say so.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Sequence
 
 import numpy as np
@@ -114,21 +115,20 @@ class DDIMSampler:
         device = self.model.alphas_cumprod.device
         img = x_T if x_T is not None else torch.randn(
             (batch_size, C, H, W), generator=generator, device=device)
-        return self._loop(img, conditioning, unconditional_conditioning, unconditional_guidance_scale,
-                          temperature, generator, callback, img_callback, log_every_t, disable_progress)
+        run = GuidedRun(conditioning, unconditional_conditioning, unconditional_guidance_scale, generator, temperature)
+        return self._loop(img, run, callback, img_callback, log_every_t, disable_progress)
 
-    def _loop(self, img: torch.Tensor, c: Any, uc: Any, scale: float, temperature: float,
-              generator: Optional[torch.Generator], callback: Optional[Callable], img_callback: Optional[Callable],
-              log_every_t: int, disable_progress: bool) -> tuple[torch.Tensor, dict[str, list]]:
+    def _loop(self, img: torch.Tensor, run: "GuidedRun", callback: Optional[Callable],
+              img_callback: Optional[Callable], log_every_t: int,
+              disable_progress: bool) -> tuple[torch.Tensor, dict[str, list]]:
         intermediates: dict[str, list] = {"x_inter": [img], "pred_x0": [img]}
         time_range = np.flip(self.ddim_timesteps)
         total = len(time_range)
         for i, step in enumerate(tqdm(time_range, desc=self.progress_label, total=total, disable=disable_progress)):
             index = total - i - 1
             t = torch.full((img.shape[0],), int(step), device=img.device, dtype=torch.long)
-            e_t = guided_eps(self.model, img, t, c, uc, scale)
-            img, pred_x0 = ddim_step(img, e_t, self.ddim_alphas[index], self.ddim_alphas_prev[index],
-                                     self.ddim_sigmas[index], self._noise(img, generator, temperature))
+            next_step = int(time_range[min(i + 1, total - 1)])
+            img, pred_x0 = self._step(img, t, index, next_step, run)
             if callback:
                 callback(i)
             if img_callback:
@@ -137,3 +137,27 @@ class DDIMSampler:
                 intermediates["x_inter"].append(img)
                 intermediates["pred_x0"].append(pred_x0)
         return img, intermediates
+
+    def _update(self, x: torch.Tensor, e_t: torch.Tensor, index: int,
+                run: "GuidedRun") -> tuple[torch.Tensor, torch.Tensor]:
+        return ddim_step(x, e_t, self.ddim_alphas[index], self.ddim_alphas_prev[index], self.ddim_sigmas[index],
+                         self._noise(x, run.generator, run.temperature))
+
+    def _step(self, img: torch.Tensor, t: torch.Tensor, index: int, next_step: int,
+              run: "GuidedRun") -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t -> (x_{t-1}, predicted x_0) for the step at schedule position ``index``."""
+        return self._update(img, run.eps(self.model, img, t), index, run)
+
+
+@dataclass
+class GuidedRun:
+    """What stays fixed over one sampling run: conditioning, guidance, and the random stream."""
+    c: Any
+    uc: Any
+    scale: float
+    generator: Optional[torch.Generator]
+    temperature: float
+    old_eps: list = field(default_factory=list)  # PLMS's eps history
+
+    def eps(self, model: Any, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return guided_eps(model, x, t, self.c, self.uc, self.scale)

@@ -6,13 +6,9 @@ Adams-Bashforth weights, then moves with the DDIM (eta = 0) update. The first st
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
-
-import numpy as np
 import torch
-from tqdm import tqdm
 
-from ldm.models.diffusion.ddim import DDIMSampler, ddim_step, guided_eps
+from ldm.models.diffusion.ddim import DDIMSampler, GuidedRun
 
 #: Adams-Bashforth coefficients on (e_t, e_{t-1}, e_{t-2}, e_{t-3}) for orders 2, 3 and 4.
 ADAMS_BASHFORTH = {1: ((3, -1), 2), 2: ((23, -16, 5), 12), 3: ((55, -59, 37, -9), 24)}
@@ -36,37 +32,14 @@ class PLMSSampler(DDIMSampler):
             raise ValueError("ddim_eta must be 0 for PLMS")
         super().make_schedule(ddim_num_steps, ddim_discretize, ddim_eta, verbose)
 
-    def _loop(self, img: torch.Tensor, c: Any, uc: Any, scale: float, temperature: float,
-              generator: Optional[torch.Generator], callback: Optional[Callable], img_callback: Optional[Callable],
-              log_every_t: int, disable_progress: bool) -> tuple[torch.Tensor, dict[str, list]]:
-        intermediates: dict[str, list] = {"x_inter": [img], "pred_x0": [img]}
-        time_range = np.flip(self.ddim_timesteps)
-        total = len(time_range)
-        old_eps: list[torch.Tensor] = []
-
-        def step_from(x: torch.Tensor, e: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return ddim_step(x, e, self.ddim_alphas[index], self.ddim_alphas_prev[index],
-                             self.ddim_sigmas[index], self._noise(x, generator, temperature))
-
-        for i, step in enumerate(tqdm(time_range, desc=self.progress_label, total=total, disable=disable_progress)):
-            index = total - i - 1
-            t = torch.full((img.shape[0],), int(step), device=img.device, dtype=torch.long)
-            e_t = guided_eps(self.model, img, t, c, uc, scale)
-            if not old_eps:
-                # Pseudo improved Euler: average eps at t and at the point a DDIM step lands on.
-                next_step = time_range[min(i + 1, total - 1)]
-                t_next = torch.full_like(t, int(next_step))
-                x_prev, _ = step_from(img, e_t, index)
-                e_prime = (e_t + guided_eps(self.model, x_prev, t_next, c, uc, scale)) / 2
-            else:
-                e_prime = multistep_eps(e_t, old_eps)
-            img, pred_x0 = step_from(img, e_prime, index)
-            old_eps = (old_eps + [e_t])[-3:]
-            if callback:
-                callback(i)
-            if img_callback:
-                img_callback(pred_x0, i)
-            if index % log_every_t == 0 or index == total - 1:
-                intermediates["x_inter"].append(img)
-                intermediates["pred_x0"].append(pred_x0)
-        return img, intermediates
+    def _step(self, img: torch.Tensor, t: torch.Tensor, index: int, next_step: int,
+              run: GuidedRun) -> tuple[torch.Tensor, torch.Tensor]:
+        e_t = run.eps(self.model, img, t)
+        if not run.old_eps:
+            # Pseudo improved Euler: average eps at t and at the point a DDIM step lands on.
+            x_prev, _ = self._update(img, e_t, index, run)
+            e_prime = (e_t + run.eps(self.model, x_prev, torch.full_like(t, next_step))) / 2
+        else:
+            e_prime = multistep_eps(e_t, run.old_eps)
+        run.old_eps = (run.old_eps + [e_t])[-3:]
+        return self._update(img, e_prime, index, run)
