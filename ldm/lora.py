@@ -199,6 +199,16 @@ def load_lora(model: nn.Module, lora: Mapping[str, torch.Tensor], scale: float =
     return len(parsed)
 
 
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """``adapter.safetensors:0.8`` -> (path, 0.8); a bare path (or one whose last ':' part is no number, as in
+    a Windows drive letter) has strength 1."""
+    path, sep, strength = spec.rpartition(":")
+    try:
+        return (path, float(strength)) if sep and path else (spec, 1.0)
+    except ValueError:
+        return spec, 1.0
+
+
 def plain_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """peft's ``x.base_layer.weight`` back to the original ``x.weight``, so a checkpoint keeps the SD layout."""
     return {k.replace(".base_layer.", "."): v for k, v in sd.items()}

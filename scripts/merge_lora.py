@@ -18,15 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from ldm.checkpoint import CheckpointError, read_checkpoint, save_checkpoint  # noqa: E402
-from ldm.lora import merge_lora  # noqa: E402
-
-
-def split_spec(spec: str) -> tuple[str, float]:
-    path, sep, scale = spec.rpartition(":")
-    try:
-        return (path, float(scale)) if sep and path else (spec, 1.0)
-    except ValueError:
-        return spec, 1.0
+from ldm.lora import merge_lora, parse_lora_spec  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
@@ -43,7 +35,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         if not any(k.startswith("model.diffusion_model.") for k in sd):
             raise CheckpointError(f"{args.base}: not a full SD v1 checkpoint (no model.diffusion_model.* keys)")
         for spec in args.lora:
-            path, strength = split_spec(spec)
+            path, strength = parse_lora_spec(spec)
             try:
                 sd = merge_lora(sd, read_checkpoint(path)[0], strength)
             except ValueError as e:

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from ldm.checkpoint import CheckpointError, load_model_from_config, read_checkpoint  # noqa: E402
-from ldm.lora import load_lora  # noqa: E402
+from ldm.lora import load_lora, parse_lora_spec  # noqa: E402
 from ldm.images import make_grid, next_index, save_png, to_pil  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 from ldm.models.diffusion.plms import PLMSSampler  # noqa: E402
@@ -85,8 +85,8 @@ def check_args(p: argparse.ArgumentParser, opt: argparse.Namespace) -> list[list
         p.error(f"--config {opt.config}: file not found")
     if not Path(opt.ckpt).exists():
         p.error(f"--ckpt {opt.ckpt}: file not found")
-    if opt.lora and not Path(split_lora_spec(opt.lora)[0]).is_file():
-        p.error(f"--lora {split_lora_spec(opt.lora)[0]}: file not found")
+    if opt.lora and not Path(parse_lora_spec(opt.lora)[0]).is_file():
+        p.error(f"--lora {parse_lora_spec(opt.lora)[0]}: file not found")
     if opt.from_file:
         path = Path(opt.from_file)
         if not path.is_file():
@@ -98,17 +98,6 @@ def check_args(p: argparse.ArgumentParser, opt: argparse.Namespace) -> list[list
     if not opt.prompt:
         p.error("--prompt is empty")
     return [opt.n_samples * [opt.prompt]]
-
-
-def split_lora_spec(spec: str) -> tuple[str, float]:
-    """``file.safetensors:0.8`` -> (file, 0.8); a bare path has strength 1."""
-    path, sep, scale = spec.rpartition(":")
-    if not sep or not path:
-        return spec, 1.0
-    try:
-        return path, float(scale)
-    except ValueError:
-        return spec, 1.0
 
 
 def precision_context(device: torch.device, precision: str):
@@ -129,7 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     try:
         model = load_model_from_config(config, opt.ckpt, prefer_ema=not opt.no_ema).to(device)
         if opt.lora:
-            path, scale = split_lora_spec(opt.lora)
+            path, scale = parse_lora_spec(opt.lora)
             try:
                 n = load_lora(model, read_checkpoint(path)[0], scale)
             except ValueError as e:
