@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -22,18 +21,15 @@ from ldm.checkpoint import CheckpointError
 from ldm.data.image_loading import ImageError
 from ldm.eval.dataset import (DatasetError, class_prompt, parse_prompts_and_classes, prompts_for, real_images,
                               subjects)
-from ldm.eval.embedders import (ALEXNET_FILE, ClipEmbedder, DinoEmbedder, Lpips, LpipsNetwork,
-                                ModelFilesError, default_lin_path, dino_preprocess)
+from ldm.eval.embedders import (ALEXNET_FILE, ClipEmbedder, DinoEmbedder, Lpips, ModelFilesError,
+                                default_lin_path, dino_preprocess)
 from ldm.eval.metrics import (clip_i_score, clip_t_score, dino_score, div_score, mean_pairwise_cosine,
                               mean_pairwise_distance, pres_score, prompt_for_clip_t)
 
+from eval_helpers import make_clip_folder, make_dino_folder, make_lpips_files, noise_image
+
 DATASET = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "dreambooth"
 needs_dataset = pytest.mark.skipif(not DATASET.is_dir(), reason=f"DreamBooth dataset not at {DATASET}")
-
-
-def noise_image(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
 # --- the benchmark file -----------------------------------------------------------------------------------------
@@ -176,35 +172,9 @@ def test_pairwise_distance_counts_each_pair_once() -> None:
 
 # --- CLIP --------------------------------------------------------------------------------------------------------
 
-def _clip_folder(folder: Path) -> Path:
-    """A tiny random CLIPModel with the files of openai/clip-vit-base-patch32 (config, weights, preprocessor
-    config in the original's old key style, vocab.json and merges.txt of a byte-level BPE without merges)."""
-    from transformers import CLIPConfig, CLIPModel
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    symbols = list(bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "crop_size": 32, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 32}))
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=len(vocab) - 2,
-                         eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=16),
-        projection_dim=8)
-    CLIPModel(config).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory: pytest.TempPathFactory) -> ClipEmbedder:
-    return ClipEmbedder(_clip_folder(tmp_path_factory.mktemp("clip")))
+    return ClipEmbedder(make_clip_folder(tmp_path_factory.mktemp("clip")))
 
 
 def _features(out: object) -> torch.Tensor:
@@ -265,14 +235,7 @@ def test_dino_preprocess_is_resize_256_crop_224() -> None:
 
 @pytest.fixture(scope="module")
 def dino_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import ViTConfig, ViTModel
-
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=32, qkv_bias=True)
-    folder = tmp_path_factory.mktemp("dino")
-    ViTModel(config).save_pretrained(folder)  # with a pooler, which the embedder must skip
-    return folder
+    return make_dino_folder(tmp_path_factory.mktemp("dino"))
 
 
 def test_dino_is_the_normalised_cls_token(dino_folder: Path) -> None:
@@ -298,18 +261,7 @@ def test_dino_missing_weights_are_one_line(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def lpips_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A random AlexNet saved in torchvision's layout (with a classifier the loader must ignore) and random
-    non-negative linear weights (the released ones are clamped non-negative too) in the lpips package's, both
-    in the legacy (non-zip) format of the released lpips file, which cannot be memory-mapped."""
-    torch.manual_seed(0)
-    net = LpipsNetwork()
-    folder = tmp_path_factory.mktemp("lpips")
-    backbone = {f"features.{k}": v for k, v in net.net.features.state_dict().items()}
-    backbone["classifier.1.weight"] = torch.randn(4, 9216)
-    torch.save(backbone, folder / ALEXNET_FILE, _use_new_zipfile_serialization=False)
-    lins = {k: v.abs() for k, v in net.lins.state_dict().items()}
-    torch.save(lins, folder / "lins.pth", _use_new_zipfile_serialization=False)
-    return folder, folder / "lins.pth"
+    return make_lpips_files(tmp_path_factory.mktemp("lpips"))
 
 
 @pytest.fixture(scope="module")
