@@ -136,7 +136,7 @@ def run(opt: argparse.Namespace, overrides: Sequence[str]) -> int:
     import pytorch_lightning as pl
     from omegaconf import OmegaConf
 
-    from ldm.callbacks import AtomicCheckpointIO, ExportWeights, SaveOnInterrupt, SetupCallback
+    from ldm.callbacks import AtomicCheckpointIO
 
     if opt.name and opt.resume:
         raise ConfigError("-n/--name and -r/--resume cannot both be given: a resumed run keeps its folder")
@@ -190,11 +190,31 @@ def run(opt: argparse.Namespace, overrides: Sequence[str]) -> int:
         f" = {n_devices} (devices) * {bs} (batch) * {accumulate} (accumulate) * {base_lr:.2e} (base)"
         if opt.scale_lr else " (not scaled)"))
 
+    callbacks, loggers = build_callbacks(config, logdir, now, resume=bool(opt.resume), token=str(token),
+                                         class_word=str(class_word))
+    trainer_cfg.update(devices)
+    trainer_cfg.setdefault("max_epochs", -1)  # max_steps alone decides when training ends
+    trainer = pl.Trainer(default_root_dir=str(logdir), callbacks=callbacks, logger=loggers,
+                         plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0, limit_val_batches=0,
+                         **trainer_cfg)
+    trainer.fit(model, datamodule=data, ckpt_path=str(ckpt_to_resume) if ckpt_to_resume else None,
+                weights_only=True)
+    if trainer.is_global_zero:
+        print(f"Done: {trainer.global_step} steps. Checkpoints in {logdir / 'checkpoints'}")
+    return 0
+
+
+def build_callbacks(config, logdir: Path, now: str, resume: bool, token: str, class_word: str) -> tuple[list, list]:
+    """Lightning callbacks (run folder, checkpoints, exports, progress, the config's own) and the loggers."""
+    import pytorch_lightning as pl
+    from omegaconf import OmegaConf
+
+    from ldm.callbacks import ExportWeights, SaveOnInterrupt, SetupCallback
     ckptdir = logdir / "checkpoints"
     every = int(config.lightning.get("modelcheckpoint", {}).get("params", {}).get("every_n_train_steps", 0) or 0)
     export = config.lightning.get("export")
     export = OmegaConf.to_container(export, resolve=True) if export is not None else {}
-    callbacks = [SetupCallback(str(logdir), config, now, resume=bool(opt.resume)), SaveOnInterrupt(str(ckptdir)),
+    callbacks = [SetupCallback(str(logdir), config, now, resume=resume), SaveOnInterrupt(str(ckptdir)),
                  ExportWeights(str(ckptdir), every_n_train_steps=every, **export),
                  pl.callbacks.ModelCheckpoint(dirpath=ckptdir, filename="{step:06d}", save_top_k=-1,
                                               **config.lightning.get("modelcheckpoint", {}).get("params", {})),
@@ -207,17 +227,8 @@ def run(opt: argparse.Namespace, overrides: Sequence[str]) -> int:
         callbacks.append(instantiate({"target": cb.target, "params": params}))
     loggers = [pl.loggers.TensorBoardLogger(save_dir=str(logdir), name="", version="tensorboard"),
                # Lightning's CSV logger deletes an existing metrics file, so a resumed run writes a new one.
-               pl.loggers.CSVLogger(save_dir=str(logdir), name="", version=f"csv-resumed-{now}" if opt.resume else "csv")]
-    trainer_cfg.update(devices)
-    trainer_cfg.setdefault("max_epochs", -1)  # max_steps alone decides when training ends
-    trainer = pl.Trainer(default_root_dir=str(logdir), callbacks=callbacks, logger=loggers,
-                         plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0, limit_val_batches=0,
-                         **trainer_cfg)
-    trainer.fit(model, datamodule=data, ckpt_path=str(ckpt_to_resume) if ckpt_to_resume else None,
-                weights_only=True)
-    if trainer.is_global_zero:
-        print(f"Done: {trainer.global_step} steps. Checkpoints in {ckptdir}")
-    return 0
+               pl.loggers.CSVLogger(save_dir=str(logdir), name="", version=f"csv-resumed-{now}" if resume else "csv")]
+    return callbacks, loggers
 
 
 def instantiate(cfg):
