@@ -177,3 +177,13 @@ def test_no_checkpointing_without_grad(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_unsupported_options_raise(override: dict) -> None:
     with torch.device("meta"), pytest.raises(NotImplementedError):
         UNetModel(**dict(TINY, **override))
+
+
+def test_config_flag_alone_governs_every_block() -> None:
+    """use_checkpoint from the config reaches the transformer blocks too (the original hard-wired them on)."""
+    from ldm.modules.attention import BasicTransformerBlock
+    from ldm.modules.diffusionmodules.openaimodel import ResBlock
+    for flag in (False, True):
+        unet = UNetModel(**{**TINY, "use_checkpoint": flag})
+        blocks = [m for m in unet.modules() if isinstance(m, (ResBlock, BasicTransformerBlock))]
+        assert blocks and all((m.use_checkpoint if isinstance(m, ResBlock) else m.checkpoint) is flag for m in blocks)

@@ -137,6 +137,7 @@ class SpatialTransformer(nn.Module):
         depth: int = 1,
         dropout: float = 0.0,
         context_dim: Optional[int] = None,
+        use_checkpoint: bool = True,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -146,7 +147,8 @@ class SpatialTransformer(nn.Module):
         self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1, stride=1, padding=0)
         self.transformer_blocks = nn.ModuleList(
             [
-                BasicTransformerBlock(inner_dim, n_heads, d_head, dropout=dropout, context_dim=context_dim)
+                BasicTransformerBlock(inner_dim, n_heads, d_head, dropout=dropout, context_dim=context_dim,
+                                      checkpoint=use_checkpoint)
                 for _ in range(depth)
             ]
         )

@@ -220,7 +220,10 @@ class UNetModel(nn.Module):
         self.channel_mult = channel_mult
         self.use_checkpoint = use_checkpoint
         self._heads, self._head_channels, self._legacy = num_heads, num_head_channels, legacy
-        self._transformer_kwargs = dict(depth=transformer_depth, dropout=dropout, context_dim=int(context_dim))
+        # The original hard-wired checkpointing on in the transformer blocks whatever use_checkpoint said; here the
+        # one flag governs ResBlocks and transformer blocks alike.
+        self._transformer_kwargs = dict(depth=transformer_depth, dropout=dropout, context_dim=int(context_dim),
+                                        use_checkpoint=use_checkpoint)
         self._resblock_kwargs = dict(
             dropout=dropout, dims=dims, use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm
         )
