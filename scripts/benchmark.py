@@ -1,15 +1,20 @@
 #!/usr/bin/env python
-"""Time and peak memory of our SD v1 UNet side by side with diffusers' ``UNet2DConditionModel`` (same weights).
+"""Time and peak memory: our SD v1 UNet beside diffusers' (``--suite unet``), or our DreamBooth training step in
+its memory-saving variants (``--suite dreambooth``, in ``bench_dreambooth.py``).
 
     python scripts/benchmark.py                                   # tiny config, CPU, a few seconds per row
     python scripts/benchmark.py --config v1 --latent 32 --batch 1 --repeat 1 --warmup 1 --steps 2 --markdown
     python scripts/benchmark.py --config v1 --device cuda --dtype fp16 --latent 64 --batch 2 --steps 50
+    python scripts/benchmark.py --suite dreambooth --config v1 --size 512 --repeat 1 --warmup 1 --markdown
+
+The unet suite compares our UNet with diffusers' ``UNet2DConditionModel`` holding the same weights.
 
 Rows: UNet forward (eval, no grad); one training step (noised latents, MSE to eps, backward, AdamW) without and
 with gradient checkpointing; a classifier-free-guided DDIM loop, per image. Every (implementation, measurement)
 runs in a fresh subprocess of this script, so each peak (CPU: peak RSS of that process; CUDA: peak allocated)
 belongs to that one measurement; "+x" is the increment above the memory held right after building the model.
-Ratios are ours / diffusers: below 1 means we are faster or leaner.
+Ratios are ours / diffusers: below 1 means we are faster or leaner. Both suites share this harness: one fresh
+worker process per cell (``--_worker``, a JSON line back on stdout), the memory readings, the table and ``--json``.
 """
 from __future__ import annotations
 
@@ -25,11 +30,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from importlib.metadata import version
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"tiny": REPO / "configs/stable-diffusion/tiny-inference.yaml",
            "v1": REPO / "configs/stable-diffusion/v1-inference.yaml"}
+SUITES = ("unet", "dreambooth")
 MEASUREMENTS = ("forward", "train", "train_ckpt", "ddim")
 IMPLS = ("ours", "diffusers")
 DTYPES = ("fp32", "fp16", "bf16")
@@ -42,13 +49,12 @@ CONTEXT_TOKENS = 77  # CLIP's sequence length, what SD v1's cross-attention sees
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="tiny", help="tiny, v1, or a path to an inference YAML with a unet_config")
-    p.add_argument("--latent", type=int, default=32, help="latent side (64 = 512 px for SD v1)")
-    p.add_argument("--batch", type=int, default=2, help="images per batch (DDIM runs 2x this through the UNet)")
+    p.add_argument("--suite", choices=SUITES, default="unet",
+                   help="unet: our UNet vs diffusers'; dreambooth: our training step in its memory-saving variants")
+    p.add_argument("--config", default="tiny",
+                   help="tiny, v1, or a path: an inference YAML with a unet_config (unet suite), a fine-tuning "
+                        "YAML (dreambooth suite: tiny/v1 name tiny-finetune.yaml / v1-finetune_unfrozen.yaml)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32",
-                   help="fp16/bf16 run under autocast over fp32 master weights")
-    p.add_argument("--steps", type=int, default=10, help="DDIM steps of the sampling measurement")
     p.add_argument("--repeat", type=int, default=3, help="timed repeats; the median is reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones")
     p.add_argument("--threads", type=int, default=0,
@@ -56,17 +62,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "idle cores: an OpenMP team with a descheduled thread can run tens of times slower")
     p.add_argument("--jobs", type=int, default=1,
                    help="cells run at once; more than 1 skews the timings and adds up the memory (smoke tests)")
-    p.add_argument("--only", default=",".join(MEASUREMENTS), help=f"comma-separated subset of {MEASUREMENTS}")
-    p.add_argument("--impl", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table instead of aligned text")
     p.add_argument("--json", type=Path, help="also write the raw numbers to this file")
-    p.add_argument("--_worker", help=argparse.SUPPRESS)  # "IMPL:MEASUREMENT": run one measurement, print JSON
+    unet = p.add_argument_group("--suite unet")
+    unet.add_argument("--latent", type=int, default=32, help="latent side (64 = 512 px for SD v1)")
+    unet.add_argument("--batch", type=int, default=2, help="images per batch (DDIM runs 2x this through the UNet)")
+    unet.add_argument("--dtype", choices=DTYPES, default="fp32",
+                      help="fp16/bf16 run under autocast over fp32 master weights")
+    unet.add_argument("--steps", type=int, default=10, help="DDIM steps of the sampling measurement")
+    unet.add_argument("--only", default=",".join(MEASUREMENTS), help=f"comma-separated subset of {MEASUREMENTS}")
+    unet.add_argument("--impl", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}")
+    db = p.add_argument_group("--suite dreambooth")
+    db.add_argument("--size", type=int, default=None,
+                    help="image side in px (default: the config's data.params.size: 64 tiny, 512 v1)")
+    db.add_argument("--variants", default="all",
+                    help="comma-separated subset of the variants (full, full+ckpt, ..., lora16+ckpt; see "
+                         "scripts/bench_dreambooth.py), or all")
+    # The cell a worker runs, its fields joined by ":" ("IMPL:MEASUREMENT" or "VARIANT"); it prints one JSON line.
+    p.add_argument("--_worker", help=argparse.SUPPRESS)
     return p
 
 
-def resolve_config(name: str) -> Path:
-    """``tiny`` / ``v1`` name the repository's inference configs; anything else is a path."""
-    path = CONFIGS.get(name, Path(name))
+def resolve_config(name: str, configs: dict[str, Path] = CONFIGS) -> Path:
+    """``tiny`` / ``v1`` name one of the repository's configs (inference ones by default); anything else is a path."""
+    path = configs.get(name, Path(name))
     if not path.is_file():
         raise SystemExit(f"--config: {name!r} is neither tiny, v1 nor an existing file")
     return path
@@ -125,22 +144,59 @@ def build_unet(impl: str, unet_params: dict[str, Any], seed: int = 0) -> Any:
     return theirs
 
 
-def memory_now(device: str) -> int:
-    """Bytes held now: allocated CUDA memory, or this process's resident set (Linux /proc)."""
-    import torch
-    if device == "cuda":
-        return torch.cuda.memory_allocated()
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+class Meter:
+    """What a worker reads off its device: memory held now, the peak, and timings of whole calls.
 
+    CPU: the resident set of this process (Linux /proc) and its peak RSS, which covers the whole process, model
+    building included. CUDA: allocated memory and its peak since ``model_built``; timings synchronise, so they
+    measure the kernels rather than their launches.
+    """
 
-def memory_peak(device: str) -> int:
-    """Peak bytes since the last reset (CUDA), or the peak RSS of this whole process."""
-    import resource
-    import torch
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def now(self) -> int:
+        import torch
+        if self.device == "cuda":
+            return torch.cuda.memory_allocated()
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def peak(self) -> int:
+        import resource
+        import torch
+        if self.device == "cuda":
+            return torch.cuda.max_memory_allocated()
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
+
+    def sync(self) -> None:
+        import torch
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def model_built(self) -> int:
+        """Call right after building the model: restarts the CUDA peak and returns the memory held now."""
+        import torch
+        self.sync()
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        return self.now()
+
+    def time(self, fn: Callable[[], Any], warmup: int, repeat: int) -> list[float]:
+        """Seconds of each of the ``repeat`` calls of ``fn`` that follow ``warmup`` untimed ones."""
+        seconds = []
+        for i in range(warmup + repeat):
+            self.sync()
+            tic = time.perf_counter()
+            fn()
+            self.sync()
+            if i >= warmup:
+                seconds.append(time.perf_counter() - tic)
+        return seconds
+
+    def device_name(self) -> str:
+        import torch
+        return torch.cuda.get_device_name() if self.device == "cuda" else cpu_name()
 
 
 class Workload:
@@ -272,32 +328,21 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # noqa: F401
     from ldm.models.diffusion.ddim import DDIMSampler  # noqa: F401
     impl, measurement = args._worker.split(":")
-    device = args.device
+    meter = Meter(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     model_params = load_model_params(resolve_config(args.config))
-    unet = build_unet(impl, model_params["unet_config"]["params"]).to(device)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    model_bytes = memory_now(device)
+    unet = build_unet(impl, model_params["unet_config"]["params"]).to(args.device)
+    model_bytes = meter.model_built()
     work = Workload(impl, unet, model_params, args)
     fn = {"forward": work.forward, "train": lambda: work.train(False), "train_ckpt": lambda: work.train(True),
           "ddim": work.ddim}[measurement]()
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)  # time the kernels, not the launches
-    seconds = []
-    for i in range(args.warmup + args.repeat):
-        sync()
-        tic = time.perf_counter()
-        fn()
-        sync()
-        if i >= args.warmup:
-            seconds.append(time.perf_counter() - tic)
+    seconds = meter.time(fn, args.warmup, args.repeat)
     per = args.batch if measurement == "ddim" else 1  # DDIM is reported per image
     return dict(impl=impl, measurement=measurement, seconds=[s / per for s in seconds],
-                median_s=statistics.median(seconds) / per, model_bytes=model_bytes, peak_bytes=memory_peak(device),
+                median_s=statistics.median(seconds) / per, model_bytes=model_bytes, peak_bytes=meter.peak(),
                 unet_calls=work.calls // (args.warmup + args.repeat), threads=torch.get_num_threads(),
-                device_name=torch.cuda.get_device_name() if device == "cuda" else cpu_name())
+                device_name=meter.device_name())
 
 
 def cpu_name() -> str:
@@ -309,16 +354,29 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def spawn(impl: str, measurement: str, argv: Sequence[str]) -> dict[str, Any]:
-    """Run one measurement in a fresh interpreter, so its peak RSS is its own."""
-    print(f"[benchmark] {impl} {measurement} ...", file=sys.stderr, flush=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--_worker", f"{impl}:{measurement}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+def spawn(cell: dict[str, str], argv: Sequence[str], threads: int = 0) -> dict[str, Any]:
+    """Run one cell (e.g. ``{"impl": "ours", "measurement": "train"}``) in a fresh interpreter, so its peak RSS
+    is its own; the result, or ``cell`` with an ``error``."""
+    print(f"[benchmark] {' '.join(cell.values())} ...", file=sys.stderr, flush=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--_worker", ":".join(cell.values())]
+    # Native libraries with their own OpenMP team (bitsandbytes' CPU kernels) honour only the environment.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])
+    if proc.returncode < 0:  # SIGKILL with no traceback is, in practice, the kernel's out-of-memory killer
+        hint = " (out of memory?)" if proc.returncode == -9 else ""
+        return dict(cell, error=f"killed by signal {-proc.returncode}{hint}")
     last = ((proc.stderr or proc.stdout).strip().splitlines() or ["no output"])[-1]  # the exception, usually
-    return dict(impl=impl, measurement=measurement, error=f"exit {proc.returncode}: {last}")
+    return dict(cell, error=f"exit {proc.returncode}: {last}")
+
+
+def run_cells(cells: list[dict[str, str]], argv: Sequence[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every cell in its own worker, ``--jobs`` at a time. One at a time by default: cells would share the cores,
+    and two v1 training steps would not fit in 24 GiB."""
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        return list(pool.map(lambda cell: spawn(cell, argv, args.threads), cells))
 
 
 def fmt_bytes(n: float) -> str:
@@ -350,14 +408,14 @@ HEADER = ["measurement", "ours", "diffusers", "time ratio", "ours peak (+over mo
           "diffusers peak (+over model)", "peak ratio", "+over ratio"]
 
 
-def format_table(rows: list[list[str]], markdown: bool) -> str:
+def format_table(header: Sequence[str], rows: list[list[str]], markdown: bool) -> str:
     """A Markdown table, or the same columns aligned for a terminal."""
     if markdown:
-        lines = [HEADER, ["---"] + ["---:"] * (len(HEADER) - 1), *rows]
+        lines = [header, ["---"] + ["---:"] * (len(header) - 1), *rows]
         return "\n".join("| " + " | ".join(r) + " |" for r in lines)
-    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in [HEADER, *rows])
+                     for r in [header, *rows])
 
 
 def describe(args: argparse.Namespace, results: list[dict[str, Any]]) -> str:
@@ -378,30 +436,53 @@ def describe(args: argparse.Namespace, results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Spawn one worker per cell and print the table; torch is imported by the workers only, so the parent's
-    own footprint (which a forked child briefly shares) stays small."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+def dreambooth_module() -> ModuleType:
+    """``bench_dreambooth.py`` beside this file (imported on demand: the unet suite does not need it)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_dreambooth
+    return bench_dreambooth
+
+
+def unet_suite(args: argparse.Namespace, argv: Sequence[str]) -> list[dict[str, Any]]:
+    """The unet suite's cells (implementation x measurement), measured, and its table printed."""
     measurements = [m for m in args.only.split(",") if m]
     impls = [i for i in args.impl.split(",") if i]
     bad = set(measurements) - set(MEASUREMENTS) | set(impls) - set(IMPLS)
     if bad:
         raise SystemExit(f"unknown --only/--impl entries: {sorted(bad)}")
+    resolve_config(args.config)
+    results = run_cells([dict(impl=impl, measurement=m) for m in measurements for impl in impls], argv, args)
+    print(describe(args, results))
+    print(format_table(HEADER, table_rows(results, measurements), args.markdown))
+    return results
+
+
+def dreambooth_suite(args: argparse.Namespace, argv: Sequence[str]) -> list[dict[str, Any]]:
+    """The dreambooth suite's cells (one per variant), measured, and its table printed."""
+    suite = dreambooth_module()
+    variants = suite.select_variants(args.variants)
+    resolve_config(args.config, suite.CONFIGS)
+    results = run_cells([dict(variant=v) for v in variants], argv, args)
+    print(suite.describe(args, results))
+    print(format_table(suite.HEADER, suite.table_rows(results), args.markdown))
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Spawn one worker per cell and print the table; torch is imported by the workers only, so the parent's
+    own footprint (which a forked child briefly shares) stays small."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     if args._worker:
         sys.path.insert(0, str(REPO))
-        print(RESULT_TAG + json.dumps(run_worker(args)), flush=True)
+        result = (run_worker(args) if args.suite == "unet" else
+                  dreambooth_module().run_worker(args, Meter(args.device)))
+        print(RESULT_TAG + json.dumps(result), flush=True)
         return 0
-    resolve_config(args.config)
-    cells = [(impl, m) for m in measurements for impl in impls]
-    # One at a time by default: cells would share the cores, and two v1 training steps would not fit in 24 GiB.
-    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        results = list(pool.map(lambda cell: spawn(*cell, argv), cells))
-    print(describe(args, results))
-    print(format_table(table_rows(results, measurements), args.markdown))
+    results = (unet_suite if args.suite == "unet" else dreambooth_suite)(args, argv)
     for r in results:
         if "error" in r:
-            print(f"{r['impl']} {r['measurement']} failed: {r['error']}")
+            print(f"{' '.join(v for k, v in r.items() if k != 'error')} failed: {r['error']}")
     if args.json:
         args.json.write_text(json.dumps(dict(settings={k: str(v) if isinstance(v, Path) else v
                                                         for k, v in vars(args).items() if k != "_worker"},
