@@ -183,9 +183,6 @@ def run_worker(args: argparse.Namespace, meter: Any) -> dict[str, Any]:
     batch = default_collate([dataset[0]])
 
     model = instantiate_from_config(config.model)
-    # The config's use_checkpoint reaches the ResBlocks only: as in the CompVis code, the transformer blocks
-    # checkpoint whatever it says. The UNet's switch sets both, so "no ckpt" rows have no checkpointing at all.
-    model.model.diffusion_model.set_gradient_checkpointing(variant.checkpointing)
     model.learning_rate = float(config.model.base_learning_rate)
     if model.lora_settings:
         model.add_lora()  # as main.py does, after the (here random) base weights
@@ -250,7 +247,8 @@ def describe(args: argparse.Namespace, results: list[dict[str, Any]]) -> str:
     ok = [r for r in results if "device_name" in r]
     machine = f"{ok[0]['device_name']}, {ok[0]['threads']} torch threads" if ok else args.device
     size = ok[0]["size"] if ok else args.size
-    mixed = sorted({r["mixed"] for r in ok if r.get("mixed")}) or ["bf16 on CPU; CUDA: bf16, else fp16 + GradScaler"]
+    names = sorted({r["mixed"] for r in ok if r.get("mixed")})
+    mixed = f"{'/'.join(names)} autocast" if names else "autocast (CPU: bf16; CUDA: bf16, else fp16 + GradScaler)"
     memory = ("peak allocated CUDA memory from the built model on (caching included)" if args.device == "cuda" else
               "peak RSS of a fresh process per variant (everything: interpreter, frozen VAE and text encoder, "
               "building, caching)")
@@ -262,6 +260,6 @@ def describe(args: argparse.Namespace, results: list[dict[str, Any]]) -> str:
         "autocast for +mixed, zero_grad(set_to_none), backward, optimizer step, LR scheduler step.",
         f"full: UNet + text encoder trained; unet / loraR: text encoder frozen; ckpt: UNet gradient checkpointing "
         f"(ResBlocks and transformer blocks; the text encoder has none); "
-        f"8bit: bitsandbytes AdamW8bit; mixed: {', '.join(mixed)} autocast; cached: latents and text embeddings "
+        f"8bit: bitsandbytes AdamW8bit; mixed: {mixed}; cached: latents and text embeddings "
         f"from on_fit_start's caches.",
         f"Memory: {memory}; (+x) = above the memory held right after building the model (\"after build\")."])

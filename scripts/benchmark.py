@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import nullcontext
 from importlib.metadata import version
 from pathlib import Path
@@ -374,9 +374,22 @@ def spawn(cell: dict[str, str], argv: Sequence[str], threads: int = 0) -> dict[s
 
 def run_cells(cells: list[dict[str, str]], argv: Sequence[str], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every cell in its own worker, ``--jobs`` at a time. One at a time by default: cells would share the cores,
-    and two v1 training steps would not fit in 24 GiB."""
+    and two v1 training steps would not fit in 24 GiB. ``--json`` is rewritten as each cell finishes, so a long
+    run that is interrupted keeps the cells it measured."""
+    results: list[Optional[dict[str, Any]]] = [None] * len(cells)
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        return list(pool.map(lambda cell: spawn(cell, argv, args.threads), cells))
+        futures = {pool.submit(spawn, cell, argv, args.threads): i for i, cell in enumerate(cells)}
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            if args.json:
+                write_json(args, [r for r in results if r is not None], complete=False)
+    return results
+
+
+def write_json(args: argparse.Namespace, results: list[dict[str, Any]], complete: bool = True) -> None:
+    """The settings and the raw results; ``complete`` is false while cells are still running."""
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "_worker"}
+    args.json.write_text(json.dumps(dict(settings=settings, complete=complete, results=results), indent=2))
 
 
 def fmt_bytes(n: float) -> str:
@@ -484,9 +497,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if "error" in r:
             print(f"{' '.join(v for k, v in r.items() if k != 'error')} failed: {r['error']}")
     if args.json:
-        args.json.write_text(json.dumps(dict(settings={k: str(v) if isinstance(v, Path) else v
-                                                        for k, v in vars(args).items() if k != "_worker"},
-                                             results=results), indent=2))
+        write_json(args, results)
     return 1 if any("error" in r for r in results) else 0
 
 
