@@ -127,6 +127,8 @@ class SpatialTransformer(nn.Module):
 
     ``[B, C, H, W]`` -> group norm -> 1x1 conv to ``n_heads * d_head`` -> ``H*W`` tokens -> transformer blocks
     -> 1x1 conv back to ``C`` -> residual. ``proj_out`` starts at zero, so the block starts as the identity.
+    With ``use_linear`` (SDXL, Podell et al. 2023) ``proj_in``/``proj_out`` are ``nn.Linear`` layers applied to
+    the tokens instead: the same map as a 1x1 conv, but stored as ``[out, in]`` rather than ``[out, in, 1, 1]``.
     """
 
     def __init__(
@@ -138,13 +140,17 @@ class SpatialTransformer(nn.Module):
         dropout: float = 0.0,
         context_dim: Optional[int] = None,
         use_checkpoint: bool = True,
+        use_linear: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
+        self.use_linear = use_linear
         inner_dim = n_heads * d_head
         # Plain GroupNorm with eps 1e-6 here (not GroupNorm32): this is what SD v1 was trained with.
         self.norm = nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
-        self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1, stride=1, padding=0)
+        # Registered in the original order (proj_in, blocks, proj_out): it fixes the order of parameters(), which
+        # optimizer states saved in checkpoints are indexed by.
+        self.proj_in = self._projection(in_channels, inner_dim)
         self.transformer_blocks = nn.ModuleList(
             [
                 BasicTransformerBlock(inner_dim, n_heads, d_head, dropout=dropout, context_dim=context_dim,
@@ -152,17 +158,27 @@ class SpatialTransformer(nn.Module):
                 for _ in range(depth)
             ]
         )
-        self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, kernel_size=1, stride=1, padding=0))
+        self.proj_out = zero_module(self._projection(inner_dim, in_channels))
+
+    def _projection(self, dim_in: int, dim_out: int) -> nn.Module:
+        if self.use_linear:
+            return nn.Linear(dim_in, dim_out)
+        return nn.Conv2d(dim_in, dim_out, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         _, _, h, w = x.shape
         x_in = x
-        x = self.proj_in(self.norm(x))
+        x = self.norm(x)
         # Both rearranges are made contiguous: a channels-last view reaching the 1x1 conv makes every conv after
         # it run channels-last, and the CPU kernels then re-lay out each 3x3 weight on every call (1 s of a 3.5 s
         # v1 forward, and ~100 MiB).
-        x = rearrange(x, "b c h w -> b (h w) c").contiguous()
+        if self.use_linear:
+            x = self.proj_in(rearrange(x, "b c h w -> b (h w) c").contiguous())
+        else:
+            x = rearrange(self.proj_in(x), "b c h w -> b (h w) c").contiguous()
         for block in self.transformer_blocks:
             x = block(x, context=context)
+        if self.use_linear:
+            x = self.proj_out(x)
         x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w).contiguous()
-        return self.proj_out(x) + x_in
+        return x + x_in if self.use_linear else self.proj_out(x) + x_in
