@@ -1,14 +1,14 @@
-"""The denoiser UNet of Stable Diffusion v1: predicts the noise eps(x_t, t, c).
+"""The denoiser UNet of Stable Diffusion v1 and XL: predicts the noise eps(x_t, t, c[, y]).
 
 The ADM UNet of Dhariwal & Nichol 2021 (itself from Ho et al. 2020) with its attention blocks replaced by
 spatial transformers that cross-attend to the conditioning (Rombach et al. 2022, Sec. 3.3). Module names, block
-order and constructor signature follow the CompVis ``openaimodel.py``, so ``model.diffusion_model.*`` keys of the
-released checkpoints load by name.
+order and constructor signature follow the CompVis ``openaimodel.py`` and, for the SDXL options (Podell et al.
+2023), Stability AI's ``sgm`` one, so ``model.diffusion_model.*`` keys of the released checkpoints load by name.
 """
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -154,13 +154,27 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
 
+def transformer_depths(transformer_depth: Union[int, Sequence[int]], channel_mult: Sequence[int]) -> list[int]:
+    """Transformer blocks per attention at each level: one int for all levels (SD v1), or a list (SDXL)."""
+    if isinstance(transformer_depth, int):
+        return [transformer_depth] * len(channel_mult)
+    if len(transformer_depth) != len(channel_mult):
+        raise ValueError(f"transformer_depth {list(transformer_depth)}: one entry per level of {list(channel_mult)}")
+    return [int(d) for d in transformer_depth]
+
+
 class UNetModel(nn.Module):
-    """The SD v1 denoiser: ``forward(x_t, t, context) -> eps`` (Rombach et al. 2022; Ho et al. 2020, Eq. 14).
+    """The SD denoiser: ``forward(x_t, t, context[, y]) -> eps`` (Rombach et al. 2022; Ho et al. 2020, Eq. 14).
 
     Encoder levels of ResBlocks (+ spatial transformers at the downsampling factors in
     ``attention_resolutions``), a middle ResBlock-transformer-ResBlock, and a mirrored decoder whose every block
-    first concatenates the matching encoder activation. Only the options SD v1 uses are implemented; the others
-    raise ``NotImplementedError`` so a config never silently builds a different network.
+    first concatenates the matching encoder activation. Only the options SD v1 and SDXL use are implemented; the
+    others raise ``NotImplementedError`` so a config never silently builds a different network.
+
+    SDXL (Podell et al. 2023, Sec. 2.1-2.2) adds: ``transformer_depth`` per level (the middle block takes the
+    last level's, or ``transformer_depth_middle``), ``use_linear_in_transformer`` (Linear proj_in/proj_out), and
+    a vector condition ``y`` ``[B, adm_in_channels]`` (``num_classes: sequential``) that an MLP ``label_emb``
+    maps to the width of the timestep embedding and adds to it.
     """
 
     def __init__(
@@ -175,7 +189,7 @@ class UNetModel(nn.Module):
         channel_mult: Sequence[int] = (1, 2, 4, 8),
         conv_resample: bool = True,
         dims: int = 2,
-        num_classes: Optional[int] = None,
+        num_classes: Optional[Union[int, Literal["sequential"]]] = None,
         use_checkpoint: bool = False,
         use_fp16: bool = False,
         num_heads: int = -1,
@@ -185,14 +199,17 @@ class UNetModel(nn.Module):
         resblock_updown: bool = False,
         use_new_attention_order: bool = False,
         use_spatial_transformer: bool = False,
-        transformer_depth: int = 1,
+        transformer_depth: Union[int, Sequence[int]] = 1,
         context_dim: Optional[int] = None,
         n_embed: Optional[int] = None,
         legacy: bool = True,
+        use_linear_in_transformer: bool = False,
+        adm_in_channels: Optional[int] = None,
+        transformer_depth_middle: Optional[int] = None,
     ) -> None:
         super().__init__()
         unsupported = {
-            "num_classes (class-conditional label embedding)": num_classes is not None,
+            "num_classes other than 'sequential' (class labels)": num_classes not in (None, "sequential"),
             "use_fp16 (cast the module with .half() instead)": use_fp16,
             "resblock_updown": resblock_updown,
             "use_new_attention_order": use_new_attention_order,
@@ -210,6 +227,9 @@ class UNetModel(nn.Module):
         del num_heads_upsample
         if num_heads == -1 and num_head_channels == -1:
             raise ValueError("set either num_heads or num_head_channels")
+        if (num_classes == "sequential") != (adm_in_channels is not None):
+            raise ValueError("num_classes 'sequential' and adm_in_channels (the width of y) go together")
+        depths = transformer_depths(transformer_depth, channel_mult)
 
         self.image_size = image_size  # unused, kept because configs pass it
         self.in_channels = in_channels
@@ -218,12 +238,14 @@ class UNetModel(nn.Module):
         self.num_res_blocks = num_res_blocks
         self.attention_resolutions = attention_resolutions
         self.channel_mult = channel_mult
+        self.num_classes = num_classes
+        self.adm_in_channels = adm_in_channels
         self.use_checkpoint = use_checkpoint
         self._heads, self._head_channels, self._legacy = num_heads, num_head_channels, legacy
         # The original hard-wired checkpointing on in the transformer blocks whatever use_checkpoint said; here the
         # one flag governs ResBlocks and transformer blocks alike.
-        self._transformer_kwargs = dict(depth=transformer_depth, dropout=dropout, context_dim=int(context_dim),
-                                        use_checkpoint=use_checkpoint)
+        self._transformer_kwargs = dict(dropout=dropout, context_dim=int(context_dim), use_checkpoint=use_checkpoint,
+                                        use_linear=use_linear_in_transformer)
         self._resblock_kwargs = dict(
             dropout=dropout, dims=dims, use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm
         )
@@ -232,6 +254,12 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(
             linear(model_channels, time_embed_dim), nn.SiLU(), linear(time_embed_dim, time_embed_dim)
         )
+        if adm_in_channels is not None:
+            # The outer Sequential is sgm's; it puts the MLP's keys at label_emb.0.0 / label_emb.0.2.
+            self.label_emb = nn.Sequential(
+                nn.Sequential(linear(adm_in_channels, time_embed_dim), nn.SiLU(),
+                              linear(time_embed_dim, time_embed_dim))
+            )
 
         # Encoder: remember each block's width, the decoder pops them in reverse for its skip connections.
         self.input_blocks = nn.ModuleList(
@@ -244,7 +272,7 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [self._resblock(ch, time_embed_dim, mult * model_channels)]
                 ch = mult * model_channels
                 if ds in attention_resolutions:
-                    layers.append(self._transformer(ch))
+                    layers.append(self._transformer(ch, depths[level]))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 input_block_chans.append(ch)
             if level != len(channel_mult) - 1:
@@ -252,8 +280,11 @@ class UNetModel(nn.Module):
                 input_block_chans.append(ch)
                 ds *= 2
 
+        middle_depth = depths[-1] if transformer_depth_middle is None else transformer_depth_middle
         self.middle_block = TimestepEmbedSequential(
-            self._resblock(ch, time_embed_dim, ch), self._transformer(ch), self._resblock(ch, time_embed_dim, ch)
+            self._resblock(ch, time_embed_dim, ch),
+            self._transformer(ch, middle_depth),
+            self._resblock(ch, time_embed_dim, ch),
         )
 
         # Decoder: one more block per level than the encoder, so it also consumes the downsampler's output.
@@ -264,7 +295,7 @@ class UNetModel(nn.Module):
                 layers = [self._resblock(ch + skip_ch, time_embed_dim, model_channels * mult)]
                 ch = model_channels * mult
                 if ds in attention_resolutions:
-                    layers.append(self._transformer(ch))
+                    layers.append(self._transformer(ch, depths[level]))
                 if level and i == num_res_blocks:
                     layers.append(Upsample(ch, conv_resample, dims=dims))
                     ds //= 2
@@ -277,12 +308,13 @@ class UNetModel(nn.Module):
     def _resblock(self, channels: int, emb_channels: int, out_channels: int) -> ResBlock:
         return ResBlock(channels, emb_channels, out_channels=out_channels, **self._resblock_kwargs)
 
-    def _transformer(self, ch: int) -> SpatialTransformer:
-        """A spatial transformer of width ``ch``, with the original's head arithmetic.
+    def _transformer(self, ch: int, depth: int) -> SpatialTransformer:
+        """A spatial transformer of width ``ch`` with ``depth`` blocks, with the original's head arithmetic.
 
         ``num_head_channels`` fixes the head width (heads = ch // width); otherwise ``num_heads`` fixes the head
         count (width = ch // heads). ``legacy`` recomputes the width as ch // heads, which only differs when
-        ``num_head_channels`` does not divide ``ch``. SD v1: 8 heads of 40/80/160 channels.
+        ``num_head_channels`` does not divide ``ch``. SD v1: 8 heads of 40/80/160 channels; SDXL: heads of 64
+        channels, 10 at width 640 and 20 at 1280.
         """
         if self._head_channels == -1:
             num_heads, dim_head = self._heads, ch // self._heads
@@ -290,7 +322,7 @@ class UNetModel(nn.Module):
             num_heads, dim_head = ch // self._head_channels, self._head_channels
         if self._legacy:
             dim_head = ch // num_heads
-        return SpatialTransformer(ch, num_heads, dim_head, **self._transformer_kwargs)
+        return SpatialTransformer(ch, num_heads, dim_head, depth=depth, **self._transformer_kwargs)
 
     def set_gradient_checkpointing(self, flag: bool) -> None:
         """Switch gradient checkpointing of every ResBlock and transformer block on or off."""
@@ -301,6 +333,18 @@ class UNetModel(nn.Module):
             elif isinstance(module, BasicTransformerBlock):
                 module.checkpoint = flag
 
+    def _check_y(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> None:
+        """Refuse, in one line, a ``y`` this UNet cannot use or a missing one it needs."""
+        if self.adm_in_channels is None:
+            if exists(y):
+                raise ValueError("a vector condition y was given but this UNet has none (no adm_in_channels)")
+            return
+        expected = (x.shape[0], self.adm_in_channels)
+        if y is None:
+            raise ValueError(f"this UNet needs the vector condition y of shape {list(expected)}; got y=None")
+        if tuple(y.shape) != expected:
+            raise ValueError(f"y must have shape {list(expected)} (batch, adm_in_channels); got {list(y.shape)}")
+
     def forward(
         self,
         x: torch.Tensor,
@@ -310,16 +354,19 @@ class UNetModel(nn.Module):
     ) -> torch.Tensor:
         """Predict the noise in ``x`` ``[B, C, H, W]`` at integer or float ``timesteps`` ``[B]``.
 
-        ``context`` ``[B, M, context_dim]`` is what the transformers cross-attend to; ``y`` (class labels) exists
-        for signature compatibility and must be None.
+        ``context`` ``[B, M, context_dim]`` is what the transformers cross-attend to. ``y`` ``[B,
+        adm_in_channels]`` is the vector condition of a ``num_classes: sequential`` UNet (SDXL: pooled text
+        embedding ++ sinusoidal embeddings of the size and crop numbers); it is required there and refused
+        elsewhere.
         """
         if timesteps is None:
             raise ValueError("UNetModel.forward needs timesteps")
-        if exists(y):
-            raise ValueError("class labels y were given but this UNet is not class-conditional")
+        self._check_y(x, y)
         # Run in the parameters' dtype (so a .half() model accepts float32 latents) and answer in the input's.
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
+        if exists(y):
+            emb = emb + self.label_emb(y.to(dtype))
         if exists(context):
             context = context.to(dtype)
         h = x.to(dtype)
