@@ -187,3 +187,22 @@ def test_config_flag_alone_governs_every_block() -> None:
         unet = UNetModel(**{**TINY, "use_checkpoint": flag})
         blocks = [m for m in unet.modules() if isinstance(m, (ResBlock, BasicTransformerBlock))]
         assert blocks and all((m.use_checkpoint if isinstance(m, ResBlock) else m.checkpoint) is flag for m in blocks)
+
+
+def test_v1_layout_with_per_level_transformer_depth() -> None:
+    """transformer_depth as a per-level list (the SDXL form) builds the same v1 network as the int."""
+    with torch.device("meta"):
+        unet = UNetModel(**dict(V1, transformer_depth=[1, 1, 1, 1]))
+    reference = {}
+    for line in (SHARED / "reference" / "sd-v1-state-dict.tsv").read_text().splitlines():
+        key, shape, _ = line.split("\t")
+        if key.startswith(PREFIX):
+            reference[key[len(PREFIX):]] = [int(d) for d in shape.strip("[]").split(",") if d]
+    assert {k: list(v.shape) for k, v in unet.state_dict().items()} == reference
+
+
+def test_v1_refuses_a_vector_condition_in_one_line() -> None:
+    unet = UNetModel(**TINY)
+    with pytest.raises(ValueError, match="y was given but this UNet has none") as refused:
+        unet(torch.randn(1, 4, 8, 8), torch.tensor([5]), torch.randn(1, 77, 32), y=torch.zeros(1, 4))
+    assert "\n" not in str(refused.value)
