@@ -11,6 +11,7 @@ import torch
 
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.modules.encoders.tokenizer import CLIPTokenizer, default_bpe_path
+from conftest import rel_err
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STATE_DICT_TSV = SHARED / "reference" / "sd-v1-state-dict.tsv"
@@ -108,6 +109,22 @@ def test_matches_transformers_tokenizer(tokenizer: CLIPTokenizer, tmp_path: Path
         assert a.tolist() == b.tolist(), prompt
 
 
+def test_zero_padding_matches_transformers_tokenizer(tmp_path: Path) -> None:
+    # SDXL's OpenCLIP encoder pads with id 0 (open_clip.tokenize); in the CLIP vocabulary id 0 is "!".
+    from transformers import CLIPTokenizer as HFCLIPTokenizer
+
+    # Pad token "!" set by id after loading: `from_pretrained(pad_token="!")` would register "!" as a special
+    # added token and split "!!!" into three pad ids, which OpenCLIP's tokenizer does not do.
+    hf = HFCLIPTokenizer.from_pretrained(str(_hf_tokenizer_files(tmp_path)))
+    hf.pad_token_id = 0
+    assert hf.pad_token == "!"
+    expected = hf(PROMPTS, padding="max_length", truncation=True, max_length=77, return_tensors="pt").input_ids
+    ours = CLIPTokenizer(pad_token_id=0)(PROMPTS)
+    assert (ours == 0).any(dim=1).sum() >= len(PROMPTS) - 1  # all but the 100-word prompt are padded
+    for prompt, a, b in zip(PROMPTS, ours, expected):
+        assert a.tolist() == b.tolist(), prompt
+
+
 def _reference_layout() -> dict[str, tuple[list[int], str]]:
     prefix = "cond_stage_model."
     rows = {}
@@ -129,12 +146,12 @@ def test_state_dict_layout_matches_sd_v1() -> None:
     assert not any(p.requires_grad for p in model.parameters()) and not model.transformer.training
 
 
-def _tiny_pair() -> tuple[torch.nn.Module, FrozenCLIPEmbedder]:
-    """A seeded random transformers CLIPTextModel and our tiny embedder loaded with its weights."""
+def _tiny_pair(layers: int = 2, **options: object) -> tuple[torch.nn.Module, FrozenCLIPEmbedder]:
+    """A seeded random transformers CLIPTextModel and our tiny embedder (built with ``options``) holding its weights."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(
-        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
         max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS,
         attn_implementation="eager",  # explicit softmax with an additive causal mask, unlike our fused SDPA
@@ -144,7 +161,7 @@ def _tiny_pair() -> tuple[torch.nn.Module, FrozenCLIPEmbedder]:
     with torch.no_grad():  # HF inits LayerNorms to 1/0 and biases to 0: perturb everything so all of it is tested
         for p in reference.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    ours = FrozenCLIPEmbedder(width=32, layers=2, heads=2, mlp_dim=64)
+    ours = FrozenCLIPEmbedder(width=32, layers=layers, heads=2, mlp_dim=64, **options)
     # transformers 5 names keys without the `text_model.` level and does not save position_ids.
     hf_state = reference.state_dict()
     assert not any(k.startswith("text_model.") or k.endswith("position_ids") for k in hf_state)
@@ -164,6 +181,34 @@ def test_matches_transformers_text_model(tokenizer: CLIPTokenizer) -> None:
     rel = (got - expected).abs().max() / expected.abs().max()
     assert rel < 1e-4
     assert torch.equal(ours.encode(prompts), got)
+
+
+@pytest.mark.parametrize("layer_idx", [1, 2, -2])
+def test_hidden_layer_matches_transformers(tokenizer: CLIPTokenizer, layer_idx: int) -> None:
+    # SDXL's CLIP-L output (sgm's layer "hidden"): transformers' hidden_states[layer_idx], i.e. the state after
+    # layer_idx blocks and without final_layer_norm; pooled is pooler_output (final-normed state at the EOS).
+    reference, ours = _tiny_pair(layers=3, layer="hidden", layer_idx=layer_idx, always_return_pooled=True)
+    prompts = PROMPTS[:4] + ["a <|endoftext|> inside", "sks " * 100]
+    with torch.no_grad():
+        expected = reference(input_ids=tokenizer(prompts), output_hidden_states=True)
+        z, pooled = ours(prompts)
+    assert z.shape == (len(prompts), 77, 32) and pooled.shape == (len(prompts), 32)
+    assert rel_err(z, expected.hidden_states[layer_idx]) < 1e-4
+    assert rel_err(pooled, expected.pooler_output) < 1e-4
+    # The unnormed state differs from the v1 output, so a hidden-layer mix-up cannot pass.
+    assert rel_err(z, expected.last_hidden_state) > 1e-2
+
+
+def test_pooled_layer_and_options(tokenizer: CLIPTokenizer) -> None:
+    reference, ours = _tiny_pair(layer="pooled")
+    with torch.no_grad():
+        expected = reference(input_ids=tokenizer(PROMPTS[:3])).pooler_output
+        got = ours.encode(PROMPTS[:3])
+    assert got.shape == (3, 1, 32) and rel_err(got[:, 0], expected) < 1e-4
+    with pytest.raises(ValueError, match="layer_idx"):
+        FrozenCLIPEmbedder(width=32, layers=2, heads=2, mlp_dim=64, layer="hidden")
+    with pytest.raises(ValueError, match="layer_idx"):
+        FrozenCLIPEmbedder(width=32, layers=2, heads=2, mlp_dim=64, layer="hidden", layer_idx=3)
 
 
 def test_load_without_position_ids() -> None:

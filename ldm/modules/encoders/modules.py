@@ -1,5 +1,7 @@
 """SD v1's conditioning model: the CLIP ViT-L/14 text transformer (Radford et al. 2021) and its frozen wrapper.
 
+SDXL reuses it as the first embedder of its conditioner with ``layer="hidden", layer_idx=11`` (sgm's options).
+
 Module names mirror the Hugging Face transformers 4.x ``CLIPTextModel`` that the CompVis code wrapped, so the
 released checkpoints load by name under ``cond_stage_model.transformer.text_model.``. Nothing is downloaded:
 the weights come from the SD checkpoint and the tokenizer from a local merge table.
@@ -7,7 +9,7 @@ the weights come from the SD checkpoint and the tokenizer from a local merge tab
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -101,8 +103,9 @@ class CLIPEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(width, heads, mlp_dim, eps) for _ in range(layers))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
+    def forward(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Run blocks ``start`` to ``stop - 1``: an intermediate hidden state, and later the rest from it."""
+        for layer in self.layers[start:stop]:
             x = layer(x)
         return x
 
@@ -140,8 +143,20 @@ class CLIPTextModel(nn.Module):
         return self.text_model(input_ids)
 
 
+def eos_positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """Index of the first ``<|endoftext|>`` of each row: it has the largest id of the vocabulary, so ``argmax``
+    finds it whatever the padding id (CLIP's and OpenCLIP's pooling rule)."""
+    return input_ids.argmax(dim=-1)
+
+
 class FrozenCLIPEmbedder(nn.Module):
-    """SD v1 ``cond_stage_model``: tokenize prompts and return CLIP's last hidden state ``[B, 77, width]``.
+    """SD v1 ``cond_stage_model`` and SDXL's first embedder: tokenize prompts and run CLIP's text tower.
+
+    ``layer`` picks the output (sgm's options): ``"last"`` the last hidden state after ``final_layer_norm``
+    (SD v1), ``"hidden"`` the hidden state after the first ``layer_idx`` blocks, without the final norm (SDXL:
+    ``layer_idx=11`` of 12; indexed like transformers' ``hidden_states``: 0 is the embeddings, negative counts
+    from the end), ``"pooled"`` the normed state at the EOS token as ``[B, 1, width]``. ``always_return_pooled``
+    returns ``(z, pooled)`` with pooled ``[B, width]`` (CLIP-L has no text projection in this checkpoint).
 
     ``version`` and ``device`` are accepted so original configs instantiate unchanged, and are otherwise unused:
     only the architecture given by the size arguments (ViT-L/14 by default) is built, nothing is downloaded, and
@@ -161,10 +176,23 @@ class FrozenCLIPEmbedder(nn.Module):
         layer_norm_eps: float = 1e-5,
         freeze: bool = True,
         bpe_path: str | Path | None = None,
+        layer: Literal["last", "pooled", "hidden"] = "last",
+        layer_idx: int | None = None,
+        always_return_pooled: bool = False,
     ) -> None:
         super().__init__()
+        if layer not in ("last", "pooled", "hidden"):
+            raise ValueError(f"layer must be 'last', 'pooled' or 'hidden', got {layer!r}")
+        if layer == "hidden" and (layer_idx is None or not -layers - 1 <= layer_idx <= layers):
+            raise ValueError(f"layer 'hidden' needs layer_idx in [{-layers - 1}, {layers}], got {layer_idx}")
+        if layer != "hidden" and layer_idx is not None:
+            raise ValueError(f"layer_idx is only read with layer 'hidden', got layer {layer!r}")
         self.version = version
         self.max_length = max_length
+        self.layer = layer
+        # Blocks to run for the output: hidden_states[k] is the state after k blocks; -1 is after all of them.
+        self.num_blocks = layers if layer_idx is None else layer_idx % (layers + 1)
+        self.return_pooled = always_return_pooled
         self.tokenizer = CLIPTokenizer(bpe_path=bpe_path, max_length=max_length)
         self.transformer = CLIPTextModel(
             vocab_size=vocab_size,
@@ -188,9 +216,19 @@ class FrozenCLIPEmbedder(nn.Module):
         """``[B, max_length]`` token ids on the CPU."""
         return self.tokenizer(text)
 
-    def forward(self, text: str | Sequence[str]) -> torch.Tensor:
-        device = self.transformer.text_model.embeddings.token_embedding.weight.device
-        return self.transformer(self.tokenize(text).to(device))
+    def forward(self, text: str | Sequence[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        model = self.transformer.text_model
+        ids = self.tokenize(text).to(model.embeddings.token_embedding.weight.device)
+        if self.layer == "last" and not self.return_pooled:
+            return self.transformer(ids)  # the SD v1 path, unchanged
+        # One pass: stop at the requested block, then finish the stack only if the pooled output needs it.
+        z = model.encoder(model.embeddings(ids), stop=self.num_blocks)
+        if self.layer == "hidden" and not self.return_pooled:
+            return z
+        last = model.final_layer_norm(model.encoder(z, start=self.num_blocks))
+        pooled = last[torch.arange(last.shape[0], device=last.device), eos_positions(ids)]
+        z = {"last": last, "pooled": pooled[:, None], "hidden": z}[self.layer]
+        return (z, pooled) if self.return_pooled else z
 
-    def encode(self, text: str | Sequence[str]) -> torch.Tensor:
+    def encode(self, text: str | Sequence[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         return self(text)

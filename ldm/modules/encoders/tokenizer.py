@@ -3,6 +3,7 @@
 Reproduces the ``openai/clip-vit-large-patch14`` tokenizer: Sennrich et al. BPE over the bytes of
 pre-tokenized, cleaned, lower-cased text, with ``</w>`` marking the end of a word, wrapped as
 ``<|startoftext|> ... <|endoftext|>`` and padded with ``<|endoftext|>`` to the 77-token context.
+OpenCLIP's ``tokenize`` (SDXL's second text encoder) is the same except that it pads with id 0 (``pad_token_id=0``).
 
 The merge table is the ``bpe_simple_vocab_16e6.txt.gz`` file shipped inside the ``open_clip_torch``
 package. We only read that data file: importing ``open_clip`` itself needs torchvision, which we avoid.
@@ -123,9 +124,15 @@ def _pairs(word: Sequence[str]) -> set[tuple[str, str]]:
 
 
 class CLIPTokenizer:
-    """OpenAI CLIP's BPE tokenizer with SD's fixed-length batching (BOS, ids, EOS, EOS padding to 77)."""
+    """OpenAI CLIP's BPE tokenizer with SD's fixed-length batching (BOS, ids, EOS, padding to 77).
 
-    def __init__(self, bpe_path: str | Path | None = None, max_length: int = 77) -> None:
+    ``pad_token_id`` defaults to ``<|endoftext|>`` (49407), as HF's clip-vit-large-patch14 files that SD v1 used;
+    OpenCLIP's tokenizer pads with 0 (the id of ``!``), which SDXL's OpenCLIP bigG encoder saw in training.
+    """
+
+    def __init__(
+        self, bpe_path: str | Path | None = None, max_length: int = 77, pad_token_id: int | None = None
+    ) -> None:
         path = Path(bpe_path) if bpe_path is not None else default_bpe_path()
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: run `pip install open_clip_torch --no-deps`")
@@ -136,7 +143,7 @@ class CLIPTokenizer:
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self.bos_token_id = self._vocab.encoder[START_OF_TEXT]
         self.eos_token_id = self._vocab.encoder[END_OF_TEXT]
-        self.pad_token_id = self.eos_token_id  # SD pads with <|endoftext|>, as HF's clip-vit-large-patch14 config
+        self.pad_token_id = self.eos_token_id if pad_token_id is None else pad_token_id
 
     @property
     def vocab_size(self) -> int:
@@ -182,7 +189,7 @@ class CLIPTokenizer:
         return ids
 
     def __call__(self, texts: str | Sequence[str]) -> torch.LongTensor:
-        """``[B, max_length]`` ids: BOS, at most ``max_length - 2`` text tokens, EOS, then EOS padding.
+        """``[B, max_length]`` ids: BOS, at most ``max_length - 2`` text tokens, EOS, then ``pad_token_id``.
 
         Truncation keeps EOS as the last token (as HF's ``truncation=True`` and CLIP's ``truncate=True``).
         """
