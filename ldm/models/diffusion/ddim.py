@@ -9,6 +9,7 @@ crashes. We clamp that step to 999 and say so.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Sequence
 
@@ -54,11 +55,27 @@ def ddim_coefficients(alphas_cumprod: torch.Tensor, timesteps: np.ndarray,
     return alphas.float(), alphas_prev.float(), sigmas.float()
 
 
+def concat_conditioning(uc: Any, c: Any) -> Any:
+    """``uc`` and ``c`` as one batch, unconditional first: tensors are concatenated along dim 0, dicts key by key
+    and lists/tuples item by item, so a conditioning such as ``{"c_crossattn": [ctx], "y": vec}`` stays opaque."""
+    if isinstance(c, torch.Tensor):
+        return torch.cat([uc, c])
+    if isinstance(c, Mapping):
+        if set(uc) != set(c):
+            raise ValueError(f"conditioning keys differ: unconditional {sorted(uc)}, conditional {sorted(c)}")
+        return {k: concat_conditioning(uc[k], c[k]) for k in c}
+    if isinstance(c, (list, tuple)):
+        if len(uc) != len(c):
+            raise ValueError(f"conditioning lists differ in length: {len(uc)} and {len(c)}")
+        return type(c)(concat_conditioning(u, v) for u, v in zip(uc, c))
+    raise TypeError(f"cannot batch conditioning of type {type(c).__name__} for guidance")
+
+
 def guided_eps(model: Any, x: torch.Tensor, t: torch.Tensor, c: Any, uc: Any, scale: float) -> torch.Tensor:
     """eps with classifier-free guidance: eps(x, uc) + scale * (eps(x, c) - eps(x, uc)), in one batch."""
     if uc is None or scale == 1.0:
         return model.apply_model(x, t, c)
-    e_uncond, e_cond = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uc, c])).chunk(2)
+    e_uncond, e_cond = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), concat_conditioning(uc, c)).chunk(2)
     return e_uncond + scale * (e_cond - e_uncond)
 
 
@@ -106,7 +123,7 @@ class DDIMSampler:
         unsupported = {k: v for k, v in unsupported.items() if v not in (None, False, 0., 1.)}
         if unsupported:
             raise NotImplementedError(f"{type(self).__name__}.sample: unsupported options {sorted(unsupported)}")
-        if conditioning is not None and conditioning.shape[0] != batch_size:
+        if isinstance(conditioning, torch.Tensor) and conditioning.shape[0] != batch_size:
             print(f"Warning: Got {conditioning.shape[0]} conditionings but batch-size is {batch_size}")
         self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=False)
         C, H, W = shape
