@@ -1,4 +1,5 @@
-"""Lightning callbacks: run-folder setup, atomic checkpoints, save-on-interrupt, and validation image grids.
+"""Lightning callbacks: run-folder setup, atomic checkpoints, save-on-interrupt, caches of the frozen parts,
+validation image grids and exported weights.
 
 All file I/O of a training run happens here, on rank 0 only.
 """
@@ -15,7 +16,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ldm.checkpoint import atomic_write
+from ldm.files import atomic_write, clean_partial
 from ldm.images import make_grid, save_png, to_pil
 
 
@@ -29,7 +30,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class SetupCallback(pl.Callback):
-    """Creates ``logs/<run>/{checkpoints,configs,images}`` and writes the merged config actually used."""
+    """Fills the run folder (created by the training module) with ``{checkpoints,configs,images}``, removes the
+    partial files a killed earlier attempt left there, and writes the merged config actually used."""
 
     def __init__(self, logdir: str, config: DictConfig, now: str, resume: bool = False):
         super().__init__()
@@ -39,8 +41,11 @@ class SetupCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for sub in ("checkpoints", "configs", "images"):
             (self.logdir / sub).mkdir(parents=True, exist_ok=True)
+        for folder in (self.logdir / "checkpoints", self.logdir / "configs", self.logdir / "images" / "train"):
+            for partial in clean_partial(folder):
+                print(f"Removed {partial}: a partial file left by an interrupted write")
         path = self.logdir / "configs" / f"{self.now}-project.yaml"
-        OmegaConf.save(self.config, path)
+        atomic_write(path, lambda tmp: OmegaConf.save(self.config, tmp))
         print(f"Run folder: {self.logdir} (config saved to {path})")
 
 
@@ -61,16 +66,41 @@ class SaveOnInterrupt(pl.Callback):
         trainer.save_checkpoint(self.last, weights_only=False)
 
 
+class CacheFrozenInputs(pl.Callback):
+    """With ``cache_latents`` on, encode every training image once (both flips) and, when the text encoder is
+    frozen, every caption, before the first step; the model then reads its batches' latents from these caches
+    (``LatentDiffusion.latent_cache`` / ``text_cache``) instead of running the frozen parts."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not getattr(pl_module, "cache_latents", False):
+            return
+        from ldm.data.image_loading import uint8_to_tensor
+        from ldm.models.diffusion.cache import LatentCache, TextCache
+        dataset = trainer.datamodule.train_dataset
+        by_role = dataset.images_by_role()
+        wanted = pl_module.first_stage_key
+        if wanted not in by_role:
+            raise ValueError(f"model.params.first_stage_key {wanted!r}: the data serves its images as "
+                             f"{', '.join(by_role)}")
+        pl_module.latent_cache = LatentCache()
+        pl_module.latent_cache.build(pl_module.first_stage_model.encode, by_role, uint8_to_tensor,
+                                     flips=dataset.flip_p > 0, device=pl_module.device)
+        if not any(p.requires_grad for p in pl_module.cond_stage_model.parameters()):
+            pl_module.text_cache = TextCache()
+            pl_module.text_cache.build(pl_module.cond_stage_model.encode, dataset.all_captions())
+        pl_module.offload_frozen()
+
+
 class ImageLogger(pl.Callback):
     """Every ``batch_frequency`` steps, samples the validation prompts with a fixed seed and saves one grid
     (a row per prompt) to ``images/train/`` and to TensorBoard. Include a prompt without the identifier:
-    it shows whether the class itself drifts towards the subject (language drift)."""
+    it shows whether the class itself drifts towards the subject (language drift). ``{token}`` and
+    ``{class_word}`` in a prompt are filled in from the data module's identifier and class."""
 
     def __init__(self, batch_frequency: int, prompts: Sequence[str], max_images: int = 8, n_per_prompt: int = 2,
                  ddim_steps: int = 50, scale: float = 7.5, seed: int = 23, log_first_step: bool = False,
-                 height: Optional[int] = None, width: Optional[int] = None, logdir: Optional[str] = None):
+                 height: Optional[int] = None, width: Optional[int] = None):
         super().__init__()
-        self.logdir = logdir
         if batch_frequency < 1:
             raise ValueError("image_logger.batch_frequency must be at least 1")
         self.batch_frequency, self.prompts = batch_frequency, list(prompts)
@@ -99,6 +129,14 @@ class ImageLogger(pl.Callback):
             model.train(was_training)
         return make_grid(images, nrow=self.n_per_prompt, pad_value=-1.0)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        data = trainer.datamodule
+        names = {"token": getattr(data, "token", "sks"), "class_word": getattr(data, "class_word", "")}
+        try:
+            self.prompts = [p.format(**names) for p in self.prompts]
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"image_logger prompts: only {{token}} and {{class_word}} may appear ({e!r})") from None
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
@@ -109,7 +147,7 @@ class ImageLogger(pl.Callback):
 
     def log_grid(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> Path:
         grid = self.sample_grid(pl_module)
-        path = Path(self.logdir or trainer.default_root_dir) / "images" / "train" / f"step-{step:06d}.png"
+        path = Path(trainer.default_root_dir) / "images" / "train" / f"step-{step:06d}.png"
         save_png(to_pil(grid), path, {"prompts": " | ".join(self.prompts), "seed": self.seed, "step": step,
                                       "steps": self.ddim_steps, "scale": self.scale})
         for logger in trainer.loggers:

@@ -5,18 +5,20 @@ are not plain data, such as a Lightning callback class pickled into old checkpoi
 stub, never imported or called), and ``.safetensors`` through safetensors. Before any tensor is copied, the file's
 keys are audited against the model: what is missing, what has another shape, and what the file probably is
 instead (an SD 2 checkpoint, a LoRA adapter, a diffusers folder), all said in one line.
-Writing is atomic: a temporary file in the same folder, fsync, then ``os.replace``.
+Writing is atomic (``ldm.files.atomic_write``): a temporary file in the same folder, fsync, then ``os.replace``.
 """
 from __future__ import annotations
 
 import os
-import tempfile
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
+
+from ldm.files import atomic_write
 
 #: Key prefixes of the three SD v1 sub-models, with the names used in messages.
 GROUPS = {
@@ -52,6 +54,9 @@ def _stubs_for(path: Path) -> list:
     return [(type(n.rsplit(".", 1)[-1], (_Inert,), {}), n) for n in names]
 
 
+_BLOCKED = re.compile(r"GLOBAL (\S+) whose module \S+ is blocked")
+
+
 def _torch_load(path: Path) -> Any:
     # Memory-map the zip format (every file since torch 1.6) so tensors are paged in as they are used;
     # the legacy format cannot be mapped and is read whole.
@@ -59,12 +64,31 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as first:  # noqa: BLE001 - re-raised below with the file named
-        if "Unsupported global" not in str(first):
+        text = str(first)
+        blocked = _BLOCKED.search(text)
+        if blocked:
+            raise CheckpointError(
+                f"{path}: refused to load: its pickle asks to call {blocked.group(1)}, which is code, not data "
+                f"(nothing was run); a checkpoint holds only tensors: use a file from a trusted source, or "
+                f".safetensors") from None
+        if "Unsupported global" not in text:
             raise CheckpointError(
                 f"{path}: not a readable PyTorch checkpoint (truncated download, or not a .ckpt file): "
-                f"{type(first).__name__}: {str(first).splitlines()[0][:200]}") from None
+                f"{type(first).__name__}: {_weights_only_reason(text)}") from None
     with torch.serialization.safe_globals(_stubs_for(path)):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception as second:  # noqa: BLE001
+            raise CheckpointError(f"{path}: refused to load: its pickle needs more than plain data "
+                                  f"({_weights_only_reason(str(second))}); nothing was run") from None
+
+
+def _weights_only_reason(text: str) -> str:
+    """The informative line of torch's weights-only error (its first lines are generic advice)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation",
+                                                              "Please file an issue"))]
+    return (useful or lines or ["unknown error"])[0][:200]
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -79,7 +103,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             if (path / "model_index.json").exists() else ""
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file{hint}")
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
+        what = "not a regular file" if path.exists() else "checkpoint file not found"
+        raise CheckpointError(f"{path}: {what}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes): an interrupted download or copy?")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         try:
@@ -98,7 +125,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     sd = obj.get("state_dict", obj)
     if not isinstance(sd, Mapping):
         raise CheckpointError(f"{path}: its 'state_dict' entry is a {type(sd).__name__}, not a mapping")
-    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        keys = ", ".join(map(str, list(obj)[:5]))
+        raise CheckpointError(f"{path}: holds no tensors, so no state dict (top-level keys: {keys or 'none'})")
     meta = {k: obj[k] for k in ("global_step", "epoch") if k in obj and isinstance(obj[k], int)}
     return tensors, meta
 
@@ -209,26 +239,6 @@ def load_model_from_config(config: Mapping[str, Any], ckpt: str | os.PathLike, p
         model = instantiate_from_config(config["model"])
     load_checkpoint(model, ckpt, prefer_ema=prefer_ema, assign=True, verbose=verbose)
     return model.eval()
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],

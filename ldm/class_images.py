@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ldm.images import next_index, save_png, to_pil
+from ldm.images import save_numbered_png, to_pil
 from ldm.models.diffusion.ddim import DDIMSampler
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".mpo")
@@ -47,9 +47,9 @@ def generate_class_images(model, folder: str | Path, prompt: str, num: int, size
                                       unconditional_guidance_scale=scale, generator=generator, verbose=False,
                                       disable_progress=True)
                 for img in model.decode_first_stage(z).float():
-                    index = next_index(folder, r"^class-(\d+)\.png$")
-                    written.append(save_png(to_pil(img), folder / f"class-{index:05d}.png",
-                                            {"prompt": prompt, "seed": seed, "steps": ddim_steps, "scale": scale}))
+                    written.append(save_numbered_png(to_pil(img), folder, "class-{:05d}.png",
+                                                     {"prompt": prompt, "seed": seed, "steps": ddim_steps,
+                                                      "scale": scale}))
     finally:
         model.train(was_training)
     return written

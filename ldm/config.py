@@ -1,11 +1,23 @@
-"""Configs for main.py: load and merge YAML files, apply dotted overrides, and map the DreamBooth flags in."""
+"""Configs for main.py: load and merge YAML files, apply dotted overrides, map the DreamBooth flags in, and check
+every key and value before anything is built.
+
+``check_training_config`` is the one place where a training run's settings are checked: a key that no code
+reads (``model.paramz.reg_weight=0.5``, a misspelt trainer flag) and a value outside the range its maths allows
+(``max_steps: -1``, a negative learning rate, an image size the UNet cannot halve evenly) each stop the run with
+one line before any model is loaded.
+"""
 from __future__ import annotations
 
 import argparse
+import difflib
+import inspect
+import math
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 #: Flag -> config key, for the flags that only set one config value.
@@ -18,23 +30,32 @@ FLAG_KEYS = {
     "num_class_images": "class_images.num",
     "lora_rank": "model.params.lora_config.rank",
 }
+#: The seeds Lightning's ``seed_everything`` accepts (numpy's uint32).
+MAX_SEED = 2 ** 32 - 1
 
 
 class ConfigError(ValueError):
-    """A config file or override that cannot be used; one line naming the file or key."""
+    """A config file, key or value that cannot be used; one line naming the file or key."""
 
 
-def load_configs(paths: Sequence[str | Path]) -> DictConfig:
+# ---- loading and merging ---------------------------------------------------------------------------------------
+
+def load_configs(paths: Sequence[str | Path], flag: str = "--base") -> DictConfig:
     """Merge the ``--base`` files in order (later files win)."""
     configs = []
     for path in paths:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"--base {path}: config file not found")
+            raise ConfigError(f"{flag} {path}: config file not found")
         try:
-            configs.append(OmegaConf.load(path))
-        except (OmegaConfBaseException, ValueError) as e:
-            raise ConfigError(f"--base {path}: not a valid YAML config: {str(e).splitlines()[0]}") from None
+            loaded = OmegaConf.load(path)
+        except (OmegaConfBaseException, ValueError, yaml.YAMLError, UnicodeDecodeError) as e:
+            first = " ".join(str(e).split())[:200]
+            raise ConfigError(f"{flag} {path}: not a valid YAML config: {first}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{flag} {path}: not a config (its top level is a {type(loaded).__name__}, "
+                              f"not a mapping of model:, data:, lightning:)")
+        configs.append(loaded)
     return OmegaConf.merge(*configs) if configs else OmegaConf.create()
 
 
@@ -45,8 +66,8 @@ def apply_overrides(config: DictConfig, dotlist: Sequence[str]) -> DictConfig:
         raise ConfigError(f"unrecognised argument {bad[0]!r}: overrides look like model.params.reg_weight=0.5")
     try:
         return OmegaConf.merge(config, OmegaConf.from_dotlist(list(dotlist)))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"override {dotlist}: {str(e).splitlines()[0]}") from None
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        raise ConfigError(f"override {' '.join(dotlist)}: {str(e).splitlines()[0]}") from None
 
 
 def apply_flags(config: DictConfig, opt: argparse.Namespace) -> DictConfig:
@@ -66,3 +87,255 @@ def require(config: DictConfig, key: str, flag: Optional[str] = None) -> object:
         how = f"{flag} (or {key}=...)" if flag else key
         raise ConfigError(f"missing {how}")
     return value
+
+
+# ---- which keys exist ------------------------------------------------------------------------------------------
+
+#: Keys of the sections that are plain data rather than ``target``/``params`` objects.
+PLAIN_SECTIONS: dict[str, set[str]] = {
+    "": {"model", "data", "lightning", "class_images", "actual_resume"},
+    "class_images": {"num", "ddim_steps", "scale", "batch_size", "seed"},
+    "lightning": {"trainer", "callbacks", "modelcheckpoint", "export"},
+    "lightning.modelcheckpoint": {"params"},
+    "model.params.optimizer_config": {"name", "weight_decay", "betas", "eps"},
+}
+
+
+def _signature_keys(target: Callable, skip: Iterable[str] = ()) -> Optional[set[str]]:
+    """The keyword parameters ``target`` takes, or None when it takes ``**kwargs`` (anything goes)."""
+    params = inspect.signature(target).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - set(skip)
+
+
+def _unknown(where: str, key: str, known: Iterable[str], owner: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    name = f"{where}.{key}" if where else key
+    return ConfigError(f"config key {name}: {owner} has no setting {key!r}{hint}")
+
+
+def _check_keys(node: Mapping[str, Any], where: str, known: Optional[set[str]], owner: str) -> None:
+    if known is None:
+        return
+    for key in node:
+        if key not in known:
+            raise _unknown(where, str(key), known, owner)
+
+
+def _check_object(node: Mapping[str, Any], where: str, extra: Iterable[str] = ()) -> None:
+    """A ``target``/``params`` node: the target may be imported, and every param is one it takes."""
+    from ldm.util import TargetNotAllowed, get_obj_from_str
+    _check_keys(node, where, {"target", "params", *extra}, "an object node (target/params)")
+    try:
+        obj = get_obj_from_str(node["target"])
+    except TargetNotAllowed as e:
+        raise ConfigError(f"{where}.target: {e}") from None
+    params = node.get("params") or {}
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"{where}.params: expected a mapping, got {params!r}")
+    _check_keys(params, f"{where}.params", _signature_keys(obj), getattr(obj, "__name__", str(obj)))
+    for key, value in params.items():
+        if isinstance(value, Mapping) and "target" in value:
+            _check_object(value, f"{where}.params.{key}")
+
+
+def check_keys(config: DictConfig) -> None:
+    """Every key of a training config is one that code reads; a misspelt or invented key is a ConfigError."""
+    import pytorch_lightning as pl
+
+    from ldm.callbacks import ExportWeights
+    from ldm.lora import LoraSettings
+    data = OmegaConf.to_container(config, resolve=False)
+    _check_keys(data, "", PLAIN_SECTIONS[""], "the config")
+    for section in ("model", "data"):
+        if section not in data:
+            raise ConfigError(f"config has no {section}: section (target and params)")
+        _check_object(data[section], section, extra=("base_learning_rate",) if section == "model" else ())
+    model_params = data["model"].get("params") or {}
+    _check_keys(model_params.get("optimizer_config") or {}, "model.params.optimizer_config",
+                PLAIN_SECTIONS["model.params.optimizer_config"], "the optimizer config")
+    _check_keys(model_params.get("lora_config") or {}, "model.params.lora_config",
+                {f.name for f in fields(LoraSettings)}, "the LoRA config")
+    _check_keys(data.get("class_images") or {}, "class_images", PLAIN_SECTIONS["class_images"], "class_images")
+    lightning = data.get("lightning") or {}
+    _check_keys(lightning, "lightning", PLAIN_SECTIONS["lightning"], "the lightning section")
+    _check_keys(lightning.get("trainer") or {}, "lightning.trainer", _signature_keys(pl.Trainer), "Trainer")
+    _check_keys(lightning.get("modelcheckpoint") or {}, "lightning.modelcheckpoint", {"params"}, "modelcheckpoint")
+    _check_keys((lightning.get("modelcheckpoint") or {}).get("params") or {}, "lightning.modelcheckpoint.params",
+                _signature_keys(pl.callbacks.ModelCheckpoint), "ModelCheckpoint")
+    _check_keys(lightning.get("export") or {}, "lightning.export",
+                _signature_keys(ExportWeights, skip=("ckptdir", "every_n_train_steps")), "ExportWeights")
+    for name, cb in (lightning.get("callbacks") or {}).items():
+        if not isinstance(cb, Mapping) or "target" not in cb:
+            raise ConfigError(f"lightning.callbacks.{name}: expected target and params")
+        _check_object(cb, f"lightning.callbacks.{name}")
+
+
+# ---- which values are allowed ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Range:
+    """A number's allowed interval; ``integer`` also refuses 2.5, ``optional`` also accepts null."""
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    integer: bool = False
+    optional: bool = False
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        parts = []
+        if self.lo > -math.inf:
+            parts.append(f"{'>' if self.lo_open else '>='} {self.lo:g}")
+        if self.hi < math.inf:
+            parts.append(f"{'<' if self.hi_open else '<='} {self.hi:g}")
+        return kind + (" " + " and ".join(parts) if parts else "") + (" (or null)" if self.optional else "")
+
+    def check(self, key: str, value: Any) -> Any:
+        if value is None and self.optional:
+            return None
+        number = _as_number(value)
+        ok = number is not None and math.isfinite(number) and (not self.integer or float(number).is_integer())
+        ok = ok and (number > self.lo if self.lo_open else number >= self.lo)
+        ok = ok and (number < self.hi if self.hi_open else number <= self.hi)
+        if not ok:
+            raise ConfigError(f"{key}={value!r}: must be {self.describe()}")
+        return int(number) if self.integer else number
+
+
+def _as_number(value: Any) -> Optional[float]:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def check_choice(key: str, value: Any, choices: Sequence[Any]) -> Any:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(str, choices))}")
+    return value
+
+
+POSITIVE = Range(0, lo_open=True)
+NON_NEGATIVE = Range(0)
+COUNT = Range(1, integer=True)
+UNIT = Range(0, 1)
+SEED = Range(0, MAX_SEED, integer=True)
+
+
+def spatial_factor(config: DictConfig) -> int:
+    """Pixels per latent cell times the UNet's total downsampling: image sides must be multiples of this, or the
+    UNet's decoder cannot concatenate its skip connections (an odd side halves to a size that doubles back wrong)."""
+    vae = OmegaConf.select(config, "model.params.first_stage_config.params.ddconfig.ch_mult", default=[1, 2, 4, 4])
+    unet = OmegaConf.select(config, "model.params.unet_config.params.channel_mult", default=[1, 2, 4, 4])
+    return 2 ** (len(vae) - 1) * 2 ** (len(unet) - 1)
+
+
+def check_image_side(key: str, value: Any, factor: int, optional: bool = False) -> Optional[int]:
+    if value is None and optional:
+        return None
+    side = Range(factor, integer=True).check(key, value)
+    if side % factor:
+        raise ConfigError(f"{key}={value!r}: must be a multiple of {factor} (the VAE's and the UNet's "
+                          f"downsampling together; e.g. {side // factor * factor or factor} or "
+                          f"{(side // factor + 1) * factor})")
+    return side
+
+
+def _ranges(timesteps: int) -> dict[str, Range]:
+    steps = Range(1, timesteps, integer=True)
+    return {
+        "model.base_learning_rate": POSITIVE,
+        "model.params.reg_weight": NON_NEGATIVE,
+        "model.params.timesteps": COUNT,
+        "model.params.linear_start": Range(0, 1, lo_open=True, hi_open=True),
+        "model.params.linear_end": Range(0, 1, lo_open=True, hi_open=True),
+        "model.params.scale_factor": POSITIVE,
+        "model.params.ema_decay": UNIT,
+        "model.params.lr_warmup_steps": Range(0, integer=True),
+        "model.params.offset_noise": NON_NEGATIVE,
+        "model.params.min_snr_gamma": Range(0, lo_open=True, optional=True),
+        "model.params.lora_config.rank": COUNT,
+        "model.params.lora_config.alpha": Range(0, lo_open=True, optional=True),
+        "model.params.lora_config.dropout": Range(0, 1, hi_open=True),
+        "model.params.optimizer_config.weight_decay": NON_NEGATIVE,
+        "model.params.optimizer_config.eps": POSITIVE,
+        "data.params.batch_size": COUNT,
+        "data.params.num_workers": Range(0, integer=True),
+        "data.params.repeats": COUNT,
+        "data.params.reg_repeats": COUNT,
+        "data.params.flip_p": UNIT,
+        "data.params.min_size": Range(1, integer=True, optional=True),
+        "class_images.num": Range(0, integer=True),
+        "class_images.ddim_steps": steps,
+        "class_images.scale": Range(),
+        "class_images.batch_size": COUNT,
+        "class_images.seed": SEED,
+        "lightning.trainer.accumulate_grad_batches": COUNT,
+        "lightning.trainer.gradient_clip_val": Range(0, optional=True),
+        "lightning.trainer.log_every_n_steps": COUNT,
+        "lightning.modelcheckpoint.params.every_n_train_steps": Range(0, integer=True, optional=True),
+        "lightning.callbacks.image_logger.params.batch_frequency": COUNT,
+        "lightning.callbacks.image_logger.params.ddim_steps": steps,
+        "lightning.callbacks.image_logger.params.n_per_prompt": COUNT,
+        "lightning.callbacks.image_logger.params.max_images": COUNT,
+        "lightning.callbacks.image_logger.params.scale": Range(),
+        "lightning.callbacks.image_logger.params.seed": SEED,
+    }
+
+
+def check_values(config: DictConfig) -> None:
+    """Every number of a training config in the range its maths allows; numbers given as text are converted."""
+    timesteps = Range(1, integer=True).check("model.params.timesteps",
+                                             OmegaConf.select(config, "model.params.timesteps", default=1000))
+    for key, rule in _ranges(timesteps).items():
+        node, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(config, node)
+        if isinstance(parent, DictConfig) and leaf in parent:
+            OmegaConf.update(config, key, rule.check(key, parent[leaf]), merge=False)
+    betas = OmegaConf.select(config, "model.params.optimizer_config.betas")
+    if betas is not None:
+        if not isinstance(betas, (list, ListConfig)) or len(betas) != 2:
+            raise ConfigError(f"model.params.optimizer_config.betas={betas!r}: expected two numbers in [0, 1)")
+        for b in betas:
+            Range(0, 1, hi_open=True).check("model.params.optimizer_config.betas", b)
+    choices = {"model.params.lr_schedule": ("constant", "cosine"), "model.params.loss_type": ("l2", "l1"),
+               "model.params.optimizer_config.name": ("adamw", "adamw8bit"),
+               "lightning.export.dtype": (None, "fp32", "fp16", "bf16")}
+    for key, allowed in choices.items():
+        value = OmegaConf.select(config, key, default=allowed[0])
+        check_choice(key, value, allowed)
+    _check_steps(config)
+    factor = spatial_factor(config)
+    check_image_side("data.params.size", OmegaConf.select(config, "data.params.size", default=512), factor)
+    for side in ("height", "width"):
+        key = f"lightning.callbacks.image_logger.params.{side}"
+        check_image_side(key, OmegaConf.select(config, key), factor, optional=True)
+
+
+def _check_steps(config: DictConfig) -> None:
+    """Training must end: ``max_steps`` >= 1, or -1 (Lightning's 'no limit') with a finite ``max_epochs``."""
+    trainer = OmegaConf.select(config, "lightning.trainer") or {}
+    max_steps = trainer.get("max_steps", -1)
+    max_epochs = trainer.get("max_epochs", -1)
+    if max_steps == -1 and max_epochs not in (None, -1):
+        COUNT.check("lightning.trainer.max_epochs", max_epochs)
+        return
+    steps = COUNT.check("lightning.trainer.max_steps (--max_steps)", max_steps)
+    OmegaConf.update(config, "lightning.trainer.max_steps", steps, merge=False)
+
+
+def check_training_config(config: DictConfig) -> DictConfig:
+    """The one check of a training run's settings (keys, then values); returns ``config`` with numbers typed."""
+    check_keys(config)
+    check_values(config)
+    return config

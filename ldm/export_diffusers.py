@@ -22,6 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.checkpoint import ema_key, load_model_from_config
+from ldm.files import DiskFullError, default_dir_mode, default_file_mode, disk_full_message, is_disk_full, is_within
 from ldm.modules.encoders.tokenizer import END_OF_TEXT, START_OF_TEXT, build_vocab, default_bpe_path, read_merges
 from ldm.util import get_obj_from_str
 
@@ -230,6 +231,8 @@ def export_diffusers(config: Mapping[str, Any], ckpt: str | os.PathLike, outdir:
     outdir = Path(outdir)
     if outdir.exists() and (not outdir.is_dir() or any(outdir.iterdir())):
         raise FileExistsError(f"{outdir}: exists and is not an empty folder; choose a new output folder")
+    if is_within(ckpt, outdir):
+        raise FileExistsError(f"{outdir}: holds the input checkpoint {ckpt}; choose a new output folder")
     params = model_params(config)
     configs = {"unet": unet_config(params), "vae": vae_config(params), "text": text_encoder_config(params),
                "scheduler": scheduler_config(params)}
@@ -252,10 +255,19 @@ def export_diffusers(config: Mapping[str, Any], ckpt: str | os.PathLike, outdir:
             (tmp / "tokenizer" / name).write_text(text, encoding="utf-8")
         PNDMScheduler.from_config(configs["scheduler"]).save_pretrained(tmp / "scheduler")
         (tmp / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
+        make_public(tmp)
         if outdir.exists():
             outdir.rmdir()  # empty, checked above
         os.replace(tmp, outdir)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):
+            raise DiskFullError(exc.errno, disk_full_message(exc, outdir), str(outdir)) from None
         raise
     return outdir
+
+
+def make_public(folder: Path) -> None:
+    """Give a folder assembled under ``mkdtemp`` (0o700) and its files the modes the user's umask asks for."""
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(default_dir_mode() if path.is_dir() else default_file_mode())

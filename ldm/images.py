@@ -1,4 +1,4 @@
-"""Image I/O at the edge of the system: tensors in [-1, 1] to PNG files, grids, non-overwriting file names."""
+"""Image I/O at the edge of the system: tensors in [-1, 1] to PNG files, grids, numbered files that never overwrite."""
 from __future__ import annotations
 
 import re
@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from ldm.files import atomic_write, reserve_numbered
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:
@@ -43,18 +45,22 @@ def png_info(metadata: Optional[Mapping[str, object]]) -> Optional[PngInfo]:
 
 
 def save_png(image: Image.Image, path: str | Path, metadata: Optional[Mapping[str, object]] = None) -> Path:
-    """Save as PNG with the given text chunks (prompt, seed, ...), readable later with ``Image.open(p).text``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, pnginfo=png_info(metadata))
-    return path
+    """Save as PNG with the given text chunks (prompt, seed, ...), readable later with ``Image.open(p).text``.
+
+    Written atomically: a full disk or a kill leaves no truncated PNG under ``path``."""
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=png_info(metadata)))
 
 
-def next_index(folder: str | Path, pattern: str = r"^(\d+)\.png$") -> int:
-    """One past the highest number already used by files in ``folder`` matching ``pattern`` (0 if none), so a
-    new run never overwrites earlier outputs, even when some files were deleted in between."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    used = [int(m.group(1)) for p in folder.iterdir() if (m := re.match(pattern, p.name))]
-    return max(used) + 1 if used else 0
+def save_numbered_png(image: Image.Image, folder: str | Path, template: str = "{:05}.png",
+                      metadata: Optional[Mapping[str, object]] = None) -> Path:
+    """Save under the next free number in ``folder`` (``template`` with one ``{}``), never overwriting a file,
+    also when another process writes into the same folder at the same time (see ``reserve_numbered``)."""
+    head, tail = template.split("{", 1)
+    tail = tail.split("}", 1)[1]
+    pattern = "^" + re.escape(head) + r"(\d+)" + re.escape(tail) + "$"
+    path = reserve_numbered(folder, template, pattern)
+    try:
+        return save_png(image, path, metadata)
+    except BaseException:
+        path.unlink(missing_ok=True)  # give the reserved (empty) name back
+        raise

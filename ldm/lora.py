@@ -9,8 +9,10 @@ reader maps; reading accepts those and the original checkpoint's names (``input_
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
 import torch
@@ -165,6 +167,7 @@ def merge_lora(sd: Mapping[str, torch.Tensor], lora: Mapping[str, torch.Tensor],
             raise ValueError(f"{name}: no such module in the base checkpoint (a LoRA for another model?)")
         key = keys[name]
         w = sd[key]
+        check_shapes(name, down, up, w.shape)
         delta = (up.float().flatten(1) @ down.float().flatten(1)).reshape(w.shape)
         merged[key] = (w.float() + scale * alpha / down.shape[0] * delta).to(w.dtype)
     return merged
@@ -182,6 +185,9 @@ def load_lora(model: nn.Module, lora: Mapping[str, torch.Tensor], scale: float =
         missing = [n for n in mine if n not in names]
         if missing:
             raise ValueError(f"{missing[0]}: no such module in this model (a LoRA for another model?)")
+        own = model.state_dict()
+        for n, (down, up, _) in mine.items():
+            check_shapes(n, down, up, own[names[n]].shape)
         paths = {n: names[n][len(prefix):-len(".weight")] for n in mine}
         ranks = {paths[n]: int(down.shape[0]) for n, (down, _, _) in mine.items()}
         alphas = {paths[n]: alpha for n, (_, _, alpha) in mine.items()}
@@ -199,14 +205,46 @@ def load_lora(model: nn.Module, lora: Mapping[str, torch.Tensor], scale: float =
     return len(parsed)
 
 
+def check_shapes(name: str, down: torch.Tensor, up: torch.Tensor, weight_shape: torch.Size) -> None:
+    """One line when an adapter does not fit the layer it names (a LoRA made for another model or size)."""
+    out_features, in_features = int(weight_shape[0]), int(math.prod(weight_shape[1:]))
+    rank = int(down.shape[0])
+    if (down.ndim < 2 or up.ndim < 2 or int(up.shape[1]) != rank or int(math.prod(down.shape[1:])) != in_features
+            or int(up.shape[0]) != out_features):
+        raise ValueError(f"{name}: the adapter is {int(up.shape[0])}x{int(math.prod(down.shape[1:]))} (rank {rank}) "
+                         f"but this model's layer is {out_features}x{in_features}: a LoRA for another model or size")
+
+
 def parse_lora_spec(spec: str) -> tuple[str, float]:
     """``adapter.safetensors:0.8`` -> (path, 0.8); a bare path (or one whose last ':' part is no number, as in
-    a Windows drive letter) has strength 1."""
+    a Windows drive letter) has strength 1. A strength that is not a finite number is a ``ValueError``."""
     path, sep, strength = spec.rpartition(":")
-    try:
-        return (path, float(strength)) if sep and path else (spec, 1.0)
-    except ValueError:
+    if not (sep and path) or "/" in strength or "\\" in strength:
         return spec, 1.0
+    try:
+        value = float(strength)
+    except ValueError:
+        if Path(spec).suffix in (".safetensors", ".ckpt", ".pt", ".bin") or Path(spec).exists():
+            return spec, 1.0
+        raise ValueError(f"{spec}: the strength after ':' ({strength!r}) is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{spec}: the strength must be a finite number, got {strength}")
+    return path, value
+
+
+def read_lora(spec: str) -> tuple[Path, float, dict[str, torch.Tensor]]:
+    """``FILE[:STRENGTH]`` -> (file, strength, its tensors); every problem is a one-line ``CheckpointError``."""
+    from ldm.checkpoint import CheckpointError, read_checkpoint
+    try:
+        path, strength = parse_lora_spec(spec)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    sd = read_checkpoint(path)[0]
+    try:
+        parse_lora(sd)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return Path(path), strength, sd
 
 
 def plain_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -110,15 +110,15 @@ class PruneResult:
 
 
 def prune_file(src: str | Path, dst: str | Path, dtype: Optional[torch.dtype] = None,
-               use_ema: Optional[bool] = None) -> PruneResult:
+               use_ema: Optional[bool] = None, overwrite: bool = False) -> PruneResult:
     """Read ``src`` (.ckpt or .safetensors), prune it, write ``dst`` atomically (format by its extension).
 
     Only the state dict's tensors and ``global_step`` are carried over; optimizer, scheduler, callback and loop
-    states never leave ``src``. Errors are ``CheckpointError`` with one line naming the file.
+    states never leave ``src``. Errors are ``CheckpointError`` with one line naming the file; an output that is
+    the input, or (without ``overwrite``) exists, is an ``OutputError``.
     """
-    src, dst = Path(src), Path(dst)
-    if dst.resolve() == src.resolve():
-        raise CheckpointError(f"{dst}: the output must not be the input file")
+    from ldm.files import check_output
+    src, dst = Path(src), check_output(dst, [src], "output", overwrite=overwrite)
     sd, meta = read_checkpoint(src)
     try:
         pruned, used_ema = prune_state_dict(sd, dtype=dtype, use_ema=use_ema)

@@ -1,16 +1,61 @@
-"""Small helpers shared by the whole codebase: config instantiation and a few tensor utilities."""
+"""Config instantiation (``target:``/``params:``) and the few helpers the model code shares.
+
+Configs are data: a ``target:`` string may only name an object inside this project's package or in the
+libraries the configs need (torch, Lightning). A config from elsewhere (a run folder someone sent you, a
+downloaded YAML) therefore cannot make ``instantiate_from_config`` import and run arbitrary code; the command-line
+tools accept any import only when the user passes ``--allow_any_target``.
+"""
 from __future__ import annotations
 
 import importlib
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
+
+#: Module prefixes a config's ``target`` may name without ``--allow_any_target``.
+ALLOWED_TARGET_PREFIXES = ("ldm.", "torch.", "pytorch_lightning.", "lightning.")
+_allow_any = False
+
+
+class TargetNotAllowed(ValueError):
+    """A config ``target`` outside the allowed packages; one line naming it."""
+
+
+@contextmanager
+def any_target_allowed(allow: bool = True) -> Iterator[None]:
+    """Within the body, ``target`` strings may name any importable object (the ``--allow_any_target`` flag)."""
+    global _allow_any
+    before, _allow_any = _allow_any, allow
+    try:
+        yield
+    finally:
+        _allow_any = before
+
+
+def allow_any_target(allow: bool) -> None:
+    """Set the ``--allow_any_target`` switch for the rest of the process (a command line's whole run)."""
+    global _allow_any
+    _allow_any = allow
+
+
+def check_target(string: str) -> str:
+    if not isinstance(string, str) or "." not in string:
+        raise TargetNotAllowed(f"target {string!r}: expected a dotted path such as ldm.models.autoencoder.AutoencoderKL")
+    if not _allow_any and not string.startswith(ALLOWED_TARGET_PREFIXES):
+        raise TargetNotAllowed(
+            f"target {string!r}: configs may only name objects in {', '.join(p[:-1] for p in ALLOWED_TARGET_PREFIXES)}"
+            f" (pass --allow_any_target to import other modules from a config you trust)")
+    return string
 
 
 def get_obj_from_str(string: str, reload: bool = False) -> Any:
     """Resolve a dotted path such as ``ldm.models.autoencoder.AutoencoderKL`` to the object it names."""
-    module, cls = string.rsplit(".", 1)
+    module, cls = check_target(string).rsplit(".", 1)
     if reload:
         importlib.reload(importlib.import_module(module))
-    return getattr(importlib.import_module(module, package=None), cls)
+    try:
+        return getattr(importlib.import_module(module, package=None), cls)
+    except (ImportError, AttributeError) as e:
+        raise TargetNotAllowed(f"target {string!r}: cannot be imported ({e})") from None
 
 
 def instantiate_from_config(config: Mapping[str, Any], **kwargs: Any) -> Any:
@@ -22,13 +67,6 @@ def instantiate_from_config(config: Mapping[str, Any], **kwargs: Any) -> Any:
     params = dict(config.get("params", None) or {})
     params.update(kwargs)
     return get_obj_from_str(config["target"])(**params)
-
-
-def count_params(model, verbose: bool = False) -> int:
-    total = sum(p.numel() for p in model.parameters())
-    if verbose:
-        print(f"{model.__class__.__name__} has {total * 1.e-6:.2f} M params.")
-    return total
 
 
 def exists(x: Any) -> bool:

@@ -170,6 +170,7 @@ def run_worker(args: argparse.Namespace, meter: Any) -> dict[str, Any]:
     from omegaconf import OmegaConf
     from pytorch_lightning.utilities import move_data_to_device
     from torch.utils.data import default_collate
+    from ldm.callbacks import CacheFrozenInputs
     from ldm.util import instantiate_from_config
     name = args._worker
     variant = VARIANTS[name]
@@ -190,14 +191,14 @@ def run_worker(args: argparse.Namespace, meter: Any) -> dict[str, Any]:
     model_bytes = meter.model_built()
 
     # What Trainer.fit does before the first batch: the module in train mode (frozen parts stay in eval),
-    # configure_optimizers, on_fit_start (the caches; on CUDA it then moves the frozen parts to the CPU).
+    # configure_optimizers, CacheFrozenInputs.on_fit_start (the caches; on CUDA it then moves the frozen parts to the CPU).
     torch.backends.cudnn.benchmark = bool(OmegaConf.select(config, "lightning.trainer.benchmark", default=False))
     model.trainer = StandInTrainer(max_steps=args.warmup + args.repeat,
                                    datamodule=SimpleNamespace(train_dataset=dataset))
     model.train()
     step = TrainStep(model, move_data_to_device(batch, model.device),
                      mixed_dtype(args.device) if variant.mixed else None)
-    model.on_fit_start()
+    CacheFrozenInputs().on_fit_start(model.trainer, model)
     seconds = meter.time(step, args.warmup, args.repeat)
     return dict(variant=name, seconds=seconds, median_s=statistics.median(seconds), model_bytes=model_bytes,
                 peak_bytes=meter.peak(), trainable_params=sum(p.numel() for p in model.trainable_parameters()),

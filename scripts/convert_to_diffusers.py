@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from omegaconf import OmegaConf  # noqa: E402
 
 from ldm.checkpoint import CheckpointError  # noqa: E402
+from ldm.files import DiskFullError  # noqa: E402
 from ldm.export_diffusers import MissingDependency, export_diffusers  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     try:
         out = export_diffusers(OmegaConf.load(opt.config), opt.ckpt, opt.outdir, half=opt.half,
                                safetensors=opt.safetensors, prefer_ema=opt.prefer_ema)
-    except (CheckpointError, MissingDependency, FileExistsError) as e:
+    except (CheckpointError, MissingDependency, FileExistsError, DiskFullError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(f"Wrote {out} (weights {'float16' if opt.half else 'float32'}, "
           f"{'safetensors' if opt.safetensors else '.bin'}); load it with "

@@ -111,6 +111,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         parser.error("nothing to score: give --samples DIR, or --ckpt/--ckpt_pattern to generate samples first")
     if opt.ckpt_pattern and "{subject}" not in opt.ckpt_pattern:
         parser.error(f"--ckpt_pattern {opt.ckpt_pattern!r} must contain {{subject}}")
+    from ldm.files import is_within
+    if opt.samples and is_within(opt.out, opt.samples) and not generating:
+        parser.exit(2, f"{parser.prog}: error: --out {opt.out}: lies in --samples {opt.samples}, which is read: "
+                       f"write results elsewhere\n")
+    if is_within(opt.out, opt.dataset):
+        parser.exit(2, f"{parser.prog}: error: --out {opt.out}: lies in the dataset folder {opt.dataset}: write "
+                       f"results elsewhere\n")
     device = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         chosen = select_subjects(opt.dataset, opt.subjects)

@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from ldm.checkpoint import CheckpointError, read_checkpoint, save_checkpoint  # noqa: E402
-from ldm.lora import merge_lora, parse_lora_spec  # noqa: E402
+from ldm.files import DiskFullError, OutputError, check_output  # noqa: E402
+from ldm.lora import merge_lora, parse_lora_spec, read_lora  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
@@ -27,25 +28,26 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     p.add_argument("lora", nargs="+", help="adapter file(s), each FILE[:STRENGTH]")
     p.add_argument("out", help="output checkpoint (.ckpt or .safetensors)")
     p.add_argument("--fp16", action="store_true", help="write half-precision weights")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never an input)")
     args = p.parse_args(argv)
-    if Path(args.out).resolve() == Path(args.base).resolve():
-        p.error("out must differ from base")
     try:
+        inputs = [args.base] + [parse_lora_spec(spec)[0] for spec in args.lora]
+        check_output(args.out, inputs, "out", overwrite=args.overwrite)
         sd, meta = read_checkpoint(args.base)
         if not any(k.startswith("model.diffusion_model.") for k in sd):
             raise CheckpointError(f"{args.base}: not a full SD v1 checkpoint (no model.diffusion_model.* keys)")
         for spec in args.lora:
-            path, strength = parse_lora_spec(spec)
+            path, strength, lora = read_lora(spec)
             try:
-                sd = merge_lora(sd, read_checkpoint(path)[0], strength)
+                sd = merge_lora(sd, lora, strength)
             except ValueError as e:
                 raise CheckpointError(f"{path}: {e}") from None
             print(f"merged {path} at strength {strength}")
-    except CheckpointError as e:
+        if args.fp16:
+            sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+        out = save_checkpoint(args.out, sd, global_step=meta.get("global_step"))
+    except (CheckpointError, OutputError, DiskFullError, ValueError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
-    if args.fp16:
-        sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
-    out = save_checkpoint(args.out, sd, global_step=meta.get("global_step"))
     print(f"wrote {out}")
     return out
 

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from ldm.checkpoint import CheckpointError  # noqa: E402
+from ldm.files import DiskFullError, OutputError  # noqa: E402
 from ldm.prune import REFERENCE_DIR, format_size_report, full_size_report, prune_file  # noqa: E402
 
 
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep the live (non-EMA) UNet weights")
     p.add_argument("--safetensors", action="store_true",
                    help="write safetensors (the output's suffix becomes .safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never the input)")
     p.add_argument("--report", action="store_true",
                    help="print the sizes of the full-size SD v1 files (full EMA, training, pruned) and exit")
     p.add_argument("--reference", type=Path, default=REFERENCE_DIR,
@@ -65,8 +67,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
         out = out.with_suffix(".safetensors")
     dtype = torch.float16 if opt.fp16 else torch.bfloat16 if opt.bf16 else None
     try:
-        result = prune_file(opt.input, out, dtype=dtype, use_ema=opt.use_ema)
-    except CheckpointError as e:
+        result = prune_file(opt.input, out, dtype=dtype, use_ema=opt.use_ema, overwrite=opt.overwrite)
+    except (CheckpointError, OutputError, DiskFullError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     stored = f"floating weights stored as {str(dtype).replace('torch.', '')}" if dtype else "dtypes unchanged"
     print(f"{result.summary()}; {stored}")

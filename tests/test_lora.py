@@ -121,14 +121,15 @@ def test_merge_by_hand():
 def test_lora_run_resumes(tiny_ckpt, tmp_path):
     args = ["--base", str(TINY_FT), "-t", "--logdir", str(tmp_path / "logs"), "-n", "lora", "--actual_resume",
             str(tiny_ckpt), "--data_root", str(make_folder(tmp_path / "subject", 3)), "--class_word", "toy",
-            "--max_steps", "5", "--lora_rank", "2", "lightning.callbacks.interrupt.target=helpers.InterruptAt",
+            "--max_steps", "5", "--lora_rank", "2", "--allow_any_target",
+            "lightning.callbacks.interrupt.target=helpers.InterruptAt",
             "lightning.callbacks.interrupt.params.step=2"]
     with pytest.raises(SystemExit):
         main_module.main(args)
     (run,) = (tmp_path / "logs").iterdir()
     first = read_checkpoint(run / "checkpoints" / "lora-last.safetensors")[0] \
         if (run / "checkpoints" / "lora-last.safetensors").exists() else None
-    assert main_module.main(["-r", str(run), "lightning.callbacks.interrupt.params.step=100"]) == 0
+    assert main_module.main(["-r", str(run), "--allow_any_target", "lightning.callbacks.interrupt.params.step=100"]) == 0
     sd = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert sd["global_step"] == 5
     lora, meta = read_checkpoint(run / "checkpoints" / "lora-last.safetensors")

@@ -154,7 +154,7 @@ def _expect_error(capsys, *argv, usage=False):
 def test_bad_inputs_fail_with_one_line(tiny_ckpt, tiny_model, tmp_path, capsys):
     from safetensors.torch import save_file
     assert "checkpoint file not found" in _expect_error(capsys, tmp_path / "nope.ckpt", tmp_path / "o.ckpt")
-    assert "must not be the input" in _expect_error(capsys, tiny_ckpt, tiny_ckpt)
+    assert "is also an input" in _expect_error(capsys, tiny_ckpt, tiny_ckpt)
     assert "no full EMA weights" in _expect_error(capsys, tiny_ckpt, tmp_path / "o.ckpt", "--ema")
     diffusers_file = tmp_path / "unet.safetensors"
     save_file({"conv_in.weight": torch.zeros(2, 2), "down_blocks.0.resnets.0.conv1.weight": torch.zeros(2)},

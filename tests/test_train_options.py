@@ -98,14 +98,16 @@ def test_cached_latents_step_never_runs_the_vae(tmp_path, tiny_model, monkeypatc
     model.first_stage_key, model.cond_stage_key = "image", "caption"
     ds = DreamBoothDataset(make_folder(tmp_path / "s", 2), "sks", "toy", reg_data_root=make_folder(tmp_path / "r", 2, 9),
                            size=64, flip_p=0.5)
-    from ldm.models.diffusion.cache import LatentCache, TextCache
-    model.latent_cache = LatentCache()
-    model.latent_cache.build(model.first_stage_model.encode, ds, torch.device("cpu"))
-    assert len(model.latent_cache.params) == 2 * 2 * 2  # subject and class images, both flips
-    model.text_cache = TextCache()
-    model.text_cache.build(model.cond_stage_model.encode, ds.captions + ds.reg_captions)
-    # What the cache holds is what the VAE gives for those pixels.
+    from types import SimpleNamespace
+
+    from ldm.callbacks import CacheFrozenInputs
     from ldm.data.image_loading import uint8_to_tensor
+    model.cache_latents = True
+    model.cond_stage_model.requires_grad_(False)
+    CacheFrozenInputs().on_fit_start(SimpleNamespace(datamodule=SimpleNamespace(train_dataset=ds)), model)
+    assert len(model.latent_cache.params) == 2 * 2 * 2  # subject and class images, both flips
+    assert set(model.text_cache.embeddings) == {"photo of a sks toy", "photo of a toy"}
+    # What the cache holds is what the VAE gives for those pixels.
     x = uint8_to_tensor(ds.images[1])[None]
     torch.testing.assert_close(model.latent_cache.params[("image", 1, False)],
                                model.first_stage_model.encode(x).parameters[0])

@@ -79,21 +79,45 @@ def test_plms_negative_prompt_and_prompt_file(tiny_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("flags,needle", [
-    (["--H", "60"], "--H 60 must be a positive multiple of 8"),
-    (["--W", "0"], "--W 0 must be a positive multiple of 8"),
+    (["--H", "60"], "--H 60: must be a positive multiple of 16"),
+    # 72 is a multiple of 8, but its 9x9 latent cannot go down and back up the tiny UNet's two levels
+    (["--H", "72"], "--H 72: must be a positive multiple of 16"),
+    (["--W", "0"], "--W 0: must be a positive multiple of 16"),
+    (["--f", "4"], "--f 4: this model's VAE downsamples by 8"),
     (["--ckpt", "/nonexistent/model.ckpt"], "--ckpt /nonexistent/model.ckpt: file not found"),
     (["--from-file", "EMPTY"], "contains no prompts"),
-    (["--plms", "--ddim_eta", "0.5"], "--plms needs --ddim_eta 0"),
+    (["--from-file", "LATIN1"], "not UTF-8 text"),
+    (["--plms", "--ddim_eta", "0.5"], "only DDIM takes eta"),
+    (["--ddim_eta", "1.5"], "--ddim_eta 1.5: must be in [0, 1]"),
+    (["--ddim_eta", "nan"], "--ddim_eta nan: must be a finite number"),
+    (["--scale", "inf"], "--scale inf: must be a finite number"),
+    (["--ddim_steps", "1001"], "--ddim_steps 1001: must be between 1 and 1000"),
+    (["--ddim_steps", "0"], "--ddim_steps 0: must be between 1 and 1000"),
+    (["--n_samples", "0"], "--n_samples 0: must be at least 1"),
+    (["--seed", "-1"], "--seed -1: must be between 0 and"),
+    (["--device", "gpu7"], "--device 'gpu7': not a device"),
+    (["--lora", "x.safetensors:nan"], "the strength must be a finite number"),
+    (["--lora", "x.safetensors:strong"], "is not a number"),
     (["--prompt", ""], "--prompt is empty"),
+    (["--config", "BADYAML"], "not a valid YAML config"),
+    (["--config", "EVILTARGET"], "configs may only name objects in"),
 ])
 def test_bad_flags_give_one_clear_line(tiny_ckpt, tmp_path, capsys, flags, needle):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n  \n")
-    flags = [str(empty) if f == "EMPTY" else f for f in flags]
+    """Each of these ran into a traceback, painted NaN (black) images with exit code 0, or ran anyway."""
+    files = {"EMPTY": tmp_path / "empty.txt", "LATIN1": tmp_path / "latin1.txt", "BADYAML": tmp_path / "bad.yaml",
+             "EVILTARGET": tmp_path / "evil.yaml"}
+    files["EMPTY"].write_text("\n  \n")
+    files["LATIN1"].write_bytes("photo of a caf\xe9".encode("latin-1"))
+    files["BADYAML"].write_text("model: [unclosed\n")
+    evil = TINY_CONFIG.read_text().replace("ldm.models.autoencoder.AutoencoderKL", "os.system")
+    files["EVILTARGET"].write_text(evil)
+    flags = [str(files[f]) if f in files else f for f in flags]
     with pytest.raises(SystemExit) as info:
         run(tiny_ckpt, tmp_path, *flags)
-    assert info.value.code == 2
-    assert needle in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1, err
+    assert needle in err[0]
+    assert not (tmp_path / "samples").exists()  # stopped before anything was written
 
 
 def test_wrong_checkpoint_is_reported_not_a_traceback(tmp_path, capsys):
@@ -103,3 +127,53 @@ def test_wrong_checkpoint_is_reported_not_a_traceback(tmp_path, capsys):
         run(bad, tmp_path)
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and len(err.splitlines()) == 1 and "notes.ckpt" in err
+
+
+def test_two_runs_into_one_folder_at_once_keep_every_file(tiny_ckpt, tmp_path, monkeypatch):
+    """Run B starts and finishes while run A is sampling (after A looked at the folder): both keep all files."""
+    real = txt2img.make_sampler
+    state = {"b_done": False}
+
+    class Interleaved:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def sample(self, *args, **kwargs):
+            if not state["b_done"]:
+                state["b_done"] = True
+                monkeypatch.setattr(txt2img, "make_sampler", real)
+                run(tiny_ckpt, tmp_path, "--seed", "4")  # run B, complete
+            return self.inner.sample(*args, **kwargs)
+
+    monkeypatch.setattr(txt2img, "make_sampler", lambda name, model: Interleaved(real(name, model)))
+    run(tiny_ckpt, tmp_path)  # run A, seed 3
+    samples = sorted((tmp_path / "samples").iterdir())
+    assert [p.name for p in samples] == ["00000.png", "00001.png", "00002.png", "00003.png"]
+    assert sorted(Image.open(p).text["seed"] for p in samples) == ["3", "3", "4", "4"]
+    grids = sorted(tmp_path.glob("grid-*.png"))
+    assert sorted(Image.open(p).text["seed"] for p in grids) == ["3", "4"]
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_full_disk_leaves_no_partial_png_and_one_line(tiny_ckpt, tmp_path):
+    """A file-size limit (what a full disk looks like to a writer) stops the run with one line, and no PNG that
+    looks valid but is cut short (nor a reserved empty name) is left behind."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+    out = tmp_path / "out"
+    args = ["--config", str(TINY_CONFIG), "--ckpt", str(tiny_ckpt), "--outdir", str(out), "--H", "64", "--W", "64",
+            "--ddim_steps", "2", "--n_samples", "1", "--n_iter", "1", "--prompt", "a dog"]
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write beyond the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/stable_txt2img.py"), *args], capture_output=True,
+                          text=True, preexec_fn=limit, timeout=300, env={"PYTHONDONTWRITEBYTECODE": "1",
+                                                                          "OMP_NUM_THREADS": "1", "PATH": "/usr/bin"})
+    err = proc.stderr.strip().splitlines()  # the sampler's progress bar goes to stderr too
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "00000.png: cannot write: File too large" in err[-1]
+    assert list(out.rglob("*")) in ([], [out / "samples"])  # nothing left but (maybe) the empty folder

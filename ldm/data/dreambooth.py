@@ -18,7 +18,12 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.data.image_loading import find_images, load_caption, load_image, uint8_to_tensor
+from ldm.data.loader import ResumableLoader, ResumableSampler
 
+#: The batch keys this dataset writes: the model's ``first_stage_key`` / ``cond_stage_key`` name them, and class
+#: examples carry the same keys with ``REG_PREFIX`` (``reg_image``); ``<image key>_id`` / ``_flip`` name the exact
+#: pixels for the latent cache.
+IMAGE_KEY, CAPTION_KEY, REG_PREFIX = "image", "caption", "reg_"
 DEFAULT_SUBJECT_TEMPLATE = "photo of a {token} {class_word}"
 DEFAULT_CLASS_TEMPLATE = "photo of a {class_word}"
 # CLIP's ids are BPE merge ranks: the lower the id, the earlier (more frequent) the merge. Below this the
@@ -141,31 +146,45 @@ class DreamBoothDataset(Dataset):
             return subject_len
         return max(self.num_subject, min(subject_len, self.num_class * self.reg_repeats))
 
-    def _example(self, image: np.ndarray) -> tuple[torch.Tensor, bool]:
+    def images_by_role(self) -> dict[str, np.ndarray]:
+        """The decoded images under the batch key they are served as (``image``, ``reg_image``)."""
+        out = {IMAGE_KEY: self.images}
+        if self.reg_images is not None:
+            out[REG_PREFIX + IMAGE_KEY] = self.reg_images
+        return out
+
+    def all_captions(self) -> list[str]:
+        return list(self.captions) + list(self.reg_captions)
+
+    def _example(self, image: np.ndarray, generator: torch.Generator | None) -> tuple[torch.Tensor, bool]:
         x = uint8_to_tensor(image)
-        # torch's RNG, not numpy's or random's: Lightning's seed_everything and its per-worker seeding cover it.
-        flip = self.flip_p > 0 and torch.rand(()).item() < self.flip_p
+        flip = self.flip_p > 0 and torch.rand((), generator=generator).item() < self.flip_p
         return (x.flip(-1) if flip else x), flip
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        """Item ``i``, or ``(i, seed)`` from :class:`ResumableSampler`: the seed decides the random flips, so the
+        same draw gives the same pixels in a resumed run (a plain ``i`` draws from torch's global generator)."""
+        i, seed = index if isinstance(index, tuple) else (index, None)
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} items")
-        # ``*_id`` and ``*_flip`` name the exact pixels, so a latent cache can stand in for the VAE.
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
         s = i % self.num_subject
-        image, flip = self._example(self.images[s])
-        item: dict[str, Any] = {"image": image, "caption": self.captions[s], "image_id": s, "image_flip": flip}
+        image, flip = self._example(self.images[s], generator)
+        item: dict[str, Any] = {IMAGE_KEY: image, CAPTION_KEY: self.captions[s], f"{IMAGE_KEY}_id": s,
+                                f"{IMAGE_KEY}_flip": flip}
         if self.reg_images is not None:
             c = i % self.num_class
-            reg, reg_flip = self._example(self.reg_images[c])
-            item.update(reg_image=reg, reg_caption=self.reg_captions[c], reg_image_id=c, reg_image_flip=reg_flip)
+            reg, reg_flip = self._example(self.reg_images[c], generator)
+            item.update({REG_PREFIX + IMAGE_KEY: reg, REG_PREFIX + CAPTION_KEY: self.reg_captions[c],
+                         f"{REG_PREFIX}{IMAGE_KEY}_id": c, f"{REG_PREFIX}{IMAGE_KEY}_flip": reg_flip})
         return item
 
 
 class DreamBoothDataModule(pl.LightningDataModule):
     """The training data of one DreamBooth run, built from the config's ``data.params`` or the CLI flags.
 
-    ``validation_prompts`` are not a dataset: they are kept here for the image logger, which samples them
-    (None lets the trainer choose its own, e.g. from the subject and class prompts).
+    ``seed`` fixes the order and the flips of every epoch (see ``ldm.data.loader``); the training module sets it
+    from ``--seed``.
     """
 
     def __init__(
@@ -182,8 +201,8 @@ class DreamBoothDataModule(pl.LightningDataModule):
         flip_p: float = 0.5,
         subject_template: str = DEFAULT_SUBJECT_TEMPLATE,
         class_template: str = DEFAULT_CLASS_TEMPLATE,
-        validation_prompts: Sequence[str] | None = None,
         min_size: int | None = None,
+        seed: int = 23,
     ) -> None:
         super().__init__()
         self.data_root = data_root
@@ -198,8 +217,8 @@ class DreamBoothDataModule(pl.LightningDataModule):
         self.flip_p = flip_p
         self.subject_template = subject_template
         self.class_template = class_template
-        self.validation_prompts = list(validation_prompts) if validation_prompts is not None else None
         self.min_size = min_size
+        self.seed = seed
         self.train_dataset: DreamBoothDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -227,9 +246,17 @@ class DreamBoothDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise RuntimeError("call setup() before train_dataloader()")
-        return DataLoader(
-            self.train_dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
+        return ResumableLoader(
+            self.train_dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+            sampler=ResumableSampler(len(self.train_dataset), self.seed),
             drop_last=False,  # the short last batch is real training data; nothing in the model needs a full one
             persistent_workers=self.num_workers > 0,  # workers hold the decoded images; do not refork each epoch
             pin_memory=torch.cuda.is_available(),
+            batches_done=self._batches_done,
         )
+
+    def _batches_done(self) -> int:
+        """Batches of the current epoch trained so far: Lightning's own progress counter (``processed`` includes
+        the batch whose ``on_train_batch_end`` is saving a checkpoint, and equals ``completed`` otherwise)."""
+        trainer = self.trainer
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0

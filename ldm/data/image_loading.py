@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +28,18 @@ logger = logging.getLogger(__name__)
 # Suffixes we try to decode; everything else in a data folder is skipped (captions) or reported (HEIC, GIF...).
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".mpo"})
 CAPTION_SUFFIX = ".txt"
+# Per-photo loss masks (``photo.mask.png`` beside ``photo.jpg``) are not training images.
+MASK_SUFFIXES = (".mask.png",)
 # Pillow's guidance: a reducing_gap of 3 is indistinguishable from a full Lanczos resample, and much faster
 # on 12-megapixel phone photos because most of the reduction is done by cheap box averaging first.
 REDUCING_GAP = 3.0
+# Decompression bombs: a small file that declares a huge image (a 100 KB PNG can decode to gigabytes). An image is
+# refused before decoding when it has more than MAX_PIXELS pixels (134 MP, 400 MB as RGB; Pillow itself refuses
+# 179 MP and more while opening, which we report the same way), or more than MAX_PIXELS_PER_BYTE pixels per byte of file beyond BOMB_MIN_PIXELS (16.7 MP):
+# photos compress to 0.1-3 bytes per pixel, so 1024 pixels per byte is a forged header, not a photo.
+MAX_PIXELS = 2 ** 27
+MAX_PIXELS_PER_BYTE = 1024
+BOMB_MIN_PIXELS = 2 ** 24
 # Exceptions that Pillow's plugins raise on broken files (SyntaxError and EOFError come from older plugins).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
@@ -42,13 +54,27 @@ def _error(path: str | Path, problem: object) -> ImageError:
     return ImageError(f"{path}: {text}")
 
 
+def _not_a_file(path: Path) -> str | None:
+    """What a folder entry is when it is not a regular file (None for a regular file)."""
+    try:
+        mode = path.stat().st_mode  # follows links
+    except OSError as exc:
+        return "a broken or looping link" if path.is_symlink() else f"unreadable ({exc.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket",
+             stat.S_ISCHR: "a device", stat.S_ISBLK: "a device"}
+    return next((what for test, what in kinds.items() if test(mode)), "not a regular file")
+
+
 def find_images(folder: str | Path, role: str) -> list[Path]:
     """The image files directly inside ``folder``, sorted by name.
 
     ``role`` names where the folder came from (e.g. ``"--data_root"``) so that the error points at the flag.
     Caption files (``.txt``) and hidden files (``.DS_Store``, macOS ``._IMG.jpg`` forks) are skipped silently;
-    other files (HEIC, GIF, ...) are skipped with a logged warning, because a user who exported from a phone
-    would otherwise train on fewer photos than they think.
+    everything else that is not used is named in one logged warning: other formats (HEIC, GIF, ...), and entries
+    that are not regular files (sub-folders, FIFOs, devices, broken or looping links), which are never opened.
+    A user who exported from a phone would otherwise train on fewer photos than they think.
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -56,16 +82,34 @@ def find_images(folder: str | Path, role: str) -> list[Path]:
         raise ImageError(f"{role} {folder}: {what}")
     images, others = [], []
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file() or path.suffix.lower() == CAPTION_SUFFIX:
+        if path.name.startswith("."):
             continue
-        (images if path.suffix.lower() in IMAGE_SUFFIXES else others).append(path)
+        kind = _not_a_file(path)
+        if kind is not None:
+            others.append(f"{path.name} ({kind})")
+        elif path.suffix.lower() == CAPTION_SUFFIX or path.name.endswith(MASK_SUFFIXES):
+            continue
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(path)
+        else:
+            others.append(path.name)
     if not images:
-        hint = f" (skipped {len(others)} other files, e.g. {others[0].name})" if others else ""
+        hint = f" (skipped {len(others)} other entries, e.g. {others[0]})" if others else ""
         raise ImageError(f"{role} {folder}: no images (PNG, JPEG, WebP, BMP) in this folder{hint}")
     if others:
-        logger.warning("%s %s: skipping %d files that are not PNG/JPEG/WebP/BMP: %s", role, folder,
-                       len(others), ", ".join(p.name for p in others[:5]) + (" ..." if len(others) > 5 else ""))
+        logger.warning("%s %s: skipping %d entries that are not PNG/JPEG/WebP/BMP files: %s", role, folder,
+                       len(others), ", ".join(others[:5]) + (" ..." if len(others) > 5 else ""))
     return images
+
+
+def check_pixel_count(path: Path, width: int, height: int) -> None:
+    """Refuse a decompression bomb before decoding it (see MAX_PIXELS and MAX_PIXELS_PER_BYTE)."""
+    pixels = width * height
+    size = max(1, os.path.getsize(path))
+    if pixels > MAX_PIXELS or (pixels > BOMB_MIN_PIXELS and pixels > MAX_PIXELS_PER_BYTE * size):
+        raise _error(path, f"declares {width}x{height} pixels in a {size}-byte file: refused as a possible "
+                           f"decompression bomb (limits: {MAX_PIXELS} pixels, or {MAX_PIXELS_PER_BYTE} pixels per "
+                           f"byte above {BOMB_MIN_PIXELS} pixels)")
 
 
 def _on_white(img: Image.Image) -> Image.Image:
@@ -156,9 +200,13 @@ def load_image(path: str | Path, size: int, min_size: int | None = None) -> Imag
     path = Path(path)
     min_size = size // 4 if min_size is None else min_size
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # our own limit (check_pixel_count) replaces Pillow's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             img.seek(0)
             w, h = img.size  # the short side is the same before and after EXIF rotation
+            check_pixel_count(path, w, h)
             if min(w, h) < min_size:
                 raise _error(path, f"image is {w}x{h} pixels; its short side must be at least {min_size} "
                                    f"(training size {size})")
@@ -176,6 +224,8 @@ def load_image(path: str | Path, size: int, min_size: int | None = None) -> Imag
         raise
     except FileNotFoundError:
         raise _error(path, "file not found") from None
+    except Image.DecompressionBombError as exc:
+        raise _error(path, f"refused as a possible decompression bomb ({exc})") from None
     except Image.UnidentifiedImageError:
         problem = "empty file" if path.stat().st_size == 0 else "not an image Pillow can read (corrupt file?)"
         raise _error(path, problem) from None

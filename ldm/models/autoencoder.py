@@ -30,7 +30,8 @@ class AutoencoderKL(nn.Module):
         ignore_keys: only meaningful with ``ckpt_path``.
         image_key: the batch entry :meth:`get_input` reads.
         colorize_nlabels: segmentation-map first stages only; not supported.
-        monitor: the metric name the original logged for checkpointing; kept for config compatibility.
+        monitor: the metric name the original logged for checkpointing; accepted (original configs carry it)
+            and ignored.
     """
 
     def __init__(
@@ -56,7 +57,7 @@ class AutoencoderKL(nn.Module):
         if not ddconfig["double_z"]:
             raise ValueError("AutoencoderKL needs ddconfig.double_z = true: the encoder must output mean and logvar.")
         self.image_key = image_key
-        self.monitor = monitor
+        del monitor  # accepted because the original configs carry it; nothing here reads it
         self.embed_dim = embed_dim
 
         self.encoder = Encoder(**ddconfig)

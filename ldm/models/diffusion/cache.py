@@ -6,29 +6,31 @@ uncached path does: caching changes where the numbers come from, not what is tra
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ldm.data.image_loading import uint8_to_tensor
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
 
 class LatentCache:
-    """(role, image id, flipped) -> posterior parameters ``[2C, h, w]``; roles are "image" and "reg_image"."""
+    """(role, image id, flipped) -> posterior parameters ``[2C, h, w]``. A role is the batch key the images are
+    served under (the model's ``first_stage_key`` and ``reg_`` + it); ``<role>_id`` and ``<role>_flip`` in a
+    batch name the entry."""
 
     def __init__(self) -> None:
         self.params: dict[tuple[str, int, bool], torch.Tensor] = {}
 
     @torch.no_grad()
-    def build(self, encode, dataset: Any, device: torch.device, batch_size: int = 8) -> None:
-        flips = (False, True) if dataset.flip_p > 0 else (False,)
-        for role, images in (("image", dataset.images), ("reg_image", dataset.reg_images)):
-            if images is None:
-                continue
-            for start in range(0, len(images), batch_size):
-                x = torch.stack([uint8_to_tensor(a) for a in images[start:start + batch_size]]).to(device)
-                for flip in flips:
+    def build(self, encode: Callable[[torch.Tensor], Any], images: Mapping[str, Sequence[Any]],
+              to_tensor: Callable[[Any], torch.Tensor], flips: bool, device: torch.device,
+              batch_size: int = 8) -> None:
+        """Encode every image of every role (``to_tensor`` turns one stored image into ``[3, H, W]`` in [-1, 1]),
+        as it is and, with ``flips``, mirrored."""
+        for role, stored in images.items():
+            for start in range(0, len(stored), batch_size):
+                x = torch.stack([to_tensor(a) for a in stored[start:start + batch_size]]).to(device)
+                for flip in ((False, True) if flips else (False,)):
                     params = encode(x.flip(-1) if flip else x).parameters
                     for k in range(params.shape[0]):
                         self.params[(role, start + k, flip)] = params[k]

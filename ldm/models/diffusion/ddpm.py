@@ -77,7 +77,7 @@ class LatentDiffusion(pl.LightningModule):
                  cond_stage_config: Mapping[str, Any],
                  unet_config: Mapping[str, Any],
                  num_timesteps_cond: int = 1,
-                 cond_stage_key: str = "txt",
+                 cond_stage_key: str = "caption",
                  cond_stage_trainable: bool = False,
                  conditioning_key: Optional[str] = "crossattn",
                  scale_factor: float = 1.0,
@@ -87,11 +87,9 @@ class LatentDiffusion(pl.LightningModule):
                  linear_start: float = 1e-4,
                  linear_end: float = 2e-2,
                  cosine_s: float = 8e-3,
-                 log_every_t: int = 100,
                  first_stage_key: str = "image",
                  image_size: int = 64,
                  channels: int = 4,
-                 monitor: Optional[str] = None,
                  use_ema: bool = True,
                  ema_decay: float = 0.9999,
                  parameterization: Literal["eps"] = "eps",
@@ -106,19 +104,24 @@ class LatentDiffusion(pl.LightningModule):
                  min_snr_gamma: Optional[float] = None,
                  cache_latents: bool = False,
                  set_grads_to_none: bool = True,
-                 ckpt_path: Optional[str] = None):
+                 ckpt_path: Optional[str] = None,
+                 log_every_t: Optional[int] = None,
+                 monitor: Optional[str] = None):
+        """``log_every_t`` and ``monitor`` are accepted, and ignored, only because the original configs (and
+        users' copies of them) carry them: the first sized the original's progressive-denoising plots, the
+        second named a validation metric of the original trainer; nothing here reads either."""
         super().__init__()
+        del log_every_t, monitor
         if parameterization != "eps":
             raise NotImplementedError(f"parameterization {parameterization!r}: SD v1 predicts 'eps'")
         if scale_by_std:
             raise NotImplementedError("scale_by_std: SD v1 uses the fixed scale_factor 0.18215")
         if num_timesteps_cond != 1:
             raise NotImplementedError("num_timesteps_cond other than 1 is not used by SD v1")
-        self.parameterization, self.loss_type = parameterization, loss_type
+        self.loss_type = loss_type
         self.cond_stage_key, self.first_stage_key = cond_stage_key, first_stage_key
         self.cond_stage_trainable = cond_stage_trainable
         self.image_size, self.channels = image_size, channels
-        self.log_every_t, self.monitor = log_every_t, monitor
         self.scale_factor = scale_factor
         self.scheduler_config = scheduler_config
         self.reg_weight = reg_weight
@@ -130,8 +133,12 @@ class LatentDiffusion(pl.LightningModule):
             raise NotImplementedError("use_ema with LoRA: the EMA would track the frozen base weights")
         self.offset_noise, self.min_snr_gamma = offset_noise, min_snr_gamma
         self.cache_latents, self.set_grads_to_none = cache_latents, set_grads_to_none
+        # Set by the CacheFrozenInputs callback when cache_latents is on; None means "run the frozen parts".
         self.latent_cache: Optional[LatentCache] = None
         self.text_cache: Optional[TextCache] = None
+        # Set by the training module to --seed: every step then draws its t, noise and latent sample from a
+        # generator seeded by (seed, epoch, batch, rank), so a resumed run repeats an uninterrupted one exactly.
+        self.noise_seed: Optional[int] = None
 
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         self.use_ema = use_ema
@@ -225,7 +232,7 @@ class LatentDiffusion(pl.LightningModule):
         from ldm.lora import add_lora
         add_lora(self, self.lora_settings)
 
-    def get_latents(self, batch: Mapping[str, Any]) -> torch.Tensor:
+    def get_latents(self, batch: Mapping[str, Any], generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Latents of the subject images, then of the class images: from the cache, else through the VAE."""
         roles = [self.first_stage_key] + (["reg_" + self.first_stage_key] if "reg_" + self.first_stage_key in batch
                                           else [])
@@ -234,25 +241,37 @@ class LatentDiffusion(pl.LightningModule):
         else:
             images = torch.cat([batch[r] for r in roles]).to(memory_format=torch.contiguous_format)
             posterior = self.encode_first_stage(images)
-        return self.get_first_stage_encoding(posterior).detach()
+        return self.get_first_stage_encoding(posterior, generator).detach()
 
     def get_captions(self, batch: Mapping[str, Any]) -> tuple[list[str], int]:
         captions = list(batch[self.cond_stage_key])
         return captions + list(batch.get("reg_" + self.cond_stage_key, [])), len(captions)
 
-    def shared_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One DreamBooth loss evaluation: encode, noise at a random t, predict eps, subject + prior terms."""
-        z = self.get_latents(batch)
+    def shared_step(self, batch: Mapping[str, Any], generator: Optional[torch.Generator] = None,
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One DreamBooth loss evaluation: encode, noise at a random t, predict eps, subject + prior terms.
+
+        Every random draw (posterior sample, t, noise, offset) comes from ``generator`` when one is given."""
+        z = self.get_latents(batch, generator)
         captions, n_subject = self.get_captions(batch)
         c = self.text_cache(captions) if self.text_cache is not None else self.get_learned_conditioning(captions)
-        t = torch.randint(0, self.num_timesteps, (z.shape[0],), device=z.device).long()
-        noise = offset_noise_(torch.randn_like(z), self.offset_noise)
+        t = torch.randint(0, self.num_timesteps, (z.shape[0],), device=z.device, generator=generator).long()
+        noise = torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
+        noise = offset_noise_(noise, self.offset_noise, generator)
         eps_pred = self.apply_model(self.q_sample(z, t, noise), t, c)
         weights = min_snr_weights(self.alphas_cumprod[t], self.min_snr_gamma) if self.min_snr_gamma else None
         return prior_preservation_loss(eps_pred, noise, n_subject, self.reg_weight, self.loss_type, weights)
 
+    def step_generator(self, batch_idx: int) -> Optional[torch.Generator]:
+        """The generator of one training batch, from (noise_seed, epoch, batch index, rank); None without a seed."""
+        if self.noise_seed is None:
+            return None
+        from ldm.data.loader import derive_seed
+        seed = derive_seed(self.noise_seed, "step", self.current_epoch, batch_idx, self.global_rank)
+        return torch.Generator(self.device).manual_seed(seed)
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, logs = self.shared_step(batch)
+        loss, logs = self.shared_step(batch, self.step_generator(batch_idx))
         batch_size = batch[self.first_stage_key].shape[0]
         self.log("train/loss", logs["loss"], prog_bar=True, on_step=True, logger=True, batch_size=batch_size)
         self.log_dict({"train/loss_subject": logs["loss_subject"], "train/loss_prior": logs["loss_prior"]},
@@ -261,22 +280,15 @@ class LatentDiffusion(pl.LightningModule):
                  batch_size=batch_size)
         return loss
 
-    def on_fit_start(self) -> None:
-        if not self.cache_latents:
+    def offload_frozen(self) -> None:
+        """With caches in place nothing in a training step needs the VAE (or a frozen text encoder): free their
+        GPU memory. The image logger borrows them back for sampling."""
+        if self.device.type != "cuda":
             return
-        dataset = self.trainer.datamodule.train_dataset
-        self.latent_cache = LatentCache()
-        self.latent_cache.build(self.first_stage_model.encode, dataset, self.device)
-        text_frozen = not any(p.requires_grad for p in self.cond_stage_model.parameters())
-        if text_frozen:
-            self.text_cache = TextCache()
-            self.text_cache.build(self.cond_stage_model.encode, list(dataset.captions) + list(dataset.reg_captions or []))
-        if self.device.type == "cuda":
-            # Nothing in a training step needs them now: free their GPU memory (the image logger borrows them).
-            self.first_stage_model.to("cpu")
-            if text_frozen:
-                self.cond_stage_model.to("cpu")
-            torch.cuda.empty_cache()
+        self.first_stage_model.to("cpu")
+        if self.text_cache is not None:
+            self.cond_stage_model.to("cpu")
+        torch.cuda.empty_cache()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for m in (self.model, self.cond_stage_model) for p in m.parameters() if p.requires_grad]

@@ -25,13 +25,13 @@ def min_snr_weights(alphas_cumprod_t: torch.Tensor, gamma: float) -> torch.Tenso
     return torch.clamp(snr, max=gamma) / snr
 
 
-def offset_noise_(noise: torch.Tensor, strength: float) -> torch.Tensor:
+def offset_noise_(noise: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Offset noise (Guttenberg 2023): add one random constant per example and channel, so the model also
     learns to change an image's overall brightness. Returns ``noise`` with the offset added."""
     if strength == 0:
         return noise
     offset = torch.randn(noise.shape[0], noise.shape[1], *([1] * (noise.ndim - 2)), device=noise.device,
-                         dtype=noise.dtype)
+                         dtype=noise.dtype, generator=generator)
     return noise + strength * offset
 
 

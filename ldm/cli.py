@@ -1,0 +1,204 @@
+"""The command-line pieces the sampling scripts share (``stable_txt2img.py`` now, image-to-image and inpainting
+with the same flags): the flags, the one check of their values, loading the model with its adapters, and writing
+numbered PNGs that never overwrite anything.
+
+``check_sampling_args`` is the one place where a sampling run's flags are checked, from the maths of each: the
+image side must be a multiple of the VAE's and the UNet's downsampling together; DDIM's eta must lie in [0, 1]
+(above 1 the variance sigma_t^2 exceeds 1 - alpha_{t-1} and the direction term becomes the square root of a
+negative number: NaN, i.e. black images); the step count lies between 1 and the schedule's length; the seed is one
+Lightning's ``seed_everything`` accepts; every number is finite. Each problem is one line, before a model loads.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.config import MAX_SEED, ConfigError, load_configs, spatial_factor
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs/stable-diffusion/v1-inference.yaml"
+SAMPLER_NAMES = ("ddim", "plms", "euler", "dpmpp_2m")
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=str, default=str(DEFAULT_CONFIG), help="path to config which constructs model")
+    p.add_argument("--ckpt", type=str, default="models/ldm/stable-diffusion-v1/model.ckpt",
+                   help="path to checkpoint of model (.ckpt or .safetensors)")
+    p.add_argument("--precision", type=str, choices=["full", "autocast", "fp16", "bf16"], default="autocast",
+                   help="evaluate at this precision on CUDA (autocast = fp16); CPU always runs in full fp32")
+    p.add_argument("--device", type=str, default=None, help="cuda, cuda:1, cpu... (default: cuda if available)")
+    p.add_argument("--no_ema", action="store_true", help="with a full-EMA checkpoint, sample the non-EMA weights")
+    p.add_argument("--lora", type=str, default=None, metavar="FILE[:SCALE]",
+                   help="apply a LoRA adapter (.safetensors, kohya layout) with an optional strength, e.g. "
+                        "a.safetensors:0.8 (to combine several, bake them in with scripts/merge_lora.py)")
+    p.add_argument("--allow_any_target", action="store_true",
+                   help="let --config's target: strings import any module (only for configs you trust)")
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, steps: int = 50, scale: float = 7.5, n_samples: int = 3,
+                       n_iter: int = 2) -> None:
+    """The original scripts' sampling flags (their defaults differ per script: passed in)."""
+    p.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
+                   help="the prompt to render")
+    p.add_argument("--negative_prompt", type=str, default="",
+                   help="what to steer away from: replaces the empty unconditional prompt of guidance")
+    p.add_argument("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
+    p.add_argument("--skip_save", action="store_true", help="do not save individual samples")
+    p.add_argument("--ddim_steps", type=int, default=steps, help="number of sampling steps")
+    p.add_argument("--plms", action="store_true", help="use plms sampling (same as --sampler plms)")
+    p.add_argument("--sampler", type=str, choices=SAMPLER_NAMES, default=None,
+                   help="ddim (default), plms, euler, or dpmpp_2m (DPM-Solver++ 2M with Karras sigmas)")
+    p.add_argument("--fixed_code", action="store_true",
+                   help="use the same starting code for every iteration (n_iter)")
+    p.add_argument("--ddim_eta", type=float, default=0.0,
+                   help="ddim eta in [0, 1] (eta=0.0 is deterministic sampling)")
+    p.add_argument("--n_iter", type=int, default=n_iter, help="sample this often")
+    p.add_argument("--n_samples", type=int, default=n_samples,
+                   help="how many samples to produce for each given prompt (the batch size)")
+    p.add_argument("--n_rows", type=int, default=0, help="rows in the grid (default: n_samples)")
+    p.add_argument("--scale", type=float, default=scale,
+                   help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty))")
+    p.add_argument("--from-file", type=str, help="if specified, load prompts from this file, one per line")
+    p.add_argument("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
+
+
+def sampler_name(opt: argparse.Namespace) -> str:
+    if opt.plms and opt.sampler not in (None, "plms"):
+        raise ConfigError(f"--plms and --sampler {opt.sampler} contradict each other")
+    return "plms" if opt.plms else (opt.sampler or "ddim")
+
+
+def _finite(flag: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{flag} {value}: must be a finite number")
+
+
+def pick_device(name: Optional[str]) -> torch.device:
+    """``--device``: a device torch knows and this machine has."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r}: not a device (expected cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no CUDA GPU on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name}: unsupported device type {device.type!r}")
+    return device
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--from-file {path}: file not found")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--from-file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"--from-file {path}: contains no prompts")
+    return prompts
+
+
+def load_model_config(opt: argparse.Namespace) -> DictConfig:
+    from ldm.util import allow_any_target
+    allow_any_target(getattr(opt, "allow_any_target", False))
+    return load_configs([opt.config], flag="--config")
+
+
+def check_sampling_args(opt: argparse.Namespace, config: DictConfig, sizes: bool = True) -> list[list[str]]:
+    """Check every sampling flag against ``config`` (one ``ConfigError`` line each); returns the prompt batches."""
+    timesteps = int(OmegaConf.select(config, "model.params.timesteps", default=1000))
+    if sizes:
+        factor = spatial_factor(config)
+        vae_f = 2 ** (len(OmegaConf.select(config, "model.params.first_stage_config.params.ddconfig.ch_mult",
+                                           default=[1, 2, 4, 4])) - 1)
+        channels = int(OmegaConf.select(config, "model.params.channels", default=4))
+        if opt.f != vae_f:
+            raise ConfigError(f"--f {opt.f}: this model's VAE downsamples by {vae_f}")
+        if opt.C != channels:
+            raise ConfigError(f"--C {opt.C}: this model's latents have {channels} channels")
+        for flag in ("H", "W"):
+            value = getattr(opt, flag)
+            if value < factor or value % factor:
+                raise ConfigError(f"--{flag} {value}: must be a positive multiple of {factor} for this model (the "
+                                  f"VAE's and the UNet's downsampling together), e.g. "
+                                  f"{max(factor, value // factor * factor)}")
+    for flag in ("n_samples", "n_iter"):
+        if getattr(opt, flag) < 1:
+            raise ConfigError(f"--{flag} {getattr(opt, flag)}: must be at least 1")
+    if opt.n_rows < 0:
+        raise ConfigError(f"--n_rows {opt.n_rows}: must be 0 (one row per batch) or more")
+    if not 1 <= opt.ddim_steps <= timesteps:
+        raise ConfigError(f"--ddim_steps {opt.ddim_steps}: must be between 1 and {timesteps} (the schedule's length)")
+    _finite("--scale", opt.scale)
+    _finite("--ddim_eta", opt.ddim_eta)
+    name = sampler_name(opt)
+    if not 0 <= opt.ddim_eta <= 1:
+        raise ConfigError(f"--ddim_eta {opt.ddim_eta}: must be in [0, 1] (above 1 DDIM's noise exceeds the "
+                          f"remaining variance and every pixel becomes NaN)")
+    if name != "ddim" and opt.ddim_eta != 0:
+        raise ConfigError(f"--ddim_eta {opt.ddim_eta}: only DDIM takes eta (this run uses {name})")
+    if not 0 <= opt.seed <= MAX_SEED:
+        raise ConfigError(f"--seed {opt.seed}: must be between 0 and {MAX_SEED}")
+    if not Path(opt.ckpt).exists():
+        raise ConfigError(f"--ckpt {opt.ckpt}: file not found")
+    if opt.lora:
+        from ldm.lora import parse_lora_spec
+        try:
+            path = parse_lora_spec(opt.lora)[0]
+        except ValueError as e:
+            raise ConfigError(f"--lora {e}") from None
+        if not Path(path).is_file():
+            raise ConfigError(f"--lora {path}: file not found")
+    pick_device(opt.device)
+    if opt.from_file:
+        prompts = read_prompts(opt.from_file)
+        return [prompts[i:i + opt.n_samples] for i in range(0, len(prompts), opt.n_samples)]
+    if not opt.prompt:
+        raise ConfigError("--prompt is empty")
+    return [opt.n_samples * [opt.prompt]]
+
+
+def load_sampling_model(opt: argparse.Namespace, config: DictConfig, device: torch.device) -> Any:
+    """The checkpoint's model on ``device``, with ``--lora`` applied; problems raise ``CheckpointError``."""
+    from ldm.checkpoint import CheckpointError, load_model_from_config
+    from ldm.lora import load_lora, read_lora
+    model = load_model_from_config(config, opt.ckpt, prefer_ema=not opt.no_ema).to(device)
+    if opt.lora:
+        path, strength, sd = read_lora(opt.lora)
+        try:
+            n = load_lora(model, sd, strength)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        print(f"Applied LoRA {path} ({n} modules, strength {strength})")
+    return model
+
+
+def precision_context(device: torch.device, precision: str):
+    if device.type != "cuda" or precision == "full":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a sampling script reports as one line (exit code 2)."""
+    from ldm.checkpoint import CheckpointError
+    from ldm.data.image_loading import ImageError
+    from ldm.files import DiskFullError, OutputError
+    from ldm.util import TargetNotAllowed
+    return ConfigError, CheckpointError, ImageError, TargetNotAllowed, OutputError, DiskFullError

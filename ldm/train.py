@@ -1,0 +1,372 @@
+"""One DreamBooth training run, from options to a finished run folder.
+
+``main.py`` is only a command line over :func:`run`; a notebook or the web UI build a :class:`TrainOptions` and
+call the same function. The order of the work is what keeps bad input cheap and results safe:
+
+1. the configs are merged and every key and value is checked (``ldm.config.check_training_config``), the data
+   folders are checked against each other, and the weights file is found, all before any model is loaded;
+2. the model is built (on the meta device, filled from the checkpoint), class images are generated, and every
+   training image is decoded and checked;
+3. only then is the run folder created, exclusively (two runs started in the same second get two folders), and
+   the Lightning ``Trainer`` runs. A resumed run (``-r``) continues from the newest complete checkpoint of its
+   folder, from the weights in that checkpoint, and repeats the uninterrupted run's batches exactly.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import warnings
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.config import (MAX_SEED, ConfigError, Range, apply_flags, apply_overrides, check_training_config,
+                        load_configs, require)
+from ldm.files import is_within
+
+#: Set by rank 0 for the processes Lightning's DDP launcher starts, so that all ranks share one run folder.
+RUN_FOLDER_ENV = "LDM_RUN_FOLDER"
+#: The exit code of a run stopped by SIGTERM after saving (128 + SIGTERM, what a shell reports for a kill).
+SIGTERM_EXIT = 143
+
+
+@dataclass
+class TrainOptions:
+    """The settings of one run; the command line's flags have the same names (``python main.py --help``)."""
+    base: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+    name: str = ""
+    resume: str = ""
+    train: bool = True
+    seed: int = 23
+    postfix: str = ""
+    logdir: str = "logs"
+    scale_lr: bool = True
+    actual_resume: Optional[str] = None
+    data_root: Optional[str] = None
+    reg_data_root: Optional[str] = None
+    class_word: Optional[str | list[str]] = None
+    token: Optional[str] = None
+    num_class_images: Optional[int] = None
+    max_steps: Optional[int] = None
+    lora_rank: Optional[int] = None
+    gpus: Optional[str] = None
+    allow_any_target: bool = False
+
+    @classmethod
+    def from_namespace(cls, namespace: Any, overrides: Sequence[str] = ()) -> "TrainOptions":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in vars(namespace).items() if k in known}, overrides=list(overrides))
+
+
+@dataclass
+class Plan:
+    """What :func:`prepare` decided: the checked config and where the run's files go."""
+    config: DictConfig
+    now: str
+    run_folder: Optional[Path]  # None until created (new runs); the existing folder when resuming
+    resume_ckpt: Optional[Path]
+    weights: Optional[Path]  # the file the model's weights come from (resume checkpoint or --actual_resume)
+
+
+# ---- options -> checked config ---------------------------------------------------------------------------------
+
+def prepare(options: TrainOptions) -> Plan:
+    """Merge and check everything that can be checked without loading a model."""
+    from ldm.util import allow_any_target
+    allow_any_target(options.allow_any_target)
+    Range(0, MAX_SEED, integer=True).check("--seed", options.seed)
+    if options.name and options.resume:
+        raise ConfigError("-n/--name and -r/--resume cannot both be given: a resumed run keeps its folder")
+    if not options.train and not options.resume:
+        raise ConfigError("nothing to do: add -t to train (sampling is scripts/stable_txt2img.py)")
+    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    base, run_folder, resume_ckpt = list(options.base), None, None
+    if options.resume:
+        run_folder, resume_ckpt = find_resume(options.resume)
+        saved = sorted((run_folder / "configs").glob("*-project.yaml"))
+        if not saved:
+            raise ConfigError(f"--resume {options.resume}: no saved config in {run_folder / 'configs'}")
+        base = [saved[-1]] + base
+    elif not base:
+        raise ConfigError("no config: pass --base configs/stable-diffusion/v1-finetune_unfrozen.yaml")
+    else:
+        check_run_name(options.name or Path(base[0]).stem, options.postfix)
+    config = apply_overrides(apply_flags(load_configs(base), options), options.overrides)
+    if options.resume:
+        if options.actual_resume:
+            print("--actual_resume is ignored with -r: the run continues from its own checkpoint")
+        config.pop("actual_resume", None)  # the weights are in the checkpoint: the original file is not needed
+    elif options.actual_resume:
+        OmegaConf.update(config, "actual_resume", options.actual_resume, force_add=True)
+    check_training_config(config)
+    require(config, "data.params.data_root", "--data_root")
+    require(config, "data.params.class_word", "--class_word")
+    require(config, "data.params.token", "--token")
+    check_data_folders(config)
+    weights = resume_ckpt or config.get("actual_resume")
+    if weights is not None and not Path(weights).is_file():
+        raise ConfigError(f"--actual_resume {weights}: file not found")
+    return Plan(config, now, run_folder, resume_ckpt, Path(weights) if weights else None)
+
+
+def check_run_name(name: str, postfix: str) -> None:
+    """A run name is one folder name: ``-n "x/../other_run"`` would write into another run's folder."""
+    for flag, value in (("-n/--name", name), ("-f/--postfix", postfix)):
+        if any(c in value for c in "/\\\0") or value in (".", ".."):
+            raise ConfigError(f"{flag} {value!r}: must be a plain name (no '/', '\\\\' or '..'): runs live in "
+                              f"--logdir/<date>_<name>")
+
+
+def check_data_folders(config: DictConfig) -> None:
+    """The subject's photos and the class images must be separate folders: generated class images written into
+    the photo folder would be trained as the subject, and subject photos inside the class folder as the class."""
+    data_root = Path(str(config.data.params.data_root))
+    reg = config.data.params.get("reg_data_root")
+    if reg is None:
+        return
+    reg = Path(str(reg))
+    if is_within(reg, data_root) or is_within(data_root, reg):
+        raise ConfigError(f"--reg_data_root {reg} and --data_root {data_root} overlap (one is inside the other): "
+                          f"keep the class images in a folder of their own")
+
+
+# ---- resuming --------------------------------------------------------------------------------------------------
+
+def checkpoint_state(path: Path) -> Optional[int]:
+    """The global step of a complete Lightning training checkpoint (weights, optimizer and loop states), or None
+    for a file that is partial, unreadable or holds weights only (exported or pruned files)."""
+    import torch
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not a candidate
+        return None
+    if not isinstance(obj, dict) or not {"state_dict", "optimizer_states", "loops"} <= set(obj):
+        return None
+    step = obj.get("global_step")
+    return step if isinstance(step, int) else None
+
+
+def find_resume(resume: str) -> tuple[Path, Path]:
+    """``(run folder, checkpoint)`` for ``-r``: a checkpoint file, or a run folder whose complete checkpoint with
+    the highest global step wins (a stale ``last.ckpt`` loses to newer step files; partial files are skipped)."""
+    path = Path(resume)
+    if not path.exists():
+        raise ConfigError(f"--resume {resume}: no such run folder or checkpoint")
+    if path.is_file():
+        if checkpoint_state(path) is None:
+            raise ConfigError(f"--resume {resume}: not a complete training checkpoint (no optimizer/loop state)")
+        return path.parent.parent, path
+    candidates = []
+    for ckpt in sorted((path / "checkpoints").glob("*.ckpt")):
+        step = checkpoint_state(ckpt)
+        if step is None:
+            print(f"Skipping {ckpt}: not a complete training checkpoint")
+        else:
+            candidates.append((step, ckpt.stat().st_mtime, ckpt))
+    if not candidates:
+        raise ConfigError(f"--resume {resume}: no complete checkpoint in {path / 'checkpoints'}")
+    step, _, ckpt = max(candidates)
+    print(f"Resuming from {ckpt} (global step {step})")
+    return path, ckpt
+
+
+def create_run_folder(logdir: str | Path, name: str, now: str, postfix: str = "") -> Path:
+    """``logdir/<now>_<name><postfix>``, created exclusively: when it exists already (another run started in
+    the same second), ``_2``, ``_3``, ... are tried."""
+    root = Path(logdir)
+    root.mkdir(parents=True, exist_ok=True)
+    stem = f"{now}_{name}{postfix}"
+    for attempt in range(1, 1000):
+        folder = root / (stem if attempt == 1 else f"{stem}_{attempt}")
+        if folder.resolve().parent != root.resolve():
+            raise ConfigError(f"-n/--name {name!r}: the run folder {folder} would lie outside --logdir {root}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+    raise ConfigError(f"--logdir {root}: could not create a new run folder for {stem}")
+
+
+# ---- building the parts ----------------------------------------------------------------------------------------
+
+def trainer_devices(config: DictConfig, gpus: list[int]) -> dict[str, Any]:
+    """accelerator/devices/strategy/precision from --gpus, unless the config sets them."""
+    import torch
+    cfg = dict(config.get("lightning", {}).get("trainer", {}) or {})
+    out: dict[str, Any] = {}
+    if "accelerator" not in cfg:
+        if gpus and torch.cuda.is_available():
+            out.update(accelerator="gpu", devices=gpus)
+        else:
+            if gpus:
+                print(f"No GPU found: ignoring --gpus {','.join(map(str, gpus))} and training on the CPU")
+            out.update(accelerator="cpu", devices=1)
+    n_devices = len(gpus) if out.get("accelerator") == "gpu" else cfg.get("devices", out.get("devices", 1))
+    n_devices = n_devices if isinstance(n_devices, int) else len(n_devices)
+    if "strategy" not in cfg and n_devices > 1:
+        out["strategy"] = "ddp"
+    precision = cfg.get("precision", "auto")
+    if precision == "auto":
+        on_gpu = out.get("accelerator", cfg.get("accelerator")) in ("gpu", "cuda") and torch.cuda.is_available()
+        precision = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if on_gpu else "32-true"
+    out["precision"] = precision
+    out["n_devices"] = n_devices
+    return out
+
+
+def parse_gpus(gpus: Optional[str]) -> list[int]:
+    if gpus is None or gpus.strip(", ") == "":
+        return []
+    try:
+        return [int(g) for g in gpus.split(",") if g.strip() != ""]
+    except ValueError:
+        raise ConfigError(f"--gpus {gpus!r}: expected ids like '0,' or '0,1'") from None
+
+
+def build_model(config: DictConfig, weights: Optional[Path]) -> Any:
+    """The model of ``config.model``, filled from ``weights`` (built on the meta device: no random init of a
+    billion parameters that are overwritten anyway), or with random weights when there are none."""
+    from ldm.checkpoint import load_model_from_config
+    from ldm.util import instantiate_from_config
+    if weights is None:
+        print("No --actual_resume: training starts from random weights (only sensible for the tiny demo model)")
+        return instantiate_from_config(config.model)
+    return load_model_from_config(config, weights)
+
+
+def maybe_generate_class_images(config: DictConfig, model: Any, devices: dict[str, Any]) -> None:
+    """Fill ``--reg_data_root`` up to ``class_images.num`` with samples of the class prompt (rank 0 only)."""
+    import torch
+
+    from ldm.class_images import generate_class_images
+    from ldm.data.dreambooth import DEFAULT_CLASS_TEMPLATE
+    num = int(config.get("class_images", {}).get("num", 0) or 0)
+    reg = config.data.params.get("reg_data_root")
+    if num <= 0 or int(os.environ.get("LOCAL_RANK", 0)) != 0 or int(os.environ.get("NODE_RANK", 0)) != 0:
+        return
+    if not reg:
+        raise ConfigError("--num_class_images needs --reg_data_root: the folder the class images go to")
+    params = config.data.params
+    prompt = params.get("class_template", DEFAULT_CLASS_TEMPLATE).format(
+        token=params.token, class_word=params.class_word)
+    cfg = config.class_images
+    device = torch.device(f"cuda:{devices['devices'][0]}" if devices.get("accelerator") == "gpu" else "cpu")
+    model.to(device)
+    with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+        generate_class_images(model, reg, prompt, num, size=int(params.get("size", 512)),
+                              ddim_steps=int(cfg.get("ddim_steps", 50)), scale=float(cfg.get("scale", 7.5)),
+                              batch_size=int(cfg.get("batch_size", 4)), seed=int(cfg.get("seed", 0)))
+    model.to("cpu")
+
+
+def build_callbacks(config: DictConfig, run_folder: Path, now: str, resume: bool) -> tuple[list, list]:
+    """Lightning callbacks (run folder, checkpoints, exports, caches, progress, the config's own) and loggers."""
+    import pytorch_lightning as pl
+
+    from ldm.callbacks import CacheFrozenInputs, ExportWeights, SaveOnInterrupt, SetupCallback
+    from ldm.util import instantiate_from_config
+    ckptdir = run_folder / "checkpoints"
+    checkpoint_params = OmegaConf.to_container(config.lightning.get("modelcheckpoint", {}).get("params", {}) or {},
+                                               resolve=True)
+    every = int(checkpoint_params.get("every_n_train_steps", 0) or 0)
+    export = config.lightning.get("export")
+    export = OmegaConf.to_container(export, resolve=True) if export is not None else {}
+    callbacks = [SetupCallback(str(run_folder), config, now, resume=resume), SaveOnInterrupt(str(ckptdir)),
+                 ExportWeights(str(ckptdir), every_n_train_steps=every, **export), CacheFrozenInputs(),
+                 pl.callbacks.ModelCheckpoint(dirpath=ckptdir, filename="{step:06d}", save_top_k=-1,
+                                              **checkpoint_params),
+                 pl.callbacks.TQDMProgressBar(refresh_rate=1)]
+    for cb in (config.lightning.get("callbacks") or {}).values():
+        callbacks.append(instantiate_from_config(OmegaConf.to_container(cb, resolve=True)))
+    loggers = [pl.loggers.TensorBoardLogger(save_dir=str(run_folder), name="", version="tensorboard"),
+               # Lightning's CSV logger deletes an existing metrics file, so a resumed run writes a new one.
+               pl.loggers.CSVLogger(save_dir=str(run_folder), name="",
+                                    version=f"csv-resumed-{now}" if resume else "csv")]
+    return callbacks, loggers
+
+
+def scale_learning_rate(config: DictConfig, n_devices: int, scale_lr: bool) -> float:
+    accumulate = int(config.lightning.get("trainer", {}).get("accumulate_grad_batches", 1))
+    bs = int(config.data.params.get("batch_size", 1))
+    base_lr = float(config.model.base_learning_rate)
+    lr = base_lr * (n_devices * bs * accumulate if scale_lr else 1)
+    print(f"Learning rate {lr:.2e}" + (
+        f" = {n_devices} (devices) * {bs} (batch) * {accumulate} (accumulate) * {base_lr:.2e} (base)"
+        if scale_lr else " (not scaled)"))
+    return lr
+
+
+def _run_folder_for(plan: Plan, options: TrainOptions) -> Path:
+    if plan.run_folder is not None:
+        return plan.run_folder
+    inherited = os.environ.get(RUN_FOLDER_ENV)
+    if inherited and int(os.environ.get("LOCAL_RANK", 0)) != 0:
+        return Path(inherited)  # a DDP worker: rank 0 created the folder
+    folder = create_run_folder(options.logdir, options.name or Path(options.base[0]).stem, plan.now, options.postfix)
+    os.environ[RUN_FOLDER_ENV] = str(folder)
+    return folder
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean bad input (or a full disk): the command line prints them as one line."""
+    from ldm.checkpoint import CheckpointError
+    from ldm.data.image_loading import ImageError
+    from ldm.files import DiskFullError, OutputError
+    from ldm.util import TargetNotAllowed
+    return ConfigError, CheckpointError, ImageError, TargetNotAllowed, OutputError, DiskFullError
+
+
+def run(options: TrainOptions) -> int:
+    """Train as ``options`` say; returns the process exit code (0, or 143 after a SIGTERM that was saved)."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from ldm.callbacks import AtomicCheckpointIO
+    from ldm.util import instantiate_from_config
+    plan = prepare(options)
+    config = plan.config
+    # The frozen VAE (and a frozen text encoder) stay in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    pl.seed_everything(options.seed, workers=True)
+    devices = trainer_devices(config, parse_gpus(options.gpus))
+    n_devices = devices.pop("n_devices")
+
+    model = build_model(config, plan.weights)
+    model.noise_seed = options.seed
+    if model.lora_settings:
+        model.add_lora()
+    maybe_generate_class_images(config, model, devices)
+    data = instantiate_from_config(config.data)
+    data.seed = options.seed
+    data.setup("fit")  # decodes and checks every image now: a bad file stops the run before the first step
+    model.learning_rate = scale_learning_rate(config, n_devices, options.scale_lr)
+
+    run_folder = _run_folder_for(plan, options)
+    callbacks, loggers = build_callbacks(config, run_folder, plan.now, resume=plan.resume_ckpt is not None)
+    trainer_cfg = OmegaConf.to_container(config.lightning.get("trainer", {}), resolve=True)
+    trainer_cfg.update(devices)
+    trainer_cfg.setdefault("max_epochs", -1)  # max_steps alone decides when training ends
+    trainer = pl.Trainer(default_root_dir=str(run_folder), callbacks=callbacks, logger=loggers,
+                         plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0, limit_val_batches=0,
+                         use_distributed_sampler=False,  # ResumableSampler splits the data between ranks itself
+                         **trainer_cfg)
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=str(plan.resume_ckpt) if plan.resume_ckpt else None,
+                    weights_only=True)
+    except SIGTERMException:
+        print(f"Stopped by SIGTERM at step {trainer.global_step}; resume with: python main.py -r {run_folder}")
+        return SIGTERM_EXIT
+    except OSError as e:
+        from ldm.files import DiskFullError, disk_full_message, is_disk_full
+        if is_disk_full(e) and not isinstance(e, DiskFullError):
+            raise DiskFullError(e.errno, disk_full_message(e)) from None
+        raise
+    if trainer.is_global_zero:
+        print(f"Done: {trainer.global_step} steps. Checkpoints in {run_folder / 'checkpoints'}")
+    return 0
