@@ -124,6 +124,20 @@ def _check_keys(node: Mapping[str, Any], where: str, known: Optional[set[str]], 
             raise _unknown(where, str(key), known, owner)
 
 
+def unread_keys(node: Mapping[str, Any], where: str) -> list[str]:
+    """The keys under a ``target``/``params`` node (and its nested ones) that its classes accept only because the
+    original configs carry them (their ``UNREAD_PARAMS``): they change nothing."""
+    from ldm.util import get_obj_from_str
+    found = []
+    params = node.get("params") or {}
+    for key, value in params.items():
+        if key in getattr(get_obj_from_str(node["target"]), "UNREAD_PARAMS", ()):
+            found.append(f"{where}.params.{key}")
+        if isinstance(value, Mapping) and "target" in value:
+            found += unread_keys(value, f"{where}.params.{key}")
+    return found
+
+
 def _check_object(node: Mapping[str, Any], where: str, extra: Iterable[str] = ()) -> None:
     """A ``target``/``params`` node: the target may be imported, and every param is one it takes."""
     from ldm.util import TargetNotAllowed, get_obj_from_str
@@ -171,6 +185,8 @@ def check_keys(config: DictConfig) -> None:
         if not isinstance(cb, Mapping) or "target" not in cb:
             raise ConfigError(f"lightning.callbacks.{name}: expected target and params")
         _check_object(cb, f"lightning.callbacks.{name}")
+    for key in unread_keys(data["model"], "model"):
+        print(f"Note: {key} is accepted for the original configs and has no effect here")
 
 
 # ---- which values are allowed ----------------------------------------------------------------------------------

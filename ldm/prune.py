@@ -24,6 +24,8 @@ import torch
 from ldm.checkpoint import GROUPS, CheckpointError, guess_kind, ema_key, read_checkpoint, save_checkpoint, \
     select_weights
 from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS
+from ldm.reference import LAYOUT_DIR, SD_V1, SD_V1_EMA, read_layout
+from ldm.util import fmt_bytes
 
 UNET = "model.diffusion_model."
 #: The sub-models sampling needs, by key prefix; every other prefix (``model_ema.``...) is dropped.
@@ -31,14 +33,8 @@ INFERENCE_PREFIXES = (UNET, "first_stage_model.", "cond_stage_model.")
 #: Keys that mark another model family sharing the v1 prefixes (SD 2 text encoder, SDXL class embedding).
 FOREIGN_PREFIXES = ("cond_stage_model.model.", "conditioner.", "model.diffusion_model.label_emb")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4}
 GB = 1e9
-
-
-def fmt_bytes(n: int) -> str:
-    """Decimal units, as file managers and download pages show sizes: ``2.132 GB``, ``4.1 MB``."""
-    return f"{n / GB:.3f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
 
 
 def is_inference_key(key: str) -> bool:
@@ -104,8 +100,8 @@ class PruneResult:
         weights = "EMA weights (model_ema.*)" if self.used_ema else \
             ("live weights (the file's EMA was dropped)" if self.had_ema else "live weights (the file has no EMA)")
         step = f", global_step {self.global_step}" if self.global_step is not None else ""
-        return (f"in:  {self.src} {fmt_bytes(self.src_bytes)}, {self.src_tensors} tensors in its state_dict\n"
-                f"out: {self.dst} {fmt_bytes(self.dst_bytes)}, {self.dst_tensors} tensors{step}\n"
+        return (f"in:  {self.src} {fmt_bytes(self.src_bytes, decimal=True)}, {self.src_tensors} tensors in its state_dict\n"
+                f"out: {self.dst} {fmt_bytes(self.dst_bytes, decimal=True)}, {self.dst_tensors} tensors{step}\n"
                 f"UNet: {weights}")
 
 
@@ -132,16 +128,6 @@ def prune_file(src: str | Path, dst: str | Path, dtype: Optional[torch.dtype] = 
 
 
 # ---- sizes of the full-size v1 files, from the reference layout -------------------------------------------------
-def read_layout(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """``key -> (shape, dtype)`` from a reference TSV (``key<TAB>[d0,d1,...]<TAB>dtype``)."""
-    rows = {}
-    for line in path.read_text().splitlines():
-        key, shape, dtype = line.split("\t")
-        dims = shape.strip("[]")
-        rows[key] = (tuple(int(d) for d in dims.split(",")) if dims else (), dtype)
-    return rows
-
-
 def layout_bytes(layout: Mapping[str, tuple[tuple[int, ...], str]], half: bool = False) -> int:
     """Bytes of the tensors of ``layout``; ``half`` prices them as ``prune_state_dict(dtype=float16)`` writes."""
     total = 0
@@ -152,7 +138,7 @@ def layout_bytes(layout: Mapping[str, tuple[tuple[int, ...], str]], half: bool =
     return total
 
 
-def full_size_report(reference_dir: str | Path = REFERENCE_DIR) -> dict[str, int]:
+def full_size_report(reference_dir: str | Path = LAYOUT_DIR) -> dict[str, int]:
     """Tensor bytes of the full-size SD v1 files, computed from the reference layouts (shapes only).
 
     - ``full_ema_fp32``: ``sd-v1-4-full-ema.ckpt``'s state dict (model + ``model_ema.*``).
@@ -163,7 +149,7 @@ def full_size_report(reference_dir: str | Path = REFERENCE_DIR) -> dict[str, int
     Container overhead (pickle, zip or safetensors header) is a few hundred KB and is not counted.
     """
     ref = Path(reference_dir)
-    paths = [ref / "sd-v1-state-dict.tsv", ref / "sd-v1-state-dict-ema.tsv"]
+    paths = [ref / SD_V1, ref / SD_V1_EMA]
     for p in paths:
         if not p.is_file():
             raise FileNotFoundError(f"{p}: reference layout not found (pass --reference DIR)")

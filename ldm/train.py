@@ -263,6 +263,20 @@ def maybe_generate_class_images(config: DictConfig, model: Any, devices: dict[st
     model.to("cpu")
 
 
+def warn_about_identifier(token: str) -> None:
+    """The identifier warnings of ``check_identifier`` (a frequent word, several tokens), with CLIP's vocabulary."""
+    from pytorch_lightning.utilities import rank_zero_warn
+
+    from ldm.data.dreambooth import check_identifier
+    from ldm.modules.encoders.tokenizer import CLIPTokenizer
+    try:
+        tokenizer = CLIPTokenizer()
+    except FileNotFoundError:  # the text encoder reports the missing vocabulary itself
+        return
+    for warning in check_identifier(token, tokenizer):
+        rank_zero_warn(warning)
+
+
 def build_callbacks(config: DictConfig, run_folder: Path, now: str, resume: bool) -> tuple[list, list]:
     """Lightning callbacks (run folder, checkpoints, exports, caches, progress, the config's own) and loggers."""
     import pytorch_lightning as pl
@@ -337,6 +351,7 @@ def run(options: TrainOptions) -> int:
     devices = trainer_devices(config, parse_gpus(options.gpus))
     n_devices = devices.pop("n_devices")
 
+    warn_about_identifier(str(config.data.params.token))
     model = build_model(config, plan.weights)
     model.noise_seed = options.seed
     if model.lora_settings:

@@ -7,6 +7,7 @@ tools accept any import only when the user passes ``--allow_any_target``.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
@@ -77,3 +78,19 @@ def default(val: Any, d: Any) -> Any:
     if exists(val):
         return val
     return d() if callable(d) else d
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any tuple of ints and strings (stable across processes and Python versions)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2 ** 63 - 1)
+
+
+def fmt_bytes(n: float, decimal: bool = False) -> str:
+    """A size for people: binary units (``1.50 GiB``, ``12 MiB``, ``3 KiB``) for memory, or decimal ones
+    (``2.132 GB``, ``4.1 MB``) as file managers and download pages show file sizes."""
+    if decimal:
+        return f"{n / 1e9:.3f} GB" if abs(n) >= 1e8 else f"{n / 1e6:.1f} MB"
+    if abs(n) >= 2 ** 30:
+        return f"{n / 2 ** 30:.2f} GiB"
+    return f"{n / 2 ** 20:.0f} MiB" if abs(n) >= 2 ** 20 else f"{n / 2 ** 10:.0f} KiB"

@@ -112,7 +112,7 @@ def diffusers_unet_config(unet: dict[str, Any]) -> dict[str, Any]:
                                                                  for m in mults)
     return dict(
         # sample_size is only diffusers' default output side; it does not change the network.
-        sample_size=unet["image_size"], in_channels=unet["in_channels"], out_channels=unet["out_channels"],
+        sample_size=unet.get("image_size", 64), in_channels=unet["in_channels"], out_channels=unet["out_channels"],
         block_out_channels=tuple(unet["model_channels"] * m for m in mults),
         down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
         up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),

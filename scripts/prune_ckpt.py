@@ -23,7 +23,8 @@ import torch  # noqa: E402
 
 from ldm.checkpoint import CheckpointError  # noqa: E402
 from ldm.files import DiskFullError, OutputError  # noqa: E402
-from ldm.prune import REFERENCE_DIR, format_size_report, full_size_report, prune_file  # noqa: E402
+from ldm.prune import format_size_report, full_size_report, prune_file  # noqa: E402
+from ldm.reference import LAYOUT_DIR  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never the input)")
     p.add_argument("--report", action="store_true",
                    help="print the sizes of the full-size SD v1 files (full EMA, training, pruned) and exit")
-    p.add_argument("--reference", type=Path, default=REFERENCE_DIR,
-                   help="folder with sd-v1-state-dict.tsv and sd-v1-state-dict-ema.tsv (for --report)")
+    p.add_argument("--reference", type=Path, default=LAYOUT_DIR,
+                   help="folder with sd-v1-state-dict.tsv and sd-v1-state-dict-ema.tsv (for --report; default: "
+                        "the copies shipped in the ldm package)")
     return p
 
 

@@ -37,13 +37,9 @@ def load_config(path: Path = TINY_CONFIG):
 
 
 def reference_layout(name: str = "sd-v1-state-dict.tsv") -> dict[str, tuple[tuple[int, ...], str]]:
-    """Key -> (shape, dtype) from the reference layout file of the original SD v1 checkpoints."""
-    rows = {}
-    for line in (SHARED / "reference" / name).read_text().splitlines():
-        key, shape, dtype = line.split("\t")
-        dims = shape.strip("[]")
-        rows[key] = (tuple(int(d) for d in dims.split(",")) if dims else (), dtype)
-    return rows
+    """Key -> (shape, dtype) from the reference layout file in ../shared/reference (not the package's copy)."""
+    from ldm.reference import read_layout
+    return read_layout(SHARED / "reference" / name)
 
 
 @pytest.fixture(scope="session")
@@ -64,19 +60,27 @@ def tiny_ckpt(tiny_model, tmp_path_factory) -> Path:
     return save_checkpoint(path, tiny_model.state_dict(), global_step=7)
 
 
-def diffusers_unet(ldm_model):
-    """The tiny UNet of ``ldm_model`` converted by diffusers' own converter into diffusers'
-    ``UNet2DConditionModel``: an independent implementation holding the same weights."""
+def diffusers_unet_config(unet_params: dict, vae_ch_mult=(1, 2, 4, 4)) -> dict:
+    """The ``UNet2DConditionModel`` config that diffusers' own single-file loader derives from a CompVis-style
+    config: independent of our export code."""
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+    original = {"model": {"params": {"unet_config": {"params": dict(unet_params)},
+                                     "first_stage_config": {"params": {"ddconfig": {"ch_mult": list(vae_ch_mult)}}}}}}
+    return create_unet_diffusers_config_from_ldm(original, {})
+
+
+def diffusers_unet(ldm_model, config=None):
+    """The UNet of ``ldm_model`` (built from ``config``, the tiny one by default) converted by diffusers' own
+    converter into diffusers' ``UNet2DConditionModel``: an independent implementation holding the same weights."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-    config = dict(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=32, norm_eps=1e-5,
-        flip_sin_to_cos=True, freq_shift=0)
-    unet = UNet2DConditionModel(**config).eval()
+    config = OmegaConf.to_container(config if config is not None else load_config(), resolve=True)
+    params = config["model"]["params"]
+    unet_config = diffusers_unet_config(params["unet_config"]["params"],
+                                        params["first_stage_config"]["params"]["ddconfig"]["ch_mult"])
+    unet = UNet2DConditionModel(**unet_config).eval()
     sd = {k: v for k, v in ldm_model.state_dict().items() if k.startswith("model.diffusion_model.")}
-    unet.load_state_dict(convert_ldm_unet_checkpoint(sd, config), strict=True)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(sd, unet_config), strict=True)
     return unet
 
 

@@ -34,3 +34,13 @@ class InterruptAt(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step >= self.step:
             raise KeyboardInterrupt
+
+
+class RecordGrads(pl.Callback):
+    """Records, right before each backward pass, whether the first trainable parameter's ``.grad`` is None or
+    a tensor (what the optimizer's zero_grad left), in the class-level list ``seen``."""
+    seen: list = []
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        p = next(p for p in pl_module.parameters() if p.requires_grad)
+        RecordGrads.seen.append(None if p.grad is None else float(p.grad.abs().sum()))

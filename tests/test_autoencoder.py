@@ -3,7 +3,6 @@ posterior against closed forms."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +10,6 @@ import torch
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-REFERENCE_TSV = SHARED / "reference" / "sd-v1-state-dict.tsv"
 PREFIX = "first_stage_model."
 
 V1_DDCONFIG = dict(
@@ -32,12 +29,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_state_dict_matches_sd_v1_layout() -> None:
-    expected = {}
-    for line in REFERENCE_TSV.read_text().splitlines():
-        key, shape, dtype = line.split("\t")
-        if key.startswith(PREFIX):
-            dims = [int(d) for d in shape.strip("[]").split(",") if d]
-            expected[key[len(PREFIX):]] = (dims, dtype)
+    from conftest import reference_layout
+    expected = {k[len(PREFIX):]: (list(shape), dtype) for k, (shape, dtype) in reference_layout().items()
+                if k.startswith(PREFIX)}
     assert len(expected) == 248  # the count the reference README gives
 
     with torch.device("meta"):
@@ -66,7 +60,7 @@ def _randomized_tiny_model() -> AutoencoderKL:
 
 
 def test_matches_diffusers_autoencoder() -> None:
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     ours = _randomized_tiny_model()

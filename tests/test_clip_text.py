@@ -13,8 +13,6 @@ from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.modules.encoders.tokenizer import CLIPTokenizer, default_bpe_path
 from conftest import rel_err
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-STATE_DICT_TSV = SHARED / "reference" / "sd-v1-state-dict.tsv"
 BOS, EOS = 49406, 49407
 
 # Varied prompts for the cross-check: punctuation, digits, accents (composed and decomposed), emoji,
@@ -126,13 +124,10 @@ def test_zero_padding_matches_transformers_tokenizer(tmp_path: Path) -> None:
 
 
 def _reference_layout() -> dict[str, tuple[list[int], str]]:
+    from conftest import reference_layout
     prefix = "cond_stage_model."
-    rows = {}
-    for line in STATE_DICT_TSV.read_text().splitlines():
-        key, shape, dtype = line.split("\t")
-        if key.startswith(prefix + "transformer."):
-            rows[key[len(prefix) :]] = (json.loads(shape), dtype)
-    return rows
+    return {k[len(prefix):]: (list(shape), dtype) for k, (shape, dtype) in reference_layout().items()
+            if k.startswith(prefix + "transformer.")}
 
 
 def test_state_dict_layout_matches_sd_v1() -> None:

@@ -167,7 +167,7 @@ def test_gradient_accumulation_and_clipping(tmp_path):
 
 
 def test_warmup_and_cosine_schedule_closed_form():
-    from ldm.models.diffusion.optim import warmup_then
+    from ldm.lr_scheduler import warmup_then
     f = warmup_then("cosine", warmup_steps=10, max_steps=110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)

@@ -11,10 +11,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from conftest import reference_layout
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.diffusionmodules.util import timestep_embedding
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PREFIX = "model.diffusion_model."
 
 # configs/stable-diffusion/v1-inference.yaml and tiny-inference.yaml, unet_config.params.
@@ -31,11 +31,7 @@ def test_v1_layout_matches_reference_checkpoint() -> None:
     with torch.device("meta"):
         unet = UNetModel(**V1)
     ours = {k: list(v.shape) for k, v in unet.state_dict().items()}
-    reference = {}
-    for line in (SHARED / "reference" / "sd-v1-state-dict.tsv").read_text().splitlines():
-        key, shape, _ = line.split("\t")
-        if key.startswith(PREFIX):
-            reference[key[len(PREFIX):]] = [int(d) for d in shape.strip("[]").split(",") if d]
+    reference = {k[len(PREFIX):]: list(shape) for k, (shape, _) in reference_layout().items() if k.startswith(PREFIX)}
     assert len(reference) == 686
     assert sorted(set(reference) - set(ours)) == [], "missing keys"
     assert sorted(set(ours) - set(reference)) == [], "unexpected keys"
@@ -71,14 +67,11 @@ def test_matches_diffusers_unet() -> None:
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
+    from conftest import diffusers_unet_config
+
     unet = UNetModel(**TINY).eval()
     _randomize(unet, seed=0)
-    config = dict(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=2,  # SD1 convention: "attention_head_dim" is the head count
-        norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0,
-    )
+    config = diffusers_unet_config(TINY)
     reference = UNet2DConditionModel(**config).eval()
     converted = convert_ldm_unet_checkpoint({PREFIX + k: v for k, v in unet.state_dict().items()}, config)
     reference.load_state_dict(converted, strict=True)
@@ -193,11 +186,7 @@ def test_v1_layout_with_per_level_transformer_depth() -> None:
     """transformer_depth as a per-level list (the SDXL form) builds the same v1 network as the int."""
     with torch.device("meta"):
         unet = UNetModel(**dict(V1, transformer_depth=[1, 1, 1, 1]))
-    reference = {}
-    for line in (SHARED / "reference" / "sd-v1-state-dict.tsv").read_text().splitlines():
-        key, shape, _ = line.split("\t")
-        if key.startswith(PREFIX):
-            reference[key[len(PREFIX):]] = [int(d) for d in shape.strip("[]").split(",") if d]
+    reference = {k[len(PREFIX):]: list(shape) for k, (shape, _) in reference_layout().items() if k.startswith(PREFIX)}
     assert {k: list(v.shape) for k, v in unet.state_dict().items()} == reference
 
 

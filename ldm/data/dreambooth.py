@@ -14,7 +14,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.data.image_loading import find_images, load_caption, load_image, uint8_to_tensor
@@ -222,10 +222,9 @@ class DreamBoothDataModule(pl.LightningDataModule):
         self.train_dataset: DreamBoothDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        """Build (once: Lightning calls setup per stage) and validate the dataset; warn about the token."""
+        """Build (once: Lightning calls setup per stage) and validate the dataset."""
         if self.train_dataset is not None:
             return
-        self._warn_about_token()
         self.train_dataset = DreamBoothDataset(
             self.data_root, self.token, self.class_word, reg_data_root=self.reg_data_root, size=self.size,
             repeats=self.repeats, reg_repeats=self.reg_repeats, flip_p=self.flip_p,
@@ -233,15 +232,6 @@ class DreamBoothDataModule(pl.LightningDataModule):
         ds = self.train_dataset
         rank_zero_info(f"DreamBooth data: {ds.num_subject} subject images ('{ds.captions[0]}'), "
                        f"{ds.num_class} class images, {len(ds)} items per epoch")
-
-    def _warn_about_token(self) -> None:
-        from ldm.modules.encoders.tokenizer import CLIPTokenizer  # heavy vocabulary: loaded only when used
-        try:
-            tokenizer = CLIPTokenizer()
-        except FileNotFoundError:  # the text encoder will report the missing vocabulary itself
-            return
-        for warning in check_identifier(self.token, tokenizer):
-            rank_zero_warn(warning)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:

@@ -9,18 +9,13 @@ batches of the epoch were trained, which Lightning saves in each checkpoint and 
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Callable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any tuple of ints and strings (stable across processes and Python versions)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2 ** 63 - 1)
+from ldm.util import derive_seed
 
 
 def _world() -> tuple[int, int]:

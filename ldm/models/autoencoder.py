@@ -19,6 +19,8 @@ from ldm.util import instantiate_from_config
 
 
 class AutoencoderKL(nn.Module):
+    UNREAD_PARAMS = ("monitor",)
+
     """Encoder -> ``quant_conv`` -> q(z|x); z -> ``post_quant_conv`` -> Decoder.
 
     Args:
@@ -33,6 +35,8 @@ class AutoencoderKL(nn.Module):
         monitor: the metric name the original logged for checkpointing; accepted (original configs carry it)
             and ignored.
     """
+
+    UNREAD_PARAMS = ("monitor",)  # accepted for the original configs (see ldm.config.unread_keys)
 
     def __init__(
         self,

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ldm.models.diffusion.schedule import predict_x0
+
 Discretize = Literal["uniform", "quad"]
 
 
@@ -82,7 +84,7 @@ def guided_eps(model: Any, x: torch.Tensor, t: torch.Tensor, c: Any, uc: Any, sc
 def ddim_step(x: torch.Tensor, e_t: torch.Tensor, a_t: torch.Tensor, a_prev: torch.Tensor, sigma_t: torch.Tensor,
               noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of Song et al. 2021, eq. 12: returns (x_{t-1}, predicted x_0)."""
-    pred_x0 = (x - (1 - a_t).sqrt() * e_t) / a_t.sqrt()
+    pred_x0 = predict_x0(x, e_t, a_t)
     dir_xt = (1. - a_prev - sigma_t ** 2).sqrt() * e_t
     return a_prev.sqrt() * pred_x0 + dir_xt + sigma_t * noise, pred_x0
 
@@ -93,9 +95,10 @@ class DDIMSampler:
     progress_label = "DDIM Sampler"
 
     def __init__(self, model: Any, schedule: str = "linear", **kwargs: Any):
+        # ``schedule`` is accepted for the original signature; the DDPM schedule comes from the model's buffers.
+        del schedule
         self.model = model
         self.ddpm_num_timesteps = int(model.num_timesteps)
-        self.schedule = schedule
 
     def make_schedule(self, ddim_num_steps: int, ddim_discretize: Discretize = "uniform", ddim_eta: float = 0.,
                       verbose: bool = True) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 from ldm.lora import LoraSettings
 from ldm.models.diffusion.cache import LatentCache, TextCache
 from ldm.models.diffusion.losses import min_snr_weights, offset_noise_, prior_preservation_loss
-from ldm.models.diffusion.schedule import BetaSchedule, extract_into_tensor, q_sample, register_schedule
+from ldm.models.diffusion.schedule import BetaSchedule, extract_into_tensor, predict_x0, q_sample, register_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.util import instantiate_from_config
@@ -71,6 +71,9 @@ class DiffusionWrapper(nn.Module):
 
 class LatentDiffusion(pl.LightningModule):
     """Stable Diffusion v1: eps-prediction diffusion in the latent space of a KL autoencoder, text-conditioned."""
+
+    #: Parameters accepted only because the original configs carry them (see ``ldm.config.unread_keys``).
+    UNREAD_PARAMS = ("log_every_t", "monitor")
 
     def __init__(self,
                  first_stage_config: Mapping[str, Any],
@@ -223,8 +226,7 @@ class LatentDiffusion(pl.LightningModule):
 
     def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_0 from x_t and eps (inverse of eq. 4 of Ho et al. 2020)."""
-        return (extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-                - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
+        return predict_x0(x_t, noise, extract_into_tensor(self.alphas_cumprod, t, x_t.shape))
 
     # ---- training (DreamBooth) --------------------------------------------------------------------------
     def add_lora(self) -> None:
@@ -266,7 +268,7 @@ class LatentDiffusion(pl.LightningModule):
         """The generator of one training batch, from (noise_seed, epoch, batch index, rank); None without a seed."""
         if self.noise_seed is None:
             return None
-        from ldm.data.loader import derive_seed
+        from ldm.util import derive_seed
         seed = derive_seed(self.noise_seed, "step", self.current_epoch, batch_idx, self.global_rank)
         return torch.Generator(self.device).manual_seed(seed)
 

@@ -1,12 +1,12 @@
 """Optimizer and learning-rate schedule for fine-tuning, built from the model's config keys."""
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from ldm.lr_scheduler import warmup_then
 from ldm.util import instantiate_from_config
 
 
@@ -39,21 +39,6 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float,
     elif name != "adamw":
         raise ValueError(f"model.params.optimizer_config.name {name!r}: expected adamw or adamw8bit")
     return torch.optim.AdamW(params, lr=lr, **kwargs)
-
-
-def warmup_then(schedule: str, warmup_steps: int, max_steps: int):
-    """Multiplier of the base learning rate at optimizer step n: linear warm-up, then constant or cosine to 0."""
-    if schedule not in ("constant", "cosine"):
-        raise ValueError(f"lr_schedule {schedule!r}: expected 'constant' or 'cosine'")
-
-    def factor(n: int) -> float:
-        if n < warmup_steps:
-            return (n + 1) / warmup_steps
-        if schedule == "constant" or max_steps <= warmup_steps:
-            return 1.0
-        progress = min(1.0, (n - warmup_steps) / (max_steps - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return factor
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, scheduler_config: Optional[Mapping[str, Any]],

@@ -88,3 +88,9 @@ def q_sample(sqrt_alphas_cumprod: torch.Tensor, sqrt_one_minus_alphas_cumprod: t
     """Forward process q(x_t | x_0) (Ho et al. 2020, eq. 4): sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
     return (extract_into_tensor(sqrt_alphas_cumprod, t, x_start.shape) * x_start
             + extract_into_tensor(sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
+
+
+def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_cumprod: torch.Tensor) -> torch.Tensor:
+    """x_0 from x_t and the predicted noise, inverting eq. 4 of Ho et al. 2020:
+    x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t). ``alpha_cumprod`` broadcasts against ``x_t``."""
+    return (x_t - (1 - alpha_cumprod).sqrt() * eps) / alpha_cumprod.sqrt()

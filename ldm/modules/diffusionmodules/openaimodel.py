@@ -177,14 +177,16 @@ class UNetModel(nn.Module):
     maps to the width of the timestep embedding and adds to it.
     """
 
+    UNREAD_PARAMS = ("image_size", "num_heads_upsample")  # accepted for the original configs
+
     def __init__(
         self,
-        image_size: int,
-        in_channels: int,
-        model_channels: int,
-        out_channels: int,
-        num_res_blocks: int,
-        attention_resolutions: Sequence[int],
+        image_size: Optional[int] = None,
+        in_channels: int = 4,
+        model_channels: int = 320,
+        out_channels: int = 4,
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (4, 2, 1),
         dropout: float = 0,
         channel_mult: Sequence[int] = (1, 2, 4, 8),
         conv_resample: bool = True,
@@ -231,7 +233,7 @@ class UNetModel(nn.Module):
             raise ValueError("num_classes 'sequential' and adm_in_channels (the width of y) go together")
         depths = transformer_depths(transformer_depth, channel_mult)
 
-        self.image_size = image_size  # unused, kept because configs pass it
+        del image_size  # the original configs pass it; the UNet works at any size its levels can halve
         self.in_channels = in_channels
         self.model_channels = model_channels
         self.out_channels = out_channels

@@ -163,6 +163,8 @@ class FrozenCLIPEmbedder(nn.Module):
     the token ids follow the module's parameters to whatever device the caller (e.g. Lightning) moved it to.
     """
 
+    UNREAD_PARAMS = ("version", "device")  # accepted so the original configs instantiate
+
     def __init__(
         self,
         version: str = "openai/clip-vit-large-patch14",

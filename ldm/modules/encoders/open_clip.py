@@ -159,6 +159,8 @@ class FrozenOpenCLIPEmbedder2(nn.Module):
     checkpoint, and token ids go to the device of the parameters.
     """
 
+    UNREAD_PARAMS = ("version", "device")  # accepted so the original configs instantiate
+
     def __init__(
         self,
         arch: str = "ViT-bigG-14",
