@@ -12,14 +12,15 @@ five object kinds x five colours x three sizes, standing in five places, each sc
 The DreamBooth prompt "photo of a sks robot on the moon" fills the colour slot with the identifier.
 
 Why 64 px: each place is a layout of two or three large colour regions (sand+sea+sky, grey ground+black sky,
-...) that survives any resolution, and the smallest object (a small ball) still spans ~12 px, so kind and colour
-are readable. The distinguishing marks of the demo subject (orange chest dial, red antenna tip, round eyes)
-still span 3-6 px at the medium size. A 4x-downsampling autoencoder turns 64 px into 16x16 latents, on which
-a UNet of a few hundred thousand parameters trains in minutes per epoch on one CPU core; 128 px would cost 4x
-per step for no extra information in this world.
+...) that survives any resolution, and the smallest object (a small ball) still spans 12 px, so kind and colour
+are readable. The demo subject's marks (orange chest dial, round eyes, red antenna tip) span 2-5 px at the medium
+size, enough for a classifier and for an eye. A 4x-downsampling autoencoder turns 64 px into 16x16 latents, where
+a small UNet's step is cheap on a CPU; 128 px would cost 4x per step for no information this world has.
 
 Held out: :data:`HELD_OUT_PAIRS` (kind, place) never occur in a generated set. No robot is ever on the moon or
 in the snow, so a model that draws the subject there after DreamBooth has recontextualised it, not recalled it.
+The others (a cat in the city, a house on the beach, a tree on the moon) test the pretrained model itself: can
+it compose a kind and a place it never saw together, before any fine-tuning?
 
 The demo subject (``assets/demo/subject``, drawn by :func:`draw_demo_robot`) is never part of the world: world
 robots are boxy, with arms, a grey head, a black visor and no antenna or chest dial, and their colours come from
@@ -36,7 +37,7 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Optional
+from typing import Callable, Iterable, Iterator, Literal, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -278,13 +279,23 @@ _PAINTERS: dict[str, Callable[[ImageDraw.ImageDraw, float, random.Random], None]
 
 # ---------------------------------------------------------------- scenes
 
-def _compose(background: str, horizon: int, detail_seed: int,
-             draw_object: Callable[[ImageDraw.ImageDraw], None]) -> Rendered:
-    """Paint the place, draw the object on its own layer (so its exact bounding box is known), downsample."""
+def _paint(background: str, horizon: int, detail_seed: int) -> Image.Image:
     if background not in _PAINTERS:
         raise ValueError(f"unknown background {background!r}; expected one of {sorted(_PAINTERS)}")
     canvas = Image.new("RGB", (SIZE * _SS, SIZE * _SS))
     _PAINTERS[background](ImageDraw.Draw(canvas), horizon * _SS, random.Random(detail_seed))
+    return canvas
+
+
+def render_place(background: str, horizon: int, detail_seed: int = 0) -> Image.Image:
+    """The place alone, exactly as it is behind an object drawn with the same ``horizon`` and ``detail_seed``."""
+    return _paint(background, horizon, detail_seed).reduce(_SS)
+
+
+def _compose(background: str, horizon: int, detail_seed: int,
+             draw_object: Callable[[ImageDraw.ImageDraw], None]) -> Rendered:
+    """Paint the place, draw the object on its own layer (so its exact bounding box is known), downsample."""
+    canvas = _paint(background, horizon, detail_seed)
     layer = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
     draw_object(ImageDraw.Draw(layer))
     x0, y0, x1, y1 = layer.getbbox()
@@ -377,7 +388,7 @@ def _choose_form(rng: random.Random) -> CaptionForm:
     return rng.choices(list(CAPTION_FORMS), weights=list(CAPTION_FORMS.values()))[0]
 
 
-def world_records(count: int, seed: int) -> Iterable[tuple[dict, Image.Image]]:
+def world_records(count: int, seed: int) -> Iterator[tuple[dict, Image.Image]]:
     """``count`` (record, image) pairs of the world drawn from ``seed``; a record is one captions.jsonl line."""
     rng = random.Random(seed)
     for i in range(count):
