@@ -19,6 +19,7 @@ from PIL import Image
 
 from conftest import REPO
 from ldm.data import toy_world as tw
+from ldm.eval import toy
 
 CAPTION = re.compile(r"^photo of a (?:(red|blue|green|yellow|purple) )?(robot|cat|ball|house|tree)"
                      r"(?: (on the beach|on the moon|in the snow|on the grass|in the city at night))?$")
@@ -176,3 +177,105 @@ def test_background_of_prompt():
     assert tw.background_of_prompt("photo of a sks robot on the moon") == "moon"
     assert tw.background_of_prompt("photo of a robot in the city at night") == "city"
     assert tw.background_of_prompt("photo of a robot") is None
+
+
+# ---------------------------------------------------------------- the evaluator
+
+@pytest.fixture(scope="session")
+def classifier():
+    return toy.train_toy_classifier(seed=0, steps=400)  # ~17 s on one core
+
+
+def demo_and_world_robots(backgrounds, n_each: int, seed: int) -> tuple[list[Image.Image], list[Image.Image]]:
+    rng = random.Random(seed)
+    demo, world = [], []
+    for _ in range(n_each):
+        b, scale = rng.choice(backgrounds), rng.uniform(0.55, 1.45)
+        cx, by, h = tw.place_object(rng, *tw.object_extent("robot", scale))
+        demo.append(tw.render_demo_robot(b, cx, by, h, scale, rng.randint(-4, 4), rng.getrandbits(32)).image)
+        world.append(tw.render_scene(tw.sample_scene(rng, kind="robot", background=rng.choice(backgrounds),
+                                                     held_out=())).image)
+    return demo, world
+
+
+def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    return float((pos[:, None] > neg[None, :]).float().mean())
+
+
+def test_classifier_reads_background_and_kind_of_fresh_scenes(classifier):
+    rng = random.Random(2024)
+    scenes = [tw.sample_scene(rng, held_out=()) for _ in range(400)]
+    p = toy.predict(classifier, [tw.render_scene(s).image for s in scenes])
+    bg = [tw.BACKGROUNDS[i] for i in p["background"].argmax(1).tolist()]
+    kind = [tw.KINDS[i] for i in p["kind"].argmax(1).tolist()]
+    assert np.mean([b == s.background for b, s in zip(bg, scenes)]) >= 0.95
+    assert np.mean([k == s.kind for k, s in zip(kind, scenes)]) >= 0.9
+
+
+def test_classifier_separates_the_demo_robot_from_world_robots(classifier):
+    demo, world = demo_and_world_robots(tw.BACKGROUNDS, 100, seed=77)
+    pos, neg = toy.predict(classifier, demo)["subject"], toy.predict(classifier, world)["subject"]
+    assert auc(pos, neg) >= 0.97
+    assert (torch.cat([pos > 0.5, neg < 0.5]).float().mean()) >= 0.9
+    # Held-out pairs: the places where DreamBooth must put a robot the world never showed there.
+    demo, world = demo_and_world_robots(("moon", "snow"), 60, seed=78)
+    pos, neg = toy.predict(classifier, demo)["subject"], toy.predict(classifier, world)["subject"]
+    assert auc(pos, neg) >= 0.97
+    assert (torch.cat([pos > 0.5, neg < 0.5]).float().mean()) >= 0.9
+    assert toy.predict(classifier, demo)["kind"].argmax(1).eq(tw.KINDS.index("robot")).float().mean() >= 0.9
+
+
+def test_classifier_finds_the_subject_in_the_shipped_pictures(classifier):
+    """128 px, another backdrop, smoothed: the files DreamBooth is fine-tuned on."""
+    shipped = [Image.open(REPO / f"assets/demo/subject/robot-{i:02d}.png") for i in range(6)]
+    assert (toy.predict(classifier, shipped)["subject"] > 0.5).all()
+
+
+def test_scores_and_prior_drift(classifier):
+    demo, world = demo_and_world_robots(("moon",), 20, seed=5)
+    s = toy.scores(demo, ["moon"] * 20, classifier, prompt_kinds=["robot"] * 20)
+    assert s["subject_fidelity"] > 0.8 and s["prompt_fidelity"] >= 0.9 and s["kind_accuracy"] >= 0.9
+    assert toy.scores(demo, ["beach"] * 20, classifier)["prompt_fidelity"] <= 0.1
+    assert toy.scores(demo, [None] * 20, classifier)["prompt_fidelity"] is None
+    assert toy.prior_drift(world, classifier) < 0.2 < 0.8 < toy.prior_drift(demo, classifier)
+    with pytest.raises(ValueError):
+        toy.scores(demo, ["moon"] * 3, classifier)
+
+
+def test_tensor_and_pil_inputs_agree(classifier):
+    demo, _ = demo_and_world_robots(("grass",), 4, seed=9)
+    u8 = torch.from_numpy(np.stack([np.asarray(im) for im in demo])).permute(0, 3, 1, 2)
+    from_pil = toy.predict(classifier, demo)["subject"]
+    assert torch.allclose(toy.predict(classifier, u8)["subject"], from_pil)
+    assert torch.allclose(toy.predict(classifier, u8.float() / 127.5 - 1)["subject"], from_pil, atol=1e-5)
+    big = [im.resize((128, 128), Image.NEAREST) for im in demo]  # area-resizing undoes a 2x nearest upscale
+    assert torch.allclose(toy.predict(classifier, big)["subject"], from_pil, atol=1e-5)
+
+
+def test_training_is_deterministic_and_the_weights_round_trip(tmp_path):
+    a, b = (toy.train_toy_classifier(seed=1, steps=3, batch_size=8, pool=64) for _ in range(2))
+    c = toy.train_toy_classifier(seed=2, steps=3, batch_size=8, pool=64)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    assert any(not torch.equal(v, c.state_dict()[k]) for k, v in a.state_dict().items())
+    path = toy.save_classifier(a, tmp_path / "toy.safetensors", seed=1, steps=3)
+    assert path.stat().st_size < 1_000_000
+    loaded = toy.load_classifier(path)
+    x = torch.rand(2, 3, 64, 64)
+    assert all(torch.equal(u, v) for u, v in zip(a(x), loaded(x)))
+
+
+def test_render_accuracy_report(classifier):
+    report = toy.render_accuracy(classifier, n=80, seed=31)
+    assert min(report.values()) >= 0.9, report
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        untrained = toy.ToyClassifier().eval()
+    assert toy.render_accuracy(untrained, n=80, seed=31)["background_acc"] < 0.6
+
+
+def test_teal_alone_is_not_the_subject(classifier):
+    rng = random.Random(4)
+    bare = [tw.render_place(rng.choice(tw.BACKGROUNDS), rng.randint(26, 38), rng.getrandbits(32)) for _ in range(40)]
+    teal = [Image.new("RGB", (64, 64), rgb) for rgb in DEMO_TEAL]
+    assert (toy.predict(classifier, bare + teal)["subject"] < 0.5).all()
