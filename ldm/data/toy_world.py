@@ -130,13 +130,14 @@ def _draw_world_robot(d: ImageDraw.ImageDraw, cx: float, by: float, s: float, rg
 def _draw_cat(d: ImageDraw.ImageDraw, cx: float, by: float, s: float, rgb: tuple) -> None:
     """A sitting cat: oval body, round head with pointed ears, a curled tail."""
     u = s
-    d.arc([cx + 4 * u, by - 22 * u, cx + 26 * u, by + 2 * u], start=180, end=330, fill=OUTLINE, width=max(3, int(4 * u)))
-    d.arc([cx + 4 * u, by - 22 * u, cx + 26 * u, by + 2 * u], start=185, end=325, fill=rgb, width=max(2, int(2.5 * u)))
+    tail = [cx + 4 * u, by - 22 * u, cx + 26 * u, by + 2 * u]
+    d.arc(tail, start=180, end=330, fill=OUTLINE, width=max(3, int(4 * u)))
+    d.arc(tail, start=185, end=325, fill=rgb, width=max(2, int(2.5 * u)))
     d.ellipse([cx - 14 * u, by - 30 * u, cx + 14 * u, by], fill=rgb, outline=OUTLINE, width=2)
     hy = by - 38 * u
     for side in (-1, 1):
-        d.polygon([(cx + side * 11 * u, hy - 14 * u), (cx + side * 3 * u, hy - 8 * u), (cx + side * 11 * u, hy - 2 * u)],
-                  fill=rgb, outline=OUTLINE)
+        ear = [(cx + side * 11 * u, hy - 14 * u), (cx + side * 3 * u, hy - 8 * u), (cx + side * 11 * u, hy - 2 * u)]
+        d.polygon(ear, fill=rgb, outline=OUTLINE)
     d.ellipse([cx - 12 * u, hy - 11 * u, cx + 12 * u, hy + 11 * u], fill=rgb, outline=OUTLINE, width=2)
     for ex in (-5, 5):
         d.ellipse([cx + (ex - 2.5) * u, hy - 4 * u, cx + (ex + 2.5) * u, hy + 1 * u], fill=(240, 240, 200))
