@@ -7,31 +7,19 @@ The project draws these itself (no photos of anyone's property, no licence quest
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# The design lives in the toy world's library, which also draws it into world places for the evaluator.
+from ldm.data.toy_world import DEMO_BACKDROPS as BACKGROUNDS  # noqa: E402
+from ldm.data.toy_world import draw_demo_robot as draw_robot  # noqa: E402
+
 OUT = Path(__file__).resolve().parents[1] / "assets" / "demo" / "subject"
 SIZE = 128
-BACKGROUNDS = [((200, 225, 245), (120, 170, 110)), ((245, 225, 190), (190, 150, 110)), ((225, 225, 235), (150, 150, 160)),
-               ((180, 210, 240), (230, 210, 160)), ((235, 200, 210), (140, 120, 130)), ((210, 240, 215), (110, 140, 90))]
-
-
-def draw_robot(d: ImageDraw.ImageDraw, cx: int, cy: int, s: float, tilt: int) -> None:
-    """The subject: a teal body with an orange chest dial, a round-eyed head and a red-tipped antenna."""
-    body = [cx - 22 * s, cy - 6 * s, cx + 22 * s, cy + 34 * s]
-    d.rounded_rectangle(body, radius=int(6 * s), fill=(40, 150, 150), outline=(20, 70, 70), width=2)
-    d.ellipse([cx - 8 * s, cy + 6 * s, cx + 8 * s, cy + 22 * s], fill=(245, 140, 40), outline=(120, 60, 10))
-    hx = cx + tilt
-    d.rounded_rectangle([hx - 16 * s, cy - 34 * s, hx + 16 * s, cy - 8 * s], radius=int(5 * s),
-                        fill=(60, 180, 175), outline=(20, 70, 70), width=2)
-    for ex in (-7, 7):
-        d.ellipse([hx + (ex - 4) * s, cy - 27 * s, hx + (ex + 4) * s, cy - 19 * s], fill=(255, 255, 255))
-        d.ellipse([hx + (ex - 2) * s, cy - 25 * s, hx + (ex + 2) * s, cy - 21 * s], fill=(20, 20, 30))
-    d.line([hx, cy - 34 * s, hx + tilt, cy - 46 * s], fill=(20, 70, 70), width=2)
-    d.ellipse([hx + tilt - 4 * s, cy - 50 * s, hx + tilt + 4 * s, cy - 42 * s], fill=(220, 40, 40))
-    for lx in (-12, 12):
-        d.rectangle([cx + (lx - 4) * s, cy + 34 * s, cx + (lx + 4) * s, cy + 46 * s], fill=(30, 110, 110))
 
 
 def draw_scene(index: int) -> Image.Image:
