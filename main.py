@@ -41,7 +41,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
                    help="learning rate = base_learning_rate * devices * batch_size * accumulate_grad_batches")
     p.add_argument("--actual_resume", type=str, default=None,
-                   help="Stable Diffusion v1 weights to start from (.ckpt or .safetensors)")
+                   help="Stable Diffusion weights to start from (.ckpt or .safetensors; SD v1 or SDXL, as --base)")
+    p.add_argument("--vae", type=str, default=None,
+                   help="a separate VAE file to use instead of the checkpoint's own (original or diffusers layout, "
+                        "e.g. sdxl-vae-fp16-fix); sets model.params.vae_path")
     p.add_argument("--data_root", type=str, default=None, help="folder with the subject's photos (5-30)")
     p.add_argument("--reg_data_root", type=str, default=None,
                    help="folder with class (regularization) images for the prior-preservation loss")

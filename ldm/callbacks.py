@@ -85,9 +85,9 @@ class CacheFrozenInputs(pl.Callback):
         pl_module.latent_cache = LatentCache()
         pl_module.latent_cache.build(pl_module.first_stage_model.encode, by_role, uint8_to_tensor,
                                      flips=dataset.flip_p > 0, device=pl_module.device)
-        if not any(p.requires_grad for p in pl_module.cond_stage_model.parameters()):
+        if not any(p.requires_grad for p in pl_module.text_model.parameters()):
             pl_module.text_cache = TextCache()
-            pl_module.text_cache.build(pl_module.cond_stage_model.encode, dataset.all_captions())
+            pl_module.text_cache.build(pl_module.encode_text, dataset.all_captions())
         pl_module.offload_frozen()
 
 
@@ -113,14 +113,16 @@ class ImageLogger(pl.Callback):
         from ldm.models.diffusion.ddim import DDIMSampler
         prompts = [p for p in self.prompts for _ in range(self.n_per_prompt)][: self.max_images]
         latent = model.image_size
-        shape = (model.channels, (self.height or latent * 8) // 8, (self.width or latent * 8) // 8)
+        f = model.vae_factor
+        shape = (model.channels, (self.height or latent * f) // f, (self.width or latent * f) // f)
         generator = torch.Generator(model.device).manual_seed(self.seed)
         was_training = model.training
         model.eval()
         try:
             with model.ema_scope():
-                c = model.get_learned_conditioning(prompts)
-                uc = model.get_learned_conditioning(len(prompts) * [""])
+                sizes = model.default_sizes(len(prompts), self.height, self.width)
+                c = model.get_learned_conditioning(prompts, sizes)
+                uc = model.get_unconditional_conditioning(len(prompts) * [""], sizes)
                 z, _ = DDIMSampler(model).sample(self.ddim_steps, len(prompts), shape, conditioning=c,
                                                  unconditional_conditioning=uc, unconditional_guidance_scale=self.scale,
                                                  generator=generator, verbose=False, disable_progress=True)

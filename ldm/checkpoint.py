@@ -25,6 +25,7 @@ GROUPS = {
     "model.diffusion_model.": "UNet (model.diffusion_model.*)",
     "first_stage_model.": "VAE (first_stage_model.*)",
     "cond_stage_model.": "text encoder (cond_stage_model.*)",
+    "conditioner.": "text encoders (conditioner.*)",
     "model_ema.": "EMA (model_ema.*)",
 }
 #: Keys a file may lack without harm: transformers releases after 4.x stopped saving ``position_ids``.
@@ -133,12 +134,33 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return tensors, meta
 
 
+def checkpoint_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """``key -> shape`` of a checkpoint's tensors without reading their data (a safetensors header, or a
+    memory-mapped pickle), for recognising its family before building a model."""
+    path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file() and path.stat().st_size > 0:
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{path}: not a readable safetensors file: {str(e).splitlines()[0][:200]}") \
+                from None
+    return {k: tuple(v.shape) for k, v in read_checkpoint(path)[0].items()}
+
+
 def ema_key(model_key: str) -> str:
     """``model.diffusion_model.a.0.weight`` -> ``model_ema.diffusion_modela0weight`` (the LitEma naming)."""
     return "model_ema." + model_key[len("model."):].replace(".", "")
 
 
-def guess_kind(keys: set[str]) -> str:
+def guess_kind(keys: set[str], shapes: Optional[Mapping[str, torch.Tensor]] = None) -> str:
+    """What a file whose keys do not fit the model probably is, as the start of a one-line message."""
+    from ldm.families import FAMILIES, detect_family
+    family = detect_family({k: tuple(v.shape) for k, v in shapes.items()}) if shapes is not None else None
+    if family is not None:
+        f = FAMILIES[family]
+        return f"it is a {f.label} checkpoint, but the config builds another model (use --config configs/{f.config})"
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         return "it looks like a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder)"
     if any("lora" in k.lower() for k in keys):
@@ -169,7 +191,7 @@ def audit(expected: Mapping[str, torch.Size], found: Mapping[str, torch.Tensor])
     parts = [f"{label}: {len(keys)} keys missing (e.g. {keys[0]})" for label, keys in missing.items()]
     parts += [f"{label}: {len(keys)} tensors of another shape (e.g. {keys[0]} is {list(found[keys[0]].shape)}, "
               f"expected {list(expected[keys[0]])})" for label, keys in wrong.items()]
-    return f"{guess_kind(set(found))}: " + "; ".join(parts)
+    return f"{guess_kind(set(found), found)}: " + "; ".join(parts)
 
 
 def select_weights(model_keys: Mapping[str, torch.Size], sd: Mapping[str, torch.Tensor], use_ema: bool,
@@ -232,12 +254,17 @@ def _default_for(key: str, like: torch.Tensor) -> torch.Tensor:
 
 
 def load_model_from_config(config: Mapping[str, Any], ckpt: str | os.PathLike, prefer_ema: bool = True,
-                           verbose: bool = True) -> nn.Module:
-    """Build ``config.model`` on the meta device and fill it from ``ckpt`` (no random init, no double copy)."""
+                           verbose: bool = True, vae: Optional[str | os.PathLike] = None) -> nn.Module:
+    """Build ``config.model`` on the meta device and fill it from ``ckpt`` (no random init, no double copy); then
+    put in the separate VAE file ``vae`` (or the config's ``vae_path``) if there is one."""
     from ldm.util import instantiate_from_config
     with torch.device("meta"):
         model = instantiate_from_config(config["model"])
     load_checkpoint(model, ckpt, prefer_ema=prefer_ema, assign=True, verbose=verbose)
+    vae = vae or getattr(model, "vae_path", None)
+    if vae:
+        from ldm.vae_file import load_vae
+        load_vae(model.first_stage_model, vae, verbose=verbose)
     return model.eval()
 
 
@@ -249,7 +276,12 @@ def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tens
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
+
+        from ldm.families import FAMILIES, detect_family
         meta = {"format": "pt"}
+        family = detect_family({k: tuple(v.shape) for k, v in tensors.items()})
+        if family is not None:  # what every SD tool reads to know the file's architecture
+            meta["modelspec.architecture"] = FAMILIES[family].architecture
         if global_step is not None:
             meta["global_step"] = str(int(global_step))
         # safetensors refuses tensors that share memory; clone the few that do.

@@ -32,18 +32,18 @@ def generate_class_images(model, folder: str | Path, prompt: str, num: int, size
           f"scale {scale})")
     sampler = DDIMSampler(model)
     generator = torch.Generator(model.device).manual_seed(seed + count_images(folder))
-    shape = (model.channels, size // 8, size // 8)
+    shape = (model.channels, size // model.vae_factor, size // model.vae_factor)
     written = []
     was_training = model.training
     model.eval()
     try:
         with model.ema_scope():
-            uc_one = model.get_learned_conditioning([""])
-            c_one = model.get_learned_conditioning([prompt])
             for start in tqdm(range(0, missing, batch_size), desc="class images"):
                 n = min(batch_size, missing - start)
-                z, _ = sampler.sample(ddim_steps, n, shape, conditioning=c_one.expand(n, -1, -1),
-                                      unconditional_conditioning=uc_one.expand(n, -1, -1),
+                sizes = model.default_sizes(n, size, size)
+                c = model.get_learned_conditioning(n * [prompt], sizes)
+                uc = model.get_unconditional_conditioning(n * [""], sizes)
+                z, _ = sampler.sample(ddim_steps, n, shape, conditioning=c, unconditional_conditioning=uc,
                                       unconditional_guidance_scale=scale, generator=generator, verbose=False,
                                       disable_progress=True)
                 for img in model.decode_first_stage(z).float():

@@ -21,13 +21,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.config import MAX_SEED, ConfigError, load_configs, spatial_factor
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs/stable-diffusion/v1-inference.yaml"
 SAMPLER_NAMES = ("ddim", "plms", "euler", "dpmpp_2m")
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=str, default=str(DEFAULT_CONFIG), help="path to config which constructs model")
+    p.add_argument("--config", type=str, default=None,
+                   help="config which constructs the model (default: the one of the checkpoint's family, "
+                        "recognised from its keys: SD v1, SD v1 inpainting or SDXL base)")
+    p.add_argument("--vae", type=str, default=None,
+                   help="a separate VAE file (original or diffusers layout) in place of the checkpoint's own, "
+                        "e.g. sdxl-vae-fp16-fix")
     p.add_argument("--ckpt", type=str, default="models/ldm/stable-diffusion-v1/model.ckpt",
                    help="path to checkpoint of model (.ckpt or .safetensors)")
     p.add_argument("--precision", type=str, choices=["full", "autocast", "fp16", "bf16"], default="autocast",
@@ -114,9 +117,32 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def load_model_config(opt: argparse.Namespace) -> DictConfig:
+    """``--config``, or the config of the checkpoint's family when it is not given (sets ``opt.config``)."""
     from ldm.util import allow_any_target
     allow_any_target(getattr(opt, "allow_any_target", False))
+    if opt.config is None:
+        opt.config = str(config_for_checkpoint(opt.ckpt))
     return load_configs([opt.config], flag="--config")
+
+
+def config_for_checkpoint(ckpt: str | Path) -> Path:
+    """The inference config of the family ``ckpt`` belongs to (recognised from its keys and shapes)."""
+    from ldm.checkpoint import checkpoint_shapes
+    from ldm.families import FAMILIES, detect_family, family_config
+    if not Path(ckpt).exists():
+        raise ConfigError(f"--ckpt {ckpt}: file not found")
+    family = detect_family(checkpoint_shapes(ckpt))
+    if family is None:
+        known = ", ".join(f.label for f in FAMILIES.values())
+        raise ConfigError(f"--ckpt {ckpt}: not a checkpoint of a known family ({known}); pass --config for it")
+    print(f"{ckpt}: {FAMILIES[family].label} (config {family_config(family).name})")
+    return family_config(family)
+
+
+def native_size(config: DictConfig) -> int:
+    """The side in pixels a model was trained at: its latent ``image_size`` times the VAE's factor."""
+    ch_mult = OmegaConf.select(config, "model.params.first_stage_config.params.ddconfig.ch_mult", default=[1, 2, 4, 4])
+    return int(OmegaConf.select(config, "model.params.image_size", default=64)) * 2 ** (len(ch_mult) - 1)
 
 
 def check_sampling_args(opt: argparse.Namespace, config: DictConfig, sizes: bool = True) -> list[list[str]]:
@@ -127,6 +153,10 @@ def check_sampling_args(opt: argparse.Namespace, config: DictConfig, sizes: bool
         vae_f = 2 ** (len(OmegaConf.select(config, "model.params.first_stage_config.params.ddconfig.ch_mult",
                                            default=[1, 2, 4, 4])) - 1)
         channels = int(OmegaConf.select(config, "model.params.channels", default=4))
+        opt.H = native_size(config) if opt.H is None else opt.H
+        opt.W = native_size(config) if opt.W is None else opt.W
+        opt.f = vae_f if opt.f is None else opt.f
+        opt.C = channels if opt.C is None else opt.C
         if opt.f != vae_f:
             raise ConfigError(f"--f {opt.f}: this model's VAE downsamples by {vae_f}")
         if opt.C != channels:
@@ -156,6 +186,8 @@ def check_sampling_args(opt: argparse.Namespace, config: DictConfig, sizes: bool
         raise ConfigError(f"--seed {opt.seed}: must be between 0 and {MAX_SEED}")
     if not Path(opt.ckpt).exists():
         raise ConfigError(f"--ckpt {opt.ckpt}: file not found")
+    if opt.vae and not Path(opt.vae).is_file():
+        raise ConfigError(f"--vae {opt.vae}: file not found")
     if opt.lora:
         from ldm.lora import parse_lora_spec
         try:
@@ -177,7 +209,7 @@ def load_sampling_model(opt: argparse.Namespace, config: DictConfig, device: tor
     """The checkpoint's model on ``device``, with ``--lora`` applied; problems raise ``CheckpointError``."""
     from ldm.checkpoint import CheckpointError, load_model_from_config
     from ldm.lora import load_lora, read_lora
-    model = load_model_from_config(config, opt.ckpt, prefer_ema=not opt.no_ema).to(device)
+    model = load_model_from_config(config, opt.ckpt, prefer_ema=not opt.no_ema, vae=opt.vae).to(device)
     if opt.lora:
         path, strength, sd = read_lora(opt.lora)
         try:

@@ -29,6 +29,7 @@ FLAG_KEYS = {
     "max_steps": "lightning.trainer.max_steps",
     "num_class_images": "class_images.num",
     "lora_rank": "model.params.lora_config.rank",
+    "vae": "model.params.vae_path",
 }
 #: The seeds Lightning's ``seed_everything`` accepts (numpy's uint32).
 MAX_SEED = 2 ** 32 - 1

@@ -46,8 +46,8 @@ def _target_regex(targets: tuple[str, ...]) -> str:
 
 
 def _roots(model: nn.Module) -> dict[str, nn.Module]:
-    return {"model.diffusion_model.": model.model.diffusion_model,
-            "cond_stage_model.transformer.": model.cond_stage_model.transformer}
+    """State-dict prefix -> module, for the UNet and each text encoder of the model's family."""
+    return {"model.diffusion_model.": model.model.diffusion_model, **model.conditioning.text_encoders()}
 
 
 def add_lora(model: nn.Module, settings: LoraSettings) -> list[nn.Parameter]:
@@ -58,7 +58,7 @@ def add_lora(model: nn.Module, settings: LoraSettings) -> list[nn.Parameter]:
     alpha = settings.alpha if settings.alpha is not None else settings.rank
     targets = {"model.diffusion_model.": settings.unet_targets}
     if settings.text_encoder:
-        targets["cond_stage_model.transformer."] = settings.text_targets
+        targets.update({prefix: settings.text_targets for prefix in model.conditioning.text_encoders()})
     for prefix, names in targets.items():
         config = LoraConfig(r=settings.rank, lora_alpha=alpha, lora_dropout=settings.dropout,
                             target_modules=_target_regex(names), init_lora_weights=True)

@@ -52,6 +52,7 @@ class TrainOptions:
     num_class_images: Optional[int] = None
     max_steps: Optional[int] = None
     lora_rank: Optional[int] = None
+    vae: Optional[str] = None
     gpus: Optional[str] = None
     allow_any_target: bool = False
 
@@ -98,7 +99,10 @@ def prepare(options: TrainOptions) -> Plan:
     if options.resume:
         if options.actual_resume:
             print("--actual_resume is ignored with -r: the run continues from its own checkpoint")
-        config.pop("actual_resume", None)  # the weights are in the checkpoint: the original file is not needed
+        # The weights (VAE included) are in the checkpoint: the original files are not needed any more.
+        config.pop("actual_resume", None)
+        if OmegaConf.select(config, "model.params.vae_path") is not None:
+            OmegaConf.update(config, "model.params.vae_path", None)
     elif options.actual_resume:
         OmegaConf.update(config, "actual_resume", options.actual_resume, force_add=True)
     check_training_config(config)
@@ -109,6 +113,9 @@ def prepare(options: TrainOptions) -> Plan:
     weights = resume_ckpt or config.get("actual_resume")
     if weights is not None and not Path(weights).is_file():
         raise ConfigError(f"--actual_resume {weights}: file not found")
+    vae = OmegaConf.select(config, "model.params.vae_path")
+    if vae is not None and not Path(vae).is_file():
+        raise ConfigError(f"--vae {vae}: file not found")
     return Plan(config, now, run_folder, resume_ckpt, Path(weights) if weights else None)
 
 

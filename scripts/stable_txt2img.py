@@ -29,10 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sampling_flags(p)
     p.add_argument("--outdir", type=str, nargs="?", default="outputs/txt2img-samples", help="dir to write results to")
-    p.add_argument("--H", type=int, default=512, help="image height, in pixel space")
-    p.add_argument("--W", type=int, default=512, help="image width, in pixel space")
-    p.add_argument("--C", type=int, default=4, help="latent channels")
-    p.add_argument("--f", type=int, default=8, help="downsampling factor")
+    p.add_argument("--H", type=int, default=None, help="image height, in pixel space (default: the model's own, "
+                   "512 for SD v1, 1024 for SDXL)")
+    p.add_argument("--W", type=int, default=None, help="image width, in pixel space (default: as --H)")
+    p.add_argument("--C", type=int, default=None, help="latent channels (default: the model's)")
+    p.add_argument("--f", type=int, default=None, help="downsampling factor (default: the model's VAE's)")
     add_model_flags(p)
     return p
 
@@ -68,10 +69,12 @@ def sample(opt: argparse.Namespace) -> list[Path]:
     with torch.no_grad(), precision_context(device, opt.precision), model.ema_scope():
         for n in range(opt.n_iter):
             for prompts in batches:
+                # SDXL's size conditioning: original and target size = the output size, no crop.
+                sizes = model.default_sizes(len(prompts), opt.H, opt.W)
                 uc = None
                 if opt.scale != 1.0:
-                    uc = model.get_learned_conditioning(len(prompts) * [opt.negative_prompt])
-                c = model.get_learned_conditioning(prompts)
+                    uc = model.get_unconditional_conditioning(len(prompts) * [opt.negative_prompt], sizes)
+                c = model.get_learned_conditioning(prompts, sizes)
                 x_T = start_code[:len(prompts)] if start_code is not None else None  # the last batch may be short
                 samples, _ = sampler.sample(S=opt.ddim_steps, conditioning=c, batch_size=len(prompts),
                                             shape=shape, verbose=False, unconditional_guidance_scale=opt.scale,

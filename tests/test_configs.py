@@ -8,7 +8,9 @@ from omegaconf import OmegaConf
 from conftest import REPO
 from ldm.config import _check_object, check_keys, load_configs, unread_keys
 
-TRAINING = ["stable-diffusion/tiny-finetune.yaml", "stable-diffusion/v1-finetune_unfrozen.yaml"]
+# Every complete training config (a model and a data section).
+TRAINING = sorted(p.relative_to(REPO / "configs").as_posix() for p in (REPO / "configs").rglob("*.yaml")
+                  if {"model", "data"} <= set(OmegaConf.load(p)) and "target" in OmegaConf.load(p).model)
 PAPER = {"dreambooth/paper-tiny.yaml": "stable-diffusion/tiny-finetune.yaml",
          "dreambooth/paper-sd.yaml": "stable-diffusion/v1-finetune_unfrozen.yaml"}
 # Every config with a whole model section (the paper configs are partial: merged onto the ones above).

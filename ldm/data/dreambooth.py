@@ -65,18 +65,22 @@ def _format(template: str, name: str, token: str, class_word: str) -> str:
 
 
 def _load_folder(folder: str | Path, role: str, size: int, min_size: int | None,
-                 default_caption: str) -> tuple[np.ndarray, list[str]]:
-    """Decode every image of a folder once: ``[N, size, size, 3]`` uint8 and one caption per image.
+                 default_caption: str) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Decode every image of a folder once: ``[N, size, size, 3]`` uint8, one caption per image, and ``[N, 4]``
+    (original height, width, crop top, left) for SDXL's size conditioning.
 
     One stacked array (not N small ones) so that forked DataLoader workers share its pages copy-on-write.
     """
     paths = find_images(folder, role)
     images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    crops = np.empty((len(paths), 4), dtype=np.int64)
     captions = []
     for k, path in enumerate(paths):
-        images[k] = np.asarray(load_image(path, size, min_size))
+        image, crop = load_image(path, size, min_size, with_crop=True)
+        images[k] = np.asarray(image)
+        crops[k] = (*crop.original_size, *crop.top_left)
         captions.append(load_caption(path) or default_caption)
-    return images, captions
+    return images, captions, crops
 
 
 class DreamBoothDataset(Dataset):
@@ -125,11 +129,13 @@ class DreamBoothDataset(Dataset):
         subject_caption = _format(subject_template, "subject_template", self.token, self.class_word)
         class_caption = _format(class_template, "class_template", self.token, self.class_word)
 
-        self.images, self.captions = _load_folder(data_root, "--data_root", size, min_size, subject_caption)
+        self.images, self.captions, self.crops = _load_folder(data_root, "--data_root", size, min_size,
+                                                              subject_caption)
         self.reg_images: np.ndarray | None = None
         self.reg_captions: list[str] = []
+        self.reg_crops: np.ndarray | None = None
         if reg_data_root is not None:
-            self.reg_images, self.reg_captions = _load_folder(
+            self.reg_images, self.reg_captions, self.reg_crops = _load_folder(
                 reg_data_root, "--reg_data_root", size, min_size, class_caption)
 
     @property
@@ -169,15 +175,23 @@ class DreamBoothDataset(Dataset):
             raise IndexError(f"index {i} out of range for {len(self)} items")
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         s = i % self.num_subject
-        image, flip = self._example(self.images[s], generator)
-        item: dict[str, Any] = {IMAGE_KEY: image, CAPTION_KEY: self.captions[s], f"{IMAGE_KEY}_id": s,
-                                f"{IMAGE_KEY}_flip": flip}
+        item = self._role("", self.images, self.captions, self.crops, s, generator)
         if self.reg_images is not None:
-            c = i % self.num_class
-            reg, reg_flip = self._example(self.reg_images[c], generator)
-            item.update({REG_PREFIX + IMAGE_KEY: reg, REG_PREFIX + CAPTION_KEY: self.reg_captions[c],
-                         f"{REG_PREFIX}{IMAGE_KEY}_id": c, f"{REG_PREFIX}{IMAGE_KEY}_flip": reg_flip})
+            item.update(self._role(REG_PREFIX, self.reg_images, self.reg_captions, self.reg_crops,
+                                   i % self.num_class, generator))
         return item
+
+    def _role(self, prefix: str, images: np.ndarray, captions: list[str], crops: np.ndarray, k: int,
+              generator: torch.Generator | None) -> dict[str, Any]:
+        """One example's entries under ``prefix`` ('' subject, 'reg_' class): pixels, caption, which pixels
+        (``_id``/``_flip``, for the latent cache) and SDXL's size conditioning (the flip keeps a centred crop
+        where it was)."""
+        image, flip = self._example(images[k], generator)
+        return {prefix + IMAGE_KEY: image, prefix + CAPTION_KEY: captions[k], f"{prefix}{IMAGE_KEY}_id": k,
+                f"{prefix}{IMAGE_KEY}_flip": flip,
+                f"{prefix}original_size_as_tuple": torch.as_tensor(crops[k, :2]),
+                f"{prefix}crop_coords_top_left": torch.as_tensor(crops[k, 2:]),
+                f"{prefix}target_size_as_tuple": torch.tensor([self.size, self.size])}
 
 
 class DreamBoothDataModule(pl.LightningDataModule):

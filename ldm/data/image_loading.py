@@ -12,6 +12,7 @@ import logging
 import os
 import stat
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +178,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+@dataclass(frozen=True)
+class Crop:
+    """Where a training crop came from (SDXL's micro-conditioning, Podell et al. 2023, sec. 2.2): the image's size
+    as the user sees it, ``(height, width)``, and the crop's top-left corner in the resized image, ``(top, left)``."""
+    original_size: tuple[int, int]
+    top_left: tuple[int, int]
+
+
+def square_crop(width: int, height: int, size: int) -> Crop:
+    """The centre square of :func:`_center_square`, described as a :class:`Crop`."""
+    side = min(width, height)
+    scale = size / side
+    return Crop((height, width), (round((height - side) / 2 * scale), round((width - side) / 2 * scale)))
+
+
 def _center_square(img: Image.Image, size: int) -> Image.Image:
     """Resize so the short side is ``size`` and keep the centre square, in one resample.
 
@@ -189,13 +205,15 @@ def _center_square(img: Image.Image, size: int) -> Image.Image:
     return img.resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=REDUCING_GAP)
 
 
-def load_image(path: str | Path, size: int, min_size: int | None = None) -> Image.Image:
+def load_image(path: str | Path, size: int, min_size: int | None = None, with_crop: bool = False
+               ) -> Image.Image | tuple[Image.Image, Crop]:
     """Decode ``path`` fully and return an RGB ``size x size`` centre crop (short side resized to ``size``).
 
     The first frame of multi-frame files is used (MPO from phones hold the photo then a depth/preview frame).
     EXIF orientation is applied, so the crop is taken from the image as the user sees it. ``min_size``
     (default ``size // 4``) rejects thumbnails that would be upscaled into blur. Raises :class:`ImageError`
-    naming the file for unreadable, empty, truncated or too-small images.
+    naming the file for unreadable, empty, truncated or too-small images. ``with_crop`` also returns the
+    :class:`Crop` the square was taken with.
     """
     path = Path(path)
     min_size = size // 4 if min_size is None else min_size
@@ -219,7 +237,8 @@ def load_image(path: str | Path, size: int, min_size: int | None = None) -> Imag
             except _DECODE_ERRORS + (KeyError, IndexError, TypeError) as exc:
                 # Malformed EXIF is common in edited photos; the pixels are still good.
                 logger.warning("%s: ignoring unreadable EXIF orientation (%s)", path, exc)
-            return _center_square(to_rgb(img), size)
+            square = _center_square(to_rgb(img), size)
+            return (square, square_crop(img.width, img.height, size)) if with_crop else square
     except ImageError:
         raise
     except FileNotFoundError:

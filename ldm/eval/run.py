@@ -95,7 +95,7 @@ def generate_for_subject(model: Any, subject: Subject, out_dir: str | Path, toke
     from ldm.models.diffusion.ddim import DDIMSampler
 
     out_dir, device = Path(out_dir), model.betas.device
-    shape = (model.channels, settings.size // 8, settings.size // 8)
+    shape = (model.channels, settings.size // model.vae_factor, settings.size // model.vae_factor)
     sampler, written = DDIMSampler(model), []
     model.eval()
     with model.ema_scope(), torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
@@ -106,14 +106,15 @@ def generate_for_subject(model: Any, subject: Subject, out_dir: str | Path, toke
             # The whole draw, then its batches: each image keeps its noise whichever ones are missing.
             generator = torch.Generator(device).manual_seed(seed)
             noise = torch.randn((count, *shape), generator=generator, device=device)
-            c_one, uc_one = model.get_learned_conditioning([prompt]), model.get_learned_conditioning([""])
             for start in range(0, count, settings.batch_size):
                 batch = range(start, min(start + settings.batch_size, count))
                 if all(paths[k].is_file() for k in batch):
                     continue
                 n = len(batch)
-                z, _ = sampler.sample(settings.ddim_steps, n, shape, conditioning=c_one.expand(n, -1, -1),
-                                      unconditional_conditioning=uc_one.expand(n, -1, -1),
+                sizes = model.default_sizes(n, settings.size, settings.size)
+                z, _ = sampler.sample(settings.ddim_steps, n, shape,
+                                      conditioning=model.get_learned_conditioning(n * [prompt], sizes),
+                                      unconditional_conditioning=model.get_unconditional_conditioning(n * [""], sizes),
                                       unconditional_guidance_scale=settings.scale, x_T=noise[start:start + n],
                                       generator=generator, verbose=False, disable_progress=True)
                 for k, img in zip(batch, model.decode_first_stage(z).float()):

@@ -43,19 +43,40 @@ class LatentCache:
         return DiagonalGaussianDistribution(torch.stack(rows))
 
 
+def _row(parts: Any, i: int) -> Any:
+    """Sample ``i`` of a text-parts structure (a tensor, or lists/tuples of tensors and None, batch first)."""
+    if isinstance(parts, torch.Tensor):
+        return parts[i]
+    if parts is None:
+        return None
+    return type(parts)(_row(p, i) for p in parts)
+
+
+def _stack(rows: Sequence[Any]) -> Any:
+    """The inverse of ``_row`` over a batch of samples."""
+    first = rows[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(list(rows))
+    if first is None:
+        return None
+    return type(first)(_stack([r[k] for r in rows]) for k in range(len(first)))
+
+
 class TextCache:
-    """caption -> ``[77, D]`` embedding, for a frozen text encoder."""
+    """caption -> the text parts of its conditioning (SD v1: a ``[77, D]`` embedding; SDXL: both encoders'
+    outputs), for frozen text encoders."""
 
     def __init__(self) -> None:
-        self.embeddings: dict[str, torch.Tensor] = {}
+        self.embeddings: dict[str, Any] = {}
 
     @torch.no_grad()
-    def build(self, embed, captions: Sequence[str]) -> None:
+    def build(self, embed: Callable[[list[str]], Any], captions: Sequence[str]) -> None:
         unique = list(dict.fromkeys(captions))
         for start in range(0, len(unique), 16):
             chunk = unique[start:start + 16]
-            for caption, e in zip(chunk, embed(chunk)):
-                self.embeddings[caption] = e
+            parts = embed(chunk)
+            for i, caption in enumerate(chunk):
+                self.embeddings[caption] = _row(parts, i)
 
-    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
-        return torch.stack([self.embeddings[c] for c in captions])
+    def __call__(self, captions: Sequence[str]) -> Any:
+        return _stack([self.embeddings[c] for c in captions])

@@ -17,6 +17,7 @@ from torch import nn
 
 from ldm.lora import LoraSettings
 from ldm.models.diffusion.cache import LatentCache, TextCache
+from ldm.models.diffusion.conditioning import MicroConditioning, TextConditioning, batch_sizes
 from ldm.models.diffusion.losses import min_snr_weights, offset_noise_, prior_preservation_loss
 from ldm.models.diffusion.schedule import BetaSchedule, extract_into_tensor, predict_x0, q_sample, register_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
@@ -52,33 +53,43 @@ def borrowed(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
 
 
 class DiffusionWrapper(nn.Module):
-    """Holds the UNet as ``diffusion_model``: this thin layer is what pins the ``model.diffusion_model.`` prefix."""
+    """Holds the UNet as ``diffusion_model``: this thin layer is what pins the ``model.diffusion_model.`` prefix.
+
+    ``conditioning_key``: ``crossattn`` (SD v1, SDXL) cross-attends to ``c_crossattn``; ``hybrid`` (inpainting
+    models) also concatenates ``c_concat`` (mask and masked-image latent) to the input channels. A vector ``y``
+    (SDXL's pooled text and size embeddings) goes to the UNet's label embedding whenever it is given."""
 
     def __init__(self, diff_model_config: Mapping[str, Any], conditioning_key: Optional[str]):
         super().__init__()
-        if conditioning_key not in ("crossattn", None):
-            raise NotImplementedError(f"conditioning_key {conditioning_key!r}: only 'crossattn' (SD v1) is supported")
+        if conditioning_key not in ("crossattn", "hybrid", None):
+            raise NotImplementedError(f"conditioning_key {conditioning_key!r}: expected crossattn or hybrid")
         self.diffusion_model = instantiate_from_config(diff_model_config)
         self.conditioning_key = conditioning_key
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor,
-                c_crossattn: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c_crossattn: Optional[Sequence[torch.Tensor]] = None,
+                c_concat: Optional[Sequence[torch.Tensor]] = None, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.conditioning_key is None:
-            return self.diffusion_model(x, t)
-        context = torch.cat(list(c_crossattn), 1)
-        return self.diffusion_model(x, t, context=context)
+            return self.diffusion_model(x, t, y=y)
+        if self.conditioning_key == "hybrid":
+            if not c_concat:
+                raise ValueError("an inpainting (hybrid) model needs c_concat: the mask and the masked image's latent")
+            x = torch.cat([x, *c_concat], dim=1)
+        return self.diffusion_model(x, t, context=torch.cat(list(c_crossattn), 1), y=y)
 
 
 class LatentDiffusion(pl.LightningModule):
-    """Stable Diffusion v1: eps-prediction diffusion in the latent space of a KL autoencoder, text-conditioned."""
+    """Stable Diffusion (v1 and XL): eps-prediction diffusion in the latent space of a KL autoencoder, conditioned on
+    text through ``cond_stage_config`` (SD v1: one CLIP encoder at ``cond_stage_model``) or ``conditioner_config``
+    (SDXL: sgm's ``GeneralConditioner`` at ``conditioner``, two text encoders plus size/crop embeddings)."""
 
     #: Parameters accepted only because the original configs carry them (see ``ldm.config.unread_keys``).
     UNREAD_PARAMS = ("log_every_t", "monitor")
 
     def __init__(self,
                  first_stage_config: Mapping[str, Any],
-                 cond_stage_config: Mapping[str, Any],
                  unet_config: Mapping[str, Any],
+                 cond_stage_config: Optional[Mapping[str, Any]] = None,
+                 conditioner_config: Optional[Mapping[str, Any]] = None,
                  num_timesteps_cond: int = 1,
                  cond_stage_key: str = "caption",
                  cond_stage_trainable: bool = False,
@@ -108,6 +119,8 @@ class LatentDiffusion(pl.LightningModule):
                  cache_latents: bool = False,
                  set_grads_to_none: bool = True,
                  ckpt_path: Optional[str] = None,
+                 vae_path: Optional[str] = None,
+                 persist_schedule: bool = True,
                  log_every_t: Optional[int] = None,
                  monitor: Optional[str] = None):
         """``log_every_t`` and ``monitor`` are accepted, and ignored, only because the original configs (and
@@ -147,16 +160,26 @@ class LatentDiffusion(pl.LightningModule):
         self.use_ema = use_ema
         if use_ema:
             self.model_ema = LitEma(self.model, decay=ema_decay)
-        register_schedule(self, beta_schedule=beta_schedule, timesteps=timesteps,
-                          linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s)
+        # SD v1 files hold the twelve schedule buffers; SDXL files hold none (persist_schedule: false).
+        register_schedule(self, beta_schedule=beta_schedule, timesteps=timesteps, linear_start=linear_start,
+                          linear_end=linear_end, cosine_s=cosine_s, persistent=persist_schedule)
 
         self.first_stage_model = instantiate_from_config(first_stage_config)
         freeze(self.first_stage_model)
-        self.cond_stage_model = instantiate_from_config(cond_stage_config)
-        if cond_stage_trainable:
-            self.cond_stage_model.requires_grad_(True)
+        # A separate VAE file (e.g. SDXL's float16-safe VAE) that the loader puts in after the main weights.
+        self.vae_path = vae_path
+        if (cond_stage_config is None) == (conditioner_config is None):
+            raise ValueError("give one of cond_stage_config (SD v1) and conditioner_config (SDXL)")
+        if conditioner_config is not None:
+            self.conditioner = instantiate_from_config(conditioner_config)  # freezes its non-trainable embedders
+            self.conditioning = MicroConditioning(self.conditioner)
         else:
-            freeze(self.cond_stage_model)
+            self.cond_stage_model = instantiate_from_config(cond_stage_config)
+            if cond_stage_trainable:
+                self.cond_stage_model.requires_grad_(True)
+            else:
+                freeze(self.cond_stage_model)
+            self.conditioning = TextConditioning(self.cond_stage_model)
 
         if ckpt_path is not None:
             from ldm.checkpoint import load_checkpoint  # local: the loader imports this module's names
@@ -200,13 +223,42 @@ class LatentDiffusion(pl.LightningModule):
         with borrowed(self.first_stage_model, z.device):
             return self.first_stage_model.decode(z / self.scale_factor)
 
+    @property
+    def vae_factor(self) -> int:
+        """Pixels per latent cell along a side (8 for SD v1 and SDXL)."""
+        return 2 ** (len(self.first_stage_model.encoder.down) - 1)
+
     # ---- conditioning ----------------------------------------------------------------------------------
-    def get_learned_conditioning(self, c: Sequence[str]) -> torch.Tensor:
-        """Text prompts -> CLIP last hidden states ``[B, 77, context_dim]``."""
-        if isinstance(c, str):
-            c = [c]
-        with borrowed(self.cond_stage_model, self.betas.device):
-            return self.cond_stage_model.encode(list(c))
+    @property
+    def text_model(self) -> nn.Module:
+        """The module holding the text encoder(s): ``cond_stage_model`` (SD v1) or ``conditioner`` (SDXL)."""
+        return self.conditioning.module
+
+    def encode_text(self, prompts: Sequence[str]) -> Any:
+        """The text parts of the conditioning (what a text cache stores per caption)."""
+        with borrowed(self.text_model, self.betas.device):
+            return self.conditioning.text(list(prompts))
+
+    def default_sizes(self, n: int, height: Optional[int] = None, width: Optional[int] = None) -> Any:
+        """SDXL's size/crop inputs for ``n`` images of ``height`` x ``width`` pixels (default: the model's own
+        resolution), uncropped; None for a model without them."""
+        native = self.image_size * self.vae_factor
+        return self.conditioning.default_sizes(n, height or native, width or native, self.betas.device)
+
+    def get_learned_conditioning(self, c: Sequence[str] | str, sizes: Optional[Mapping[str, torch.Tensor]] = None
+                                 ) -> Any:
+        """Prompts -> what the UNet is conditioned on: SD v1, CLIP's last hidden states ``[B, 77, context_dim]``
+        (as the original); SDXL, ``{"c_crossattn": [...], "y": ...}`` for the given (default: native) sizes."""
+        prompts = [c] if isinstance(c, str) else list(c)
+        sizes = sizes if sizes is not None else self.default_sizes(len(prompts))
+        return self.conditioning.learned(self.encode_text(prompts), sizes)
+
+    def get_unconditional_conditioning(self, negatives: Sequence[str],
+                                       sizes: Optional[Mapping[str, torch.Tensor]] = None) -> Any:
+        """The unconditional input of classifier-free guidance for these negative prompts ("" for none)."""
+        sizes = sizes if sizes is not None else self.default_sizes(len(negatives))
+        with borrowed(self.text_model, self.betas.device):
+            return self.conditioning.unconditional(list(negatives), sizes)
 
     # ---- denoiser --------------------------------------------------------------------------------------
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor,
@@ -256,7 +308,9 @@ class LatentDiffusion(pl.LightningModule):
         Every random draw (posterior sample, t, noise, offset) comes from ``generator`` when one is given."""
         z = self.get_latents(batch, generator)
         captions, n_subject = self.get_captions(batch)
-        c = self.text_cache(captions) if self.text_cache is not None else self.get_learned_conditioning(captions)
+        text = self.text_cache(captions) if self.text_cache is not None else self.encode_text(captions)
+        roles = [""] + (["reg_"] if len(captions) > n_subject else [])
+        c = self.conditioning.condition(text, batch_sizes(batch, roles))
         t = torch.randint(0, self.num_timesteps, (z.shape[0],), device=z.device, generator=generator).long()
         noise = torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
         noise = offset_noise_(noise, self.offset_noise, generator)
@@ -289,11 +343,11 @@ class LatentDiffusion(pl.LightningModule):
             return
         self.first_stage_model.to("cpu")
         if self.text_cache is not None:
-            self.cond_stage_model.to("cpu")
+            self.text_model.to("cpu")
         torch.cuda.empty_cache()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for m in (self.model, self.cond_stage_model) for p in m.parameters() if p.requires_grad]
+        return [p for m in (self.model, self.text_model) for p in m.parameters() if p.requires_grad]
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         # set_to_none frees the gradient tensors between steps instead of zero-filling them.

@@ -72,13 +72,17 @@ def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape: torch.Size) -
 
 def register_schedule(module: nn.Module, beta_schedule: BetaSchedule = "linear", timesteps: int = 1000,
                       linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3,
-                      given_betas: Optional[np.ndarray] = None) -> None:
-    """Register the twelve schedule buffers on ``module`` under their original names (persistent, float32)."""
+                      given_betas: Optional[np.ndarray] = None, persistent: bool = True) -> None:
+    """Register the twelve schedule buffers on ``module`` under their original names (float32); ``persistent``
+    puts them in the state dict, as SD v1 files have them (SDXL files do not)."""
     betas = np.asarray(given_betas, dtype=np.float64) if given_betas is not None else make_beta_schedule(
         beta_schedule, timesteps, linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s)
     coefs = schedule_coefficients(betas)
     for name in SCHEDULE_BUFFERS:
-        module.register_buffer(name, torch.tensor(coefs[name], dtype=torch.float32))
+        # On the CPU even inside ``torch.device("meta")``: a model built on the meta device and filled from a file
+        # that has no schedule (SDXL) must still have real buffers; files that have them replace these.
+        module.register_buffer(name, torch.tensor(coefs[name], dtype=torch.float32, device="cpu"),
+                               persistent=persistent)
     module.num_timesteps = int(betas.shape[0])
     module.linear_start, module.linear_end = linear_start, linear_end
 

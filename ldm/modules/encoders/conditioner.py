@@ -20,6 +20,9 @@ from ldm.modules.diffusionmodules.util import timestep_embedding
 from ldm.util import instantiate_from_config
 
 Size = tuple[int, int]
+TEXT_KEY = "txt"
+#: The micro-conditioning batch keys, (height, width) / (top, left) pairs.
+SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
 OUTPUT_KEY_BY_NDIM = {2: "vector", 3: "crossattn", 4: "concat"}
 CAT_DIM = {"vector": 1, "crossattn": 2, "concat": 1}
 
@@ -77,11 +80,26 @@ class GeneralConditioner(nn.Module):
             embedders.append(embedder)
         self.embedders = nn.ModuleList(embedders)
 
+    def embed_text(self, prompts: Sequence[str]) -> list[tuple[torch.Tensor, ...] | None]:
+        """The outputs of the embedders that read ``txt`` (None for the others), in embedder order: what a text
+        cache stores, and what ``forward(batch, precomputed=...)`` takes back."""
+        out: list[tuple[torch.Tensor, ...] | None] = []
+        for embedder in self.embedders:
+            if TEXT_KEY not in embedder.input_keys:
+                out.append(None)
+                continue
+            with nullcontext() if embedder.is_trainable else torch.no_grad():
+                embs = embedder(list(prompts))
+            out.append(tuple(embs) if isinstance(embs, (tuple, list)) else (embs,))
+        return out
+
     def forward(
-        self, batch: Mapping[str, Any], force_zero_embeddings: Sequence[str] | None = None
+        self, batch: Mapping[str, Any], force_zero_embeddings: Sequence[str] | None = None,
+        precomputed: Sequence[tuple[torch.Tensor, ...] | None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Embed ``batch``; embedders whose input key is in ``force_zero_embeddings`` contribute zeros of their
-        usual shape (SDXL's unconditional input: zero text embeddings, real size embeddings).
+        usual shape (SDXL's unconditional input: zero text embeddings, real size embeddings). ``precomputed``
+        (from :meth:`embed_text`) stands in for the embedders it has an entry for.
 
         Caption dropout (``ucg_rate``, training mode only) draws one uniform number per sample and input key, so
         every embedder reading ``txt`` drops the same captions, cross-attention and pooled outputs alike (sgm draws
@@ -90,9 +108,12 @@ class GeneralConditioner(nn.Module):
         zero_keys = set(force_zero_embeddings or ())
         output: dict[str, torch.Tensor] = {}
         draws: dict[str, torch.Tensor] = {}
-        for embedder in self.embedders:
-            with nullcontext() if embedder.is_trainable else torch.no_grad():
-                embs = embedder(*(batch[k] for k in embedder.input_keys))
+        for i, embedder in enumerate(self.embedders):
+            if precomputed is not None and precomputed[i] is not None:
+                embs = precomputed[i]
+            else:
+                with nullcontext() if embedder.is_trainable else torch.no_grad():
+                    embs = embedder(*(batch[k] for k in embedder.input_keys))
             for emb in embs if isinstance(embs, (tuple, list)) else (embs,):
                 if zero_keys.intersection(embedder.input_keys):
                     emb = torch.zeros_like(emb)
