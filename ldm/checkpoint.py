@@ -154,10 +154,14 @@ def ema_key(model_key: str) -> str:
     return "model_ema." + model_key[len("model."):].replace(".", "")
 
 
-def guess_kind(keys: set[str], shapes: Optional[Mapping[str, torch.Tensor]] = None) -> str:
+def guess_kind(keys: set[str], shapes: Optional[Mapping[str, torch.Tensor]] = None,
+               expected: Optional[Mapping[str, torch.Size]] = None) -> str:
     """What a file whose keys do not fit the model probably is, as the start of a one-line message."""
     from ldm.families import FAMILIES, detect_family
     family = detect_family({k: tuple(v.shape) for k, v in shapes.items()}) if shapes is not None else None
+    wanted = detect_family({k: tuple(v) for k, v in expected.items()}) if expected is not None else None
+    if family is not None and family == wanted:
+        return f"it is a {FAMILIES[family].label} checkpoint, but of another size than the config builds"
     if family is not None:
         f = FAMILIES[family]
         return f"it is a {f.label} checkpoint, but the config builds another model (use --config configs/{f.config})"
@@ -191,7 +195,7 @@ def audit(expected: Mapping[str, torch.Size], found: Mapping[str, torch.Tensor])
     parts = [f"{label}: {len(keys)} keys missing (e.g. {keys[0]})" for label, keys in missing.items()]
     parts += [f"{label}: {len(keys)} tensors of another shape (e.g. {keys[0]} is {list(found[keys[0]].shape)}, "
               f"expected {list(expected[keys[0]])})" for label, keys in wrong.items()]
-    return f"{guess_kind(set(found), found)}: " + "; ".join(parts)
+    return f"{guess_kind(set(found), found, expected)}: " + "; ".join(parts)
 
 
 def select_weights(model_keys: Mapping[str, torch.Size], sd: Mapping[str, torch.Tensor], use_ema: bool,

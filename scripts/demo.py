@@ -20,16 +20,23 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+#: --family -> (fine-tuning config, inference config) of the toy models.
+FAMILIES = {"v1": ("tiny-finetune.yaml", "tiny-inference.yaml"),
+            "sdxl": ("tiny-sdxl-finetune.yaml", "tiny-sdxl-inference.yaml")}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--outdir", default="outputs/demo", help="where the run, class images and samples go")
     p.add_argument("--max_steps", type=int, default=60, help="training steps")
+    p.add_argument("--family", choices=sorted(FAMILIES), default="v1",
+                   help="v1: the SD v1-shaped toy model; sdxl: the SDXL-shaped one (two text encoders, size "
+                        "conditioning, the LoRA recipe of sdxl-dreambooth-lora.yaml)")
     opt = p.parse_args()
     out = Path(opt.outdir).resolve()
     tic = time.time()
-    train = [sys.executable, str(REPO / "main.py"), "--base", str(REPO / "configs/stable-diffusion/tiny-finetune.yaml"),
+    finetune, inference = (REPO / "configs/stable-diffusion" / name for name in FAMILIES[opt.family])
+    train = [sys.executable, str(REPO / "main.py"), "--base", str(finetune),
              "-t", "-n", "demo", "--logdir", str(out / "logs"), "--data_root", str(REPO / "assets/demo/subject"),
              "--reg_data_root", str(out / "class-images"), "--num_class_images", "12", "--class_word", "robot",
              "--max_steps", str(opt.max_steps)]
@@ -38,8 +45,8 @@ def main() -> int:
     print("$ " + " ".join(train), flush=True)
     subprocess.run(train, check=True, cwd=REPO, env=env)
     last = max((out / "logs").glob("*_demo/checkpoints/last.ckpt"), key=lambda q: q.stat().st_mtime)
-    sample = [sys.executable, str(REPO / "scripts/stable_txt2img.py"), "--config",
-              str(REPO / "configs/stable-diffusion/tiny-inference.yaml"), "--ckpt", str(last), "--outdir",
+    sample = [sys.executable, str(REPO / "scripts/stable_txt2img.py"), "--config", str(inference), "--ckpt", str(last),
+              "--outdir",
               str(out / "samples"), "--H", "64", "--W", "64", "--ddim_steps", "20", "--scale", "3", "--n_samples", "4",
               "--n_iter", "1", "--seed", "1", "--prompt", "photo of a sks robot"]
     print("$ " + " ".join(sample), flush=True)
