@@ -61,6 +61,15 @@ def _with_defaults(section: Mapping[str, Any]) -> dict[str, Any]:
     return defaults | dict(section.get("params") or {})
 
 
+def latent_side(params: Mapping[str, Any]) -> int:
+    """``model.params.image_size``: the latent side the model was trained at, or ``LatentDiffusion``'s default
+    when a config leaves it out (the model built from that config has the default too)."""
+    if "image_size" in params:
+        return params["image_size"]
+    from ldm.models.diffusion.ddpm import LatentDiffusion
+    return inspect.signature(LatentDiffusion).parameters["image_size"].default
+
+
 def unet_config(params: Mapping[str, Any]) -> dict[str, Any]:
     """``UNet2DConditionModel`` config of the network ``UNetModel(**unet_config.params)`` builds.
 
@@ -76,7 +85,7 @@ def unet_config(params: Mapping[str, Any]) -> dict[str, Any]:
                                                            for m in mults]
     return dict(
         # sample_size is the latent side the model was trained at: the pipeline's default height is it x 8.
-        sample_size=params["image_size"], in_channels=unet["in_channels"], out_channels=unet["out_channels"],
+        sample_size=latent_side(params), in_channels=unet["in_channels"], out_channels=unet["out_channels"],
         block_out_channels=[unet["model_channels"] * m for m in mults],
         down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
         up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
@@ -98,7 +107,7 @@ def vae_config(params: Mapping[str, Any]) -> dict[str, Any]:
         up_block_types=["UpDecoderBlock2D"] * len(dd["ch_mult"]),
         block_out_channels=[dd["ch"] * m for m in dd["ch_mult"]], layers_per_block=dd["num_res_blocks"],
         latent_channels=dd["z_channels"], norm_num_groups=32,
-        sample_size=params["image_size"] * 2 ** (len(dd["ch_mult"]) - 1), scaling_factor=params["scale_factor"])
+        sample_size=latent_side(params) * 2 ** (len(dd["ch_mult"]) - 1), scaling_factor=params["scale_factor"])
 
 
 def text_encoder_config(params: Mapping[str, Any]) -> dict[str, Any]:
