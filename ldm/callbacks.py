@@ -158,6 +158,38 @@ class ImageLogger(pl.Callback):
         return path
 
 
+class ReconstructionLogger(pl.Callback):
+    """For a first-stage (autoencoder) run: every ``batch_frequency`` steps, a grid of the batch's first
+    ``max_images`` images (top row) and their reconstructions through the posterior's mode (bottom row)."""
+
+    def __init__(self, batch_frequency: int, max_images: int = 8):
+        super().__init__()
+        if batch_frequency < 1:
+            raise ValueError("reconstruction_logger.batch_frequency must be at least 1")
+        self.batch_frequency, self.max_images = batch_frequency, max_images
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.batch_frequency or not trainer.is_global_zero or getattr(self, "_last", None) == step:
+            return
+        self._last = step
+        x = pl_module.get_input(batch)[: self.max_images]
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            rec = pl_module.decode(pl_module.encode(x).mode()).clamp(-1, 1)
+        finally:
+            pl_module.train(was_training)
+        grid = make_grid(torch.cat([x, rec]).float().cpu(), nrow=len(x), pad_value=-1.0)
+        save_png(to_pil(grid), Path(trainer.default_root_dir) / "images" / "train" / f"step-{step:06d}.png",
+                 {"step": step, "rows": "input | reconstruction"})
+        for logger in trainer.loggers:
+            if hasattr(logger.experiment, "add_image"):
+                logger.experiment.add_image("reconstructions", ((grid + 1) / 2).clamp(0, 1), step)
+
+
 class ExportWeights(pl.Callback):
     """Small, shareable files next to the Lightning checkpoints, at every ``every_n_train_steps`` and at the end:
 
@@ -188,7 +220,7 @@ class ExportWeights(pl.Callback):
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> list[Path]:
         from ldm.checkpoint import save_checkpoint
         written = []
-        if trainer.is_global_zero and pl_module.lora_settings:
+        if trainer.is_global_zero and getattr(pl_module, "lora_settings", None):
             from ldm.lora import lora_state_dict
             written.append(save_checkpoint(self.ckptdir / f"lora-{tag}.safetensors", lora_state_dict(pl_module),
                                            global_step=trainer.global_step))

@@ -37,9 +37,13 @@ ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4}
 GB = 1e9
 
 
+#: Top-level tensors that are not sub-model weights: the schedule, and a measured latent scale (``scale_by_std``).
+KEPT_BUFFERS = (*SCHEDULE_BUFFERS, "scale_factor")
+
+
 def is_inference_key(key: str) -> bool:
     """True for the keys a sampling model's ``state_dict`` holds (``use_ema: False``)."""
-    return key.startswith(INFERENCE_PREFIXES) or key in SCHEDULE_BUFFERS
+    return key.startswith(INFERENCE_PREFIXES) or key in KEPT_BUFFERS
 
 
 def ema_coverage(sd: Mapping[str, torch.Tensor]) -> tuple[int, int]:
@@ -77,7 +81,7 @@ def prune_state_dict(sd: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype
     # select_weights is the loader's own EMA swap, so pruning and sampling agree on what "EMA" means.
     pruned, used_ema = select_weights(keep, sd, use_ema=False, prefer_ema=use_ema is not False)
     if dtype is not None:
-        pruned = {k: v.to(dtype) if v.is_floating_point() and k not in SCHEDULE_BUFFERS else v
+        pruned = {k: v.to(dtype) if v.is_floating_point() and k not in KEPT_BUFFERS else v
                   for k, v in pruned.items()}
     return pruned, used_ema
 

@@ -106,9 +106,9 @@ def prepare(options: TrainOptions) -> Plan:
     elif options.actual_resume:
         OmegaConf.update(config, "actual_resume", options.actual_resume, force_add=True)
     check_training_config(config)
-    require(config, "data.params.data_root", "--data_root")
-    require(config, "data.params.class_word", "--class_word")
-    require(config, "data.params.token", "--token")
+    for key, flag in (("data_root", "--data_root"), ("class_word", "--class_word"), ("token", "--token")):
+        if key in (config.data.get("params") or {}):  # a DreamBooth run (pretraining data has other settings)
+            require(config, f"data.params.{key}", flag)
     check_data_folders(config)
     weights = resume_ckpt or config.get("actual_resume")
     if weights is not None and not Path(weights).is_file():
@@ -130,10 +130,10 @@ def check_run_name(name: str, postfix: str) -> None:
 def check_data_folders(config: DictConfig) -> None:
     """The subject's photos and the class images must be separate folders: generated class images written into
     the photo folder would be trained as the subject, and subject photos inside the class folder as the class."""
-    data_root = Path(str(config.data.params.data_root))
-    reg = config.data.params.get("reg_data_root")
-    if reg is None:
+    params = config.data.get("params") or {}
+    if params.get("data_root") is None or params.get("reg_data_root") is None:
         return
+    data_root, reg = Path(str(params["data_root"])), params["reg_data_root"]
     reg = Path(str(reg))
     if is_within(reg, data_root) or is_within(data_root, reg):
         raise ConfigError(f"--reg_data_root {reg} and --data_root {data_root} overlap (one is inside the other): "
@@ -240,8 +240,12 @@ def build_model(config: DictConfig, weights: Optional[Path]) -> Any:
     from ldm.checkpoint import load_model_from_config
     from ldm.util import instantiate_from_config
     if weights is None:
-        print("No --actual_resume: training starts from random weights (only sensible for the tiny demo model)")
-        return instantiate_from_config(config.model)
+        print("No --actual_resume: training starts from random weights (pretraining, or the tiny test models)")
+        model = instantiate_from_config(config.model)
+        if getattr(model, "vae_path", None):  # pretraining a diffusion model on a trained first stage
+            from ldm.vae_file import load_vae
+            load_vae(model.first_stage_model, model.vae_path)
+        return model
     return load_model_from_config(config, weights)
 
 
@@ -358,10 +362,11 @@ def run(options: TrainOptions) -> int:
     devices = trainer_devices(config, parse_gpus(options.gpus))
     n_devices = devices.pop("n_devices")
 
-    warn_about_identifier(str(config.data.params.token))
+    if OmegaConf.select(config, "data.params.token") is not None:
+        warn_about_identifier(str(config.data.params.token))
     model = build_model(config, plan.weights)
     model.noise_seed = options.seed
-    if model.lora_settings:
+    if getattr(model, "lora_settings", None):
         model.add_lora()
     maybe_generate_class_images(config, model, devices)
     data = instantiate_from_config(config.data)

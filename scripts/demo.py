@@ -1,58 +1,146 @@
 #!/usr/bin/env python
-"""The whole DreamBooth pipeline on the shipped tiny model and pictures, on a CPU, with nothing to download.
+"""DreamBooth you can see on any laptop: the shipped toy model learns the demo robot and draws it where robots
+never were, on a CPU, in about a minute, with nothing to download.
 
-    python scripts/demo.py [--outdir outputs/demo] [--max_steps 60]
+    python scripts/demo.py                 # prior preservation (the paper's recipe)
+    python scripts/demo.py --no-prior      # without it: watch "photo of a robot" turn into the subject
 
-1. generates class images ("photo of a robot") with the starting model into OUTDIR/class-images,
-2. fine-tunes on assets/demo/subject (six drawn pictures of a toy robot) with prior preservation,
-3. samples "photo of a sks robot" from the resulting last.ckpt into OUTDIR/samples.
+1. class images: the toy model itself draws "photo of a robot" (the prior-preservation set);
+2. fine-tune the toy model (``configs/toy/dreambooth.yaml``, through main.py) on the six drawings of
+   ``assets/demo/subject``, a robot design the toy world does not contain;
+3. measure with the toy classifier (``ldm/eval/toy_model.py``): subject fidelity and prompt fidelity on
+   "photo of a sks robot" on the moon and in the snow (no robot is ever there in the world), and prior drift
+   on "photo of a robot", before and after;
+4. one figure, ``OUTDIR/dreambooth.png``: the training photos, the subject on the held-out places, and the class
+   prompt before and after fine-tuning.
 
-The tiny model starts from random weights, so the pictures only show that the plumbing works; real results
-need the original Stable Diffusion weights (see the README for the real commands).
+``--family v1`` / ``--family sdxl`` run the same pipeline on the randomly initialised SD-v1- and SDXL-shaped toy
+configs instead (plumbing only: their pictures are noise).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-#: --family -> (fine-tuning config, inference config) of the toy models.
-FAMILIES = {"v1": ("tiny-finetune.yaml", "tiny-inference.yaml"),
+sys.path.insert(0, str(REPO))
+SUBJECT = REPO / "assets" / "demo" / "subject"
+#: --family -> (fine-tuning config, inference config) of the random-weight plumbing demos.
+PLUMBING = {"v1": ("tiny-finetune.yaml", "tiny-inference.yaml"),
             "sdxl": ("tiny-sdxl-finetune.yaml", "tiny-sdxl-inference.yaml")}
+CELL = 128  # figure cell: the 64 px pictures at twice their size
 
 
-def main() -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--outdir", default="outputs/demo", help="where the run, class images and samples go")
-    p.add_argument("--max_steps", type=int, default=60, help="training steps")
-    p.add_argument("--family", choices=sorted(FAMILIES), default="v1",
-                   help="v1: the SD v1-shaped toy model; sdxl: the SDXL-shaped one (two text encoders, size "
-                        "conditioning, the LoRA recipe of sdxl-dreambooth-lora.yaml)")
-    opt = p.parse_args()
+    p.add_argument("--outdir", default="outputs/demo", help="where the run, class images, samples and figure go")
+    p.add_argument("--max_steps", type=int, default=None, help="fine-tuning steps (default: the config's)")
+    p.add_argument("--no-prior", dest="prior", action="store_false",
+                   help="fine-tune without class images (no prior-preservation loss)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fine-tune and of the pictures")
+    p.add_argument("--family", choices=["toy", *PLUMBING], default="toy",
+                   help="toy: the shipped pretrained toy model (default); v1 / sdxl: random-weight plumbing demos")
+    opt = p.parse_args(argv)
     out = Path(opt.outdir).resolve()
-    tic = time.time()
-    finetune, inference = (REPO / "configs/stable-diffusion" / name for name in FAMILIES[opt.family])
-    train = [sys.executable, str(REPO / "main.py"), "--base", str(finetune),
-             "-t", "-n", "demo", "--logdir", str(out / "logs"), "--data_root", str(REPO / "assets/demo/subject"),
-             "--reg_data_root", str(out / "class-images"), "--num_class_images", "12", "--class_word", "robot",
-             "--max_steps", str(opt.max_steps)]
     # A toy model gains nothing from more threads, and OpenMP threads that wait on a busy core are very slow.
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    print("$ " + " ".join(train), flush=True)
-    subprocess.run(train, check=True, cwd=REPO, env=env)
+    tic = time.time()
+    if opt.family != "toy":
+        return plumbing(opt, out, env, tic)
+    from ldm.eval.toy_model import TOY_MODEL
+    if not TOY_MODEL.is_file():
+        p.exit(2, f"{p.prog}: error: {TOY_MODEL}: the toy model is missing; rebuild it with "
+                  f"python scripts/train_toy_model.py\n")
+    last = finetune(opt, out, env)
+    scores = evaluate_and_draw(last, out, opt.seed)
+    print(json.dumps(scores, indent=2))
+    print(f"\nDemo done in {time.time() - tic:.0f} s: figure {out / 'dreambooth.png'}, checkpoint {last}")
+    return 0
+
+
+def run(cmd: list[str], env: dict[str, str]) -> None:
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO, env=env)
+
+
+def finetune(opt: argparse.Namespace, out: Path, env: dict[str, str]) -> Path:
+    """main.py on configs/toy/dreambooth.yaml from the shipped model; returns the run's last.ckpt."""
+    from ldm.eval.toy_model import TOY_MODEL
+    name = "demo" if opt.prior else "demo_no_prior"
+    cmd = [sys.executable, str(REPO / "main.py"), "--base", str(REPO / "configs/toy/dreambooth.yaml"), "-t",
+           "--actual_resume", str(TOY_MODEL), "-n", name, "--logdir", str(out / "logs"), "--seed", str(opt.seed),
+           "--data_root", str(SUBJECT), "--class_word", "robot"]
+    if opt.prior:
+        cmd += ["--reg_data_root", str(out / "class-images"), "--num_class_images", "64"]
+    if opt.max_steps:
+        cmd += ["--max_steps", str(opt.max_steps)]
+    run(cmd, env)
+    return max((out / "logs").glob(f"*_{name}/checkpoints/last.ckpt"), key=lambda q: q.stat().st_mtime)
+
+
+def evaluate_and_draw(last: Path, out: Path, seed: int) -> dict:
+    """The three numbers before and after, and the figure."""
+    import torch
+
+    from ldm.eval.toy import load_classifier
+    from ldm.eval.toy_model import SUBJECT_PLACES, TOY_CLASSIFIER, dreambooth_scores, load_toy_model, sample
+    from ldm.data import toy_world as tw
+    torch.set_num_threads(1)
+    classifier = load_classifier(TOY_CLASSIFIER)
+    before, after = load_toy_model(), load_toy_model(last)
+    scores = {"before": dreambooth_scores(before, classifier, seed=seed),
+              "after": dreambooth_scores(after, classifier, seed=seed)}
+    rows = {"training photos": None,
+            **{f"sks robot {tw.PLACES[b]}": sample(after, 6 * [f"photo of a sks robot {tw.PLACES[b]}"], seed)
+               for b in SUBJECT_PLACES},
+            "\"a robot\" before": sample(before, 6 * ["photo of a robot"], seed + 1),
+            "\"a robot\" after": sample(after, 6 * ["photo of a robot"], seed + 1)}
+    draw_figure(rows, out / "dreambooth.png", scores)
+    return scores
+
+
+def draw_figure(rows: dict, path: Path, scores: dict) -> Path:
+    """A labelled grid: one row per entry (None = the training photos), six pictures each, scores at the bottom."""
+    from PIL import Image, ImageDraw
+
+    from ldm.images import save_png, to_pil
+    label_w, pad = 190, 4
+    photos = [Image.open(p).convert("RGB") for p in sorted(SUBJECT.glob("*.png"))][:6]
+    width = label_w + 6 * (CELL + pad)
+    height = len(rows) * (CELL + pad) + 40
+    fig = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(fig)
+    for r, (label, images) in enumerate(rows.items()):
+        y = r * (CELL + pad)
+        d.text((8, y + CELL // 2 - 6), label, fill=(20, 20, 20))
+        pictures = photos if images is None else [to_pil(x) for x in images]
+        for c, im in enumerate(pictures):
+            fig.paste(im.resize((CELL, CELL), Image.NEAREST if im.width < CELL else Image.LANCZOS),
+                      (label_w + c * (CELL + pad), y))
+    b, a = scores["before"], scores["after"]
+    d.text((8, height - 32), f"subject fidelity {b['subject_fidelity']:.2f} -> {a['subject_fidelity']:.2f}   "
+                             f"prompt fidelity {a['prompt_fidelity']:.2f}   prior drift {b['prior_drift']:.2f} -> "
+                             f"{a['prior_drift']:.2f}", fill=(20, 20, 20))
+    return save_png(fig, path, {"scores": json.dumps(scores)})
+
+
+def plumbing(opt: argparse.Namespace, out: Path, env: dict[str, str], tic: float) -> int:
+    """The random-weight SD v1- / SDXL-shaped toy configs: class images, fine-tune, sample (noise pictures)."""
+    finetune_cfg, inference = (REPO / "configs/stable-diffusion" / name for name in PLUMBING[opt.family])
+    run([sys.executable, str(REPO / "main.py"), "--base", str(finetune_cfg), "-t", "-n", "demo", "--logdir",
+         str(out / "logs"), "--data_root", str(SUBJECT), "--reg_data_root", str(out / "class-images"),
+         "--num_class_images", "12", "--class_word", "robot", "--max_steps", str(opt.max_steps or 60)], env)
     last = max((out / "logs").glob("*_demo/checkpoints/last.ckpt"), key=lambda q: q.stat().st_mtime)
-    sample = [sys.executable, str(REPO / "scripts/stable_txt2img.py"), "--config", str(inference), "--ckpt", str(last),
-              "--outdir",
-              str(out / "samples"), "--H", "64", "--W", "64", "--ddim_steps", "20", "--scale", "3", "--n_samples", "4",
-              "--n_iter", "1", "--seed", "1", "--prompt", "photo of a sks robot"]
-    print("$ " + " ".join(sample), flush=True)
-    subprocess.run(sample, check=True, cwd=REPO, env=env)
-    print(f"\nDemo done in {time.time() - tic:.0f} s: checkpoint {last}, samples in {out / 'samples'}, "
-          f"training grids in {last.parent.parent / 'images'}")
+    run([sys.executable, str(REPO / "scripts/stable_txt2img.py"), "--config", str(inference), "--ckpt", str(last),
+         "--outdir", str(out / "samples"), "--ddim_steps", "20", "--scale", "3", "--n_samples", "4", "--n_iter", "1",
+         "--seed", "1", "--prompt", "photo of a sks robot"], env)
+    print(f"\nDemo done in {time.time() - tic:.0f} s: checkpoint {last}, samples in {out / 'samples'}")
     return 0
 
 

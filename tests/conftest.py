@@ -32,6 +32,15 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> tor
     return module
 
 
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module (its ``main(argv)`` is what the command line runs)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_config(path: Path = TINY_CONFIG):
     return OmegaConf.load(path)
 

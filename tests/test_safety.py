@@ -2,7 +2,6 @@
 tools found, each checked here on the tiny configs (each of these failed before the fix)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import resource
 import signal
@@ -15,19 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, load_script
 from helpers import make_folder
 
 import main as main_module
 
 TINY_FT = REPO / "configs/stable-diffusion/tiny-finetune.yaml"
-
-
-def script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def train_args(tmp_path: Path, *extra: str, subject: Path | None = None, reg: Path | None = None) -> list[str]:
@@ -75,13 +67,13 @@ def test_tools_refuse_to_write_over_their_inputs(tmp_path, tiny_ckpt, capsys):
     from ldm.checkpoint import save_checkpoint
     lora = save_checkpoint(tmp_path / "l.safetensors", {"lora_unet_x.lora_down.weight": torch.zeros(1, 2),
                                                         "lora_unet_x.lora_up.weight": torch.zeros(2, 1)})
-    merge = script("merge_lora").main
+    merge = load_script("merge_lora").main
     assert "is also an input" in one_line_error(capsys, [str(tiny_ckpt), str(lora), str(lora)], merge)
     assert "is also an input" in one_line_error(capsys, [str(tiny_ckpt), f"{lora}:0.5", str(tiny_ckpt)], merge)
     existing = tmp_path / "existing.ckpt"
     existing.write_bytes(b"keep me")
     assert "exists already" in one_line_error(capsys, [str(tiny_ckpt), str(lora), str(existing)], merge)
-    assert "exists already" in one_line_error(capsys, [str(tiny_ckpt), str(existing)], script("prune_ckpt").main)
+    assert "exists already" in one_line_error(capsys, [str(tiny_ckpt), str(existing)], load_script("prune_ckpt").main)
     assert existing.read_bytes() == b"keep me"
     folder = tmp_path / "export"
     folder.mkdir()
@@ -89,11 +81,11 @@ def test_tools_refuse_to_write_over_their_inputs(tmp_path, tiny_ckpt, capsys):
     inside.write_bytes(tiny_ckpt.read_bytes())
     assert "not an empty folder" in one_line_error(
         capsys, [str(inside), str(folder), "--config", str(REPO / "configs/stable-diffusion/tiny-inference.yaml")],
-        script("convert_to_diffusers").main)
+        load_script("convert_to_diffusers").main)
 
 
 def test_evaluation_does_not_write_into_what_it_reads(tmp_path, capsys):
-    evaluate = script("evaluate").main
+    evaluate = load_script("evaluate").main
     samples = tmp_path / "samples"
     samples.mkdir()
     err = one_line_error(capsys, ["--samples", str(samples), "--out", str(samples)], evaluate)
@@ -200,7 +192,7 @@ def test_unusable_checkpoints_get_one_line(tmp_path, capsys):
         assert needle in str(info.value) and "\n" not in str(info.value)
     assert not Path("PWNED").exists() and not (tmp_path / "PWNED").exists()
     # And through a tool: the empty file used to end in an IndexError traceback.
-    err = one_line_error(capsys, [str(empty), str(tmp_path / "out.ckpt")], script("prune_ckpt").main)
+    err = one_line_error(capsys, [str(empty), str(tmp_path / "out.ckpt")], load_script("prune_ckpt").main)
     assert "empty file" in err
 
 
@@ -210,9 +202,9 @@ def test_a_lora_for_another_model_size_gets_one_line(tmp_path, tiny_ckpt, capsys
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     lora = save_checkpoint(tmp_path / "big.safetensors", {f"{name}.lora_down.weight": torch.zeros(4, 320),
                                                           f"{name}.lora_up.weight": torch.zeros(320, 4)})
-    err = one_line_error(capsys, [str(tiny_ckpt), str(lora), str(tmp_path / "m.ckpt")], script("merge_lora").main)
+    err = one_line_error(capsys, [str(tiny_ckpt), str(lora), str(tmp_path / "m.ckpt")], load_script("merge_lora").main)
     assert "320x320 (rank 4) but this model's layer is 32x32: a LoRA for another model or size" in err
-    txt2img = script("stable_txt2img").main
+    txt2img = load_script("stable_txt2img").main
     err = one_line_error(capsys, ["--config", str(REPO / "configs/stable-diffusion/tiny-inference.yaml"), "--ckpt",
                                   str(tiny_ckpt), "--H", "64", "--W", "64", "--lora", str(lora),
                                   "--outdir", str(tmp_path / "o")], txt2img)
@@ -270,12 +262,12 @@ def test_full_disk_during_training_is_one_line_and_leaves_no_partial_checkpoint(
 def test_written_files_follow_the_umask(tmp_path, tiny_ckpt):
     old = os.umask(0o022)
     try:
-        out = script("prune_ckpt").main([str(tiny_ckpt), str(tmp_path / "p.safetensors")])
+        out = load_script("prune_ckpt").main([str(tiny_ckpt), str(tmp_path / "p.safetensors")])
         assert stat.S_IMODE(out.stat().st_mode) == 0o644
         from ldm.images import save_numbered_png
         png = save_numbered_png(Image.new("RGB", (4, 4)), tmp_path / "imgs")
         assert stat.S_IMODE(png.stat().st_mode) == 0o644
-        folder = script("convert_to_diffusers").main(
+        folder = load_script("convert_to_diffusers").main(
             [str(tiny_ckpt), str(tmp_path / "diffusers"),
              "--config", str(REPO / "configs/stable-diffusion/tiny-inference.yaml")])
         assert stat.S_IMODE(folder.stat().st_mode) == 0o755

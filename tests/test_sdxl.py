@@ -2,7 +2,6 @@
 detection, a separate VAE in the diffusers layout, sampling with txt2img, and DreamBooth through main.py."""
 from __future__ import annotations
 
-import importlib.util
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import main as main_module
-from conftest import REPO, TINY_CONFIG, randomize_, reference_layout
+from conftest import REPO, load_script, TINY_CONFIG, randomize_, reference_layout
 from helpers import make_folder
 from ldm.checkpoint import CheckpointError, load_model_from_config, read_checkpoint, save_checkpoint
 from ldm.util import instantiate_from_config
@@ -19,13 +18,6 @@ from ldm.util import instantiate_from_config
 SDXL = REPO / "configs/stable-diffusion/sdxl-base-inference.yaml"
 TINY_SDXL = REPO / "configs/stable-diffusion/tiny-sdxl-inference.yaml"
 TINY_SDXL_FT = REPO / "configs/stable-diffusion/tiny-sdxl-finetune.yaml"
-
-
-def script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +71,7 @@ def test_wrong_family_for_the_config_is_one_line(tiny_sdxl_file, tiny_ckpt, caps
     assert detect_family(checkpoint_shapes(tiny_ckpt)) == "sd-v1"
     # Without --config, txt2img takes the family's config: here the full-size one, which this toy file does not fit.
     with pytest.raises(SystemExit):
-        script("stable_txt2img").main(["--ckpt", str(tiny_sdxl_file), "--outdir", "/nonexistent/never"])
+        load_script("stable_txt2img").main(["--ckpt", str(tiny_sdxl_file), "--outdir", "/nonexistent/never"])
     out, err = capsys.readouterr()
     assert "Stable Diffusion XL base (config sdxl-base-inference.yaml)" in out
     assert len(err.strip().splitlines()) == 1 and "of another size than the config builds" in err
@@ -111,7 +103,7 @@ def test_txt2img_finds_the_family_and_samples_at_native_size(tiny_sdxl, tiny_sdx
     """No --H/--W: the SDXL model's native size (64 px for the toy); an empty negative prompt makes the
     unconditional text inputs zero (diffusers' force_zeros_for_empty_prompt) and a real one does not. (Without
     --config the full-size SDXL config would be picked for this file: see the family test.)"""
-    txt2img = script("stable_txt2img").main
+    txt2img = load_script("stable_txt2img").main
     args = ["--ckpt", str(tiny_sdxl_file), "--config", str(TINY_SDXL), "--ddim_steps", "3", "--n_samples", "1", "--n_iter", "1",
             "--prompt", "photo of a sks robot", "--scale", "5", "--skip_grid"]
     (plain,) = txt2img([*args, "--outdir", str(tmp_path / "a")])

@@ -18,7 +18,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.data.image_loading import find_images, load_caption, load_image, uint8_to_tensor
-from ldm.data.loader import ResumableLoader, ResumableSampler
+from ldm.data.loader import ResumableLoader, ResumableSampler, batches_done
 
 #: The batch keys this dataset writes: the model's ``first_stage_key`` / ``cond_stage_key`` name them, and class
 #: examples carry the same keys with ``REG_PREFIX`` (``reg_image``); ``<image key>_id`` / ``_flip`` name the exact
@@ -256,11 +256,5 @@ class DreamBoothDataModule(pl.LightningDataModule):
             drop_last=False,  # the short last batch is real training data; nothing in the model needs a full one
             persistent_workers=self.num_workers > 0,  # workers hold the decoded images; do not refork each epoch
             pin_memory=torch.cuda.is_available(),
-            batches_done=self._batches_done,
+            batches_done=lambda: batches_done(self.trainer),
         )
-
-    def _batches_done(self) -> int:
-        """Batches of the current epoch trained so far: Lightning's own progress counter (``processed`` includes
-        the batch whose ``on_train_batch_end`` is saving a checkpoint, and equals ``completed`` otherwise)."""
-        trainer = self.trainer
-        return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0

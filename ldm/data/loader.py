@@ -64,6 +64,12 @@ class ResumableSampler(Sampler):
             yield order[pos], derive_seed(self.seed, "item", self.epoch, pos)
 
 
+def batches_done(trainer) -> int:
+    """Batches of the current epoch trained so far: Lightning's own progress counter (``processed`` includes the
+    batch whose ``on_train_batch_end`` is saving a checkpoint, and equals ``completed`` otherwise)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
+
+
 class ResumableLoader(DataLoader):
     """A ``DataLoader`` over a :class:`ResumableSampler` that Lightning can checkpoint (``state_dict``) and
     restore (``load_state_dict``). ``batches_done`` says how many batches of the current epoch were trained; the

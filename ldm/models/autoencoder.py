@@ -1,15 +1,17 @@
-"""AutoencoderKL: the frozen first stage of Stable Diffusion v1.
+"""AutoencoderKL: the first stage of Stable Diffusion (v1 and XL).
 
 Reproduces the KL-regularised autoencoder of Rombach et al., "High-Resolution Image Synthesis with Latent
 Diffusion Models" (CVPR 2022, Sec. 3.1): an image x is encoded to a diagonal Gaussian q(z|x) over 4-channel
 latents at 1/8 resolution and decoded back. The keys of ``state_dict()`` equal the ``first_stage_model.*``
-keys of the released checkpoints. DreamBooth never trains this model, so it is a plain ``nn.Module``
-without the original's reconstruction/GAN training step.
+keys of the released checkpoints. DreamBooth keeps it frozen; it trains through ``main.py`` as in the original
+codebase (``configs/toy/autoencoder.yaml``) with a loss that has no weights of its own (``lossconfig``), so the
+key layout never changes.
 """
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+import pytorch_lightning as pl
 import torch
 from torch import nn
 
@@ -18,7 +20,7 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(pl.LightningModule):
     UNREAD_PARAMS = ("monitor",)
 
     """Encoder -> ``quant_conv`` -> q(z|x); z -> ``post_quant_conv`` -> Decoder.
@@ -73,6 +75,7 @@ class AutoencoderKL(nn.Module):
                 f"lossconfig {lossconfig['target']} has parameters or buffers; the frozen first stage only "
                 "accepts a parameter-free loss such as torch.nn.Identity."
             )
+        self.learning_rate = 4.5e-6  # training: main.py sets model.base_learning_rate (scaled) here
         z_channels = ddconfig["z_channels"]
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, kernel_size=1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, kernel_size=1)
@@ -95,8 +98,23 @@ class AutoencoderKL(nn.Module):
         return self.decode(z), posterior
 
     def get_input(self, batch: Mapping[str, torch.Tensor], k: str | None = None) -> torch.Tensor:
-        """Batch images stored channels-last (B, H, W, C) -> (B, C, H, W) float, read from ``image_key``."""
+        """Batch images as ``(B, C, H, W)`` float from ``image_key``; channels-last ``(B, H, W, C)`` batches (the
+        original's datasets) are permuted."""
         x = batch[self.image_key if k is None else k]
         if x.ndim == 3:
             x = x[..., None]
-        return x.permute(0, 3, 1, 2).contiguous().float()
+        if x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
+            x = x.permute(0, 3, 1, 2)
+        return x.contiguous().float()
+
+    # ---- training (configs/toy/autoencoder.yaml) ---------------------------------------------------------------
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        x = self.get_input(batch)
+        reconstruction, posterior = self(x)
+        loss, logs = self.loss(x, reconstruction, posterior)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=True, on_step=True, batch_size=len(x))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam with the original first stage's betas (0.5, 0.9)."""
+        return torch.optim.Adam(self.parameters(), lr=self.learning_rate, betas=(0.5, 0.9))

@@ -117,6 +117,7 @@ class LatentDiffusion(pl.LightningModule):
                  offset_noise: float = 0.0,
                  min_snr_gamma: Optional[float] = None,
                  cache_latents: bool = False,
+                 caption_dropout: float = 0.0,
                  set_grads_to_none: bool = True,
                  ckpt_path: Optional[str] = None,
                  vae_path: Optional[str] = None,
@@ -130,15 +131,21 @@ class LatentDiffusion(pl.LightningModule):
         del log_every_t, monitor
         if parameterization != "eps":
             raise NotImplementedError(f"parameterization {parameterization!r}: SD v1 predicts 'eps'")
-        if scale_by_std:
-            raise NotImplementedError("scale_by_std: SD v1 uses the fixed scale_factor 0.18215")
         if num_timesteps_cond != 1:
             raise NotImplementedError("num_timesteps_cond other than 1 is not used by SD v1")
         self.loss_type = loss_type
         self.cond_stage_key, self.first_stage_key = cond_stage_key, first_stage_key
         self.cond_stage_trainable = cond_stage_trainable
         self.image_size, self.channels = image_size, channels
-        self.scale_factor = scale_factor
+        # SD v1/XL fix the latent scale (0.18215 / 0.13025). A model trained from scratch (the toy model) measures
+        # it as the original did with scale_by_std: 1 / std of the first batch's latents, kept as the buffer
+        # ``scale_factor`` in its checkpoints (loading one marks the scale as measured).
+        self.scale_by_std = scale_by_std
+        if scale_by_std:
+            self.register_buffer("scale_factor", torch.tensor(float(scale_factor), device="cpu"))
+            self._scale_measured = False
+        else:
+            self.scale_factor = scale_factor
         self.scheduler_config = scheduler_config
         self.reg_weight = reg_weight
         self.optimizer_config = dict(optimizer_config or {})
@@ -149,6 +156,9 @@ class LatentDiffusion(pl.LightningModule):
             raise NotImplementedError("use_ema with LoRA: the EMA would track the frozen base weights")
         self.offset_noise, self.min_snr_gamma = offset_noise, min_snr_gamma
         self.cache_latents, self.set_grads_to_none = cache_latents, set_grads_to_none
+        # Pretraining from scratch: the probability that a caption is replaced by "" (Ho & Salimans 2022), so the
+        # model also learns the unconditional prediction that classifier-free guidance needs.
+        self.caption_dropout = caption_dropout
         # Set by the CacheFrozenInputs callback when cache_latents is on; None means "run the frozen parts".
         self.latent_cache: Optional[LatentCache] = None
         self.text_cache: Optional[TextCache] = None
@@ -201,6 +211,21 @@ class LatentDiffusion(pl.LightningModule):
     def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
         if self.use_ema:
             self.model_ema(self.model)
+
+    def on_train_batch_start(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        if self.scale_by_std and not self._scale_measured:
+            with torch.no_grad():
+                posterior = self.latent_cache.posterior(batch, [self.first_stage_key]) if self.latent_cache \
+                    else self.encode_first_stage(batch[self.first_stage_key])
+                z = posterior.sample() if isinstance(posterior, DiagonalGaussianDistribution) else posterior
+                self.scale_factor.fill_(1.0 / z.flatten().std())
+            self._scale_measured = True
+            print(f"scale_by_std: scale_factor = {float(self.scale_factor):.5f} (1 / std of the first batch's latents)")
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        if self.scale_by_std and prefix + "scale_factor" in state_dict:
+            self._scale_measured = True
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- first stage (VAE) -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -308,6 +333,9 @@ class LatentDiffusion(pl.LightningModule):
         Every random draw (posterior sample, t, noise, offset) comes from ``generator`` when one is given."""
         z = self.get_latents(batch, generator)
         captions, n_subject = self.get_captions(batch)
+        if self.caption_dropout > 0:
+            drop = torch.rand(len(captions), generator=generator, device=generator.device if generator else None)
+            captions = ["" if d < self.caption_dropout else c for c, d in zip(captions, drop.tolist())]
         text = self.text_cache(captions) if self.text_cache is not None else self.encode_text(captions)
         roles = [""] + (["reg_"] if len(captions) > n_subject else [])
         c = self.conditioning.condition(text, batch_sizes(batch, roles))

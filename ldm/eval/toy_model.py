@@ -1,0 +1,97 @@
+"""The toy latent diffusion model (assets/toy/) measured with the toy classifier (``ldm.eval.toy``): what it
+learned in pretraining, and the DreamBooth effect of a fine-tune on the demo robot.
+
+- :func:`world_scores`: images of every (kind, place) pair of the world, held-out pairs included; background and
+  kind accuracy of the classifier on them (how well the pretrained model follows prompts).
+- :func:`dreambooth_scores`: for a fine-tuned model (and, to compare, the model before), the three numbers the demo
+  prints: subject fidelity on "photo of a sks robot" in the held-out places (robots never appear there in the
+  world, so drawing the subject there is recontextualisation), prompt fidelity on those images, and prior drift
+  on "photo of a robot" (how much the class itself turned into the subject).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ldm.data import toy_world as tw
+
+REPO = Path(__file__).resolve().parents[2]
+TOY_DIR = REPO / "assets" / "toy"
+TOY_MODEL = TOY_DIR / "toy-ldm.safetensors"
+TOY_CLASSIFIER = TOY_DIR / "classifier.safetensors"
+TOY_CONFIG = REPO / "configs" / "toy" / "inference.yaml"
+#: The places robots are held out of in the world: where the subject must appear after fine-tuning.
+SUBJECT_PLACES = tuple(place for kind, place in tw.HELD_OUT_PAIRS if kind == "robot")
+
+
+def load_toy_model(ckpt: str | Path = TOY_MODEL, config: str | Path = TOY_CONFIG) -> Any:
+    from omegaconf import OmegaConf
+
+    from ldm.checkpoint import load_model_from_config
+    return load_model_from_config(OmegaConf.load(config), ckpt, verbose=False)
+
+
+@torch.no_grad()
+def sample(model: Any, prompts: Sequence[str], seed: int, steps: int = 25, scale: float = 4.0,
+           batch_size: int = 32) -> torch.Tensor:
+    """Decoded images ``[N, 3, H, W]`` in [-1, 1] for ``prompts`` (DDIM, eta 0, guidance ``scale``), one generator
+    seeded once for the whole list, so the same call gives the same pictures."""
+    from ldm.models.diffusion.ddim import DDIMSampler
+    sampler = DDIMSampler(model)
+    generator = torch.Generator(model.betas.device).manual_seed(seed)
+    shape = (model.channels, model.image_size, model.image_size)
+    out = []
+    with model.ema_scope():
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start:start + batch_size])
+            c = model.get_learned_conditioning(chunk)
+            uc = model.get_unconditional_conditioning(len(chunk) * [""])
+            z, _ = sampler.sample(steps, len(chunk), shape, conditioning=c, unconditional_conditioning=uc,
+                                  unconditional_guidance_scale=scale, generator=generator, verbose=False,
+                                  disable_progress=True)
+            out.append(model.decode_first_stage(z).float().clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def world_scores(model: Any, classifier: Any, per_pair: int = 4, seed: int = 0) -> dict[str, float]:
+    """Background and kind accuracy over ``per_pair`` images of every (kind, place) pair ("photo of a <kind>
+    <place phrase>"), and separately over the held-out pairs."""
+    from ldm.eval.toy import predict
+    pairs = [(k, b) for k in tw.KINDS for b in tw.BACKGROUNDS]
+    prompts = [f"photo of a {k} {tw.PLACES[b]}" for k, b in pairs for _ in range(per_pair)]
+    p = predict(classifier, sample(model, prompts, seed))
+    bg_ok = (p["background"].argmax(1) == torch.tensor([tw.BACKGROUNDS.index(b) for _, b in pairs
+                                                        for _ in range(per_pair)])).float()
+    kind_ok = (p["kind"].argmax(1) == torch.tensor([tw.KINDS.index(k) for k, _ in pairs
+                                                   for _ in range(per_pair)])).float()
+    held = torch.tensor([(k, b) in tw.HELD_OUT_PAIRS for k, b in pairs for _ in range(per_pair)])
+    return {"background_accuracy": round(float(bg_ok.mean()), 3), "kind_accuracy": round(float(kind_ok.mean()), 3),
+            "held_out_background_accuracy": round(float(bg_ok[held].mean()), 3),
+            "held_out_kind_accuracy": round(float(kind_ok[held].mean()), 3), "images": len(prompts)}
+
+
+def dreambooth_scores(model: Any, classifier: Any, token: str = "sks", class_word: str = "robot",
+                      per_place: int = 8, seed: int = 0) -> dict[str, float]:
+    """Subject fidelity and prompt fidelity on "photo of a <token> <class> <place>" for the held-out places, and
+    prior drift on "photo of a <class>" (module docstring)."""
+    from ldm.eval.toy import predict, prior_drift, scores
+    places = [b for b in SUBJECT_PLACES for _ in range(per_place)]
+    subject = sample(model, [f"photo of a {token} {class_word} {tw.PLACES[b]}" for b in places], seed)
+    result = scores(subject, places, classifier)
+    drift = prior_drift(sample(model, per_place * len(SUBJECT_PLACES) * [f"photo of a {class_word}"], seed + 1),
+                        classifier)
+    p = predict(classifier, subject)
+    return {"subject_fidelity": round(result["subject_fidelity"], 3),
+            "prompt_fidelity": round(result["prompt_fidelity"], 3),
+            "prior_drift": round(drift, 3),
+            "subject_detected": round(float((p["subject"] > 0.5).float().mean()), 3)}
+
+
+def score_model(ckpt: str | Path, classifier_path: str | Path, config: Optional[str | Path] = None) -> dict:
+    """What scripts/train_toy_model.py records in the manifest for a packed model."""
+    from ldm.eval.toy import load_classifier
+    model = load_toy_model(ckpt, config or TOY_CONFIG)
+    classifier = load_classifier(classifier_path)
+    return {"world": world_scores(model, classifier), "before_dreambooth": dreambooth_scores(model, classifier)}

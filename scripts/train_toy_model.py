@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Rebuild the shipped toy model (assets/toy/): draw the toy world, train both stages through main.py, pack the
+result into one safetensors file with a manifest.
+
+    python scripts/train_toy_model.py                 # about an hour on a 2-core CPU
+    python scripts/train_toy_model.py --workdir toy-build --ae_steps 1500 --ldm_steps 4000
+
+1. ``scripts/make_toy_world.py``: 6000 captioned 64 px scenes from seed 0 (the data hash goes into the manifest);
+2. ``main.py --base configs/toy/autoencoder.yaml``: the first stage (our AutoencoderKL, factor 4);
+3. ``main.py --base configs/toy/ldm.yaml --vae <stage 1>``: UNet and text encoder from scratch, EMA weights;
+4. pack: the EMA weights in the SD layout (``ldm.prune``), float16, ``assets/toy/toy-ldm.safetensors``, plus
+   ``assets/toy/manifest.json`` (the exact commands, seeds, data hash, step counts, the file's sha256, and the
+   toy evaluator's scores of the packed model: see ``ldm.eval.toy``), and the evaluator's classifier.
+Everything is seeded; on the same torch build the rebuild gives the same file (threads may change the last bits of
+a float sum, so the manifest records scores with margins rather than promising identical bytes).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+ASSETS = REPO / "assets" / "toy"
+WORLD_COUNT, WORLD_SEED, TRAIN_SEED = 6000, 0, 0
+
+
+def run(cmd: list[str], env: dict[str, str]) -> float:
+    print("$ " + " ".join(cmd), flush=True)
+    tic = time.time()
+    subprocess.run(cmd, check=True, cwd=REPO, env=env)
+    return time.time() - tic
+
+
+def last_checkpoint(logdir: Path, name: str) -> Path:
+    (run_dir,) = sorted(logdir.glob(f"*_{name}"))[-1:]
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pack(ldm_ckpt: Path, out: Path) -> Path:
+    """The EMA weights of the LDM run under the model's own names, float16, as safetensors."""
+    import torch
+
+    from ldm.checkpoint import read_checkpoint, save_checkpoint
+    from ldm.prune import prune_state_dict
+    sd, meta = read_checkpoint(ldm_ckpt)
+    pruned, used_ema = prune_state_dict(sd, dtype=torch.float16, use_ema=True)
+    if not used_ema:
+        raise SystemExit(f"{ldm_ckpt}: no EMA weights to pack")
+    return save_checkpoint(out, pruned, global_step=meta.get("global_step"))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", type=Path, default=REPO / "outputs" / "toy-build", help="world and run folders")
+    p.add_argument("--ae_steps", type=int, default=None, help="stage-1 steps (default: configs/toy/autoencoder.yaml)")
+    p.add_argument("--ldm_steps", type=int, default=None, help="stage-2 steps (default: configs/toy/ldm.yaml)")
+    p.add_argument("--out", type=Path, default=ASSETS, help="where the model, classifier and manifest go")
+    opt = p.parse_args(argv)
+    from ldm.data.toy_world import write_world
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    world = opt.workdir / "world"
+    tic = time.time()
+    manifest_world = write_world(world, WORLD_COUNT, WORLD_SEED)
+    logs = opt.workdir / "logs"
+    ae_cmd = [sys.executable, "main.py", "--base", "configs/toy/autoencoder.yaml", "-t", "-n", "toy_ae", "--seed",
+              str(TRAIN_SEED), "--logdir", str(logs), f"data.params.root={world}"]
+    if opt.ae_steps:
+        ae_cmd += ["--max_steps", str(opt.ae_steps)]
+    ae_seconds = run(ae_cmd, env)
+    ae = last_checkpoint(logs, "toy_ae")
+    ldm_cmd = [sys.executable, "main.py", "--base", "configs/toy/ldm.yaml", "-t", "-n", "toy_ldm", "--seed",
+               str(TRAIN_SEED), "--logdir", str(logs), "--vae", str(ae), f"data.params.root={world}"]
+    if opt.ldm_steps:
+        ldm_cmd += ["--max_steps", str(opt.ldm_steps)]
+    ldm_seconds = run(ldm_cmd, env)
+    opt.out.mkdir(parents=True, exist_ok=True)
+    model = pack(last_checkpoint(logs, "toy_ldm"), opt.out / "toy-ldm.safetensors")
+
+    from ldm.eval.toy import save_classifier, train_toy_classifier
+    classifier = train_toy_classifier(seed=0)
+    save_classifier(classifier, opt.out / "classifier.safetensors")
+    from ldm.eval.toy_model import score_model
+    scores = score_model(model, opt.out / "classifier.safetensors")
+    manifest = {
+        "model": model.name, "sha256": sha256(model), "bytes": model.stat().st_size,
+        "classifier": "classifier.safetensors", "classifier_sha256": sha256(opt.out / "classifier.safetensors"),
+        "config": "configs/toy/inference.yaml",
+        "world": {"count": WORLD_COUNT, "seed": WORLD_SEED, "data_hash": manifest_world["data_hash"],
+                  "held_out_pairs": manifest_world["held_out_pairs"]},
+        "commands": {"world": f"python scripts/make_toy_world.py --out WORLD --count {WORLD_COUNT} --seed {WORLD_SEED}",
+                     "autoencoder": " ".join(["python"] + ae_cmd[1:]).replace(str(world), "WORLD").replace(
+                         str(logs), "LOGS"),
+                     "ldm": " ".join(["python"] + ldm_cmd[1:]).replace(str(world), "WORLD").replace(
+                         str(logs), "LOGS").replace(str(ae), "LOGS/<date>_toy_ae/checkpoints/last.ckpt"),
+                     "all": "python scripts/train_toy_model.py"},
+        "seconds": {"autoencoder": round(ae_seconds), "ldm": round(ldm_seconds), "total": round(time.time() - tic)},
+        "scores": scores,
+    }
+    (opt.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
