@@ -281,6 +281,7 @@ def _ranges(timesteps: int) -> dict[str, Range]:
         "model.params.lr_warmup_steps": Range(0, integer=True),
         "model.params.offset_noise": NON_NEGATIVE,
         "model.params.caption_dropout": UNIT,
+        "model.params.mask_floor": UNIT,
         "model.params.min_snr_gamma": Range(0, lo_open=True, optional=True),
         "model.params.lora_config.rank": COUNT,
         "model.params.lora_config.alpha": Range(0, lo_open=True, optional=True),

@@ -82,8 +82,9 @@ def test_offset_noise_reaches_the_training_target(tiny_model, monkeypatch):
     model.first_stage_key, model.cond_stage_key = "image", "caption"
     batch = {"image": torch.zeros(1, 3, 64, 64), "caption": ["a"]}
     seen = []
-    monkeypatch.setattr("ldm.models.diffusion.ddpm.prior_preservation_loss",
-                        lambda pred, noise, *a, **k: seen.append(noise) or prior_preservation_loss(pred, noise, *a, **k))
+    from ldm.models.diffusion.losses import per_example_loss
+    monkeypatch.setattr("ldm.models.diffusion.ddpm.per_example_loss",
+                        lambda pred, noise, *a, **k: seen.append(noise) or per_example_loss(pred, noise, *a, **k))
     for strength in (0.0, 10.0):
         model.offset_noise = strength
         torch.manual_seed(1)

@@ -8,8 +8,9 @@ reference DreamBooth port; the model concatenates both in one forward pass and w
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -17,8 +18,9 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from ldm.data.image_loading import find_images, load_caption, load_image, uint8_to_tensor
-from ldm.data.loader import ResumableLoader, ResumableSampler, batches_done
+from ldm.data.buckets import bucket_resolutions
+from ldm.data.image_loading import find_images, load_caption, load_training_image, nearest_target, uint8_to_tensor
+from ldm.data.loader import ResumableBatchSampler, ResumableLoader, batches_done
 
 #: The batch keys this dataset writes: the model's ``first_stage_key`` / ``cond_stage_key`` name them, and class
 #: examples carry the same keys with ``REG_PREFIX`` (``reg_image``); ``<image key>_id`` / ``_flip`` name the exact
@@ -56,6 +58,30 @@ def check_identifier(token: str, tokenizer: _Tokenizer) -> list[str]:
     return []
 
 
+def check_concepts(concepts: Sequence["Concept"], tokenizer: _Tokenizer | None = None) -> list[str]:
+    """Errors (``ValueError``) and warnings about several subjects in one run: two subjects with one identifier
+    would be the same subject; an identifier that begins another one, or whose tokens are a run inside another's
+    tokens, lets one subject bleed into the other."""
+    seen: dict[str, int] = {}
+    for k, concept in enumerate(concepts):
+        if concept.token in seen:
+            raise ValueError(f"concepts {seen[concept.token]} and {k} share the identifier '{concept.token}': "
+                             f"give each subject its own")
+        seen[concept.token] = k
+    warnings = []
+    for a in concepts:
+        for b in concepts:
+            if a is b:
+                continue
+            ids_a = tokenizer.encode(a.token) if tokenizer else []
+            ids_b = tokenizer.encode(b.token) if tokenizer else []
+            inside = bool(ids_a) and any(ids_b[i:i + len(ids_a)] == ids_a for i in range(len(ids_b) - len(ids_a) + 1))
+            if b.token.startswith(a.token) or inside:
+                warnings.append(f"identifier '{a.token}' is part of '{b.token}' (as text or as CLIP tokens): the "
+                                f"two subjects may bleed into each other; pick unrelated rare tokens")
+    return warnings
+
+
 def _format(template: str, name: str, token: str, class_word: str) -> str:
     # Checked here so that a typo such as "{clas_word}" fails in __init__, not in a DataLoader worker.
     try:
@@ -64,44 +90,85 @@ def _format(template: str, name: str, token: str, class_word: str) -> str:
         raise ValueError(f"{name} {template!r}: only {{token}} and {{class_word}} may appear ({exc!r})") from None
 
 
-def _load_folder(folder: str | Path, role: str, size: int, min_size: int | None,
-                 default_caption: str) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """Decode every image of a folder once: ``[N, size, size, 3]`` uint8, one caption per image, and ``[N, 4]``
-    (original height, width, crop top, left) for SDXL's size conditioning.
+@dataclass
+class Concept:
+    """One subject of a run: its photos, identifier and class, and where its class images are (and how many to
+    generate there). A ``concepts.yaml`` is a list of these as mappings."""
+    data_root: str
+    token: str
+    class_word: str
+    reg_data_root: str | None = None
+    num_class_images: int = 0
 
-    One stacked array (not N small ones) so that forked DataLoader workers share its pages copy-on-write.
-    """
-    paths = find_images(folder, role)
-    images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-    crops = np.empty((len(paths), 4), dtype=np.int64)
-    captions = []
-    for k, path in enumerate(paths):
-        image, crop = load_image(path, size, min_size, with_crop=True)
-        images[k] = np.asarray(image)
-        crops[k] = (*crop.original_size, *crop.top_left)
-        captions.append(load_caption(path) or default_caption)
-    return images, captions, crops
+    def __post_init__(self) -> None:
+        if not self.token or not str(self.token).strip():
+            raise ValueError("token is empty; pass a rare identifier such as 'sks'")
+        if not self.class_word or not str(self.class_word).strip():
+            raise ValueError("class_word is empty; pass the subject's class, e.g. 'dog'")
+        self.token, self.class_word = str(self.token).strip(), " ".join(str(self.class_word).split())
+
+
+@dataclass
+class ImageSet:
+    """The decoded images of one folder: pixels (one ``[N, H, W, 3]`` array when all share a size, so forked
+    DataLoader workers share its pages copy-on-write; else a list), captions, SDXL crops ``[N, 4]`` (original
+    height, width, crop top, left), the target ``(w, h)`` each was fitted to, and optional loss masks."""
+    images: np.ndarray | list[np.ndarray]
+    captions: list[str]
+    crops: np.ndarray
+    targets: list[tuple[int, int]]
+    masks: list[np.ndarray | None]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def load_folder(folder: str | Path, role: str, targets: Sequence[tuple[int, int]], min_size: int | None,
+                default_caption: str, with_masks: bool = False) -> ImageSet:
+    """Decode every image of a folder once (every bad file stops here, with one line naming it)."""
+    loaded = [(load_training_image(path, targets, min_size, with_mask=with_masks), path)
+              for path in find_images(folder, role)]
+    pixels = [image.pixels for image, _ in loaded]
+    same = len({p.shape for p in pixels}) == 1
+    return ImageSet(
+        images=np.stack(pixels) if same else pixels,
+        captions=[load_caption(path) or default_caption for _, path in loaded],
+        crops=np.array([(*image.crop.original_size, *image.crop.top_left) for image, _ in loaded], dtype=np.int64),
+        targets=[(p.shape[1], p.shape[0]) for p in pixels],
+        masks=[image.mask for image, _ in loaded])
+
+
+def _concat(sets: Sequence[ImageSet]) -> ImageSet:
+    images = [im for s in sets for im in s.images]
+    same = len({im.shape for im in images}) == 1
+    return ImageSet(np.stack(images) if same else images, [c for s in sets for c in s.captions],
+                    np.concatenate([s.crops for s in sets]), [t for s in sets for t in s.targets],
+                    [m for s in sets for m in s.masks])
 
 
 class DreamBoothDataset(Dataset):
-    """Subject images (``data_root``), optionally paired with class images (``reg_data_root``).
+    """Subject images (``data_root``), optionally paired with class images (``reg_data_root``); or several
+    subjects (``concepts``), each paired with class images of its own class.
 
-    Every image is decoded, resized and centre-cropped in ``__init__`` and kept in memory as uint8, so a bad
-    file stops the run before the first step and ``__getitem__`` only flips and converts (5-30 subject plus
-    ~200 class images at 512 px are ~160 MB).
+    Every image is decoded, fitted and kept in memory as uint8 in ``__init__``, so a bad file stops the run
+    before the first step and ``__getitem__`` only flips and converts (5-30 subject plus ~200 class images at
+    512 px are ~160 MB). Without ``buckets`` every image is the centre ``size x size`` square; with them, each is
+    fitted to the aspect-ratio bucket closest to its own (``ldm.data.buckets``). With ``masks``, every subject
+    example also carries a loss mask (``photo.mask.png`` or the alpha channel; all ones without either).
 
     Length: ``n_subject * repeats`` epochs-worth of subject examples. With class images it is
     ``min(n_subject * repeats, n_class * reg_repeats)`` as in the reference port, which zips the two datasets
     and stops at the shorter, but at least ``n_subject`` so that every subject photo is seen each epoch.
-    Item ``i`` uses subject image ``i % n_subject`` and class image ``i % n_class``: with a shuffled loader
-    each subject image meets many class images over training.
+    Item ``i`` uses subject image ``i % n_subject`` (so consecutive items cycle through every subject's photos)
+    and class image ``i % n`` of the ``n`` images of that subject's class in the bucket nearest to the subject
+    image's: with a shuffled loader each subject image meets many class images over training.
     """
 
     def __init__(
         self,
-        data_root: str | Path,
-        token: str,
-        class_word: str,
+        data_root: str | Path | None = None,
+        token: str | None = None,
+        class_word: str | None = None,
         reg_data_root: str | Path | None = None,
         size: int = 512,
         repeats: int = 100,
@@ -110,11 +177,10 @@ class DreamBoothDataset(Dataset):
         subject_template: str = DEFAULT_SUBJECT_TEMPLATE,
         class_template: str = DEFAULT_CLASS_TEMPLATE,
         min_size: int | None = None,
+        concepts: Sequence[Concept | Mapping[str, Any]] | None = None,
+        buckets: bool = False,
+        masks: bool = False,
     ) -> None:
-        if not token or not token.strip():
-            raise ValueError("token is empty; pass a rare identifier such as 'sks'")
-        if not class_word or not class_word.strip():
-            raise ValueError("class_word is empty; pass the subject's class, e.g. 'dog'")
         if not 0.0 <= flip_p <= 1.0:
             raise ValueError(f"flip_p={flip_p} must be in [0, 1]")
         if repeats < 1 or reg_repeats < 1:
@@ -124,88 +190,166 @@ class DreamBoothDataset(Dataset):
         if "{token}" in class_template:
             # The class prompts must not mention the identifier, or the prior loss would train it too.
             raise ValueError(f"class_template {class_template!r} must not contain {{token}}")
-        self.token, self.class_word = token.strip(), " ".join(class_word.split())
+        self.concepts = make_concepts(concepts, data_root, token, class_word, reg_data_root)
+        check_concepts(self.concepts)
+        self.token, self.class_word = self.concepts[0].token, self.concepts[0].class_word
         self.size, self.repeats, self.reg_repeats, self.flip_p = size, repeats, reg_repeats, flip_p
-        subject_caption = _format(subject_template, "subject_template", self.token, self.class_word)
-        class_caption = _format(class_template, "class_template", self.token, self.class_word)
+        self.targets = bucket_resolutions(size, step=64 if size % 64 == 0 else 16) if buckets else [(size, size)]
+        subjects, classes, self.class_of = [], {}, []
+        for k, c in enumerate(self.concepts):
+            caption = _format(subject_template, "subject_template", c.token, c.class_word)
+            subjects.append(load_folder(c.data_root, "--data_root" if k == 0 and concepts is None else
+                                        f"concepts[{k}].data_root", self.targets, min_size, caption, masks))
+            if c.reg_data_root is not None:
+                key = str(Path(c.reg_data_root).resolve())
+                if key not in classes:
+                    class_caption = _format(class_template, "class_template", c.token, c.class_word)
+                    classes[key] = (c.class_word, load_folder(c.reg_data_root, "--reg_data_root", self.targets,
+                                                              min_size, class_caption))
+                elif classes[key][0] != c.class_word:
+                    raise ValueError(f"class folder {c.reg_data_root} is used for '{classes[key][0]}' and "
+                                     f"'{c.class_word}': give each class its own folder")
+            self.class_of += [list(classes).index(str(Path(c.reg_data_root).resolve()))
+                              if c.reg_data_root is not None else -1] * len(subjects[-1])
+        self.subjects = _concat(subjects)
+        self.concept_of = [k for k, s in enumerate(subjects) for _ in range(len(s))]
+        self.masks = masks
+        class_sets = [cs for _, cs in classes.values()]
+        self.classes: ImageSet | None = _concat(class_sets) if class_sets else None
+        offsets = np.cumsum([0] + [len(cs) for cs in class_sets])
+        # For each subject image: the class images it is paired with (its class; the nearest bucket).
+        self.pairs = [self._pairing(class_sets, offsets, k, self.subjects.targets[s])
+                      for s, k in enumerate(self.class_of)]
+        if self.classes is not None and any(p is None for p in self.pairs):
+            raise ValueError("with class images, every subject needs a reg_data_root (a class folder)")
 
-        self.images, self.captions, self.crops = _load_folder(data_root, "--data_root", size, min_size,
-                                                              subject_caption)
-        self.reg_images: np.ndarray | None = None
-        self.reg_captions: list[str] = []
-        self.reg_crops: np.ndarray | None = None
-        if reg_data_root is not None:
-            self.reg_images, self.reg_captions, self.reg_crops = _load_folder(
-                reg_data_root, "--reg_data_root", size, min_size, class_caption)
+    @staticmethod
+    def _pairing(class_sets: list[ImageSet], offsets: np.ndarray, k: int, target: tuple[int, int]) -> list[int] | None:
+        if k < 0:
+            return None
+        nearest = nearest_target(*target, sorted(set(class_sets[k].targets)))
+        return [int(offsets[k]) + j for j, t in enumerate(class_sets[k].targets) if t == nearest]
+
+    # The single-subject view the rest of the code (and the cache) reads.
+    @property
+    def images(self) -> np.ndarray | list[np.ndarray]:
+        return self.subjects.images
+
+    @property
+    def captions(self) -> list[str]:
+        return self.subjects.captions
+
+    @property
+    def reg_images(self) -> np.ndarray | list[np.ndarray] | None:
+        return None if self.classes is None else self.classes.images
+
+    @property
+    def reg_captions(self) -> list[str]:
+        return [] if self.classes is None else self.classes.captions
 
     @property
     def num_subject(self) -> int:
-        return len(self.images)
+        return len(self.subjects)
 
     @property
     def num_class(self) -> int:
-        return 0 if self.reg_images is None else len(self.reg_images)
+        return 0 if self.classes is None else len(self.classes)
 
     def __len__(self) -> int:
         subject_len = self.num_subject * self.repeats
-        if self.reg_images is None:
+        if self.classes is None:
             return subject_len
         return max(self.num_subject, min(subject_len, self.num_class * self.reg_repeats))
 
-    def images_by_role(self) -> dict[str, np.ndarray]:
+    def bucket_of(self, i: int) -> int:
+        """The bucket (index into ``targets``) of item ``i``'s subject image: batches hold one bucket."""
+        return self.targets.index(self.subjects.targets[i % self.num_subject])
+
+    def images_by_role(self) -> dict[str, np.ndarray | list[np.ndarray]]:
         """The decoded images under the batch key they are served as (``image``, ``reg_image``)."""
         out = {IMAGE_KEY: self.images}
-        if self.reg_images is not None:
-            out[REG_PREFIX + IMAGE_KEY] = self.reg_images
+        if self.classes is not None:
+            out[REG_PREFIX + IMAGE_KEY] = self.classes.images
         return out
 
     def all_captions(self) -> list[str]:
         return list(self.captions) + list(self.reg_captions)
 
-    def _example(self, image: np.ndarray, generator: torch.Generator | None) -> tuple[torch.Tensor, bool]:
-        x = uint8_to_tensor(image)
-        flip = self.flip_p > 0 and torch.rand((), generator=generator).item() < self.flip_p
-        return (x.flip(-1) if flip else x), flip
+    def _flip(self, generator: torch.Generator | None) -> bool:
+        return self.flip_p > 0 and torch.rand((), generator=generator).item() < self.flip_p
 
     def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
-        """Item ``i``, or ``(i, seed)`` from :class:`ResumableSampler`: the seed decides the random flips, so the
+        """Item ``i``, or ``(i, seed)`` from the resumable sampler: the seed decides the random flips, so the
         same draw gives the same pixels in a resumed run (a plain ``i`` draws from torch's global generator)."""
         i, seed = index if isinstance(index, tuple) else (index, None)
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} items")
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         s = i % self.num_subject
-        item = self._role("", self.images, self.captions, self.crops, s, generator)
-        if self.reg_images is not None:
-            item.update(self._role(REG_PREFIX, self.reg_images, self.reg_captions, self.reg_crops,
-                                   i % self.num_class, generator))
+        item = self._role("", self.subjects, s, self._flip(generator))
+        item["concept"] = self.concept_of[s]
+        if self.masks:
+            mask = self.subjects.masks[s]
+            mask = torch.ones(item[IMAGE_KEY].shape[1:]) if mask is None else torch.from_numpy(mask.copy())
+            item[f"{IMAGE_KEY}_mask"] = (mask.flip(-1) if item[f"{IMAGE_KEY}_flip"] else mask)[None]
+        if self.classes is not None:
+            candidates = self.pairs[s]
+            item.update(self._role(REG_PREFIX, self.classes, candidates[i % len(candidates)], self._flip(generator)))
         return item
 
-    def _role(self, prefix: str, images: np.ndarray, captions: list[str], crops: np.ndarray, k: int,
-              generator: torch.Generator | None) -> dict[str, Any]:
+    def _role(self, prefix: str, images: ImageSet, k: int, flip: bool) -> dict[str, Any]:
         """One example's entries under ``prefix`` ('' subject, 'reg_' class): pixels, caption, which pixels
         (``_id``/``_flip``, for the latent cache) and SDXL's size conditioning (the flip keeps a centred crop
-        where it was)."""
-        image, flip = self._example(images[k], generator)
-        return {prefix + IMAGE_KEY: image, prefix + CAPTION_KEY: captions[k], f"{prefix}{IMAGE_KEY}_id": k,
-                f"{prefix}{IMAGE_KEY}_flip": flip,
-                f"{prefix}original_size_as_tuple": torch.as_tensor(crops[k, :2]),
-                f"{prefix}crop_coords_top_left": torch.as_tensor(crops[k, 2:]),
-                f"{prefix}target_size_as_tuple": torch.tensor([self.size, self.size])}
+        where it was; the target size is the image's bucket)."""
+        x = uint8_to_tensor(images.images[k])
+        w, h = images.targets[k]
+        return {prefix + IMAGE_KEY: x.flip(-1) if flip else x, prefix + CAPTION_KEY: images.captions[k],
+                f"{prefix}{IMAGE_KEY}_id": k, f"{prefix}{IMAGE_KEY}_flip": flip,
+                f"{prefix}original_size_as_tuple": torch.as_tensor(images.crops[k, :2]),
+                f"{prefix}crop_coords_top_left": torch.as_tensor(images.crops[k, 2:]),
+                f"{prefix}target_size_as_tuple": torch.tensor([h, w])}
+
+
+def make_concepts(concepts: Sequence[Concept | Mapping[str, Any]] | None, data_root: str | Path | None,
+                  token: str | None, class_word: str | None, reg_data_root: str | Path | None) -> list[Concept]:
+    """The run's subjects: ``concepts`` (``data.params.concepts`` / ``--concepts``) or the one of the
+    single-subject settings."""
+    if concepts:
+        out = []
+        for k, c in enumerate(concepts):
+            if isinstance(c, Concept):
+                out.append(c)
+                continue
+            unknown = set(c) - {f.name for f in fields(Concept)}
+            if unknown:
+                raise ValueError(f"concepts[{k}]: unknown keys {sorted(unknown)} (known: "
+                                 f"{', '.join(f.name for f in fields(Concept))})")
+            try:
+                out.append(Concept(**c))
+            except TypeError as e:
+                raise ValueError(f"concepts[{k}]: {e}") from None
+        return out
+    if data_root is None:
+        raise ValueError("no subject: give data_root, token and class_word, or concepts")
+    return [Concept(str(data_root), token or "", class_word or "",
+                    str(reg_data_root) if reg_data_root is not None else None)]
 
 
 class DreamBoothDataModule(pl.LightningDataModule):
     """The training data of one DreamBooth run, built from the config's ``data.params`` or the CLI flags.
 
-    ``seed`` fixes the order and the flips of every epoch (see ``ldm.data.loader``); the training module sets it
-    from ``--seed``.
+    One subject (``data_root``, ``token``, ``class_word``, ``reg_data_root``) or several (``concepts``: a list of
+    mappings with those keys plus ``num_class_images``; ``--concepts FILE``). ``buckets`` trains every photo at
+    the aspect-ratio bucket nearest its own shape, one bucket per batch; ``masked_loss`` gives each subject example
+    its loss mask (the model's ``mask_floor`` weights the background). ``seed`` fixes the order and the flips of
+    every epoch (see ``ldm.data.loader``); the training module sets it from ``--seed``.
     """
 
     def __init__(
         self,
-        data_root: str,
-        token: str,
-        class_word: str,
+        data_root: str | None = None,
+        token: str | None = None,
+        class_word: str | None = None,
         reg_data_root: str | None = None,
         batch_size: int = 1,
         num_workers: int = 0,
@@ -216,23 +360,18 @@ class DreamBoothDataModule(pl.LightningDataModule):
         subject_template: str = DEFAULT_SUBJECT_TEMPLATE,
         class_template: str = DEFAULT_CLASS_TEMPLATE,
         min_size: int | None = None,
+        concepts: Sequence[Mapping[str, Any]] | None = None,
+        buckets: bool = False,
+        masked_loss: bool = False,
         seed: int = 23,
     ) -> None:
         super().__init__()
-        self.data_root = data_root
-        self.token = token
-        self.class_word = class_word
-        self.reg_data_root = reg_data_root
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.size = size
-        self.repeats = repeats
-        self.reg_repeats = reg_repeats
-        self.flip_p = flip_p
-        self.subject_template = subject_template
-        self.class_template = class_template
-        self.min_size = min_size
-        self.seed = seed
+        self.data_root, self.token, self.class_word, self.reg_data_root = data_root, token, class_word, reg_data_root
+        self.batch_size, self.num_workers, self.size = batch_size, num_workers, size
+        self.repeats, self.reg_repeats, self.flip_p = repeats, reg_repeats, flip_p
+        self.subject_template, self.class_template, self.min_size = subject_template, class_template, min_size
+        self.concepts = make_concepts(concepts, data_root, token, class_word, reg_data_root)
+        self.buckets, self.masked_loss, self.seed = buckets, masked_loss, seed
         self.train_dataset: DreamBoothDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -240,20 +379,25 @@ class DreamBoothDataModule(pl.LightningDataModule):
         if self.train_dataset is not None:
             return
         self.train_dataset = DreamBoothDataset(
-            self.data_root, self.token, self.class_word, reg_data_root=self.reg_data_root, size=self.size,
-            repeats=self.repeats, reg_repeats=self.reg_repeats, flip_p=self.flip_p,
-            subject_template=self.subject_template, class_template=self.class_template, min_size=self.min_size)
+            size=self.size, repeats=self.repeats, reg_repeats=self.reg_repeats, flip_p=self.flip_p,
+            subject_template=self.subject_template, class_template=self.class_template, min_size=self.min_size,
+            concepts=self.concepts, buckets=self.buckets, masks=self.masked_loss)
         ds = self.train_dataset
-        rank_zero_info(f"DreamBooth data: {ds.num_subject} subject images ('{ds.captions[0]}'), "
-                       f"{ds.num_class} class images, {len(ds)} items per epoch")
+        per_concept = ", ".join(f"'{c.token} {c.class_word}': {ds.concept_of.count(k)}"
+                                for k, c in enumerate(ds.concepts))
+        rank_zero_info(f"DreamBooth data: {ds.num_subject} subject images ({per_concept}), {ds.num_class} class "
+                       f"images, {len(ds)} items per epoch"
+                       + (f", {len(set(ds.subjects.targets))} buckets" if self.buckets else ""))
 
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise RuntimeError("call setup() before train_dataloader()")
+        ds = self.train_dataset
+        groups = [ds.bucket_of(i) for i in range(len(ds))] if self.buckets else None
         return ResumableLoader(
-            self.train_dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-            sampler=ResumableSampler(len(self.train_dataset), self.seed),
-            drop_last=False,  # the short last batch is real training data; nothing in the model needs a full one
+            ds, num_workers=self.num_workers,
+            # the short last batch is real training data; nothing in the model needs a full one
+            batch_sampler=ResumableBatchSampler(len(ds), self.batch_size, self.seed, groups=groups),
             persistent_workers=self.num_workers > 0,  # workers hold the decoded images; do not refork each epoch
             pin_memory=torch.cuda.is_available(),
             batches_done=lambda: batches_done(self.trainer),

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +27,7 @@ except ImportError:  # pragma: no cover - present in the PyPI wheels
     ImageCms = None
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Suffixes we try to decode; everything else in a data folder is skipped (captions) or reported (HEIC, GIF...).
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".mpo"})
@@ -186,23 +189,129 @@ class Crop:
     top_left: tuple[int, int]
 
 
+def _cover_box(width: int, height: int, target_w: int, target_h: int) -> tuple[float, float, float, float]:
+    """The centred box of the source that, resized to ``target_w x target_h``, covers it with the least cropping
+    (the source scaled so that its short side relative to the target fits, the excess split evenly)."""
+    scale = max(target_w / width, target_h / height)
+    bw, bh = target_w / scale, target_h / scale
+    return (width - bw) / 2, (height - bh) / 2, (width + bw) / 2, (height + bh) / 2
+
+
+def crop_of(width: int, height: int, target_w: int, target_h: int) -> Crop:
+    """The :class:`Crop` of :func:`fit`'s box, in the resized image's pixels."""
+    left, top, _, _ = _cover_box(width, height, target_w, target_h)
+    scale = max(target_w / width, target_h / height)
+    return Crop((height, width), (round(top * scale), round(left * scale)))
+
+
 def square_crop(width: int, height: int, size: int) -> Crop:
-    """The centre square of :func:`_center_square`, described as a :class:`Crop`."""
-    side = min(width, height)
-    scale = size / side
-    return Crop((height, width), (round((height - side) / 2 * scale), round((width - side) / 2 * scale)))
+    """The centre square's :class:`Crop`."""
+    return crop_of(width, height, size, size)
 
 
-def _center_square(img: Image.Image, size: int) -> Image.Image:
-    """Resize so the short side is ``size`` and keep the centre square, in one resample.
+def fit(img: Image.Image, target_w: int, target_h: int, resample: int = Image.Resampling.LANCZOS) -> Image.Image:
+    """Resize and centre-crop to exactly ``target_w x target_h`` with the least cropping, in one resample.
 
     Resampling only the centre box (``box=``) is the same as crop-then-resize but never builds the large
-    intermediate; half-pixel box edges keep the crop exactly centred for odd size differences.
-    """
-    w, h = img.size
-    side = min(w, h)
-    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-    return img.resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=REDUCING_GAP)
+    intermediate; half-pixel box edges keep the crop exactly centred for odd size differences. A square target
+    is the classic "short side to size, centre square"."""
+    box = _cover_box(img.width, img.height, target_w, target_h)
+    return img.resize((target_w, target_h), resample, box=box, reducing_gap=REDUCING_GAP)
+
+
+@dataclass
+class TrainingImage:
+    """A decoded training photo at its target size: ``pixels`` ``[H, W, 3]`` uint8, the :class:`Crop`, and the
+    loss mask ``[H, W]`` float32 in [0, 1] (1 = subject) when one was asked for and found."""
+    pixels: np.ndarray
+    crop: Crop
+    mask: np.ndarray | None = None
+
+
+#: A photo's mask file: ``photo.mask.png`` beside ``photo.jpg`` (white = subject).
+def mask_path(path: Path) -> Path:
+    return path.with_name(path.stem + MASK_SUFFIXES[0])
+
+
+def _open(path: Path, min_size: int, size_hint: int) -> Image.Image:
+    """Decode fully (first frame, EXIF orientation applied), with the checks every training image gets."""
+    with warnings.catch_warnings():  # our own limit (check_pixel_count) replaces Pillow's warning
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(path)
+    with img:
+        img.seek(0)
+        w, h = img.size  # the short side is the same before and after EXIF rotation
+        check_pixel_count(path, w, h)
+        if min(w, h) < min_size:
+            raise _error(path, f"image is {w}x{h} pixels; its short side must be at least {min_size} "
+                               f"(training size {size_hint})")
+        # JPEG only: let libjpeg decode at 1/2..1/8 scale while keeping >= 2x the target, as Pillow's
+        # thumbnail() does; the remaining reduction is done by the high-quality resample in fit().
+        img.draft(None, (2 * size_hint, 2 * size_hint))
+        img.load()  # a full decode: lazy opening only reads the header and would miss truncation
+        try:
+            return ImageOps.exif_transpose(img)
+        except _DECODE_ERRORS + (KeyError, IndexError, TypeError) as exc:
+            # Malformed EXIF is common in edited photos; the pixels are still good.
+            logger.warning("%s: ignoring unreadable EXIF orientation (%s)", path, exc)
+            return img.copy()
+
+
+def _guarded(path: Path, load: Callable[[], T]) -> T:
+    """Run ``load`` with every decoding failure turned into one :class:`ImageError` line naming ``path``."""
+    try:
+        return load()
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise _error(path, "file not found") from None
+    except Image.DecompressionBombError as exc:
+        raise _error(path, f"refused as a possible decompression bomb ({exc})") from None
+    except Image.UnidentifiedImageError:
+        problem = "empty file" if path.stat().st_size == 0 else "not an image Pillow can read (corrupt file?)"
+        raise _error(path, problem) from None
+    except _DECODE_ERRORS as exc:
+        raise _error(path, f"cannot decode image ({exc})") from None
+
+
+def _alpha(img: Image.Image) -> Image.Image | None:
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        return img.convert("RGBA").getchannel("A")
+    return None
+
+
+def load_training_image(path: str | Path, targets: Sequence[tuple[int, int]], min_size: int | None = None,
+                        with_mask: bool = False) -> TrainingImage:
+    """Decode ``path`` and fit it to the target ``(width, height)`` closest to its aspect ratio (one target: a
+    fixed size; several: aspect-ratio buckets). ``min_size`` (default: a quarter of the smallest target side)
+    rejects thumbnails. ``with_mask`` also reads the loss mask: ``photo.mask.png`` beside the photo (any size of
+    the same aspect ratio, white = subject), else the photo's alpha channel, else None."""
+    path = Path(path)
+    smallest = min(min(t) for t in targets)
+    min_size = smallest // 4 if min_size is None else min_size
+
+    def load() -> TrainingImage:
+        img = _open(path, min_size, max(max(t) for t in targets))
+        target = nearest_target(img.width, img.height, targets)
+        mask = None
+        if with_mask:
+            mask_img = _alpha(img)
+            if mask_path(path).is_file():
+                mask_img = _guarded(mask_path(path), lambda: _open(mask_path(path), 1, max(target)).convert("L"))
+                if abs(mask_img.width / mask_img.height - img.width / img.height) > 0.01 * img.width / img.height:
+                    raise _error(mask_path(path), f"mask is {mask_img.width}x{mask_img.height} but the photo is "
+                                                  f"{img.width}x{img.height}: not the same aspect ratio")
+            if mask_img is not None:
+                mask = np.asarray(fit(mask_img, *target, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+        pixels = np.asarray(fit(to_rgb(img), *target))
+        return TrainingImage(pixels, crop_of(img.width, img.height, *target), mask)
+    return _guarded(path, load)
+
+
+def nearest_target(width: int, height: int, targets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The ``(w, h)`` of ``targets`` whose aspect ratio is closest to ``width / height`` (in log ratio)."""
+    aspect = math.log(width / height)
+    return min(targets, key=lambda t: (abs(math.log(t[0] / t[1]) - aspect), -t[0] * t[1]))
 
 
 def load_image(path: str | Path, size: int, min_size: int | None = None, with_crop: bool = False
@@ -215,41 +324,9 @@ def load_image(path: str | Path, size: int, min_size: int | None = None, with_cr
     naming the file for unreadable, empty, truncated or too-small images. ``with_crop`` also returns the
     :class:`Crop` the square was taken with.
     """
-    path = Path(path)
-    min_size = size // 4 if min_size is None else min_size
-    try:
-        with warnings.catch_warnings():  # our own limit (check_pixel_count) replaces Pillow's warning
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
-        with img:
-            img.seek(0)
-            w, h = img.size  # the short side is the same before and after EXIF rotation
-            check_pixel_count(path, w, h)
-            if min(w, h) < min_size:
-                raise _error(path, f"image is {w}x{h} pixels; its short side must be at least {min_size} "
-                                   f"(training size {size})")
-            # JPEG only: let libjpeg decode at 1/2..1/8 scale while keeping >= 2x the target, as Pillow's
-            # thumbnail() does; the remaining reduction is done by the high-quality resample below.
-            img.draft(None, (2 * size, 2 * size))
-            img.load()  # a full decode: lazy opening only reads the header and would miss truncation
-            try:
-                img = ImageOps.exif_transpose(img)
-            except _DECODE_ERRORS + (KeyError, IndexError, TypeError) as exc:
-                # Malformed EXIF is common in edited photos; the pixels are still good.
-                logger.warning("%s: ignoring unreadable EXIF orientation (%s)", path, exc)
-            square = _center_square(to_rgb(img), size)
-            return (square, square_crop(img.width, img.height, size)) if with_crop else square
-    except ImageError:
-        raise
-    except FileNotFoundError:
-        raise _error(path, "file not found") from None
-    except Image.DecompressionBombError as exc:
-        raise _error(path, f"refused as a possible decompression bomb ({exc})") from None
-    except Image.UnidentifiedImageError:
-        problem = "empty file" if path.stat().st_size == 0 else "not an image Pillow can read (corrupt file?)"
-        raise _error(path, problem) from None
-    except _DECODE_ERRORS as exc:
-        raise _error(path, f"cannot decode image ({exc})") from None
+    loaded = load_training_image(path, [(size, size)], min_size)
+    image = Image.fromarray(loaded.pixels)
+    return (image, loaded.crop) if with_crop else image
 
 
 def uint8_to_tensor(array: np.ndarray) -> torch.Tensor:

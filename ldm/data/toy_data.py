@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from ldm.data.dreambooth import CAPTION_KEY, IMAGE_KEY
 from ldm.data.image_loading import ImageError, uint8_to_tensor
-from ldm.data.loader import ResumableLoader, ResumableSampler, batches_done
+from ldm.data.loader import ResumableBatchSampler, ResumableLoader, batches_done
 from ldm.data.toy_world import read_records
 
 
@@ -73,7 +73,7 @@ class ToyWorldDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> ResumableLoader:
         if self.train_dataset is None:
             raise RuntimeError("call setup() before train_dataloader()")
-        return ResumableLoader(self.train_dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                               sampler=ResumableSampler(len(self.train_dataset), self.seed), drop_last=True,
+        sampler = ResumableBatchSampler(len(self.train_dataset), self.batch_size, self.seed, drop_last=True)
+        return ResumableLoader(self.train_dataset, batch_sampler=sampler, num_workers=self.num_workers,
                                persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
                                batches_done=lambda: batches_done(self.trainer))

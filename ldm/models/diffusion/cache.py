@@ -28,12 +28,17 @@ class LatentCache:
         """Encode every image of every role (``to_tensor`` turns one stored image into ``[3, H, W]`` in [-1, 1]),
         as it is and, with ``flips``, mirrored."""
         for role, stored in images.items():
-            for start in range(0, len(stored), batch_size):
-                x = torch.stack([to_tensor(a) for a in stored[start:start + batch_size]]).to(device)
-                for flip in ((False, True) if flips else (False,)):
-                    params = encode(x.flip(-1) if flip else x).parameters
-                    for k in range(params.shape[0]):
-                        self.params[(role, start + k, flip)] = params[k]
+            by_shape: dict[tuple, list[int]] = {}
+            for k in range(len(stored)):  # images of one shape are encoded together (aspect-ratio buckets)
+                by_shape.setdefault(tuple(stored[k].shape), []).append(k)
+            for ids in by_shape.values():
+                for start in range(0, len(ids), batch_size):
+                    chunk = ids[start:start + batch_size]
+                    x = torch.stack([to_tensor(stored[k]) for k in chunk]).to(device)
+                    for flip in ((False, True) if flips else (False,)):
+                        params = encode(x.flip(-1) if flip else x).parameters
+                        for row, k in enumerate(chunk):
+                            self.params[(role, k, flip)] = params[row]
 
     def posterior(self, batch: Mapping[str, Any], roles: Sequence[str]) -> DiagonalGaussianDistribution:
         rows = []

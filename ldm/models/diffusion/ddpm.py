@@ -18,7 +18,7 @@ from torch import nn
 from ldm.lora import LoraSettings
 from ldm.models.diffusion.cache import LatentCache, TextCache
 from ldm.models.diffusion.conditioning import MicroConditioning, TextConditioning, batch_sizes
-from ldm.models.diffusion.losses import min_snr_weights, offset_noise_, prior_preservation_loss
+from ldm.models.diffusion.losses import combine, mask_weights, min_snr_weights, offset_noise_, per_example_loss
 from ldm.models.diffusion.schedule import BetaSchedule, extract_into_tensor, predict_x0, q_sample, register_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -118,6 +118,7 @@ class LatentDiffusion(pl.LightningModule):
                  min_snr_gamma: Optional[float] = None,
                  cache_latents: bool = False,
                  caption_dropout: float = 0.0,
+                 mask_floor: float = 0.1,
                  set_grads_to_none: bool = True,
                  ckpt_path: Optional[str] = None,
                  vae_path: Optional[str] = None,
@@ -159,6 +160,8 @@ class LatentDiffusion(pl.LightningModule):
         # Pretraining from scratch: the probability that a caption is replaced by "" (Ho & Salimans 2022), so the
         # model also learns the unconditional prediction that classifier-free guidance needs.
         self.caption_dropout = caption_dropout
+        # Masked loss (data.params.masked_loss): the weight of background latent pixels in the subject's loss.
+        self.mask_floor = mask_floor
         # Set by the CacheFrozenInputs callback when cache_latents is on; None means "run the frozen parts".
         self.latent_cache: Optional[LatentCache] = None
         self.text_cache: Optional[TextCache] = None
@@ -311,16 +314,28 @@ class LatentDiffusion(pl.LightningModule):
         from ldm.lora import add_lora
         add_lora(self, self.lora_settings)
 
-    def get_latents(self, batch: Mapping[str, Any], generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Latents of the subject images, then of the class images: from the cache, else through the VAE."""
+    def role_latents(self, batch: Mapping[str, Any], generator: Optional[torch.Generator] = None
+                     ) -> list[torch.Tensor]:
+        """Latents of the subject images and (when the batch has them) of the class images, one tensor per role:
+        from the cache, else through the VAE. Roles of one shape are encoded together; with aspect-ratio buckets
+        the subject and class halves may differ in shape, and are then encoded one after the other."""
         roles = [self.first_stage_key] + (["reg_" + self.first_stage_key] if "reg_" + self.first_stage_key in batch
                                           else [])
-        if self.latent_cache is not None:
-            posterior = self.latent_cache.posterior(batch, roles)
-        else:
-            images = torch.cat([batch[r] for r in roles]).to(memory_format=torch.contiguous_format)
-            posterior = self.encode_first_stage(images)
-        return self.get_first_stage_encoding(posterior, generator).detach()
+        groups = [roles] if len({tuple(batch[r].shape[1:]) for r in roles}) == 1 else [[r] for r in roles]
+        out: list[torch.Tensor] = []
+        for group in groups:
+            if self.latent_cache is not None:
+                posterior = self.latent_cache.posterior(batch, group)
+            else:
+                images = torch.cat([batch[r] for r in group]).to(memory_format=torch.contiguous_format)
+                posterior = self.encode_first_stage(images)
+            z = self.get_first_stage_encoding(posterior, generator).detach()
+            out += list(z.split([len(batch[r]) for r in group]))
+        return out
+
+    def get_latents(self, batch: Mapping[str, Any], generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Latents of the subject images, then of the class images (both halves of one shape)."""
+        return torch.cat(self.role_latents(batch, generator))
 
     def get_captions(self, batch: Mapping[str, Any]) -> tuple[list[str], int]:
         captions = list(batch[self.cond_stage_key])
@@ -330,21 +345,42 @@ class LatentDiffusion(pl.LightningModule):
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One DreamBooth loss evaluation: encode, noise at a random t, predict eps, subject + prior terms.
 
-        Every random draw (posterior sample, t, noise, offset) comes from ``generator`` when one is given."""
-        z = self.get_latents(batch, generator)
+        Subject and class examples go through the UNet in one pass when they have one shape, else in one pass
+        each (aspect-ratio buckets). With a loss mask in the batch the subject terms weight latent pixels by it
+        (``mask_floor`` for the background; class examples are never masked), and the unmasked subject loss is
+        reported beside. Every random draw (posterior sample, t, noise, offset, caption dropout) comes from
+        ``generator`` when one is given."""
+        zs = self.role_latents(batch, generator)
         captions, n_subject = self.get_captions(batch)
         if self.caption_dropout > 0:
             drop = torch.rand(len(captions), generator=generator, device=generator.device if generator else None)
             captions = ["" if d < self.caption_dropout else c for c, d in zip(captions, drop.tolist())]
-        text = self.text_cache(captions) if self.text_cache is not None else self.encode_text(captions)
         roles = [""] + (["reg_"] if len(captions) > n_subject else [])
-        c = self.conditioning.condition(text, batch_sizes(batch, roles))
-        t = torch.randint(0, self.num_timesteps, (z.shape[0],), device=z.device, generator=generator).long()
-        noise = torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
-        noise = offset_noise_(noise, self.offset_noise, generator)
-        eps_pred = self.apply_model(self.q_sample(z, t, noise), t, c)
+        device = zs[0].device
+        t = torch.randint(0, self.num_timesteps, (len(captions),), device=device, generator=generator).long()
+        same_shape = len({z.shape[1:] for z in zs}) == 1
+        parts = [(torch.cat(zs), roles, 0, len(captions))] if same_shape else [
+            (z, [role], start, start + len(z)) for z, role, start in zip(zs, roles, (0, n_subject))]
+        preds, noises = [], []
+        for z, group, lo, hi in parts:
+            text = self.text_cache(captions[lo:hi]) if self.text_cache is not None else self.encode_text(captions[lo:hi])
+            c = self.conditioning.condition(text, batch_sizes(batch, group))
+            noise = offset_noise_(torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator),
+                                  self.offset_noise, generator)
+            preds.append(self.apply_model(self.q_sample(z, t[lo:hi], noise), t[lo:hi], c))
+            noises.append(noise)
         weights = min_snr_weights(self.alphas_cumprod[t], self.min_snr_gamma) if self.min_snr_gamma else None
-        return prior_preservation_loss(eps_pred, noise, n_subject, self.reg_weight, self.loss_type, weights)
+        losses = torch.cat([per_example_loss(p, n, self.loss_type) for p, n in zip(preds, noises)])
+        mask_key = f"{self.first_stage_key}_mask"
+        if mask_key not in batch:
+            return combine(losses, n_subject, self.reg_weight, weights)
+        # Masked loss: the subject rows are the first n_subject rows of the first part.
+        spatial = mask_weights(batch[mask_key], tuple(zs[0].shape[-2:]), self.mask_floor)
+        masked = per_example_loss(preds[0][:n_subject], noises[0][:n_subject], self.loss_type, spatial)
+        loss, logs = combine(torch.cat([masked, losses[n_subject:]]), n_subject, self.reg_weight, weights)
+        unmasked = losses[:n_subject] * (weights[:n_subject] if weights is not None else 1)
+        logs["loss_subject_unmasked"] = unmasked.mean().detach()
+        return loss, logs
 
     def step_generator(self, batch_idx: int) -> Optional[torch.Generator]:
         """The generator of one training batch, from (noise_seed, epoch, batch index, rank); None without a seed."""
@@ -358,7 +394,7 @@ class LatentDiffusion(pl.LightningModule):
         loss, logs = self.shared_step(batch, self.step_generator(batch_idx))
         batch_size = batch[self.first_stage_key].shape[0]
         self.log("train/loss", logs["loss"], prog_bar=True, on_step=True, logger=True, batch_size=batch_size)
-        self.log_dict({"train/loss_subject": logs["loss_subject"], "train/loss_prior": logs["loss_prior"]},
+        self.log_dict({f"train/{k}": v for k, v in logs.items() if k != "loss"},
                       prog_bar=False, on_step=True, logger=True, batch_size=batch_size)
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=False, on_step=True, logger=True,
                  batch_size=batch_size)

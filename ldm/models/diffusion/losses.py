@@ -9,13 +9,28 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 
-def per_example_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: Literal["l2", "l1"] = "l2") -> torch.Tensor:
-    """Mean over all but the batch dimension of the squared (l2) or absolute (l1) error, in float32."""
+def per_example_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: Literal["l2", "l1"] = "l2",
+                     spatial_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over all but the batch dimension of the squared (l2) or absolute (l1) error, in float32.
+
+    ``spatial_weight`` ``[B, 1, h, w]`` makes it a weighted mean over the latent pixels (the masked loss):
+    ``sum(w * err) / sum(w)`` per example, every channel of a pixel weighted alike."""
     diff = pred.float() - target.float()
     err = diff.pow(2) if loss_type == "l2" else diff.abs()
-    return err.flatten(1).mean(dim=1)
+    if spatial_weight is None:
+        return err.flatten(1).mean(dim=1)
+    w = spatial_weight.float().expand_as(err)
+    return (w * err).flatten(1).sum(dim=1) / w.flatten(1).sum(dim=1)
+
+
+def mask_weights(mask: torch.Tensor, latent_hw: tuple[int, int], floor: float) -> torch.Tensor:
+    """A pixel mask ``[B, 1, H, W]`` in [0, 1] (1 = subject) -> latent-pixel loss weights ``[B, 1, h, w]``:
+    the mask's share of each latent cell, lifted to ``floor`` so the background still counts a little."""
+    share = F.adaptive_avg_pool2d(mask.float(), latent_hw)
+    return floor + (1.0 - floor) * share
 
 
 def min_snr_weights(alphas_cumprod_t: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -44,12 +59,17 @@ def prior_preservation_loss(eps_pred: torch.Tensor, eps: torch.Tensor, n_subject
     its terms. With no class rows the prior term is zero and the loss is the plain denoising loss (DreamBooth
     without prior preservation).
     """
-    if not 0 < n_subject <= eps.shape[0]:
-        raise ValueError(f"n_subject={n_subject} for a batch of {eps.shape[0]}")
-    losses = per_example_loss(eps_pred, eps, loss_type)
+    return combine(per_example_loss(eps_pred, eps, loss_type), n_subject, reg_weight, weights)
+
+
+def combine(losses: torch.Tensor, n_subject: int, reg_weight: float, weights: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The DreamBooth objective from per-example losses (subject rows first): see :func:`prior_preservation_loss`."""
+    if not 0 < n_subject <= losses.shape[0]:
+        raise ValueError(f"n_subject={n_subject} for a batch of {losses.shape[0]}")
     if weights is not None:
         losses = losses * weights.to(losses.dtype)
     subject = losses[:n_subject].mean()
-    prior = losses[n_subject:].mean() if eps.shape[0] > n_subject else torch.zeros_like(subject)
+    prior = losses[n_subject:].mean() if losses.shape[0] > n_subject else torch.zeros_like(subject)
     loss = subject + reg_weight * prior
     return loss, {"loss": loss.detach(), "loss_subject": subject.detach(), "loss_prior": prior.detach()}
