@@ -38,6 +38,10 @@ class MissingDependency(ImportError):
     """diffusers or transformers is not installed; the message is the one line to show."""
 
 
+class UnsupportedModel(ValueError):
+    """The model config has a part diffusers' pipeline would not reproduce; the message is one line."""
+
+
 def require_diffusers() -> None:
     try:
         import diffusers  # noqa: F401
@@ -240,8 +244,8 @@ def export_diffusers(config: Mapping[str, Any], ckpt: str | os.PathLike, outdir:
 
     The folder is assembled next to ``outdir`` and renamed into place at the end, so a failed conversion
     leaves nothing half-written. Raises ``CheckpointError`` for a bad checkpoint, ``MissingDependency``
-    without diffusers/transformers, ``FileExistsError`` for a non-empty ``outdir``, ``ValueError`` for a model
-    diffusers' pipeline cannot reproduce.
+    without diffusers/transformers, ``FileExistsError`` for a non-empty ``outdir``, ``UnsupportedModel`` for a
+    model diffusers' pipeline would not reproduce.
     """
     require_diffusers()
     outdir = Path(outdir)

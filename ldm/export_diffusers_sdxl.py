@@ -10,7 +10,8 @@ conditioning (``label_emb`` -> ``add_embedding``), a VAE config with SDXL's scal
 
 diffusers' pipeline takes the penultimate hidden state of both text encoders and bigG's projected pooled output,
 and embeds (original size, crop, target size) with ``addition_time_embed_dim`` channels each: ``sdxl_configs``
-refuses a conditioner that differs from that, since the folder would then sample another model.
+refuses (``UnsupportedModel``) a conditioner that differs from that, since the folder would then sample another
+model.
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from typing import Any, Mapping
 
 import torch
 
-from ldm.export_diffusers import (UNET, VAE, TEXT_MODEL, _build, _with_defaults, clip_text_config,
-                                  inference_weights, save_text_model, scheduler_config, unet_config, vae_config,
-                                  write_text_encoder, write_tokenizer, write_unet_vae)
+from ldm.export_diffusers import (TEXT_MODEL, UNET, VAE, UnsupportedModel, _build, _with_defaults,
+                                  clip_text_config, inference_weights, save_text_model, scheduler_config,
+                                  unet_config, vae_config, write_text_encoder, write_tokenizer, write_unet_vae)
 from ldm.modules.encoders.conditioner import SIZE_KEYS
 
 CONDITIONER = "conditioner."
@@ -33,34 +34,35 @@ TEXT_2 = "conditioner.embedders.1.model."
 def _embedder(section: Mapping[str, Any], index: int, target: str, **expected: Any) -> dict[str, Any]:
     """Embedder ``index``'s params (defaults filled in), checked for the class and settings diffusers assumes."""
     if not section["target"].endswith(target):
-        raise ValueError(f"conditioner embedder {index} is {section['target']}; diffusers' SDXL pipeline needs "
-                         f"{target} there")
+        raise UnsupportedModel(f"conditioner embedder {index} is {section['target']}; diffusers' SDXL pipeline "
+                               f"needs {target} there")
     params = _with_defaults(section)
     for key, value in expected.items():
         if params[key] != value:
-            raise ValueError(f"conditioner embedder {index} ({target}): {key} {params[key]!r}; diffusers' SDXL "
-                             f"pipeline reproduces only {value!r}")
+            raise UnsupportedModel(f"conditioner embedder {index} ({target}): {key} {params[key]!r}; diffusers' "
+                                   f"SDXL pipeline reproduces only {value!r}")
     return params
 
 
 def sdxl_configs(params: Mapping[str, Any]) -> dict[str, Any]:
     """The diffusers/transformers configs of an SDXL model config (the second text encoder's comes from the
-    loaded model, in ``write_sdxl``); ``ValueError`` for a conditioner diffusers' pipeline does not reproduce."""
+    loaded model, in ``write_sdxl``); ``UnsupportedModel`` for a conditioner diffusers' pipeline does not
+    reproduce."""
     embedders = params["conditioner_config"]["params"]["emb_models"]
     if len(embedders) != 2 + len(SIZE_KEYS):
-        raise ValueError(f"the conditioner has {len(embedders)} embedders; diffusers' SDXL pipeline needs two text "
-                         f"encoders and the {len(SIZE_KEYS)} size/crop embedders")
+        raise UnsupportedModel(f"the conditioner has {len(embedders)} embedders; diffusers' SDXL pipeline needs "
+                               f"two text encoders and the {len(SIZE_KEYS)} size/crop embedders")
     clip = _embedder(embedders[0], 0, "FrozenCLIPEmbedder", layer="hidden", always_return_pooled=False)
     if clip["layer_idx"] % (clip["layers"] + 1) != clip["layers"] - 1:
-        raise ValueError(f"conditioner embedder 0: layer_idx {clip['layer_idx']}; diffusers' SDXL pipeline takes "
-                         f"the penultimate hidden state ({clip['layers'] - 1} of {clip['layers']})")
+        raise UnsupportedModel(f"conditioner embedder 0: layer_idx {clip['layer_idx']}; diffusers' SDXL pipeline "
+                               f"takes the penultimate hidden state ({clip['layers'] - 1} of {clip['layers']})")
     bigg = _embedder(embedders[1], 1, "FrozenOpenCLIPEmbedder2", layer="penultimate", legacy=False,
                      always_return_pooled=True)
     sizes = [_embedder(e, i + 2, "ConcatTimestepEmbedderND") for i, e in enumerate(embedders[2:])]
     keys = [e.get("input_key") for e in embedders[2:]]
     if keys != list(SIZE_KEYS) or len({s["outdim"] for s in sizes}) != 1:
-        raise ValueError(f"size embedders read {keys} with widths {[s['outdim'] for s in sizes]}; diffusers' SDXL "
-                         f"pipeline embeds {list(SIZE_KEYS)}, in that order, at one width")
+        raise UnsupportedModel(f"size embedders read {keys} with widths {[s['outdim'] for s in sizes]}; "
+                               f"diffusers' SDXL pipeline embeds {list(SIZE_KEYS)}, in that order, at one width")
     unet = _with_defaults(params["unet_config"])
     return {
         "unet": {**unet_config(params), "use_linear_projection": bool(unet["use_linear_in_transformer"]),

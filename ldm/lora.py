@@ -40,7 +40,8 @@ PREFIXES = {UNET: "lora_unet_", "cond_stage_model.transformer.": "lora_te_",
 #: transformers' CLIP names of the OpenCLIP modules peft wraps (q/k/v_proj are rows of the packed in_proj)
 OPEN_CLIP_TARGETS = {"out_proj": "out_proj", "fc1": "c_fc", "fc2": "c_proj"}
 _OPEN_CLIP_TO_HF = [
-    (re.compile(r"^transformer\.resblocks\.(\d+)\.attn\.(q|k|v|out)_proj$"), r"text_model.encoder.layers.\1.self_attn.\2_proj"),
+    (re.compile(r"^transformer\.resblocks\.(\d+)\.attn\.(q|k|v|out)_proj$"),
+     r"text_model.encoder.layers.\1.self_attn.\2_proj"),
     (re.compile(r"^transformer\.resblocks\.(\d+)\.mlp\.c_fc$"), r"text_model.encoder.layers.\1.mlp.fc1"),
     (re.compile(r"^transformer\.resblocks\.(\d+)\.mlp\.c_proj$"), r"text_model.encoder.layers.\1.mlp.fc2"),
 ]

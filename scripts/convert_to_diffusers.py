@@ -30,7 +30,7 @@ from ldm.cli import config_for_checkpoint  # noqa: E402
 from ldm.config import ConfigError  # noqa: E402
 from ldm.families import config_family  # noqa: E402
 from ldm.files import DiskFullError  # noqa: E402
-from ldm.export_diffusers import MissingDependency, export_diffusers  # noqa: E402
+from ldm.export_diffusers import MissingDependency, UnsupportedModel, export_diffusers  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +60,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         config = OmegaConf.load(opt.config if opt.config is not None else config_for_checkpoint(opt.ckpt))
         out = export_diffusers(config, opt.ckpt, opt.outdir, half=opt.half, safetensors=opt.safetensors,
                                prefer_ema=opt.prefer_ema)
-    except (CheckpointError, ConfigError, MissingDependency, FileExistsError, DiskFullError) as e:
+    except (CheckpointError, ConfigError, MissingDependency, UnsupportedModel, FileExistsError,
+            DiskFullError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     pipeline = "StableDiffusionXLPipeline" if config_family(config) == "sdxl-base" else "StableDiffusionPipeline"
     print(f"Wrote {out} (weights {'float16' if opt.half else 'float32'}, "
