@@ -6,7 +6,12 @@ conditioning (``label_emb`` -> ``add_embedding``), a VAE config with SDXL's scal
 ``force_upcast`` (the released VAE overflows in float16), the OpenCLIP bigG tower as transformers'
 ``CLIPTextModelWithProjection`` (diffusers' own ``convert_open_clip_checkpoint``: packed q/k/v split,
 ``text_projection`` transposed), a second tokenizer padding with ``"!"`` (id 0, OpenCLIP's padding), SDXL's
-``EulerDiscreteScheduler`` and ``force_zeros_for_empty_prompt`` (our empty negative prompt is zeros too).
+``EulerDiscreteScheduler`` and ``force_zeros_for_empty_prompt`` (our empty negative prompt is zeros too; diffusers
+gives zeros only when no negative prompt is passed at all).
+
+As in the released SDXL folder, transformers treats the pad token ``"!"`` as special, so a ``!`` typed in a prompt
+becomes id 0 in ``tokenizer_2`` where OpenCLIP's tokenizer (and ours) gives ``!</w>`` (diffusers issue #4153):
+prompts with ``!`` encode slightly differently in diffusers.
 
 diffusers' pipeline takes the penultimate hidden state of both text encoders and bigG's projected pooled output,
 and embeds (original size, crop, target size) with ``addition_time_embed_dim`` channels each: ``sdxl_configs``
