@@ -105,9 +105,10 @@ def add_lora(model: nn.Module, settings: LoraSettings) -> list[nn.Parameter]:
             config = LoraConfig(r=settings.rank, lora_alpha=alpha, lora_dropout=settings.dropout,
                                 target_modules=_target_regex(names), init_lora_weights=True)
             inject_adapter_in_model(config, roots[prefix], adapter_name=ADAPTER)
-        for attn in (m for m in roots[prefix].modules() if isinstance(m, MultiheadSelfAttention)) if parts else ():
-            _attach(attn, FusedQKVLoRA(attn.out_proj.in_features, {p: settings.rank for p in parts},
-                                       {p: alpha for p in parts}, settings.dropout))
+        if parts:
+            for attn in [m for m in roots[prefix].modules() if isinstance(m, MultiheadSelfAttention)]:
+                _attach(attn, FusedQKVLoRA(attn.out_proj.in_features, {p: settings.rank for p in parts},
+                                           {p: alpha for p in parts}, settings.dropout))
     return [p for n, p in model.named_parameters() if ".lora_" in n and p.requires_grad]
 
 

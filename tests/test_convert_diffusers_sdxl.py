@@ -176,3 +176,14 @@ def test_sdxl_reference_layout_maps_onto_every_diffusers_tensor():
         got = {k: tuple(v.shape) for k, v in converted[name].items() if not k.endswith("position_ids")}
         assert got == expected, name
     assert sum(v.numel() for v in converted["unet"].values()) == 2_567_463_684  # README's UNet count
+
+
+def test_half_and_bin_options(tiny_sdxl_ckpt, tiny_sdxl_model, tmp_path):
+    out = convert.main([str(tiny_sdxl_ckpt), str(tmp_path / "half"), "--config", str(TINY_SDXL_CONFIG), "--half",
+                        "--no-safetensors"])
+    assert not list(out.rglob("*.safetensors"))
+    te2 = torch.load(out / "text_encoder_2/pytorch_model.bin", weights_only=True)
+    projection = tiny_sdxl_model.conditioner.embedders[1].model.text_projection
+    assert torch.equal(te2["text_projection.weight"], projection.detach().T.half())  # x @ P is Linear(P.T)
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(out, local_files_only=True, torch_dtype=torch.float16)
+    assert pipe.text_encoder_2.dtype == pipe.text_encoder.dtype == pipe.unet.dtype == torch.float16
