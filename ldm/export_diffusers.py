@@ -1,4 +1,4 @@
-"""Export a SD v1 checkpoint as a diffusers ``StableDiffusionPipeline`` folder.
+"""Export a SD v1 checkpoint as a diffusers ``StableDiffusionPipeline`` folder (SDXL: ``export_diffusers_sdxl``).
 
 The diffusers configs are derived from our OmegaConf model config, so the tiny test config and v1 both work:
 the UNet and VAE weights go through diffusers' own converters (``convert_ldm_unet_checkpoint``,
@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Collection, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import torch
 from omegaconf import OmegaConf
@@ -36,6 +36,10 @@ BETA_SCHEDULES = {"linear": "scaled_linear", "sqrt_linear": "linear"}
 
 class MissingDependency(ImportError):
     """diffusers or transformers is not installed; the message is the one line to show."""
+
+
+class UnsupportedModel(ValueError):
+    """The model config has a part diffusers' pipeline would not reproduce; the message is one line."""
 
 
 def require_diffusers() -> None:
@@ -120,6 +124,11 @@ def text_encoder_config(params: Mapping[str, Any]) -> dict[str, Any]:
     section = params["cond_stage_config"]
     if not section["target"].endswith("FrozenCLIPEmbedder"):
         raise ValueError(f"cond_stage_config {section['target']}: only SD v1's FrozenCLIPEmbedder is supported")
+    return clip_text_config(section)
+
+
+def clip_text_config(section: Mapping[str, Any]) -> dict[str, Any]:
+    """``CLIPTextConfig`` kwargs of a ``FrozenCLIPEmbedder`` config section (SD v1's, or SDXL's first embedder)."""
     clip = _with_defaults(section)
     return dict(
         vocab_size=clip["vocab_size"], hidden_size=clip["width"], num_hidden_layers=clip["layers"],
@@ -140,16 +149,18 @@ def scheduler_config(params: Mapping[str, Any]) -> dict[str, Any]:
                 timestep_spacing="leading", clip_sample=False)
 
 
-def tokenizer_files(bpe_path: str | Path | None = None, max_length: int = 77) -> dict[str, str]:
+def tokenizer_files(bpe_path: str | Path | None = None, max_length: int = 77,
+                    pad_token: str = END_OF_TEXT) -> dict[str, str]:
     """File name -> text of a ``CLIPTokenizer`` folder, from the merge table our tokenizer reads.
 
     ``vocab.json`` lists the same tokens in the same order as ``build_vocab`` (so ids agree by construction);
-    ``merges.txt`` starts with a header line that transformers skips, as in the openai release.
+    ``merges.txt`` starts with a header line that transformers skips, as in the openai release. ``pad_token``
+    is OpenAI's end-of-text, or ``"!"`` (id 0) for OpenCLIP's zero padding (SDXL's ``tokenizer_2``).
     """
     merges = read_merges(bpe_path or default_bpe_path())
     vocab = {token: i for i, token in enumerate(build_vocab(merges))}
     specials = {"bos_token": START_OF_TEXT, "eos_token": END_OF_TEXT, "unk_token": END_OF_TEXT,
-                "pad_token": END_OF_TEXT}
+                "pad_token": pad_token}
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "do_lower_case": True,
               "errors": "replace", "add_prefix_space": False, **specials}
     return {
@@ -171,11 +182,13 @@ def model_index() -> dict[str, Any]:
     }
 
 
-def inference_weights(model: torch.nn.Module, prefer_ema: bool = True) -> dict[str, torch.Tensor]:
-    """The model's UNet/VAE/text-encoder tensors; a model with its own EMA (``use_ema: True``) gives its EMA
-    UNet unless ``prefer_ema`` is False (a ``use_ema: False`` model already took the file's EMA when loading)."""
+def inference_weights(model: torch.nn.Module, prefer_ema: bool = True,
+                      prefixes: tuple[str, ...] = (UNET, VAE, TEXT_MODEL)) -> dict[str, torch.Tensor]:
+    """The model's UNet/VAE/text-encoder tensors (those under ``prefixes``); a model with its own EMA
+    (``use_ema: True``) gives its EMA UNet unless ``prefer_ema`` is False (a ``use_ema: False`` model already took
+    the file's EMA when loading)."""
     sd = model.state_dict()
-    out = {k: v for k, v in sd.items() if k.startswith((UNET, VAE, TEXT_MODEL))}
+    out = {k: v for k, v in sd.items() if k.startswith(prefixes)}
     if getattr(model, "use_ema", False) and prefer_ema:
         out.update({k: sd[ema_key(k)] for k in out if k.startswith(UNET)})
     return out
@@ -216,10 +229,17 @@ def write_text_encoder(weights: Mapping[str, torch.Tensor], config: Mapping[str,
     with torch.device("meta"):
         expected = CLIPTextModel(hf_config).state_dict().keys()
     model = _build(CLIPTextModel, text_encoder_weights(weights, expected), dtype, config=hf_config)
+    save_text_model(model, folder, dtype, safetensors)
+
+
+def save_text_model(model: Any, folder: Path, dtype: torch.dtype, safetensors: bool) -> None:
+    """``save_pretrained`` a transformers model, or its config and a ``pytorch_model.bin`` (``safetensors``
+    False: transformers 5 only writes safetensors, and still reads .bin)."""
     if safetensors:
         model.save_pretrained(folder)
-    else:  # transformers 5 only writes safetensors; it still reads pytorch_model.bin
-        hf_config.architectures = ["CLIPTextModel"]
+    else:
+        hf_config = model.config
+        hf_config.architectures = [type(model).__name__]
         setattr(hf_config, "dtype" if hasattr(hf_config, "dtype") else "torch_dtype", dtype)  # v5 renamed it
         hf_config.save_pretrained(folder)
         torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "pytorch_model.bin")
@@ -228,42 +248,30 @@ def write_text_encoder(weights: Mapping[str, torch.Tensor], config: Mapping[str,
 def export_diffusers(config: Mapping[str, Any], ckpt: str | os.PathLike, outdir: str | os.PathLike,
                      half: bool = False, safetensors: bool = True, prefer_ema: bool = True,
                      verbose: bool = True) -> Path:
-    """Write ``outdir`` (which must not exist or be empty) as a ``StableDiffusionPipeline`` folder.
+    """Write ``outdir`` (which must not exist or be empty) as a diffusers pipeline folder: a
+    ``StableDiffusionPipeline`` for SD v1, a ``StableDiffusionXLPipeline`` for SDXL (the family of ``config``).
 
     The folder is assembled next to ``outdir`` and renamed into place at the end, so a failed conversion
     leaves nothing half-written. Raises ``CheckpointError`` for a bad checkpoint, ``MissingDependency``
-    without diffusers/transformers, ``FileExistsError`` for a non-empty ``outdir``.
+    without diffusers/transformers, ``FileExistsError`` for a non-empty ``outdir``, ``UnsupportedModel`` for a
+    model diffusers' pipeline would not reproduce.
     """
     require_diffusers()
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
     outdir = Path(outdir)
     if outdir.exists() and (not outdir.is_dir() or any(outdir.iterdir())):
         raise FileExistsError(f"{outdir}: exists and is not an empty folder; choose a new output folder")
     if is_within(ckpt, outdir):
         raise FileExistsError(f"{outdir}: holds the input checkpoint {ckpt}; choose a new output folder")
     params = model_params(config)
-    configs = {"unet": unet_config(params), "vae": vae_config(params), "text": text_encoder_config(params),
-               "scheduler": scheduler_config(params)}
-    clip = _with_defaults(params["cond_stage_config"])
+    make_configs, write = pipeline_writer(config)
+    configs = make_configs(params)  # config problems surface before the weights are read
     model = load_model_from_config(config, ckpt, prefer_ema=prefer_ema, verbose=verbose)
-    weights = inference_weights(model, prefer_ema)
     dtype = torch.float16 if half else torch.float32
 
     outdir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
     try:
-        unet = _build(UNet2DConditionModel, convert_ldm_unet_checkpoint(weights, configs["unet"]), dtype,
-                      **configs["unet"])
-        unet.save_pretrained(tmp / "unet", safe_serialization=safetensors)
-        vae = _build(AutoencoderKL, convert_ldm_vae_checkpoint(weights, configs["vae"]), dtype, **configs["vae"])
-        vae.save_pretrained(tmp / "vae", safe_serialization=safetensors)
-        write_text_encoder(weights, configs["text"], tmp / "text_encoder", dtype, safetensors)
-        (tmp / "tokenizer").mkdir()
-        for name, text in tokenizer_files(clip["bpe_path"], clip["max_length"]).items():
-            (tmp / "tokenizer" / name).write_text(text, encoding="utf-8")
-        PNDMScheduler.from_config(configs["scheduler"]).save_pretrained(tmp / "scheduler")
-        (tmp / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
+        write(tmp, configs, model, dtype, safetensors, prefer_ema)
         make_public(tmp)
         if outdir.exists():
             outdir.rmdir()  # empty, checked above
@@ -274,6 +282,52 @@ def export_diffusers(config: Mapping[str, Any], ckpt: str | os.PathLike, outdir:
             raise DiskFullError(exc.errno, disk_full_message(exc, outdir), str(outdir)) from None
         raise
     return outdir
+
+
+def pipeline_writer(config: Mapping[str, Any]) -> tuple[Callable, Callable]:
+    """``(make_configs(params), write(folder, configs, model, dtype, safetensors, prefer_ema))`` for the family
+    ``config`` builds: SDXL's in ``ldm.export_diffusers_sdxl``, SD v1's (also the fallback) here."""
+    from ldm.families import config_family
+    if config_family(config) == "sdxl-base":
+        from ldm.export_diffusers_sdxl import sdxl_configs, write_sdxl
+        return sdxl_configs, write_sdxl
+    return sd_v1_configs, write_sd_v1
+
+
+def sd_v1_configs(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {"unet": unet_config(params), "vae": vae_config(params), "text": text_encoder_config(params),
+            "scheduler": scheduler_config(params), "clip": _with_defaults(params["cond_stage_config"])}
+
+
+def write_unet_vae(folder: Path, weights: Mapping[str, torch.Tensor], configs: Mapping[str, Any],
+                   dtype: torch.dtype, safetensors: bool) -> None:
+    """``unet/`` and ``vae/`` through diffusers' own converters of the original layout."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    unet = _build(UNet2DConditionModel, convert_ldm_unet_checkpoint(weights, configs["unet"]), dtype,
+                  **configs["unet"])
+    unet.save_pretrained(folder / "unet", safe_serialization=safetensors)
+    vae = _build(AutoencoderKL, convert_ldm_vae_checkpoint(weights, configs["vae"]), dtype, **configs["vae"])
+    vae.save_pretrained(folder / "vae", safe_serialization=safetensors)
+
+
+def write_tokenizer(folder: Path, bpe_path: str | Path | None, max_length: int, pad_token: str = END_OF_TEXT
+                    ) -> None:
+    folder.mkdir()
+    for name, text in tokenizer_files(bpe_path, max_length, pad_token).items():
+        (folder / name).write_text(text, encoding="utf-8")
+
+
+def write_sd_v1(folder: Path, configs: Mapping[str, Any], model: torch.nn.Module, dtype: torch.dtype,
+                safetensors: bool, prefer_ema: bool) -> None:
+    """The components of a ``StableDiffusionPipeline`` folder."""
+    from diffusers import PNDMScheduler
+    weights = inference_weights(model, prefer_ema)
+    write_unet_vae(folder, weights, configs, dtype, safetensors)
+    write_text_encoder(weights, configs["text"], folder / "text_encoder", dtype, safetensors)
+    write_tokenizer(folder / "tokenizer", configs["clip"]["bpe_path"], configs["clip"]["max_length"])
+    PNDMScheduler.from_config(configs["scheduler"]).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
 
 
 def make_public(folder: Path) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Literal, Mapping, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
@@ -20,6 +20,9 @@ class Family:
     label: str
     config: str  # relative to the repository's configs/ folder
     architecture: str  # modelspec.architecture
+    #: How kohya's sd-scripts names the UNet's modules in LoRA files: by diffusers' blocks (``down_blocks_0_...``,
+    #: it trains SD v1 on diffusers' UNet) or by the original ones (``input_blocks_4_1_...``, its SDXL UNet is sgm's).
+    lora_unet_names: Literal["diffusers", "original"] = "diffusers"
 
 
 FAMILIES = {
@@ -27,7 +30,7 @@ FAMILIES = {
     "sd-v1-inpainting": Family("sd-v1-inpainting", "Stable Diffusion v1 inpainting (9-channel UNet)",
                                "stable-diffusion/v1-inpainting-inference.yaml", "stable-diffusion-v1/inpaint"),
     "sdxl-base": Family("sdxl-base", "Stable Diffusion XL base", "stable-diffusion/sdxl-base-inference.yaml",
-                        "stable-diffusion-xl-v1-base"),
+                        "stable-diffusion-xl-v1-base", lora_unet_names="original"),
 }
 
 

@@ -1,11 +1,19 @@
 """LoRA (Hu et al. 2022): low-rank adapters on the attention projections of the UNet (and optionally the CLIP
-text encoder), trained on top of frozen base weights.
+text encoders), trained on top of frozen base weights.
 
-Injection and the adapter maths are peft's. Files use the kohya/sd-scripts layout that diffusers'
-``load_lora_weights`` and the common web UIs read: ``lora_unet_<module path with _>.lora_down.weight``
-(rank x in), ``.lora_up.weight`` (out x rank) and ``.alpha``, the update being ``alpha / rank * up @ down``.
-Like sd-scripts, we name UNet modules by diffusers' block names (``down_blocks_0_attentions_0_...``), which every
-reader maps; reading accepts those and the original checkpoint's names (``input_blocks_1_1_...``) alike.
+Injection and the adapter maths are peft's, except for OpenCLIP's packed q/k/v projection (SDXL's second text
+encoder), which is a bare parameter peft cannot wrap: ``FusedQKVLoRA`` adapts it. Files use the kohya/sd-scripts
+layout that diffusers' ``load_lora_weights`` and the common web UIs read: ``<prefix><module path with _>
+.lora_down.weight`` (rank x in), ``.lora_up.weight`` (out x rank) and ``.alpha``, the update being
+``alpha / rank * up @ down``. Module names are sd-scripts':
+
+- UNet, ``lora_unet_``: SD v1 by diffusers' block names (``down_blocks_0_attentions_0_...``: sd-scripts trains v1 on
+  diffusers' UNet), SDXL by the original ones (``input_blocks_4_1_...``: its SDXL UNet is sgm's); see
+  ``Family.lora_unet_names``. Reading accepts either naming for either family.
+- Text encoders in transformers' CLIP naming (``text_model_encoder_layers_N_self_attn_q_proj``, ``mlp_fc1``):
+  ``lora_te_`` for SD v1's, ``lora_te1_`` (CLIP ViT-L) and ``lora_te2_`` (OpenCLIP bigG) for SDXL's. bigG's
+  OpenCLIP modules are renamed: packed ``attn.in_proj`` rows -> ``self_attn.{q,k,v}_proj``, ``attn.out_proj`` ->
+  ``self_attn.out_proj``, ``mlp.c_fc``/``c_proj`` -> ``mlp.fc1``/``fc2``.
 """
 from __future__ import annotations
 
@@ -13,16 +21,31 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
+from typing import Iterator, Literal, Mapping, Optional
 
 import torch
 from torch import nn
 
+from ldm.modules.encoders.open_clip import MultiheadSelfAttention
+from ldm.modules.lora import QKV, FusedQKVLoRA
+
 ADAPTER = "dreambooth"
+UNET = "model.diffusion_model."
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+#: transformers' CLIP module names; ``fc1``/``fc2`` (the MLP) may be added in ``text_targets``.
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 #: state-dict prefix of each adapted sub-model -> kohya key prefix
-PREFIXES = {"model.diffusion_model.": "lora_unet_", "cond_stage_model.transformer.": "lora_te_"}
+PREFIXES = {UNET: "lora_unet_", "cond_stage_model.transformer.": "lora_te_",
+            "conditioner.embedders.0.transformer.": "lora_te1_", "conditioner.embedders.1.model.": "lora_te2_"}
+#: transformers' CLIP names of the OpenCLIP modules peft wraps (q/k/v_proj are rows of the packed in_proj)
+OPEN_CLIP_TARGETS = {"out_proj": "out_proj", "fc1": "c_fc", "fc2": "c_proj"}
+_OPEN_CLIP_TO_HF = [
+    (re.compile(r"^transformer\.resblocks\.(\d+)\.attn\.(q|k|v|out)_proj$"),
+     r"text_model.encoder.layers.\1.self_attn.\2_proj"),
+    (re.compile(r"^transformer\.resblocks\.(\d+)\.mlp\.c_fc$"), r"text_model.encoder.layers.\1.mlp.fc1"),
+    (re.compile(r"^transformer\.resblocks\.(\d+)\.mlp\.c_proj$"), r"text_model.encoder.layers.\1.mlp.fc2"),
+]
+UnetNames = Literal["diffusers", "original"]
 
 
 @dataclass
@@ -47,23 +70,51 @@ def _target_regex(targets: tuple[str, ...]) -> str:
 
 def _roots(model: nn.Module) -> dict[str, nn.Module]:
     """State-dict prefix -> module, for the UNet and each text encoder of the model's family."""
-    return {"model.diffusion_model.": model.model.diffusion_model, **model.conditioning.text_encoders()}
+    return {UNET: model.model.diffusion_model, **model.conditioning.text_encoders()}
+
+
+def _is_open_clip(root: nn.Module) -> bool:
+    return any(isinstance(m, MultiheadSelfAttention) for m in root.modules())
+
+
+def _text_plan(root: nn.Module, targets: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``text_targets`` (transformers' CLIP names) -> (module names peft wraps in ``root``, packed q/k/v parts)."""
+    if not _is_open_clip(root):
+        return targets, ()
+    parts = tuple(p for p in QKV if f"{p}_proj" in targets)
+    rest = [t for t in targets if t not in {f"{p}_proj" for p in QKV}]
+    unknown = [t for t in rest if t not in OPEN_CLIP_TARGETS]
+    if unknown:
+        raise ValueError(f"lora text target {unknown[0]!r}: the OpenCLIP text encoder has no such module "
+                         f"(known: q_proj, k_proj, v_proj, {', '.join(OPEN_CLIP_TARGETS)})")
+    return tuple(OPEN_CLIP_TARGETS[t] for t in rest), parts
 
 
 def add_lora(model: nn.Module, settings: LoraSettings) -> list[nn.Parameter]:
-    """Freeze the UNet and text encoder, add trainable adapters; returns the adapter parameters."""
+    """Freeze the UNet and text encoders, add trainable adapters; returns the adapter parameters."""
     from peft import LoraConfig, inject_adapter_in_model
-    for root in _roots(model).values():
+    roots = _roots(model)
+    for root in roots.values():
         root.requires_grad_(False)
     alpha = settings.alpha if settings.alpha is not None else settings.rank
-    targets = {"model.diffusion_model.": settings.unet_targets}
+    plan = {UNET: (settings.unet_targets, ())}
     if settings.text_encoder:
-        targets.update({prefix: settings.text_targets for prefix in model.conditioning.text_encoders()})
-    for prefix, names in targets.items():
-        config = LoraConfig(r=settings.rank, lora_alpha=alpha, lora_dropout=settings.dropout,
-                            target_modules=_target_regex(names), init_lora_weights=True)
-        inject_adapter_in_model(config, _roots(model)[prefix], adapter_name=ADAPTER)
+        plan.update({prefix: _text_plan(roots[prefix], settings.text_targets) for prefix in roots if prefix != UNET})
+    for prefix, (names, parts) in plan.items():
+        if names:
+            config = LoraConfig(r=settings.rank, lora_alpha=alpha, lora_dropout=settings.dropout,
+                                target_modules=_target_regex(names), init_lora_weights=True)
+            inject_adapter_in_model(config, roots[prefix], adapter_name=ADAPTER)
+        if parts:
+            for attn in [m for m in roots[prefix].modules() if isinstance(m, MultiheadSelfAttention)]:
+                _attach(attn, FusedQKVLoRA(attn.out_proj.in_features, {p: settings.rank for p in parts},
+                                           {p: alpha for p in parts}, settings.dropout))
     return [p for n, p in model.named_parameters() if ".lora_" in n and p.requires_grad]
+
+
+def _attach(attn: MultiheadSelfAttention, adapter: FusedQKVLoRA) -> FusedQKVLoRA:
+    attn.in_proj_lora = adapter.to(attn.in_proj_weight.device)
+    return adapter
 
 
 _BLOCK = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.1\.(.*)$")
@@ -95,30 +146,55 @@ def layers_per_block(state_dict_keys) -> int:
     return min(ops) - 1 if ops else 2
 
 
-def _kohya(prefix: str, path: str, per_block: int) -> str:
-    if prefix == "model.diffusion_model.":
-        path = diffusers_path(path, per_block)
+def hf_text_path(path: str) -> str:
+    """An OpenCLIP text-tower module path in transformers' CLIP naming (``transformer.resblocks.3.mlp.c_fc`` ->
+    ``text_model.encoder.layers.3.mlp.fc1``; ``...attn.q_proj`` stands for the q rows of the packed in_proj);
+    other paths are returned as they are."""
+    for pattern, replacement in _OPEN_CLIP_TO_HF:
+        if pattern.match(path):
+            return pattern.sub(replacement, path)
+    return path
+
+
+def kohya_name(prefix: str, path: str, unet_names: UnetNames = "diffusers", per_block: int = 2) -> str:
+    """The kohya name of the module at ``path`` under the state-dict ``prefix`` (see the module doc)."""
+    if prefix == UNET:
+        path = diffusers_path(path, per_block) if unet_names == "diffusers" else path
+    else:
+        path = hf_text_path(path)
     return PREFIXES[prefix] + path.replace(".", "_")
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(kohya name, peft LoRA layer) for every adapted module."""
+def unet_names(model: nn.Module) -> UnetNames:
+    """How kohya names this model's UNet modules: by its family (``ldm.families``), diffusers' blocks if unknown."""
+    from ldm.families import FAMILIES, detect_family
+    family = detect_family({k: tuple(v.shape) for k, v in plain_keys(model.state_dict()).items()})
+    return FAMILIES[family].lora_unet_names if family else "diffusers"
+
+
+def lora_pairs(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, float]]:
+    """(kohya name, down, up, alpha) of every adapter of the model: peft's layers and the packed q/k/v parts."""
     from peft.tuners.lora import LoraLayer
-    per_block = model.model.diffusion_model.num_res_blocks
+    names, per_block = unet_names(model), model.model.diffusion_model.num_res_blocks
     for prefix, root in _roots(model).items():
-        for name, module in root.named_modules():
+        for path, module in root.named_modules():
             if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
-                yield _kohya(prefix, name, per_block), module
+                down, up = module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight
+                yield kohya_name(prefix, path, names, per_block), down, up, module.scaling[ADAPTER] * down.shape[0]
+            elif isinstance(module, FusedQKVLoRA):
+                attn = path.rpartition(".")[0]
+                for p, down in module.lora_A.items():
+                    yield (kohya_name(prefix, f"{attn}.{p}_proj"), down, module.lora_B[p],
+                           module.scaling[p] * down.shape[0])
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters in the kohya layout, float32, ready for ``save_checkpoint(... .safetensors)``."""
     out = {}
-    for kohya, layer in lora_layers(model):
-        down, up = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+    for kohya, down, up, alpha in lora_pairs(model):
         out[f"{kohya}.lora_down.weight"] = down.detach().float().cpu().contiguous()
         out[f"{kohya}.lora_up.weight"] = up.detach().float().cpu().contiguous()
-        out[f"{kohya}.alpha"] = torch.tensor(float(layer.scaling[ADAPTER] * down.shape[0]))
+        out[f"{kohya}.alpha"] = torch.tensor(float(alpha))
     if not out:
         raise ValueError("the model has no LoRA adapters")
     return out
@@ -143,66 +219,118 @@ def parse_lora(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, 
     return out
 
 
-def module_keys(state_dict_keys) -> dict[str, str]:
-    """kohya name (both namings) -> state-dict key of the module's weight, for every weight under the prefixes."""
+@dataclass(frozen=True)
+class Target:
+    """Where a kohya module's weight lives in a state dict: its key, and for a q/k/v part of a packed in_proj,
+    which third of its rows (0, 1, 2)."""
+    key: str
+    part: Optional[int] = None
+
+    def shape(self, weight_shape: torch.Size) -> tuple[int, ...]:
+        """The shape of the adapted weight: the whole tensor, or one third of its rows."""
+        shape = tuple(int(d) for d in weight_shape)
+        return shape if self.part is None else (shape[0] // len(QKV), *shape[1:])
+
+    def rows(self, weight_shape: torch.Size) -> slice:
+        n = self.shape(weight_shape)[0]
+        return slice(0, n) if self.part is None else slice(self.part * n, (self.part + 1) * n)
+
+
+def lora_targets(state_dict_keys) -> dict[str, Target]:
+    """kohya name (every naming read: raw paths, diffusers' UNet blocks, transformers' CLIP names) -> ``Target``,
+    for every weight under the prefixes, and the three q/k/v parts of every packed in_proj."""
     state_dict_keys = list(state_dict_keys)
     per_block = layers_per_block(state_dict_keys)
     out = {}
     for key in state_dict_keys:
         for prefix, kohya in PREFIXES.items():
-            if key.startswith(prefix) and key.endswith(".weight"):
+            if not key.startswith(prefix):
+                continue
+            if key.endswith(".in_proj_weight"):
+                attn = key[len(prefix):-len(".in_proj_weight")]
+                out.update({kohya_name(prefix, f"{attn}.{p}_proj"): Target(key, i) for i, p in enumerate(QKV)})
+            elif key.endswith(".weight"):
                 path = key[len(prefix):-len(".weight")].replace(".base_layer", "")
-                out[kohya + path.replace(".", "_")] = key
-                out[_kohya(prefix, path, per_block)] = key
+                out[kohya + path.replace(".", "_")] = Target(key)
+                out[kohya_name(prefix, path, "diffusers", per_block)] = Target(key)
     return out
 
 
 def merge_lora(sd: Mapping[str, torch.Tensor], lora: Mapping[str, torch.Tensor],
                scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """Bake an adapter into full weights: W + scale * alpha / rank * up @ down (computed in float32)."""
+    """Bake an adapter into full weights: W + scale * alpha / rank * up @ down (computed in float32); a q/k/v
+    part of a packed in_proj goes into its third of the rows."""
     merged = dict(sd)
-    keys = module_keys(sd.keys())
+    targets = lora_targets(sd.keys())
     for name, (down, up, alpha) in parse_lora(lora).items():
-        if name not in keys:
+        if name not in targets:
             raise ValueError(f"{name}: no such module in the base checkpoint (a LoRA for another model?)")
-        key = keys[name]
-        w = sd[key]
-        check_shapes(name, down, up, w.shape)
-        delta = (up.float().flatten(1) @ down.float().flatten(1)).reshape(w.shape)
-        merged[key] = (w.float() + scale * alpha / down.shape[0] * delta).to(w.dtype)
+        target = targets[name]
+        w = merged[target.key]
+        shape = target.shape(w.shape)
+        check_shapes(name, down, up, shape)
+        delta = (up.float().flatten(1) @ down.float().flatten(1)).reshape(shape)
+        new = w.float().clone()
+        new[target.rows(w.shape)] += scale * alpha / down.shape[0] * delta
+        merged[target.key] = new.to(w.dtype)
     return merged
 
 
 def load_lora(model: nn.Module, lora: Mapping[str, torch.Tensor], scale: float = 1.0) -> int:
-    """Attach an adapter file's weights to ``model`` as live (unmerged) peft adapters; returns how many."""
-    from peft import LoraConfig, inject_adapter_in_model
+    """Attach an adapter file's weights to ``model`` as live (unmerged) adapters; returns how many."""
     parsed = parse_lora(lora)
-    names = module_keys(model.state_dict().keys())
+    own = model.state_dict()
+    targets = lora_targets(own.keys())
+    missing = [n for n in parsed if n not in targets]
+    if missing:
+        raise ValueError(f"{missing[0]}: no such module in this model (a LoRA for another model?)")
+    for n, (down, up, _) in parsed.items():
+        check_shapes(n, down, up, targets[n].shape(own[targets[n].key].shape))
     for prefix, root in _roots(model).items():
-        mine = {n: v for n, v in parsed.items() if n.startswith(PREFIXES[prefix])}
-        if not mine:
-            continue
-        missing = [n for n in mine if n not in names]
-        if missing:
-            raise ValueError(f"{missing[0]}: no such module in this model (a LoRA for another model?)")
-        own = model.state_dict()
-        for n, (down, up, _) in mine.items():
-            check_shapes(n, down, up, own[names[n]].shape)
-        paths = {n: names[n][len(prefix):-len(".weight")] for n in mine}
-        ranks = {paths[n]: int(down.shape[0]) for n, (down, _, _) in mine.items()}
-        alphas = {paths[n]: alpha for n, (_, _, alpha) in mine.items()}
-        first = next(iter(ranks))
-        config = LoraConfig(r=ranks[first], lora_alpha=alphas[first], target_modules=list(paths.values()),
-                            rank_pattern={f"^{re.escape(p)}$": r for p, r in ranks.items()},
-                            alpha_pattern={f"^{re.escape(p)}$": a for p, a in alphas.items()})
-        inject_adapter_in_model(config, root, adapter_name=ADAPTER)
-        modules = dict(root.named_modules())
-        with torch.no_grad():
-            for n, (down, up, _) in mine.items():
-                layer = modules[paths[n]]
-                layer.lora_A[ADAPTER].weight.copy_(down)
-                layer.lora_B[ADAPTER].weight.copy_(up * scale)
+        mine = {n: v for n, v in parsed.items() if targets[n].key.startswith(prefix)}
+        _load_linear(root, prefix, {n: v for n, v in mine.items() if targets[n].part is None}, targets, scale)
+        _load_fused(root, prefix, {n: v for n, v in mine.items() if targets[n].part is not None}, targets, scale)
     return len(parsed)
+
+
+def _load_linear(root: nn.Module, prefix: str, adapters: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
+                 targets: Mapping[str, Target], scale: float) -> None:
+    """peft adapters with the files' ranks and alphas on the ``Linear`` layers ``adapters`` name."""
+    from peft import LoraConfig, inject_adapter_in_model
+    if not adapters:
+        return
+    paths = {n: targets[n].key[len(prefix):-len(".weight")] for n in adapters}
+    ranks = {paths[n]: int(down.shape[0]) for n, (down, _, _) in adapters.items()}
+    alphas = {paths[n]: alpha for n, (_, _, alpha) in adapters.items()}
+    first = next(iter(ranks))
+    config = LoraConfig(r=ranks[first], lora_alpha=alphas[first], target_modules=list(paths.values()),
+                        rank_pattern={f"^{re.escape(p)}$": r for p, r in ranks.items()},
+                        alpha_pattern={f"^{re.escape(p)}$": a for p, a in alphas.items()})
+    inject_adapter_in_model(config, root, adapter_name=ADAPTER)
+    modules = dict(root.named_modules())
+    with torch.no_grad():
+        for n, (down, up, _) in adapters.items():
+            layer = modules[paths[n]]
+            layer.lora_A[ADAPTER].weight.copy_(down)
+            layer.lora_B[ADAPTER].weight.copy_(up * scale)
+
+
+def _load_fused(root: nn.Module, prefix: str, adapters: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
+                targets: Mapping[str, Target], scale: float) -> None:
+    """A ``FusedQKVLoRA`` on every attention whose q, k or v part ``adapters`` name."""
+    by_attn: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    for n, pair in adapters.items():
+        attn = targets[n].key[len(prefix):-len(".in_proj_weight")]
+        by_attn.setdefault(attn, {})[QKV[targets[n].part]] = pair
+    for attn, parts in by_attn.items():
+        module = root.get_submodule(attn)
+        adapter = _attach(module, FusedQKVLoRA(module.out_proj.in_features,
+                                               {p: int(down.shape[0]) for p, (down, _, _) in parts.items()},
+                                               {p: alpha for p, (_, _, alpha) in parts.items()}))
+        with torch.no_grad():
+            for p, (down, up, _) in parts.items():
+                adapter.lora_A[p].copy_(down.reshape(adapter.lora_A[p].shape))
+                adapter.lora_B[p].copy_(up.reshape(adapter.lora_B[p].shape) * scale)
 
 
 def check_shapes(name: str, down: torch.Tensor, up: torch.Tensor, weight_shape: torch.Size) -> None:

@@ -1,9 +1,12 @@
-"""Pruning a SD v1 checkpoint to what sampling needs, and the sizes that pruning saves.
+"""Pruning a SD v1 or SDXL checkpoint to what sampling needs, and the sizes that pruning saves (SD v1).
 
 A DreamBooth run saves a Lightning checkpoint: the model's ``state_dict`` (possibly with a full copy of the UNet
-as ``model_ema.*``) next to optimizer moments, LR-scheduler, callback and loop states. Sampling reads only the
-UNet (``model.diffusion_model.*``), the VAE (``first_stage_model.*``), the text encoder (``cond_stage_model.*``)
-and the 12 schedule buffers, so that is all a pruned file keeps, optionally in half precision.
+as ``model_ema.*``) next to optimizer moments, LR-scheduler, callback and loop states. Sampling a SD v1 model
+reads only the UNet (``model.diffusion_model.*``), the VAE (``first_stage_model.*``), the text encoder
+(``cond_stage_model.*``) and the 12 schedule buffers, so that is all a pruned file keeps, optionally in half
+precision. An SDXL model (recognised by ``ldm.families``) reads the UNet, the VAE and the conditioner
+(``conditioner.*``: both text encoders; the size embedders have no weights) and no schedule buffers: the released
+SDXL files carry none, and its configs compute the schedule (``persist_schedule: false``).
 
 Precision of a pruned half file: every floating tensor of the three sub-models is halved; integer buffers
 (``position_ids``, int64) stay as they are, and so do the 12 schedule buffers, which stay float32. The community
@@ -37,13 +40,39 @@ ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4}
 GB = 1e9
 
 
-#: Top-level tensors that are not sub-model weights: the schedule, and a measured latent scale (``scale_by_std``).
-KEPT_BUFFERS = (*SCHEDULE_BUFFERS, "scale_factor")
+@dataclass(frozen=True)
+class InferenceLayout:
+    """What a family's sampling model holds: its sub-models' key prefixes, and whether the schedule buffers."""
+    prefixes: tuple[str, ...]
+    schedule: bool
 
 
-def is_inference_key(key: str) -> bool:
+SD_V1_LAYOUT = InferenceLayout(INFERENCE_PREFIXES, schedule=True)
+SDXL_LAYOUT = InferenceLayout((UNET, "first_stage_model.", "conditioner."), schedule=False)
+
+
+#: A measured latent scale (``scale_by_std``, the toy model): kept whatever the layout.
+SCALE_KEY = "scale_factor"
+#: Top-level tensors that stay float32 when the weights are halved.
+KEPT_BUFFERS = (*SCHEDULE_BUFFERS, SCALE_KEY)
+
+
+def is_inference_key(key: str, layout: InferenceLayout = SD_V1_LAYOUT) -> bool:
     """True for the keys a sampling model's ``state_dict`` holds (``use_ema: False``)."""
-    return key.startswith(INFERENCE_PREFIXES) or key in KEPT_BUFFERS
+    return key.startswith(layout.prefixes) or (layout.schedule and key in SCHEDULE_BUFFERS) or key == SCALE_KEY
+
+
+def inference_layout(sd: Mapping[str, torch.Tensor]) -> InferenceLayout:
+    """The layout to prune ``sd`` to: SDXL's for an SDXL state dict, else SD v1's (after ``check_sd_v1``);
+    ``CheckpointError`` (one line, no path) when a sub-model is missing or the file is of another family."""
+    from ldm.families import detect_family
+    if detect_family({k: tuple(v.shape) for k, v in sd.items()}) != "sdxl-base":
+        check_sd_v1(sd)
+        return SD_V1_LAYOUT
+    absent = [GROUPS[prefix] for prefix in SDXL_LAYOUT.prefixes if not any(k.startswith(prefix) for k in sd)]
+    if absent:
+        raise CheckpointError(f"a Stable Diffusion XL checkpoint without sub-models: no {', no '.join(absent)} keys")
+    return SDXL_LAYOUT
 
 
 def ema_coverage(sd: Mapping[str, torch.Tensor]) -> tuple[int, int]:
@@ -64,7 +93,7 @@ def check_sd_v1(sd: Mapping[str, torch.Tensor]) -> None:
 
 def prune_state_dict(sd: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype] = None,
                      use_ema: Optional[bool] = None) -> tuple[dict[str, torch.Tensor], bool]:
-    """Keep the inference keys of a SD v1 state dict; returns ``(pruned, used_ema)``.
+    """Keep the inference keys of a SD v1 or SDXL state dict; returns ``(pruned, used_ema)``.
 
     ``use_ema``: True writes the file's full EMA weights as the UNet weights (``CheckpointError`` if it has none),
     False keeps the live weights, None takes EMA when present (what ``load_checkpoint`` samples by default).
@@ -72,12 +101,12 @@ def prune_state_dict(sd: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype
     """
     if dtype is not None and dtype not in HALF_DTYPES:
         raise ValueError(f"dtype must be one of {HALF_DTYPES} or None, got {dtype}")
-    check_sd_v1(sd)
+    layout = inference_layout(sd)
     covered, total = ema_coverage(sd)
     if use_ema and covered != total:
         raise CheckpointError(f"--ema: the file has no full EMA weights ({covered} of {total} UNet tensors have a "
                               f"model_ema.* copy)")
-    keep = {k: sd[k].shape for k in sd if is_inference_key(k)}
+    keep = {k: sd[k].shape for k in sd if is_inference_key(k, layout)}
     # select_weights is the loader's own EMA swap, so pruning and sampling agree on what "EMA" means.
     pruned, used_ema = select_weights(keep, sd, use_ema=False, prefer_ema=use_ema is not False)
     if dtype is not None:

@@ -1,10 +1,13 @@
 #!/usr/bin/env python
-"""Bake a LoRA adapter into a full Stable Diffusion v1 checkpoint: W <- W + strength * alpha / rank * up @ down.
+"""Bake LoRA adapters into a full Stable Diffusion checkpoint (v1 or SDXL): W += strength * alpha / rank * up @ down.
 
     python scripts/merge_lora.py sd-v1-4.ckpt lora-last.safetensors[:0.8] merged.safetensors [--fp16]
+    python scripts/merge_lora.py sd_xl_base_1.0.safetensors sdxl-lora.safetensors merged-xl.safetensors
 
-The result loads anywhere a SD v1 checkpoint does, with no adapter support needed. Several adapters may be
-given; they are added one after the other.
+The result loads anywhere the base checkpoint does, with no adapter support needed. Several adapters may be
+given; they are added one after the other. SDXL's second text encoder keeps q, k and v in one packed
+``in_proj_weight``: a kohya ``lora_te2_..._self_attn_q_proj`` (``k_proj``, ``v_proj``) adapter goes into its
+first (second, third) third of the rows.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from ldm.lora import merge_lora, parse_lora_spec, read_lora  # noqa: E402
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("base", help="full SD v1 checkpoint (.ckpt or .safetensors)")
+    p.add_argument("base", help="full SD v1 or SDXL checkpoint (.ckpt or .safetensors)")
     p.add_argument("lora", nargs="+", help="adapter file(s), each FILE[:STRENGTH]")
     p.add_argument("out", help="output checkpoint (.ckpt or .safetensors)")
     p.add_argument("--fp16", action="store_true", help="write half-precision weights")
@@ -35,7 +38,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         check_output(args.out, inputs, "out", overwrite=args.overwrite)
         sd, meta = read_checkpoint(args.base)
         if not any(k.startswith("model.diffusion_model.") for k in sd):
-            raise CheckpointError(f"{args.base}: not a full SD v1 checkpoint (no model.diffusion_model.* keys)")
+            raise CheckpointError(f"{args.base}: not a full Stable Diffusion checkpoint (no model.diffusion_model.* "
+                                      f"keys)")
         for spec in args.lora:
             path, strength, lora = read_lora(spec)
             try:

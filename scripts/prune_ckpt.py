@@ -1,14 +1,19 @@
 #!/usr/bin/env python
-"""Prune a SD v1 checkpoint to what sampling needs: UNet, VAE, text encoder and the schedule buffers.
+"""Prune a SD v1 or SDXL checkpoint to what sampling needs: UNet, VAE, text encoder(s) (and for SD v1 the schedule
+buffers).
 
     python scripts/prune_ckpt.py logs/.../last.ckpt sks-dog.ckpt --fp16           # ~2.1 GB instead of ~12 GB
     python scripts/prune_ckpt.py last.ckpt sks-dog.safetensors --fp16 --no-ema    # live weights, safetensors
+    python scripts/prune_ckpt.py sdxl-last.ckpt sks-dog-xl.safetensors --fp16     # SDXL: conditioner.* kept
     python scripts/prune_ckpt.py --report                                         # sizes of the v1 files
 
 Optimizer, LR-scheduler, callback and loop states and ``model_ema.*`` are dropped; ``global_step`` is kept.
 With full EMA weights in the file the UNet is written from them unless ``--no-ema`` (the output says which).
 ``--fp16``/``--bf16`` halve the floating weights; ``position_ids`` stay int64 and the 12 schedule buffers
-float32 (48 KB; the samplers' coefficients come from them). See ``ldm/prune.py``.
+float32 (48 KB; the samplers' coefficients come from them). The family is recognised from the keys; an SDXL
+file keeps ``model.diffusion_model.*``, ``first_stage_model.*`` and ``conditioner.*`` and has no schedule buffers.
+A ``.safetensors`` output carries ``modelspec.architecture`` in its metadata. ``--report`` is SD v1 only. See
+``ldm/prune.py``.
 """
 from __future__ import annotations
 
@@ -45,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write safetensors (the output's suffix becomes .safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never the input)")
     p.add_argument("--report", action="store_true",
-                   help="print the sizes of the full-size SD v1 files (full EMA, training, pruned) and exit")
+                   help="print the sizes of the full-size SD v1 files (full EMA, training, pruned) and exit "
+                        "(SD v1 only)")
     p.add_argument("--reference", type=Path, default=LAYOUT_DIR,
                    help="folder with sd-v1-state-dict.tsv and sd-v1-state-dict-ema.tsv (for --report; default: "
                         "the copies shipped in the ldm package)")

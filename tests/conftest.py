@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 TINY_CONFIG = REPO / "configs/stable-diffusion/tiny-inference.yaml"
+TINY_SDXL_CONFIG = REPO / "configs/stable-diffusion/tiny-sdxl-inference.yaml"
 V1_CONFIG = REPO / "configs/stable-diffusion/v1-inference.yaml"
 sys.path.insert(0, str(REPO))
 
@@ -67,6 +68,34 @@ def tiny_ckpt(tiny_model, tmp_path_factory) -> Path:
     from ldm.checkpoint import save_checkpoint
     path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
     return save_checkpoint(path, tiny_model.state_dict(), global_step=7)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model():
+    """The toy SDXL of tiny-sdxl-inference.yaml (two text encoders, size conditioning) with seeded random weights."""
+    from ldm.util import instantiate_from_config
+    torch.manual_seed(0)
+    model = instantiate_from_config(load_config(TINY_SDXL_CONFIG).model)
+    randomize_(model.model, seed=1)
+    randomize_(model.first_stage_model, seed=2, std=0.1)
+    randomize_(model.conditioner, seed=3)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_ckpt(tiny_sdxl_model, tmp_path_factory) -> Path:
+    from ldm.checkpoint import save_checkpoint
+    path = tmp_path_factory.mktemp("ckpt-sdxl") / "tiny-sdxl.safetensors"
+    return save_checkpoint(path, tiny_sdxl_model.state_dict(), global_step=7)
+
+
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_folder(tiny_sdxl_ckpt, tmp_path_factory) -> Path:
+    """``tiny_sdxl_ckpt`` as a diffusers ``StableDiffusionXLPipeline`` folder, by scripts/convert_to_diffusers.py."""
+    out = tmp_path_factory.mktemp("diffusers-sdxl") / "tiny-sdxl"
+    return load_script("convert_to_diffusers").main([str(tiny_sdxl_ckpt), str(out), "--config", str(TINY_SDXL_CONFIG)])
 
 
 def diffusers_unet_config(unet_params: dict, vae_ch_mult=(1, 2, 4, 4)) -> dict:

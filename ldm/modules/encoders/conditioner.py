@@ -50,14 +50,22 @@ def _disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
     return self
 
 
+def _grad_context(embedder: nn.Module) -> Any:
+    """No gradients through a frozen embedder, unless something in it trains: ``is_trainable``, or adapters
+    (LoRA) added to a frozen text encoder."""
+    if embedder.is_trainable or any(p.requires_grad for p in embedder.parameters()):
+        return nullcontext()
+    return torch.no_grad()
+
+
 class GeneralConditioner(nn.Module):
     """sgm's conditioner: ``forward(batch)`` -> ``{"crossattn": [B, L, sum of widths], "vector": [B, sum]}``.
 
     ``emb_models`` is a list of configs, each ``target``/``params`` of an embedder plus ``input_key`` (or
     ``input_keys``, passed as positional arguments), ``is_trainable`` (default False: frozen, eval, run without
-    gradients) and ``ucg_rate`` (default 0: the probability, in training mode only, that a sample's condition is
-    replaced by zeros, for classifier-free guidance). These settings become attributes of the embedder
-    (``input_key``, ``input_keys``, ``is_trainable``, ``ucg_rate``), as in sgm.
+    gradients unless adapters added to it train) and ``ucg_rate`` (default 0: the probability, in training mode
+    only, that a sample's condition is replaced by zeros, for classifier-free guidance). These settings become
+    attributes of the embedder (``input_key``, ``input_keys``, ``is_trainable``, ``ucg_rate``), as in sgm.
     """
 
     def __init__(self, emb_models: Sequence[Mapping[str, Any]]) -> None:
@@ -88,7 +96,7 @@ class GeneralConditioner(nn.Module):
             if TEXT_KEY not in embedder.input_keys:
                 out.append(None)
                 continue
-            with nullcontext() if embedder.is_trainable else torch.no_grad():
+            with _grad_context(embedder):
                 embs = embedder(list(prompts))
             out.append(tuple(embs) if isinstance(embs, (tuple, list)) else (embs,))
         return out
@@ -112,7 +120,7 @@ class GeneralConditioner(nn.Module):
             if precomputed is not None and precomputed[i] is not None:
                 embs = precomputed[i]
             else:
-                with nullcontext() if embedder.is_trainable else torch.no_grad():
+                with _grad_context(embedder):
                     embs = embedder(*(batch[k] for k in embedder.input_keys))
             for emb in embs if isinstance(embs, (tuple, list)) else (embs,):
                 if zero_keys.intersection(embedder.input_keys):

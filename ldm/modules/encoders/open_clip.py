@@ -42,7 +42,10 @@ ARCHS = {
 
 class MultiheadSelfAttention(nn.Module):
     """Causal self-attention with ``nn.MultiheadAttention``'s parameter names (packed q/k/v ``in_proj``), run
-    through ``scaled_dot_product_attention``."""
+    through ``scaled_dot_product_attention``.
+
+    ``in_proj_lora`` is None, or a module added to the packed projection's output (``ldm.modules.lora.FusedQKVLoRA``):
+    the packed weight is a bare parameter, so LoRA cannot wrap it as it wraps a ``Linear``."""
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
@@ -52,9 +55,12 @@ class MultiheadSelfAttention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
+        self.in_proj_lora: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        if self.in_proj_lora is not None:
+            qkv = qkv + self.in_proj_lora(x)
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads)
         # OpenCLIP's additive -inf mask above the diagonal is exactly the causal mask.
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
