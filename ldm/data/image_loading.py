@@ -14,6 +14,7 @@ import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -217,39 +218,59 @@ def load_image(path: str | Path, size: int, min_size: int | None = None, with_cr
     """
     path = Path(path)
     min_size = size // 4 if min_size is None else min_size
+
+    def check_size(w: int, h: int) -> None:  # the short side is the same before and after EXIF rotation
+        if min(w, h) < min_size:
+            raise _error(path, f"image is {w}x{h} pixels; its short side must be at least {min_size} "
+                               f"(training size {size})")
+
+    # JPEG only: let libjpeg decode at 1/2..1/8 scale while keeping >= 2x the target, as Pillow's
+    # thumbnail() does; the remaining reduction is done by the high-quality resample below.
+    img = open_image(path, draft=(2 * size, 2 * size), check=check_size)
+    square = _center_square(to_rgb(img), size)
+    return (square, square_crop(img.width, img.height, size)) if with_crop else square
+
+
+def open_image(path: str | Path, role: str | None = None, draft: tuple[int, int] | None = None,
+               check: Callable[[int, int], None] | None = None) -> Image.Image:
+    """Decode the first frame of ``path`` fully, EXIF orientation applied, in its own mode (alpha kept).
+
+    Decompression bombs are refused from the header, before decoding; ``check(width, height)`` may refuse more.
+    Every problem is one :class:`ImageError` line naming the file (after ``role``, e.g. ``"--init-img"``)."""
+    path = Path(path)
+    name = f"{role} {path}" if role else path
     try:
         with warnings.catch_warnings():  # our own limit (check_pixel_count) replaces Pillow's warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(path)
         with img:
             img.seek(0)
-            w, h = img.size  # the short side is the same before and after EXIF rotation
-            check_pixel_count(path, w, h)
-            if min(w, h) < min_size:
-                raise _error(path, f"image is {w}x{h} pixels; its short side must be at least {min_size} "
-                                   f"(training size {size})")
-            # JPEG only: let libjpeg decode at 1/2..1/8 scale while keeping >= 2x the target, as Pillow's
-            # thumbnail() does; the remaining reduction is done by the high-quality resample below.
-            img.draft(None, (2 * size, 2 * size))
+            check_pixel_count(path, *img.size)
+            if check is not None:
+                check(*img.size)
+            if draft is not None:
+                img.draft(None, draft)
             img.load()  # a full decode: lazy opening only reads the header and would miss truncation
             try:
-                img = ImageOps.exif_transpose(img)
+                upright = ImageOps.exif_transpose(img)
             except _DECODE_ERRORS + (KeyError, IndexError, TypeError) as exc:
                 # Malformed EXIF is common in edited photos; the pixels are still good.
                 logger.warning("%s: ignoring unreadable EXIF orientation (%s)", path, exc)
-            square = _center_square(to_rgb(img), size)
-            return (square, square_crop(img.width, img.height, size)) if with_crop else square
-    except ImageError:
-        raise
+                upright = img
+            return upright.copy() if upright is img else upright  # ``with`` closes ``img``
+    except ImageError as exc:
+        raise _error(name, str(exc).removeprefix(f"{path}: ")) from None
     except FileNotFoundError:
-        raise _error(path, "file not found") from None
+        raise _error(name, "file not found") from None
+    except IsADirectoryError:
+        raise _error(name, "is a folder, not an image") from None
     except Image.DecompressionBombError as exc:
-        raise _error(path, f"refused as a possible decompression bomb ({exc})") from None
+        raise _error(name, f"refused as a possible decompression bomb ({exc})") from None
     except Image.UnidentifiedImageError:
         problem = "empty file" if path.stat().st_size == 0 else "not an image Pillow can read (corrupt file?)"
-        raise _error(path, problem) from None
+        raise _error(name, problem) from None
     except _DECODE_ERRORS as exc:
-        raise _error(path, f"cannot decode image ({exc})") from None
+        raise _error(name, f"cannot decode image ({exc})") from None
 
 
 def uint8_to_tensor(array: np.ndarray) -> torch.Tensor:
