@@ -11,9 +11,11 @@
   schedule, from ``x0 + sigmas[start] * noise`` (``KSampler.start_sigma`` / ``denoise_from``).
 * PLMS cannot start part-way (nor could the original's): only strength 1.
 
-Strength 0 (or any strength that leaves no whole step) returns the encoded latent unchanged. Strength 1 starts
-from pure noise and runs all S steps, as txt2img does; the original indexed one past the DDIM schedule there and
-crashed.
+Strength 0 (or any strength that leaves no whole step) returns the encoded latent unchanged. At strength 1 the
+k-samplers start from pure noise and run all S steps, as txt2img does; so does DDIM wherever ``t_enc`` reaches the
+end of the DDIM schedule (``stochastic_encode`` takes that index as pure noise; the original indexed past the
+schedule there and crashed). For the step counts whose DDIM schedule holds more than S timesteps (S = 3 selects 4,
+see ``make_ddim_timesteps``) ``t_enc = S`` stays inside it and the original's behaviour is kept.
 
 With ``keep`` (a ``[1, 1, h, w]`` latent mask, 1 = known) the known region is put back after every step: the
 original DDIMSampler's ``mask``/``x0`` (before each DDIM step, x0 noised to that step), or, for the k-samplers,

@@ -102,6 +102,9 @@ def sample(opt: argparse.Namespace) -> list[Path]:
     device = pick_device(opt.device)
     feathered = feather(mask, opt.mask_blur)
     region = plan_region(feathered, opt.only_masked, opt.padding, native_size(config), spatial_factor(config))
+    if region.size[0] * region.size[1] > 4 * native_size(config) ** 2:
+        print(f"--image {opt.image}: generating the whole {image.width}x{image.height} picture; with --only_masked "
+              f"the mask's surroundings are generated at the model's {native_size(config)} px instead")
     model = load_sampling_model(opt, config, device)
     name = sampler_name(opt)
     sampler = make_sampler(name, model)
