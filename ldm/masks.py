@@ -51,9 +51,16 @@ def distance_to_mask(mask: torch.Tensor, radius: int) -> torch.Tensor:
 
 def feather(mask: torch.Tensor, radius: int) -> torch.Tensor:
     """The mask blurred outwards by ``radius`` pixels: 1 on the mask, ``1 - d / (radius + 1)`` at distance
-    ``d <= radius``, exactly 0 farther away (float32). ``radius`` 0 gives the mask itself."""
-    d = distance_to_mask(mask, radius)
-    return torch.where(torch.isfinite(d), 1 - d / (radius + 1), 0.0).float()
+    ``d <= radius``, exactly 0 farther away (float32). ``radius`` 0 gives the mask itself. Computed only in the
+    mask's box grown by ``radius``, which holds every nonzero value, so a small mask in a large photo is cheap."""
+    out = torch.zeros(mask.shape)
+    box = bounding_box(mask)
+    if box is None:
+        return out
+    top, left, bottom, right = expand_box(box, radius, *mask.shape)
+    d = distance_to_mask(mask[top:bottom, left:right], radius)
+    out[top:bottom, left:right] = torch.where(torch.isfinite(d), 1 - d / (radius + 1), 0.0).float()
+    return out
 
 
 def bounding_box(mask: torch.Tensor) -> Optional[Box]:
