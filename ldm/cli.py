@@ -1,6 +1,6 @@
-"""The command-line pieces the sampling scripts share (``stable_txt2img.py`` now, image-to-image and inpainting
-with the same flags): the flags, the one check of their values, loading the model with its adapters, and writing
-numbered PNGs that never overwrite anything.
+"""The command-line pieces the sampling scripts share (``stable_txt2img.py``, ``img2img.py``, ``inpaint.py``): the
+flags, the one check of their values, loading the model with its adapters, and writing numbered PNGs that never
+overwrite anything.
 
 ``check_sampling_args`` is the one place where a sampling run's flags are checked, from the maths of each: the
 image side must be a multiple of the VAE's and the UNet's downsampling together; DDIM's eta must lie in [0, 1]
@@ -205,6 +205,23 @@ def check_sampling_args(opt: argparse.Namespace, config: DictConfig, sizes: bool
     return [opt.n_samples * [opt.prompt]]
 
 
+def is_inpainting_config(config: DictConfig) -> bool:
+    """The config builds an inpainting model: its UNet also reads the mask and masked image (``hybrid``)."""
+    return OmegaConf.select(config, "model.params.conditioning_key") == "hybrid"
+
+
+def check_strength(opt: argparse.Namespace) -> None:
+    """``--strength`` of image-to-image and inpainting: finite, in [0, 1]; PLMS only at 1 (it cannot start
+    part-way, nor could the original's)."""
+    _finite("--strength", opt.strength)
+    if not 0 <= opt.strength <= 1:
+        raise ConfigError(f"--strength {opt.strength}: must be in [0, 1] (0 returns the image, 1 repaints it from "
+                          f"pure noise)")
+    if sampler_name(opt) == "plms" and opt.strength != 1:
+        raise ConfigError(f"--strength {opt.strength}: PLMS cannot start part-way (nor could the original's); use "
+                          f"--sampler ddim, euler or dpmpp_2m, or --strength 1")
+
+
 def load_sampling_model(opt: argparse.Namespace, config: DictConfig, device: torch.device) -> Any:
     """The checkpoint's model on ``device``, with ``--lora`` applied; problems raise ``CheckpointError``."""
     from ldm.checkpoint import CheckpointError, load_model_from_config
@@ -218,6 +235,15 @@ def load_sampling_model(opt: argparse.Namespace, config: DictConfig, device: tor
             raise CheckpointError(f"{path}: {e}") from None
         print(f"Applied LoRA {path} ({n} modules, strength {strength})")
     return model
+
+
+def guidance_conditioning(model: Any, prompts: list[str], negative_prompt: str, scale: float,
+                          sizes: Any = None) -> tuple[Any, Any]:
+    """(conditional, unconditional) inputs for classifier-free guidance; no unconditional one at scale 1."""
+    uc = None
+    if scale != 1.0:
+        uc = model.get_unconditional_conditioning(len(prompts) * [negative_prompt], sizes)
+    return model.get_learned_conditioning(prompts, sizes), uc
 
 
 def precision_context(device: torch.device, precision: str):

@@ -15,7 +15,7 @@ import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,6 @@ except ImportError:  # pragma: no cover - present in the PyPI wheels
     ImageCms = None
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # Suffixes we try to decode; everything else in a data folder is skipped (captions) or reported (HEIC, GIF...).
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".mpo"})
@@ -233,47 +232,6 @@ def mask_path(path: Path) -> Path:
     return path.with_name(path.stem + MASK_SUFFIXES[0])
 
 
-def _open(path: Path, min_size: int, size_hint: int) -> Image.Image:
-    """Decode fully (first frame, EXIF orientation applied), with the checks every training image gets."""
-    with warnings.catch_warnings():  # our own limit (check_pixel_count) replaces Pillow's warning
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = Image.open(path)
-    with img:
-        img.seek(0)
-        w, h = img.size  # the short side is the same before and after EXIF rotation
-        check_pixel_count(path, w, h)
-        if min(w, h) < min_size:
-            raise _error(path, f"image is {w}x{h} pixels; its short side must be at least {min_size} "
-                               f"(training size {size_hint})")
-        # JPEG only: let libjpeg decode at 1/2..1/8 scale while keeping >= 2x the target, as Pillow's
-        # thumbnail() does; the remaining reduction is done by the high-quality resample in fit().
-        img.draft(None, (2 * size_hint, 2 * size_hint))
-        img.load()  # a full decode: lazy opening only reads the header and would miss truncation
-        try:
-            return ImageOps.exif_transpose(img)
-        except _DECODE_ERRORS + (KeyError, IndexError, TypeError) as exc:
-            # Malformed EXIF is common in edited photos; the pixels are still good.
-            logger.warning("%s: ignoring unreadable EXIF orientation (%s)", path, exc)
-            return img.copy()
-
-
-def _guarded(path: Path, load: Callable[[], T]) -> T:
-    """Run ``load`` with every decoding failure turned into one :class:`ImageError` line naming ``path``."""
-    try:
-        return load()
-    except ImageError:
-        raise
-    except FileNotFoundError:
-        raise _error(path, "file not found") from None
-    except Image.DecompressionBombError as exc:
-        raise _error(path, f"refused as a possible decompression bomb ({exc})") from None
-    except Image.UnidentifiedImageError:
-        problem = "empty file" if path.stat().st_size == 0 else "not an image Pillow can read (corrupt file?)"
-        raise _error(path, problem) from None
-    except _DECODE_ERRORS as exc:
-        raise _error(path, f"cannot decode image ({exc})") from None
-
-
 def _alpha(img: Image.Image) -> Image.Image | None:
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         return img.convert("RGBA").getchannel("A")
@@ -290,22 +248,28 @@ def load_training_image(path: str | Path, targets: Sequence[tuple[int, int]], mi
     smallest = min(min(t) for t in targets)
     min_size = smallest // 4 if min_size is None else min_size
 
-    def load() -> TrainingImage:
-        img = _open(path, min_size, max(max(t) for t in targets))
-        target = nearest_target(img.width, img.height, targets)
-        mask = None
-        if with_mask:
-            mask_img = _alpha(img)
-            if mask_path(path).is_file():
-                mask_img = _guarded(mask_path(path), lambda: _open(mask_path(path), 1, max(target)).convert("L"))
-                if abs(mask_img.width / mask_img.height - img.width / img.height) > 0.01 * img.width / img.height:
-                    raise _error(mask_path(path), f"mask is {mask_img.width}x{mask_img.height} but the photo is "
-                                                  f"{img.width}x{img.height}: not the same aspect ratio")
-            if mask_img is not None:
-                mask = np.asarray(fit(mask_img, *target, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
-        pixels = np.asarray(fit(to_rgb(img), *target))
-        return TrainingImage(pixels, crop_of(img.width, img.height, *target), mask)
-    return _guarded(path, load)
+    def check_size(w: int, h: int) -> None:  # the short side is the same before and after EXIF rotation
+        if min(w, h) < min_size:
+            raise _error(path, f"image is {w}x{h} pixels; its short side must be at least {min_size} "
+                               f"(training size {max(max(t) for t in targets)})")
+
+    # JPEG only: let libjpeg decode at 1/2..1/8 scale while keeping >= 2x the target, as Pillow's thumbnail()
+    # does; the remaining reduction is done by the high-quality resample in fit().
+    draft = (2 * max(max(t) for t in targets),) * 2
+    img = open_image(path, draft=draft, check=check_size)
+    target = nearest_target(img.width, img.height, targets)
+    mask = None
+    if with_mask:
+        mask_img = _alpha(img)
+        if mask_path(path).is_file():
+            mask_img = open_image(mask_path(path)).convert("L")
+            if abs(mask_img.width / mask_img.height - img.width / img.height) > 0.01 * img.width / img.height:
+                raise _error(mask_path(path), f"mask is {mask_img.width}x{mask_img.height} but the photo is "
+                                              f"{img.width}x{img.height}: not the same aspect ratio")
+        if mask_img is not None:
+            mask = np.asarray(fit(mask_img, *target, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    pixels = np.asarray(fit(to_rgb(img), *target))
+    return TrainingImage(pixels, crop_of(img.width, img.height, *target), mask)
 
 
 def nearest_target(width: int, height: int, targets: Sequence[tuple[int, int]]) -> tuple[int, int]:
@@ -327,6 +291,48 @@ def load_image(path: str | Path, size: int, min_size: int | None = None, with_cr
     loaded = load_training_image(path, [(size, size)], min_size)
     image = Image.fromarray(loaded.pixels)
     return (image, loaded.crop) if with_crop else image
+
+
+def open_image(path: str | Path, role: str | None = None, draft: tuple[int, int] | None = None,
+               check: Callable[[int, int], None] | None = None) -> Image.Image:
+    """Decode the first frame of ``path`` fully, EXIF orientation applied, in its own mode (alpha kept).
+
+    Decompression bombs are refused from the header, before decoding; ``check(width, height)`` may refuse more.
+    Every problem is one :class:`ImageError` line naming the file (after ``role``, e.g. ``"--init-img"``)."""
+    path = Path(path)
+    name = f"{role} {path}" if role else path
+    try:
+        with warnings.catch_warnings():  # our own limit (check_pixel_count) replaces Pillow's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            img.seek(0)
+            check_pixel_count(path, *img.size)
+            if check is not None:
+                check(*img.size)
+            if draft is not None:
+                img.draft(None, draft)
+            img.load()  # a full decode: lazy opening only reads the header and would miss truncation
+            try:
+                upright = ImageOps.exif_transpose(img)
+            except _DECODE_ERRORS + (KeyError, IndexError, TypeError) as exc:
+                # Malformed EXIF is common in edited photos; the pixels are still good.
+                logger.warning("%s: ignoring unreadable EXIF orientation (%s)", path, exc)
+                upright = img
+            return upright.copy() if upright is img else upright  # ``with`` closes ``img``
+    except ImageError as exc:
+        raise _error(name, str(exc).removeprefix(f"{path}: ")) from None
+    except FileNotFoundError:
+        raise _error(name, "file not found") from None
+    except IsADirectoryError:
+        raise _error(name, "is a folder, not an image") from None
+    except Image.DecompressionBombError as exc:
+        raise _error(name, f"refused as a possible decompression bomb ({exc})") from None
+    except Image.UnidentifiedImageError:
+        problem = "empty file" if path.stat().st_size == 0 else "not an image Pillow can read (corrupt file?)"
+        raise _error(name, problem) from None
+    except _DECODE_ERRORS as exc:
+        raise _error(name, f"cannot decode image ({exc})") from None
 
 
 def uint8_to_tensor(array: np.ndarray) -> torch.Tensor:

@@ -42,7 +42,8 @@ class TextConditioning:
     def unconditional(self, negatives: Sequence[str], sizes: Optional[Sizes] = None) -> torch.Tensor:
         return self.text(negatives)
 
-    def default_sizes(self, n: int, height: int, width: int, device: torch.device) -> Optional[Sizes]:
+    def default_sizes(self, n: int, height: int, width: int, device: torch.device,
+                      original: Optional[tuple[int, int]] = None) -> Optional[Sizes]:
         return None
 
 
@@ -85,9 +86,11 @@ class MicroConditioning:
         out = self.module(batch, force_zero_embeddings=[TEXT_KEY])
         return {"c_crossattn": [out["crossattn"]], "y": out["vector"]}
 
-    def default_sizes(self, n: int, height: int, width: int, device: torch.device) -> Sizes:
-        """Inference: original size = target size = the output size, no crop."""
-        batch = sdxl_batch([""] * n, (height, width), (0, 0), (height, width), device=device)
+    def default_sizes(self, n: int, height: int, width: int, device: torch.device,
+                      original: Optional[tuple[int, int]] = None) -> Sizes:
+        """Inference: target size = the output size, original size = ``original`` (default: the output size),
+        no crop."""
+        batch = sdxl_batch([""] * n, original or (height, width), (0, 0), (height, width), device=device)
         return {k: batch[k] for k in SIZE_KEYS}
 
 

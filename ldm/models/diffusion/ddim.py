@@ -5,6 +5,10 @@ that buffer. Timestep selection reproduces the original CompVis code exactly, so
 same trajectory, including its quirks: ``range(0, 1000, 1000 // S) + 1`` can hold more than S steps
 (S=3 gives 4), and for some S it reaches timestep 1000, past the end of the schedule, where the original
 crashes. We clamp that step to 999 and say so.
+
+Image-to-image and inpainting use the original's ``stochastic_encode`` (noise an encoded image to a step of the
+DDIM schedule) and ``decode`` (denoise from there), and ``sample``'s ``mask``/``x0`` (paste the known region,
+noised to the current step, before every step).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ldm.models.diffusion.schedule import predict_x0
+from ldm.models.diffusion.schedule import extract_into_tensor, predict_x0, q_sample
 
 Discretize = Literal["uniform", "quad"]
 
@@ -121,8 +125,13 @@ class DDIMSampler:
                eta: float = 0., temperature: float = 1., verbose: bool = True, x_T: Optional[torch.Tensor] = None,
                log_every_t: int = 100, unconditional_guidance_scale: float = 1.,
                unconditional_conditioning: Any = None, generator: Optional[torch.Generator] = None,
-               disable_progress: bool = False, **unsupported: Any) -> tuple[torch.Tensor, dict[str, list]]:
-        """Sample ``batch_size`` latents of ``shape`` (C, H, W). Returns ``(samples, intermediates)``."""
+               disable_progress: bool = False, mask: Optional[torch.Tensor] = None,
+               x0: Optional[torch.Tensor] = None, **unsupported: Any) -> tuple[torch.Tensor, dict[str, list]]:
+        """Sample ``batch_size`` latents of ``shape`` (C, H, W). Returns ``(samples, intermediates)``.
+
+        ``mask`` and ``x0`` as in the original: where ``mask`` is 1 the latent is replaced, before every step, by
+        ``x0`` noised to that step's timestep (fresh noise from ``generator``), so only ``mask == 0`` is
+        generated. Note the original's convention: 1 = keep, the opposite of an inpainting mask."""
         unsupported = {k: v for k, v in unsupported.items() if v not in (None, False, 0., 1.)}
         if unsupported:
             raise NotImplementedError(f"{type(self).__name__}.sample: unsupported options {sorted(unsupported)}")
@@ -135,19 +144,59 @@ class DDIMSampler:
         device = self.model.alphas_cumprod.device
         img = x_T if x_T is not None else torch.randn(
             (batch_size, C, H, W), generator=generator, device=device)
-        run = GuidedRun(conditioning, unconditional_conditioning, unconditional_guidance_scale, generator, temperature)
-        return self._loop(img, run, callback, img_callback, log_every_t, disable_progress)
+        run = GuidedRun(conditioning, unconditional_conditioning, unconditional_guidance_scale, generator, temperature,
+                        _known(mask, x0))
+        return self._loop(img, run, callback, img_callback, log_every_t, disable_progress, self.ddim_timesteps)
+
+    @torch.no_grad()
+    def stochastic_encode(self, x0: torch.Tensor, t: torch.Tensor, use_original_steps: bool = False,
+                          noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Noise ``x0`` to position ``t`` (a tensor of indices) of the DDIM schedule made by ``make_schedule``:
+        sqrt(ddim_alphas[t]) x0 + sqrt(1 - ddim_alphas[t]) noise (eq. 4 of Ho et al. 2020 at timestep
+        ``ddim_timesteps[t]``); ``use_original_steps`` indexes the 1000-step schedule instead.
+
+        The original img2img passes ``t = int(strength * S)``, which is S at strength 1 and indexes past the
+        schedule (the original crashes there). Index S here means pure noise (alpha 0), the start of txt2img."""
+        if use_original_steps:
+            alphas = self.model.alphas_cumprod.float()
+        else:
+            alphas = torch.cat([self.ddim_alphas, self.ddim_alphas.new_zeros(1)])
+        noise = torch.randn_like(x0) if noise is None else noise
+        a_t = extract_into_tensor(alphas.to(x0.device), t.to(x0.device), x0.shape)
+        return a_t.sqrt() * x0 + (1 - a_t).sqrt() * noise
+
+    @torch.no_grad()
+    def decode(self, x_latent: torch.Tensor, cond: Any, t_start: int, unconditional_guidance_scale: float = 1.0,
+               unconditional_conditioning: Any = None, use_original_steps: bool = False,
+               callback: Optional[Callable[[int], None]] = None, generator: Optional[torch.Generator] = None,
+               mask: Optional[torch.Tensor] = None, x0: Optional[torch.Tensor] = None,
+               disable_progress: bool = False) -> torch.Tensor:
+        """Denoise ``x_latent`` over the first ``t_start`` steps of the DDIM schedule, reversed: the timesteps
+        ``ddim_timesteps[t_start - 1] .. ddim_timesteps[0]`` (the original's ``decode``; call ``make_schedule``
+        first, with the eta to use). ``t_start = 0`` runs nothing and returns ``x_latent``. ``mask``/``x0`` as in
+        ``sample``; ``generator`` feeds eta's noise and the mask's."""
+        if use_original_steps:
+            raise NotImplementedError("decode(use_original_steps=True): only the DDIM schedule of make_schedule")
+        if not 0 <= t_start <= len(self.ddim_timesteps):
+            raise ValueError(f"t_start must be in [0, {len(self.ddim_timesteps)}], got {t_start}")
+        run = GuidedRun(cond, unconditional_conditioning, unconditional_guidance_scale, generator, 1.0,
+                        _known(mask, x0))
+        img, _ = self._loop(x_latent, run, callback, None, 100, disable_progress, self.ddim_timesteps[:t_start])
+        return img
 
     def _loop(self, img: torch.Tensor, run: "GuidedRun", callback: Optional[Callable],
-              img_callback: Optional[Callable], log_every_t: int,
-              disable_progress: bool) -> tuple[torch.Tensor, dict[str, list]]:
+              img_callback: Optional[Callable], log_every_t: int, disable_progress: bool,
+              timesteps: np.ndarray) -> tuple[torch.Tensor, dict[str, list]]:
+        """Steps at ``timesteps`` (ascending, a prefix of ``ddim_timesteps``), from the last one down."""
         intermediates: dict[str, list] = {"x_inter": [img], "pred_x0": [img]}
-        time_range = np.flip(self.ddim_timesteps)
+        time_range = np.flip(timesteps)
         total = len(time_range)
         for i, step in enumerate(tqdm(time_range, desc=self.progress_label, total=total, disable=disable_progress)):
             index = total - i - 1
             t = torch.full((img.shape[0],), int(step), device=img.device, dtype=torch.long)
             next_step = int(time_range[min(i + 1, total - 1)])
+            if run.known is not None:
+                img = self._paste_known(img, t, run)
             img, pred_x0 = self._step(img, t, index, next_step, run)
             if callback:
                 callback(i)
@@ -157,6 +206,13 @@ class DDIMSampler:
                 intermediates["x_inter"].append(img)
                 intermediates["pred_x0"].append(pred_x0)
         return img, intermediates
+
+    def _paste_known(self, img: torch.Tensor, t: torch.Tensor, run: "GuidedRun") -> torch.Tensor:
+        """The original's ``img = q_sample(x0, t) * mask + (1 - mask) * img``, its noise from the run's generator."""
+        keep, x0 = run.known
+        acp = self.model.alphas_cumprod.to(img.device)
+        noise = torch.randn(x0.shape, generator=run.generator, device=x0.device, dtype=x0.dtype)
+        return q_sample(acp.sqrt(), (1 - acp).sqrt(), x0, t, noise) * keep + (1. - keep) * img
 
     def _update(self, x: torch.Tensor, e_t: torch.Tensor, index: int,
                 run: "GuidedRun") -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,6 +225,12 @@ class DDIMSampler:
         return self._update(img, run.eps(self.model, img, t), index, run)
 
 
+def _known(mask: Optional[torch.Tensor], x0: Optional[torch.Tensor]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    if (mask is None) != (x0 is None):
+        raise ValueError("mask and x0 go together: x0 is what mask == 1 keeps")
+    return None if mask is None else (mask, x0)
+
+
 @dataclass
 class GuidedRun:
     """What stays fixed over one sampling run: conditioning, guidance, and the random stream."""
@@ -177,6 +239,7 @@ class GuidedRun:
     scale: float
     generator: Optional[torch.Generator]
     temperature: float
+    known: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (mask, x0): 1 = paste x0 back (sample's mask)
     old_eps: list = field(default_factory=list)  # PLMS's eps history
 
     def eps(self, model: Any, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -267,11 +267,13 @@ class LatentDiffusion(pl.LightningModule):
         with borrowed(self.text_model, self.betas.device):
             return self.conditioning.text(list(prompts))
 
-    def default_sizes(self, n: int, height: Optional[int] = None, width: Optional[int] = None) -> Any:
+    def default_sizes(self, n: int, height: Optional[int] = None, width: Optional[int] = None,
+                      original: Optional[tuple[int, int]] = None) -> Any:
         """SDXL's size/crop inputs for ``n`` images of ``height`` x ``width`` pixels (default: the model's own
-        resolution), uncropped; None for a model without them."""
+        resolution), uncropped, made from a source region of ``original`` = (height, width) pixels (default: the
+        same size; img2img and inpainting pass the region's size before resizing); None for a model without them."""
         native = self.image_size * self.vae_factor
-        return self.conditioning.default_sizes(n, height or native, width or native, self.betas.device)
+        return self.conditioning.default_sizes(n, height or native, width or native, self.betas.device, original)
 
     def get_learned_conditioning(self, c: Sequence[str] | str, sizes: Optional[Mapping[str, torch.Tensor]] = None
                                  ) -> Any:
