@@ -171,10 +171,13 @@ def tokenizer_files(bpe_path: str | Path | None = None, max_length: int = 77,
     }
 
 
-def model_index() -> dict[str, Any]:
+def model_index(inpainting: bool = False) -> dict[str, Any]:
+    """``model_index.json``: a ``StableDiffusionPipeline``, or its inpainting variant for a 9-channel UNet (so
+    ``DiffusionPipeline.from_pretrained`` builds the right pipeline)."""
     import diffusers
     return {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+        "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
         "feature_extractor": [None, None], "image_encoder": [None, None], "safety_checker": [None, None],
         "requires_safety_checker": False, "scheduler": ["diffusers", "PNDMScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
@@ -327,7 +330,8 @@ def write_sd_v1(folder: Path, configs: Mapping[str, Any], model: torch.nn.Module
     write_text_encoder(weights, configs["text"], folder / "text_encoder", dtype, safetensors)
     write_tokenizer(folder / "tokenizer", configs["clip"]["bpe_path"], configs["clip"]["max_length"])
     PNDMScheduler.from_config(configs["scheduler"]).save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
+    inpainting = configs["unet"]["in_channels"] == 9
+    (folder / "model_index.json").write_text(json.dumps(model_index(inpainting), indent=2) + "\n")
 
 
 def make_public(folder: Path) -> None:
