@@ -52,6 +52,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="the subject's class, e.g. dog or 'stuffed animal'")
     p.add_argument("--token", type=str, default=None, help="the rare identifier that names the subject "
                    "(default from the config: sks)")
+    p.add_argument("--concepts", type=str, default=None, metavar="concepts.yaml",
+                   help="several subjects in one run: a YAML list of {data_root, token, class_word, reg_data_root, "
+                        "num_class_images} (sets data.params.concepts; instead of --data_root/--token/--class_word)")
     p.add_argument("--num_class_images", type=int, default=None,
                    help="generate class images with the starting model until --reg_data_root holds this many")
     p.add_argument("--max_steps", type=int, default=None, help="stop after exactly this many optimizer steps")

@@ -91,6 +91,21 @@ class CacheFrozenInputs(pl.Callback):
         pl_module.offload_frozen()
 
 
+def expand_prompts(templates: Sequence[str], concepts: Sequence[Any]) -> list[str]:
+    """Validation prompts for the run's subjects (each with ``token`` and ``class_word``): a template with
+    ``{token}`` once per subject, one without once per distinct class; without subjects the templates as they are."""
+    if not concepts:
+        return list(templates)
+    prompts: list[str] = []
+    try:
+        for template in templates:
+            filled = [template.format(token=c.token, class_word=c.class_word) for c in concepts]
+            prompts += filled if "{token}" in template else list(dict.fromkeys(filled))
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"validation prompts: only {{token}} and {{class_word}} may appear ({e!r})") from None
+    return prompts
+
+
 class ImageLogger(pl.Callback):
     """Every ``batch_frequency`` steps, samples the validation prompts with a fixed seed and saves one grid
     (a row per prompt) to ``images/train/`` and to TensorBoard. Include a prompt without the identifier:
@@ -103,7 +118,8 @@ class ImageLogger(pl.Callback):
         super().__init__()
         if batch_frequency < 1:
             raise ValueError("image_logger.batch_frequency must be at least 1")
-        self.batch_frequency, self.prompts = batch_frequency, list(prompts)
+        self.batch_frequency, self.templates = batch_frequency, list(prompts)
+        self.prompts = list(prompts)
         self.max_images, self.n_per_prompt = max_images, n_per_prompt
         self.ddim_steps, self.scale, self.seed = ddim_steps, scale, seed
         self.log_first_step, self.height, self.width = log_first_step, height, width
@@ -132,12 +148,9 @@ class ImageLogger(pl.Callback):
         return make_grid(images, nrow=self.n_per_prompt, pad_value=-1.0)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        data = trainer.datamodule
-        names = {"token": getattr(data, "token", "sks"), "class_word": getattr(data, "class_word", "")}
-        try:
-            self.prompts = [p.format(**names) for p in self.prompts]
-        except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"image_logger prompts: only {{token}} and {{class_word}} may appear ({e!r})") from None
+        """Fill in the prompts: a prompt with ``{token}`` once per subject, one with only ``{class_word}`` once per
+        class (several subjects in a run each get their rows; a shared class one)."""
+        self.prompts = expand_prompts(self.templates, getattr(trainer.datamodule, "concepts", None) or [])
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

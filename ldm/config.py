@@ -96,7 +96,7 @@ def require(config: DictConfig, key: str, flag: Optional[str] = None) -> object:
 PLAIN_SECTIONS: dict[str, set[str]] = {
     "": {"model", "data", "lightning", "class_images", "actual_resume"},
     "class_images": {"num", "ddim_steps", "scale", "batch_size", "seed"},
-    "lightning": {"trainer", "callbacks", "modelcheckpoint", "export"},
+    "lightning": {"trainer", "callbacks", "modelcheckpoint", "export", "validation"},
     "lightning.modelcheckpoint": {"params"},
     "model.params.optimizer_config": {"name", "weight_decay", "betas", "eps"},
 }
@@ -182,6 +182,9 @@ def check_keys(config: DictConfig) -> None:
                 _signature_keys(pl.callbacks.ModelCheckpoint), "ModelCheckpoint")
     _check_keys(lightning.get("export") or {}, "lightning.export",
                 _signature_keys(ExportWeights, skip=("ckptdir", "every_n_train_steps")), "ExportWeights")
+    from ldm.validation import ValidationMetrics
+    _check_keys(lightning.get("validation") or {}, "lightning.validation", _signature_keys(ValidationMetrics),
+                "ValidationMetrics")
     for name, cb in (lightning.get("callbacks") or {}).items():
         if not isinstance(cb, Mapping) or "target" not in cb:
             raise ConfigError(f"lightning.callbacks.{name}: expected target and params")
@@ -309,6 +312,14 @@ def _ranges(timesteps: int) -> dict[str, Range]:
         "lightning.callbacks.image_logger.params.max_images": COUNT,
         "lightning.callbacks.image_logger.params.scale": Range(),
         "lightning.callbacks.image_logger.params.seed": SEED,
+        "lightning.validation.every_n_steps": COUNT,
+        "lightning.validation.num_images": COUNT,
+        "lightning.validation.seed": SEED,
+        "lightning.validation.ddim_steps": steps,
+        "lightning.validation.scale": Range(),
+        "lightning.validation.pres_margin": NON_NEGATIVE,
+        "lightning.validation.loss_timesteps": COUNT,
+        "lightning.validation.max_class_images": Range(0, integer=True),
     }
 
 

@@ -53,6 +53,7 @@ class TrainOptions:
     max_steps: Optional[int] = None
     lora_rank: Optional[int] = None
     vae: Optional[str] = None
+    concepts: Optional[str] = None
     gpus: Optional[str] = None
     allow_any_target: bool = False
 
@@ -105,10 +106,14 @@ def prepare(options: TrainOptions) -> Plan:
             OmegaConf.update(config, "model.params.vae_path", None)
     elif options.actual_resume:
         OmegaConf.update(config, "actual_resume", options.actual_resume, force_add=True)
+    if options.concepts:
+        OmegaConf.update(config, "data.params.concepts", read_concepts_file(options.concepts), force_add=True)
     check_training_config(config)
-    for key, flag in (("data_root", "--data_root"), ("class_word", "--class_word"), ("token", "--token")):
-        if key in (config.data.get("params") or {}):  # a DreamBooth run (pretraining data has other settings)
-            require(config, f"data.params.{key}", flag)
+    params = config.data.get("params") or {}
+    if not params.get("concepts"):
+        for key, flag in (("data_root", "--data_root"), ("class_word", "--class_word"), ("token", "--token")):
+            if key in params:  # a DreamBooth run (pretraining data has other settings)
+                require(config, f"data.params.{key}", flag)
     check_data_folders(config)
     weights = resume_ckpt or config.get("actual_resume")
     if weights is not None and not Path(weights).is_file():
@@ -127,17 +132,53 @@ def check_run_name(name: str, postfix: str) -> None:
                               f"--logdir/<date>_<name>")
 
 
+def read_concepts_file(path: str) -> list:
+    """``--concepts FILE``: a YAML list of subjects (data_root, token, class_word, reg_data_root,
+    num_class_images); relative folders are taken relative to the file."""
+    import yaml
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--concepts {path}: file not found")
+    try:
+        concepts = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--concepts {path}: not valid YAML: {' '.join(str(e).split())[:200]}") from None
+    if not isinstance(concepts, list) or not concepts or not all(isinstance(c, dict) for c in concepts):
+        raise ConfigError(f"--concepts {path}: expected a list of subjects (mappings with data_root, token, "
+                          f"class_word, ...)")
+    for c in concepts:
+        for key in ("data_root", "reg_data_root"):
+            if c.get(key) is not None and not Path(str(c[key])).is_absolute():
+                c[key] = str(file.parent / str(c[key]))
+    return concepts
+
+
+def run_concepts(config: DictConfig) -> list:
+    """The run's subjects as ``Concept``s (the concepts list, or the single-subject settings); [] for data that
+    is not DreamBooth's."""
+    from ldm.data.dreambooth import make_concepts
+    params = OmegaConf.to_container(config.data.get("params") or {}, resolve=True)
+    if not params.get("concepts") and params.get("data_root") is None:
+        return []
+    try:
+        return make_concepts(params.get("concepts"), params.get("data_root"), params.get("token"),
+                             params.get("class_word"), params.get("reg_data_root"))
+    except ValueError as e:
+        raise ConfigError(f"data.params.concepts: {e}") from None
+
+
 def check_data_folders(config: DictConfig) -> None:
-    """The subject's photos and the class images must be separate folders: generated class images written into
-    the photo folder would be trained as the subject, and subject photos inside the class folder as the class."""
-    params = config.data.get("params") or {}
-    if params.get("data_root") is None or params.get("reg_data_root") is None:
-        return
-    data_root, reg = Path(str(params["data_root"])), params["reg_data_root"]
-    reg = Path(str(reg))
-    if is_within(reg, data_root) or is_within(data_root, reg):
-        raise ConfigError(f"--reg_data_root {reg} and --data_root {data_root} overlap (one is inside the other): "
-                          f"keep the class images in a folder of their own")
+    """The subjects' photos and the class images must be separate folders: generated class images written into
+    a photo folder would be trained as the subject, and subject photos inside a class folder as the class."""
+    concepts = run_concepts(config)
+    for a in concepts:
+        for b in concepts:
+            if b.reg_data_root is None:
+                continue
+            data_root, reg = Path(str(a.data_root)), Path(str(b.reg_data_root))
+            if is_within(reg, data_root) or is_within(data_root, reg):
+                raise ConfigError(f"--reg_data_root {reg} and --data_root {data_root} overlap (one is inside the "
+                                  f"other): keep the class images in a folder of their own")
 
 
 # ---- resuming --------------------------------------------------------------------------------------------------
@@ -249,42 +290,65 @@ def build_model(config: DictConfig, weights: Optional[Path]) -> Any:
     return load_model_from_config(config, weights)
 
 
+def class_image_jobs(config: DictConfig) -> dict[Path, tuple[str, int]]:
+    """Class folder -> (class prompt, images wanted there): each subject's ``num_class_images`` (or, for one
+    subject, ``class_images.num`` / ``--num_class_images``); subjects of one class in one folder share them."""
+    from ldm.data.dreambooth import DEFAULT_CLASS_TEMPLATE
+    params = config.data.params
+    default = int(config.get("class_images", {}).get("num", 0) or 0)
+    template = params.get("class_template", DEFAULT_CLASS_TEMPLATE)
+    jobs: dict[Path, tuple[str, int]] = {}
+    for concept in run_concepts(config):
+        num = max(concept.num_class_images, default)
+        if num <= 0:
+            continue
+        if concept.reg_data_root is None:
+            raise ConfigError(f"class images for '{concept.token} {concept.class_word}' need a folder: "
+                              f"--reg_data_root (or reg_data_root in the concepts file)")
+        folder = Path(concept.reg_data_root).resolve()
+        prompt = template.format(token=concept.token, class_word=concept.class_word)
+        jobs[folder] = (prompt, max(num, jobs.get(folder, ("", 0))[1]))
+    return jobs
+
+
 def maybe_generate_class_images(config: DictConfig, model: Any, devices: dict[str, Any]) -> None:
-    """Fill ``--reg_data_root`` up to ``class_images.num`` with samples of the class prompt (rank 0 only)."""
+    """Fill every class folder up to the number of images asked for with samples of its class prompt (rank 0)."""
     import torch
 
     from ldm.class_images import generate_class_images
-    from ldm.data.dreambooth import DEFAULT_CLASS_TEMPLATE
-    num = int(config.get("class_images", {}).get("num", 0) or 0)
-    reg = config.data.params.get("reg_data_root")
-    if num <= 0 or int(os.environ.get("LOCAL_RANK", 0)) != 0 or int(os.environ.get("NODE_RANK", 0)) != 0:
+    jobs = class_image_jobs(config)
+    if not jobs or int(os.environ.get("LOCAL_RANK", 0)) != 0 or int(os.environ.get("NODE_RANK", 0)) != 0:
         return
-    if not reg:
-        raise ConfigError("--num_class_images needs --reg_data_root: the folder the class images go to")
-    params = config.data.params
-    prompt = params.get("class_template", DEFAULT_CLASS_TEMPLATE).format(
-        token=params.token, class_word=params.class_word)
     cfg = config.class_images
     device = torch.device(f"cuda:{devices['devices'][0]}" if devices.get("accelerator") == "gpu" else "cpu")
     model.to(device)
     with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
-        generate_class_images(model, reg, prompt, num, size=int(params.get("size", 512)),
-                              ddim_steps=int(cfg.get("ddim_steps", 50)), scale=float(cfg.get("scale", 7.5)),
-                              batch_size=int(cfg.get("batch_size", 4)), seed=int(cfg.get("seed", 0)))
+        for folder, (prompt, num) in jobs.items():
+            generate_class_images(model, folder, prompt, num, size=int(config.data.params.get("size", 512)),
+                                  ddim_steps=int(cfg.get("ddim_steps", 50)), scale=float(cfg.get("scale", 7.5)),
+                                  batch_size=int(cfg.get("batch_size", 4)), seed=int(cfg.get("seed", 0)))
     model.to("cpu")
 
 
-def warn_about_identifier(token: str) -> None:
-    """The identifier warnings of ``check_identifier`` (a frequent word, several tokens), with CLIP's vocabulary."""
+def warn_about_identifiers(concepts: list) -> None:
+    """The identifier warnings of ``check_identifier`` (a frequent word, several tokens) and, with several
+    subjects, ``check_concepts`` (one identifier inside another), with CLIP's vocabulary; a shared identifier is an
+    error."""
     from pytorch_lightning.utilities import rank_zero_warn
 
-    from ldm.data.dreambooth import check_identifier
+    from ldm.data.dreambooth import check_concepts, check_identifier
     from ldm.modules.encoders.tokenizer import CLIPTokenizer
     try:
         tokenizer = CLIPTokenizer()
     except FileNotFoundError:  # the text encoder reports the missing vocabulary itself
-        return
-    for warning in check_identifier(token, tokenizer):
+        tokenizer = None
+    try:
+        warnings_ = check_concepts(concepts, tokenizer)
+    except ValueError as e:
+        raise ConfigError(f"data.params.concepts: {e}") from None
+    if tokenizer is not None:
+        warnings_ = [w for c in concepts for w in check_identifier(c.token, tokenizer)] + warnings_
+    for warning in warnings_:
         rank_zero_warn(warning)
 
 
@@ -307,6 +371,9 @@ def build_callbacks(config: DictConfig, run_folder: Path, now: str, resume: bool
                  pl.callbacks.TQDMProgressBar(refresh_rate=1)]
     for cb in (config.lightning.get("callbacks") or {}).values():
         callbacks.append(instantiate_from_config(OmegaConf.to_container(cb, resolve=True)))
+    if config.lightning.get("validation"):
+        from ldm.validation import ValidationMetrics
+        callbacks.append(ValidationMetrics(**OmegaConf.to_container(config.lightning.validation, resolve=True)))
     loggers = [pl.loggers.TensorBoardLogger(save_dir=str(run_folder), name="", version="tensorboard"),
                # Lightning's CSV logger deletes an existing metrics file, so a resumed run writes a new one.
                pl.loggers.CSVLogger(save_dir=str(run_folder), name="",
@@ -362,8 +429,7 @@ def run(options: TrainOptions) -> int:
     devices = trainer_devices(config, parse_gpus(options.gpus))
     n_devices = devices.pop("n_devices")
 
-    if OmegaConf.select(config, "data.params.token") is not None:
-        warn_about_identifier(str(config.data.params.token))
+    warn_about_identifiers(run_concepts(config))
     model = build_model(config, plan.weights)
     model.noise_seed = options.seed
     if getattr(model, "lora_settings", None):

@@ -40,15 +40,19 @@ class ResumableBatchSampler(Sampler):
             raise ValueError(f"{len(groups)} group ids for {size} items")
         self.size, self.batch_size, self.seed, self.groups = size, batch_size, seed, groups
         self.shuffle, self.drop_last = shuffle, drop_last
-        self.epoch = 0
-        self._resume: Optional[tuple[int, int]] = None  # (epoch, batches to skip)
+        # Our own epoch count: the epoch a pass over the data is (Lightning numbers the epoch after a resume from
+        # an epoch's last batch differently from an uninterrupted run, so its number is not used).
+        self.epoch, self._next_epoch, self._skip = 0, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning before every epoch."""
-        self.epoch = epoch
+        """Called by Lightning before every epoch; ignored (see ``epoch``)."""
 
     def resume_at(self, epoch: int, skip: int) -> None:
-        self._resume = (epoch, skip)
+        """Continue with ``epoch`` after its first ``skip`` batches (the next epoch when none are left)."""
+        self.epoch = epoch
+        if skip >= len(self._epoch_batches()[1]):
+            epoch, skip = epoch + 1, 0
+        self._next_epoch, self._skip = epoch, skip
 
     def _cut(self, positions: list[int]) -> list[list[int]]:
         batches = [positions[i:i + self.batch_size] for i in range(0, len(positions), self.batch_size)]
@@ -74,16 +78,14 @@ class ResumableBatchSampler(Sampler):
         return math.ceil(len(self._epoch_batches()[1]) / world)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        # Runs at the first batch of a pass (a generator starts lazily), once per pass whatever prefetches.
+        self.epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
+        skip, self._skip = self._skip, 0
         world, rank = _world()
         order, batches = self._epoch_batches()
         per_rank = math.ceil(len(batches) / world)
         batches = (batches * math.ceil(per_rank * world / max(1, len(batches))))[: per_rank * world]
         mine = batches[rank::world]
-        skip = 0
-        if self._resume is not None:
-            epoch, skip = self._resume
-            self._resume = None
-            skip = skip if epoch == self.epoch else 0
         for batch in mine[skip:]:
             yield [(order[pos], derive_seed(self.seed, "item", self.epoch, pos)) for pos in batch]
 

@@ -168,6 +168,7 @@ class LatentDiffusion(pl.LightningModule):
         # Set by the training module to --seed: every step then draws its t, noise and latent sample from a
         # generator seeded by (seed, epoch, batch, rank), so a resumed run repeats an uninterrupted one exactly.
         self.noise_seed: Optional[int] = None
+        self.batches_trained = 0  # counts training batches across epochs and resumes (saved in checkpoints)
 
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         self.use_ema = use_ema
@@ -384,16 +385,19 @@ class LatentDiffusion(pl.LightningModule):
         logs["loss_subject_unmasked"] = unmasked.mean().detach()
         return loss, logs
 
-    def step_generator(self, batch_idx: int) -> Optional[torch.Generator]:
-        """The generator of one training batch, from (noise_seed, epoch, batch index, rank); None without a seed."""
+    def step_generator(self) -> Optional[torch.Generator]:
+        """The generator of the next training batch, from (noise_seed, batches trained so far, rank); None without
+        a seed. The count is the model's own and travels in its checkpoints, so a resumed run continues it."""
         if self.noise_seed is None:
             return None
         from ldm.util import derive_seed
-        seed = derive_seed(self.noise_seed, "step", self.current_epoch, batch_idx, self.global_rank)
+        seed = derive_seed(self.noise_seed, "step", self.batches_trained, self.global_rank)
         return torch.Generator(self.device).manual_seed(seed)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, logs = self.shared_step(batch, self.step_generator(batch_idx))
+        generator = self.step_generator()
+        self.batches_trained += 1
+        loss, logs = self.shared_step(batch, generator)
         batch_size = batch[self.first_stage_key].shape[0]
         self.log("train/loss", logs["loss"], prog_bar=True, on_step=True, logger=True, batch_size=batch_size)
         self.log_dict({f"train/{k}": v for k, v in logs.items() if k != "loss"},
@@ -420,11 +424,13 @@ class LatentDiffusion(pl.LightningModule):
         optimizer.zero_grad(set_to_none=self.set_grads_to_none)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["batches_trained"] = self.batches_trained
         if self.lora_settings:  # keep the original key layout; adapters ride along as extra keys
             from ldm.lora import plain_keys
             checkpoint["state_dict"] = plain_keys(checkpoint["state_dict"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.batches_trained = int(checkpoint.get("batches_trained", 0))
         if self.lora_settings:
             from ldm.lora import peft_keys
             checkpoint["state_dict"] = peft_keys(checkpoint["state_dict"], self.state_dict().keys())
