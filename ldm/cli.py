@@ -14,7 +14,7 @@ import argparse
 import math
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -260,3 +260,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ldm.files import DiskFullError, OutputError
     from ldm.util import TargetNotAllowed
     return ConfigError, CheckpointError, ImageError, TargetNotAllowed, OutputError, DiskFullError
+
+
+def run_script(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[argparse.Namespace], Any],
+               argv: Optional[Sequence[str]] = None) -> Any:
+    """A sampling script's ``main``: parse ``argv``, call ``run(opt)``; bad input is one line and exit code 2."""
+    parser = build_parser()
+    opt = parser.parse_args(argv)
+    try:
+        return run(opt)
+    except user_errors() as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")

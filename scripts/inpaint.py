@@ -35,7 +35,7 @@ from PIL import Image  # noqa: E402
 
 from ldm.cli import (add_model_flags, add_sampling_flags, check_sampling_args, check_strength,  # noqa: E402
                      guidance_conditioning, is_inpainting_config, load_model_config, load_sampling_model,
-                     native_size, pick_device, precision_context, sampler_name, user_errors)
+                     native_size, pick_device, precision_context, sampler_name, run_script)
 from ldm.config import ConfigError, spatial_factor  # noqa: E402
 from ldm.images import make_grid, save_numbered_png, to_pil  # noqa: E402
 from ldm.img2img import denoise_part_way  # noqa: E402
@@ -72,12 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     """Run the script; returns the paths written (samples, then the grid)."""
-    parser = build_parser()
-    opt = parser.parse_args(argv)
-    try:
-        return sample(opt)
-    except user_errors() as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    return run_script(build_parser, sample, argv)
 
 
 def check_args(opt: argparse.Namespace):

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from ldm.cli import (add_model_flags, add_sampling_flags, check_sampling_args, load_model_config,  # noqa: E402
-                     load_sampling_model, pick_device, precision_context, sampler_name, user_errors)
+                     load_sampling_model, pick_device, precision_context, sampler_name, run_script)
 from ldm.images import make_grid, save_numbered_png, to_pil  # noqa: E402
 from ldm.models.diffusion.samplers import make_sampler  # noqa: E402
 
@@ -40,12 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     """Run the script; returns the paths written (samples, then the grid)."""
-    parser = build_parser()
-    opt = parser.parse_args(argv)
-    try:
-        return sample(opt)
-    except user_errors() as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    return run_script(build_parser, sample, argv)
 
 
 def sample(opt: argparse.Namespace) -> list[Path]:
