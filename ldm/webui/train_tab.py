@@ -226,7 +226,7 @@ def build(ui: WebUI) -> None:
     progress = gr.HTML(progress_html(None, run_files.Progress()), elem_id="progress")
     with gr.Row():
         plot = gr.LinePlot(x="step", y="loss", color="term", label="loss", elem_id="loss-plot",
-                           y_title="MSE", height=380)
+                           y_title="MSE")
         grid_gallery = gr.Gallery(label="validation grids", columns=2, elem_id="grids", height=350,
                                   interactive=False)
     log = gr.Textbox(label="last lines of the run's output", lines=LOG_LINES, max_lines=LOG_LINES,
