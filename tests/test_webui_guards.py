@@ -256,7 +256,8 @@ def test_run_checkpoints_sample_with_their_inference_config(tmp_path):
     run = tmp_path / "run"
     (run / "configs").mkdir(parents=True)
     (run / "configs" / "a-project.yaml").write_text((REPO / "configs/stable-diffusion/tiny-finetune.yaml").read_text())
-    assert inference_config_for(run / "checkpoints" / "last.ckpt") == REPO / "configs/stable-diffusion/tiny-inference.yaml"
+    tiny = REPO / "configs/stable-diffusion/tiny-inference.yaml"
+    assert inference_config_for(run / "checkpoints" / "last.ckpt") == tiny
     assert inference_config_for(tmp_path / "sd-v1-4.ckpt") is None  # recognised from its keys by the script
     assert error_line("warning\nprune_ckpt.py: error: out.safetensors: exists already\n", "prune_ckpt", 2) == \
         "out.safetensors: exists already"

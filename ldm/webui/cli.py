@@ -55,7 +55,7 @@ def read_auth(auth: Optional[str], auth_file: Optional[Path]) -> Optional[list[t
         try:
             lines = auth_file.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:
-            raise AuthError(f"--auth-file {auth_file}: cannot read it ({getattr(e, 'strerror', None) or e})")
+            raise AuthError(f"--auth-file {auth_file}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
         for k, line in enumerate(lines, 1):
             if line.strip() and not line.lstrip().startswith("#"):
                 logins.append(parse_login(line, f"--auth-file {auth_file} line {k}"))

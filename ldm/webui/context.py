@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from ldm.webui.jobs import DeviceBusy, JobManager
 from ldm.webui.paths import PathRefused, Roots, inside
@@ -48,8 +48,7 @@ class WebUI:
     def weights(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         """``(checkpoints, LoRA adapters)`` of the model and log folders, as (label, path) choices."""
         ckpts, loras = model_files(self.roots.model_dir, self.roots.log_dir)
-        as_choices: Callable[[list[Path]], list[tuple[str, str]]] = lambda ps: [(self.label(p), str(p)) for p in ps]
-        return as_choices(ckpts), as_choices(loras)
+        return [(self.label(p), str(p)) for p in ckpts], [(self.label(p), str(p)) for p in loras]
 
     def readable_weights(self, path: Optional[str], what: str) -> Path:
         """A checkpoint or adapter the browser named, if it lies in the model or log folder."""

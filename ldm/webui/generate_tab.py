@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import gradio as gr
@@ -14,7 +15,7 @@ from ldm.cli import SAMPLER_NAMES
 from ldm.config import MAX_SEED
 from ldm.webui import tools
 from ldm.webui.context import WebUI, refusal, user_errors
-from ldm.webui.paths import PathRefused, inside
+from ldm.webui.paths import inside
 from ldm.webui.recipes import RequestError
 
 SIZES = ["model default", "64 x 64", "512 x 512", "768 x 512", "512 x 768", "768 x 768", "1024 x 1024"]
@@ -78,15 +79,29 @@ def send_to_inpaint(ui: WebUI, selected: Optional[int], gallery: Optional[list],
     return editor, gr.Tabs(selected="inpaint"), ckpt, prompt, f"Sent {Path(chosen).name} to inpaint."
 
 
-def mask_from_layers(layers: list, size: tuple[int, int]) -> Optional[Image.Image]:
+def mask_from_layers(layers: list, size: tuple[int, int], allowed: list[Path]) -> Optional[Image.Image]:
     """White where the brush painted (any layer's alpha), black elsewhere, at the image's size; None if empty."""
     mask = np.zeros((size[1], size[0]), dtype=bool)
     for layer in layers or []:
         if layer is None:
             continue
+        layer = inside(layer, allowed, "mask layer")
         alpha = np.asarray(Image.open(layer).convert("RGBA").resize(size, Image.NEAREST))[..., 3]
         mask |= alpha > 0
     return Image.fromarray(mask.astype(np.uint8) * 255, mode="L") if mask.any() else None
+
+
+def open_picture(path: Path) -> Image.Image:
+    """The editor's picture in RGB, refused (one line) when it is no image or a decompression bomb."""
+    from ldm.data.image_loading import ImageError, check_pixel_count
+    try:
+        with Image.open(path) as im:
+            check_pixel_count(path, *im.size)
+            return im.convert("RGB")
+    except ImageError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise RequestError(f"picture {path.name}: cannot read it ({' '.join(str(e).split())})") from None
 
 
 def save_inputs(ui: WebUI, image: Image.Image, mask: Optional[Image.Image]) -> tuple[Path, Optional[Path]]:
@@ -106,10 +121,9 @@ def run_inpaint(ui: WebUI, editor: Optional[dict], ckpt: str, prompt: str, negat
     try:
         if not editor or not editor.get("background"):
             raise RequestError("no picture: upload one or send one from Generate")
-        background = inside(editor["background"], [ui.roots.data_dir, ui.roots.log_dir, gradio_upload_dir()],
-                            "picture")
-        image = Image.open(background).convert("RGB")
-        mask = mask_from_layers(editor.get("layers") or [], image.size)
+        allowed = [ui.roots.data_dir, ui.roots.log_dir, gradio_upload_dir()]
+        image = open_picture(inside(editor["background"], allowed, "picture"))
+        mask = mask_from_layers(editor.get("layers") or [], image.size, allowed)
         path = ui.readable_weights(ckpt, "checkpoint")
         opts = options(ui, prompt, negative, seed, steps, scale, sampler, n)
         opts.config = tools.inference_config_for(path)
@@ -149,56 +163,66 @@ def _sampling_fields(prefix: str) -> tuple:
     return seed, steps, scale, sampler, n
 
 
+def _generate_form(ckpts: list, loras: list) -> SimpleNamespace:
+    """The Generate tab's components (inside its ``gr.Tab``)."""
+    c = SimpleNamespace()
+    with gr.Row():
+        with gr.Column(scale=1):
+            c.ckpt = gr.Dropdown(ckpts, value=ckpts[0][1] if ckpts else None, label="checkpoint", elem_id="gen-ckpt")
+            with gr.Row():
+                c.lora = gr.Dropdown([("(none)", "")] + loras, value="", label="LoRA", elem_id="gen-lora", scale=3)
+                c.strength = gr.Slider(0, 2, 1.0, step=0.05, label="strength", elem_id="gen-lora-strength", scale=2)
+            c.refresh = gr.Button("Refresh model lists", size="sm", elem_id="gen-refresh")
+            c.prompt = gr.Textbox(label="prompt", lines=2, elem_id="gen-prompt")
+            c.negative = gr.Textbox(label="negative prompt", elem_id="gen-negative")
+            c.seed, c.steps, c.scale, c.sampler, c.n = _sampling_fields("gen")
+            c.size = gr.Dropdown(SIZES, value=SIZES[0], label="size (width x height)", allow_custom_value=True,
+                                 elem_id="gen-size")
+            c.go = gr.Button("Generate", variant="primary", elem_id="generate")
+        with gr.Column(scale=2):
+            c.send = gr.Button("Send to inpaint", elem_id="send-to-inpaint")  # shown in the gallery's toolbar
+            c.gallery = gr.Gallery(label="results (click one, then Send to inpaint)", columns=4, height=420,
+                                   elem_id="gen-gallery", buttons=["download", "fullscreen", c.send],
+                                   interactive=False)
+            c.status = gr.Markdown(elem_id="gen-status")
+    c.selected = gr.State(None)
+    return c
+
+
+def _inpaint_form(ckpts: list) -> SimpleNamespace:
+    """The Inpaint / img2img tab's components (inside its ``gr.Tab``)."""
+    c = SimpleNamespace()
+    with gr.Row():
+        with gr.Column(scale=1):
+            c.ckpt = gr.Dropdown(ckpts, value=ckpts[0][1] if ckpts else None, label="checkpoint", elem_id="inp-ckpt")
+            c.prompt = gr.Textbox(label="prompt", lines=2, elem_id="inp-prompt")
+            c.negative = gr.Textbox(label="negative prompt", elem_id="inp-negative")
+            c.strength = gr.Slider(0, 1, 0.75, step=0.05, label="strength", elem_id="inp-strength")
+            with gr.Row():
+                c.blur = gr.Slider(0, 64, 4, step=1, label="mask blur (px)", elem_id="inp-blur")
+                c.padding = gr.Slider(0, 256, 32, step=8, label="padding (px)", elem_id="inp-padding")
+            c.only_masked = gr.Checkbox(False, label="only masked (work on the mask's box at full resolution)",
+                                        elem_id="inp-only-masked")
+            c.seed, c.steps, c.scale, c.sampler, c.n = _sampling_fields("inp")
+            c.go = gr.Button("Inpaint", variant="primary", elem_id="inpaint")
+        with gr.Column(scale=2):
+            c.editor = gr.ImageEditor(label="paint the part to repaint (nothing painted: img2img)", type="filepath",
+                                      brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), layers=False,
+                                      transforms=(), elem_id="inp-editor", height=420)
+            with gr.Row():
+                c.original = gr.Image(label="original", type="filepath", interactive=False, elem_id="inp-original")
+                c.results = gr.Gallery(label="results", columns=2, elem_id="inp-gallery", interactive=False)
+            c.status = gr.Markdown(elem_id="inp-status")
+    return c
+
+
 def build(ui: WebUI, tabs: gr.Tabs) -> None:
-    """Both tabs (call inside ``gr.Tabs``)."""
+    """Both tabs and "send to inpaint" between them (call inside ``gr.Tabs``)."""
     ckpts, loras = ui.weights()
     with gr.Tab("Generate", id="generate") as generate_tab:
-        with gr.Row():
-            with gr.Column(scale=1):
-                ckpt = gr.Dropdown(ckpts, value=ckpts[0][1] if ckpts else None, label="checkpoint",
-                                   elem_id="gen-ckpt")
-                with gr.Row():
-                    lora = gr.Dropdown([("(none)", "")] + loras, value="", label="LoRA", elem_id="gen-lora", scale=3)
-                    strength = gr.Slider(0, 2, 1.0, step=0.05, label="strength", elem_id="gen-lora-strength",
-                                         scale=2)
-                refresh = gr.Button("Refresh model lists", size="sm", elem_id="gen-refresh")
-                prompt = gr.Textbox(label="prompt", lines=2, elem_id="gen-prompt")
-                negative = gr.Textbox(label="negative prompt", elem_id="gen-negative")
-                seed, steps, scale, sampler, n = _sampling_fields("gen")
-                size = gr.Dropdown(SIZES, value=SIZES[0], label="size (width x height)", allow_custom_value=True,
-                                   elem_id="gen-size")
-                go = gr.Button("Generate", variant="primary", elem_id="generate")
-            with gr.Column(scale=2):
-                send = gr.Button("Send to inpaint", elem_id="send-to-inpaint")
-                gallery = gr.Gallery(label="results (click one, then Send to inpaint)", columns=4, height=420,
-                                     elem_id="gen-gallery", buttons=["download", "fullscreen", send],
-                                     interactive=False)
-                status = gr.Markdown(elem_id="gen-status")
-        selected = gr.State(None)
+        g = _generate_form(ckpts, loras)
     with gr.Tab("Inpaint / img2img", id="inpaint") as inpaint_tab:
-        with gr.Row():
-            with gr.Column(scale=1):
-                i_ckpt = gr.Dropdown(ckpts, value=ckpts[0][1] if ckpts else None, label="checkpoint",
-                                     elem_id="inp-ckpt")
-                i_prompt = gr.Textbox(label="prompt", lines=2, elem_id="inp-prompt")
-                i_negative = gr.Textbox(label="negative prompt", elem_id="inp-negative")
-                i_strength = gr.Slider(0, 1, 0.75, step=0.05, label="strength", elem_id="inp-strength")
-                with gr.Row():
-                    blur = gr.Slider(0, 64, 4, step=1, label="mask blur (px)", elem_id="inp-blur")
-                    padding = gr.Slider(0, 256, 32, step=8, label="padding (px)", elem_id="inp-padding")
-                only_masked = gr.Checkbox(False, label="only masked (work on the mask's box at full resolution)",
-                                          elem_id="inp-only-masked")
-                i_seed, i_steps, i_scale, i_sampler, i_n = _sampling_fields("inp")
-                i_go = gr.Button("Inpaint", variant="primary", elem_id="inpaint")
-            with gr.Column(scale=2):
-                editor = gr.ImageEditor(label="paint the part to repaint (nothing painted: img2img)",
-                                        type="filepath", brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
-                                        layers=False, transforms=(), elem_id="inp-editor", height=420)
-                with gr.Row():
-                    original = gr.Image(label="original", type="filepath", interactive=False,
-                                        elem_id="inp-original")
-                    results = gr.Gallery(label="results", columns=2, elem_id="inp-gallery", interactive=False)
-                i_status = gr.Markdown(elem_id="inp-status")
+        i = _inpaint_form(ckpts)
 
     def lists(current: Optional[str]) -> tuple:
         """Fresh choices; with nothing chosen yet, the newest checkpoint (a run that just finished)."""
@@ -207,13 +231,14 @@ def build(ui: WebUI, tabs: gr.Tabs) -> None:
         return (gr.Dropdown(choices=c, value=value), gr.Dropdown(choices=[("(none)", "")] + l_),
                 gr.Dropdown(choices=c, value=value))
 
-    for event in (refresh.click, generate_tab.select, inpaint_tab.select):  # runs that finished meanwhile
-        event(lists, ckpt, [ckpt, lora, i_ckpt], show_progress="hidden")
-    go.click(lambda *a: generate(ui, *a), [ckpt, lora, strength, prompt, negative, seed, steps, scale, sampler,
-                                           size, n], [gallery, status]).then(lambda: None, None, selected)
-    gallery.select(selected_index, None, selected)
-    send.click(lambda *a: send_to_inpaint(ui, *a), [selected, gallery, ckpt, prompt],
-               [editor, tabs, i_ckpt, i_prompt, status])
-    i_go.click(lambda *a: run_inpaint(ui, *a), [editor, i_ckpt, i_prompt, i_negative, i_strength, blur, only_masked,
-                                                padding, i_seed, i_steps, i_scale, i_sampler, i_n],
-               [original, results, i_status])
+    for event in (g.refresh.click, generate_tab.select, inpaint_tab.select):  # runs that finished meanwhile
+        event(lists, g.ckpt, [g.ckpt, g.lora, i.ckpt], show_progress="hidden")
+    g.go.click(lambda *a: generate(ui, *a), [g.ckpt, g.lora, g.strength, g.prompt, g.negative, g.seed, g.steps,
+                                             g.scale, g.sampler, g.size, g.n], [g.gallery, g.status]) \
+        .then(lambda: None, None, g.selected)
+    g.gallery.select(selected_index, None, g.selected)
+    g.send.click(lambda *a: send_to_inpaint(ui, *a), [g.selected, g.gallery, g.ckpt, g.prompt],
+                 [i.editor, tabs, i.ckpt, i.prompt, g.status])
+    i.go.click(lambda *a: run_inpaint(ui, *a), [i.editor, i.ckpt, i.prompt, i.negative, i.strength, i.blur,
+                                                i.only_masked, i.padding, i.seed, i.steps, i.scale, i.sampler, i.n],
+               [i.original, i.results, i.status])

@@ -26,6 +26,7 @@ from ldm.files import atomic_write
 
 JOBS_DIR = ".webui-jobs"
 LOG_TAIL_BYTES = 64 * 1024
+LOG_HEAD_BYTES = 2 ** 20  # main.py names its run folder early, after class images and the model are ready
 #: Exit codes of a run stopped on purpose: SIGTERM (main.py's 143, or -15 when killed before training began)
 #: and Ctrl-C.
 STOPPED_CODES = {143, -signal.SIGTERM, 130, -signal.SIGINT}
@@ -58,6 +59,14 @@ class JobRecord:
             return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
         except (OSError, ValueError, TypeError, KeyError):
             return None
+
+
+def read_head(path: Path, limit: int = LOG_HEAD_BYTES) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit).decode("utf-8", "replace")
+    except OSError:
+        return ""
 
 
 def read_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
@@ -120,7 +129,7 @@ class JobManager:
     def run_folder(self, record: JobRecord) -> Optional[Path]:
         """The run folder of ``record``, learnt from main.py's "Run folder:" line once it has printed it."""
         if record.run_folder is None:
-            match = _RUN_FOLDER.search(read_tail(self.folder / f"{record.id}.log", 10 ** 7))
+            match = _RUN_FOLDER.search(read_head(self.folder / f"{record.id}.log"))
             if match:
                 record.run_folder = match.group(1)
                 record.save(self.folder)

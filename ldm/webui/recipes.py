@@ -146,8 +146,7 @@ def training_argv(request: TrainRequest, roots: Roots, cuda: bool) -> tuple[list
 
 def _starting_checkpoint(checkpoint: Optional[str], recipe: Recipe, roots: Roots) -> Optional[Path]:
     if checkpoint:
-        allowed = [roots.model_dir, roots.log_dir] + ([recipe.start.parent] if recipe.start else [])
-        return inside(checkpoint, allowed, "starting checkpoint")
+        return inside(checkpoint, [roots.model_dir, roots.log_dir], "starting checkpoint")
     if recipe.start is not None:
         return recipe.start
     if recipe.needs_checkpoint:

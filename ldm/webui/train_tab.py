@@ -4,7 +4,7 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import gradio as gr
@@ -184,64 +184,75 @@ def refresh(ui: WebUI, key: Optional[str], shown: Optional[Shown]) -> tuple:
             Shown(selected or "", len(losses), tuple(grids)))
 
 
-def build(ui: WebUI) -> None:
-    """The tab's components and events (call inside ``gr.Tab``)."""
+def _form(ui: WebUI) -> SimpleNamespace:
+    """Photos, subject and recipe, and the Start button."""
     names = list(recipes())
     first = names[-1]  # the tiny demo model: the one that runs anywhere
     d = recipes()[first].defaults()
+    c = SimpleNamespace()
     with gr.Row():
         with gr.Column():
             gr.Markdown("### 1. Photos of the subject")
-            files = gr.File(label="upload 5-30 photos", file_count="multiple", file_types=["image"],
-                            type="filepath", elem_id="photos-upload")
-            upload_report = gr.Markdown(elem_id="upload-report")
-            folder = gr.Dropdown(choices=folder_choices(ui), label="photo folder (in the data folder)",
-                                 elem_id="photo-folder")
+            c.files = gr.File(label="upload 5-30 photos", file_count="multiple", file_types=["image"],
+                              type="filepath", elem_id="photos-upload")
+            c.upload_report = gr.Markdown(elem_id="upload-report")
+            c.folder = gr.Dropdown(choices=folder_choices(ui), label="photo folder (in the data folder)",
+                                   elem_id="photo-folder")
         with gr.Column():
             gr.Markdown("### 2. Subject")
-            class_word = gr.Textbox(label="class word", placeholder="dog", elem_id="class-word")
-            token = gr.Textbox(label="identifier", value="sks", elem_id="identifier")
-            token_info = gr.Markdown(identifier_warnings("sks", ""), elem_id="identifier-warnings")
+            c.class_word = gr.Textbox(label="class word", placeholder="dog", elem_id="class-word")
+            c.token = gr.Textbox(label="identifier", value="sks", elem_id="identifier")
+            c.token_info = gr.Markdown(identifier_warnings("sks", ""), elem_id="identifier-warnings")
         with gr.Column():
             gr.Markdown("### 3. Recipe")
-            recipe = gr.Dropdown(choices=names, value=first, label="recipe", elem_id="recipe")
-            checkpoint = gr.Dropdown(choices=checkpoint_choices(ui, first), value="", label="starting checkpoint",
-                                     elem_id="start-checkpoint")
+            c.recipe = gr.Dropdown(choices=names, value=first, label="recipe", elem_id="recipe")
+            c.checkpoint = gr.Dropdown(choices=checkpoint_choices(ui, first), value="", label="starting checkpoint",
+                                       elem_id="start-checkpoint")
             with gr.Row():
-                steps = gr.Number(d["steps"], label="steps", precision=0, minimum=1, elem_id="steps")
-                lr = gr.Number(d["learning_rate"], label="learning rate", elem_id="learning-rate")
+                c.steps = gr.Number(d["steps"], label="steps", precision=0, minimum=1, elem_id="steps")
+                c.lr = gr.Number(d["learning_rate"], label="learning rate", elem_id="learning-rate")
             with gr.Row():
-                prior = gr.Checkbox(True, label="prior preservation", elem_id="prior")
-                n_class = gr.Number(50, label="class images", precision=0, minimum=1, elem_id="class-images")
+                c.prior = gr.Checkbox(True, label="prior preservation", elem_id="prior")
+                c.n_class = gr.Number(50, label="class images", precision=0, minimum=1, elem_id="class-images")
             with gr.Row():
-                grid_every = gr.Number(d["grid_every"], label="validation grid every (steps)", precision=0,
-                                       elem_id="grid-every")
-                seed = gr.Number(23, label="seed", precision=0, elem_id="train-seed")
-    start_button = gr.Button("Start training", variant="primary", elem_id="start")
-    status = gr.Markdown(elem_id="train-status")
-    with gr.Row():
-        run_picker = gr.Dropdown(label="run", elem_id="run-picker", scale=3)
-        stop_button = gr.Button("Stop", interactive=False, elem_id="stop", scale=1)
-        resume_button = gr.Button("Resume", interactive=False, elem_id="resume", scale=1)
-    progress = gr.HTML(progress_html(None, run_files.Progress()), elem_id="progress")
-    with gr.Row():
-        plot = gr.LinePlot(x="step", y="loss", color="term", label="loss", elem_id="loss-plot",
-                           y_title="MSE")
-        grid_gallery = gr.Gallery(label="validation grids", columns=2, elem_id="grids", height=350,
-                                  interactive=False)
-    log = gr.Textbox(label="last lines of the run's output", lines=LOG_LINES, max_lines=LOG_LINES,
-                     elem_id="run-log", autoscroll=True)
-    shown = gr.State(Shown())
-    timer = gr.Timer(REFRESH_S)
+                c.grid_every = gr.Number(d["grid_every"], label="validation grid every (steps)", precision=0,
+                                         elem_id="grid-every")
+                c.seed = gr.Number(23, label="seed", precision=0, elem_id="train-seed")
+    c.start = gr.Button("Start training", variant="primary", elem_id="start")
+    c.status = gr.Markdown(elem_id="train-status")
+    return c
 
-    files.upload(lambda f, r, c: upload(ui, f, r, c), [files, recipe, class_word], [upload_report, folder])
-    for box in (token, class_word):
-        box.change(identifier_warnings, [token, class_word], token_info, show_progress="hidden")
-    recipe.change(lambda r: recipe_defaults(ui, r), recipe, [steps, lr, grid_every, checkpoint])
-    view_outputs = [run_picker, progress, plot, grid_gallery, log, stop_button, resume_button, shown]
-    start_button.click(lambda *a: start(ui, *a), [recipe, folder, class_word, token, checkpoint, steps, lr, prior,
-                                                  n_class, grid_every, seed], [status, run_picker])
-    stop_button.click(lambda k: stop(ui, k), run_picker, status)
-    resume_button.click(lambda k: resume(ui, k), run_picker, [status, run_picker])
-    timer.tick(lambda k, s: refresh(ui, k, s), [run_picker, shown], view_outputs, show_progress="hidden")
-    run_picker.select(lambda k: refresh(ui, k, None), run_picker, view_outputs, show_progress="hidden")
+
+def _run_view() -> SimpleNamespace:
+    """The selected run: picker, Stop / Resume, progress, loss plot, grids, output."""
+    c = SimpleNamespace()
+    with gr.Row():
+        c.picker = gr.Dropdown(label="run", elem_id="run-picker", scale=3)
+        c.stop = gr.Button("Stop", interactive=False, elem_id="stop", scale=1)
+        c.resume = gr.Button("Resume", interactive=False, elem_id="resume", scale=1)
+    c.progress = gr.HTML(progress_html(None, run_files.Progress()), elem_id="progress")
+    with gr.Row():
+        c.plot = gr.LinePlot(x="step", y="loss", color="term", label="loss", elem_id="loss-plot", y_title="MSE")
+        c.grids = gr.Gallery(label="validation grids", columns=2, elem_id="grids", height=350, interactive=False)
+    c.log = gr.Textbox(label="last lines of the run's output", lines=LOG_LINES, max_lines=LOG_LINES,
+                       elem_id="run-log", autoscroll=True)
+    c.shown = gr.State(Shown())
+    return c
+
+
+def build(ui: WebUI) -> None:
+    """The tab's components and events (call inside ``gr.Tab``)."""
+    f, v = _form(ui), _run_view()
+    timer = gr.Timer(REFRESH_S)
+    f.files.upload(lambda fs, r, c: upload(ui, fs, r, c), [f.files, f.recipe, f.class_word],
+                   [f.upload_report, f.folder])
+    for box in (f.token, f.class_word):
+        box.change(identifier_warnings, [f.token, f.class_word], f.token_info, show_progress="hidden")
+    f.recipe.change(lambda r: recipe_defaults(ui, r), f.recipe, [f.steps, f.lr, f.grid_every, f.checkpoint])
+    f.start.click(lambda *a: start(ui, *a), [f.recipe, f.folder, f.class_word, f.token, f.checkpoint, f.steps, f.lr,
+                                             f.prior, f.n_class, f.grid_every, f.seed], [f.status, v.picker])
+    v.stop.click(lambda k: stop(ui, k), v.picker, f.status)
+    v.resume.click(lambda k: resume(ui, k), v.picker, [f.status, v.picker])
+    outputs = [v.picker, v.progress, v.plot, v.grids, v.log, v.stop, v.resume, v.shown]
+    timer.tick(lambda k, s: refresh(ui, k, s), [v.picker, v.shown], outputs, show_progress="hidden")
+    v.picker.select(lambda k: refresh(ui, k, None), v.picker, outputs, show_progress="hidden")
