@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -158,7 +157,8 @@ def test_train_generate_inpaint_in_a_browser(page: Page):
 
     # A reload shows the run as it is on disk.
     p.d.refresh()
-    p.wait(lambda: progress(p)["state"] == "finished" and run.name in p.text("train-progress"), "the run after a reload")
+    p.wait(lambda: progress(p)["state"] == "finished" and run.name in p.text("train-progress"),
+           "the run after a reload")
     print(f"browser test: {time.time() - tic:.0f} s")
 
 
