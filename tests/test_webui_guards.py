@@ -262,3 +262,44 @@ def test_run_checkpoints_sample_with_their_inference_config(tmp_path):
     assert error_line("warning\nprune_ckpt.py: error: out.safetensors: exists already\n", "prune_ckpt", 2) == \
         "out.safetensors: exists already"
     assert error_line("Killed\n", "merge_lora", -9) == "merge_lora.py failed (killed by signal 9): Killed"
+
+
+# ---- sampling and the model tools on the tiny model ------------------------------------------------------------
+
+def test_generate_with_a_lora_merge_and_convert(ui, roots, tiny_model, tiny_ckpt):
+    import copy
+    import shutil
+
+    from ldm.checkpoint import save_checkpoint
+    from ldm.lora import LoraSettings, add_lora, lora_state_dict
+    from ldm.util import fmt_bytes
+    from ldm.webui import generate_tab, models_tab
+    from ldm.webui.tools import size_of
+    base = roots.model_dir / "tiny.ckpt"
+    shutil.copy(tiny_ckpt, base)
+    with_lora = copy.deepcopy(tiny_model)
+    add_lora(with_lora, LoraSettings(rank=2))
+    lora = save_checkpoint(roots.model_dir / "adapter.safetensors", lora_state_dict(with_lora))
+    ckpts, loras = ui.weights()
+    assert [label for label, _ in loras] == ["models/adapter.safetensors"]
+    assert [label for label, _ in ckpts] == ["models/tiny.ckpt"]
+    tiny = str(REPO / "configs/stable-diffusion/tiny-inference.yaml")
+    args = (ui, str(base), str(lora), 0.5, "a toy", "", 3, 2, 3.0, "euler", "64 x 64", 1)
+    _, status = generate_tab.generate(*args)  # taken for SD v1 by its keys: the loader's one line says what differs
+    assert status.startswith(f"⚠ {base}: it is a Stable Diffusion v1 checkpoint") and "expected [49408, 768]" in status
+    gallery, status = generate_tab.generate(*args, config=tiny)
+    assert status.startswith("1 image in ") and status.endswith("saved in data/outputs/txt2img/samples")
+    meta = Image.open(gallery[0]).text
+    assert (meta["sampler"], meta["size"], meta["seed"], meta["checkpoint"]) == ("euler", "64x64", "3", "tiny.ckpt")
+
+    merged = roots.model_dir / "tiny-adapter-merged.safetensors"
+    assert models_tab.merge(ui, str(base), str(lora), 0.5, "") == \
+        f"✓ wrote models/{merged.name}: {fmt_bytes(merged.stat().st_size, decimal=True)}"
+    assert models_tab.merge(ui, str(base), str(lora), 0.5, "") == \
+        f"⚠ out {merged}: exists already; choose a new name (or pass --overwrite)"
+    assert models_tab.convert(ui, str(base), "", "/etc/passwd") == \
+        "⚠ model config /etc/passwd: not one of the repository's inference configs"
+    status = models_tab.convert(ui, str(base), "", tiny)
+    folder = roots.model_dir / "tiny-diffusers"
+    assert (folder / "model_index.json").is_file() and (folder / "unet").is_dir()
+    assert status == f"✓ wrote models/tiny-diffusers: {fmt_bytes(size_of(folder), decimal=True)}"

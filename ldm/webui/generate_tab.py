@@ -49,19 +49,20 @@ def options(ui: WebUI, prompt: str, negative: str, seed: float, steps: float, sc
 
 
 def generate(ui: WebUI, ckpt: str, lora: str, strength: float, prompt: str, negative: str, seed: float,
-             steps: float, scale: float, sampler: str, size: str, n: float) -> tuple[Any, str]:
+             steps: float, scale: float, sampler: str, size: str, n: float, config: str = "") -> tuple[Any, str]:
     """txt2img into ``<data-dir>/outputs/txt2img``; (gallery, status)."""
     try:
         path = ui.readable_weights(ckpt, "checkpoint")
         opts = options(ui, prompt, negative, seed, steps, scale, sampler, n, lora, strength)
-        opts.config = tools.inference_config_for(path)
+        opts.config = tools.model_config(config, path)
         tic = time.time()
         with ui.jobs.device("image generation"):
             written = tools.txt2img(path, opts, ui.roots.outputs / "txt2img", parse_size(size))
     except user_errors() as e:
         return gr.skip(), refusal(e)
     folder = written[0].parent if written else ui.roots.outputs / "txt2img"
-    return [str(p) for p in written], f"{len(written)} images in {time.time() - tic:.1f} s, saved in {ui.label(folder)}"
+    return [str(p) for p in written], (f"{len(written)} image{'s' * (len(written) != 1)} in {time.time() - tic:.1f} s,"
+                                       f" saved in {ui.label(folder)}")
 
 
 def selected_index(evt: gr.SelectData) -> int:
@@ -115,7 +116,7 @@ def save_inputs(ui: WebUI, image: Image.Image, mask: Optional[Image.Image]) -> t
 
 def run_inpaint(ui: WebUI, editor: Optional[dict], ckpt: str, prompt: str, negative: str, strength: float,
                 mask_blur: float, only_masked: bool, padding: float, seed: float, steps: float, scale: float,
-                sampler: str, n: float) -> tuple[Any, Any, str]:
+                sampler: str, n: float, config: str = "") -> tuple[Any, Any, str]:
     """Inpaint what the brush covered (img2img of the whole picture when nothing is painted); (original, results,
     status)."""
     try:
@@ -126,7 +127,7 @@ def run_inpaint(ui: WebUI, editor: Optional[dict], ckpt: str, prompt: str, negat
         mask = mask_from_layers(editor.get("layers") or [], image.size, allowed)
         path = ui.readable_weights(ckpt, "checkpoint")
         opts = options(ui, prompt, negative, seed, steps, scale, sampler, n)
-        opts.config = tools.inference_config_for(path)
+        opts.config = tools.model_config(config, path)
         image_path, mask_path = save_inputs(ui, image, mask)
         tic = time.time()
         with ui.jobs.device("inpainting"):
@@ -178,6 +179,7 @@ def _generate_form(ckpts: list, loras: list) -> SimpleNamespace:
             c.seed, c.steps, c.scale, c.sampler, c.n = _sampling_fields("gen")
             c.size = gr.Dropdown(SIZES, value=SIZES[0], label="size (width x height)", allow_custom_value=True,
                                  elem_id="gen-size")
+            c.config = gr.Dropdown(tools.config_choices(), value="", label="model config", elem_id="gen-config")
             c.go = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column(scale=2):
             c.send = gr.Button("Send to inpaint", elem_id="send-to-inpaint")  # shown in the gallery's toolbar
@@ -204,14 +206,17 @@ def _inpaint_form(ckpts: list) -> SimpleNamespace:
             c.only_masked = gr.Checkbox(False, label="only masked (work on the mask's box at full resolution)",
                                         elem_id="inp-only-masked")
             c.seed, c.steps, c.scale, c.sampler, c.n = _sampling_fields("inp")
+            c.config = gr.Dropdown(tools.config_choices(), value="", label="model config", elem_id="inp-config")
             c.go = gr.Button("Inpaint", variant="primary", elem_id="inpaint")
         with gr.Column(scale=2):
             c.editor = gr.ImageEditor(label="paint the part to repaint (nothing painted: img2img)", type="filepath",
                                       brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), layers=False,
                                       transforms=(), elem_id="inp-editor", height=420)
             with gr.Row():
-                c.original = gr.Image(label="original", type="filepath", interactive=False, elem_id="inp-original")
-                c.results = gr.Gallery(label="results", columns=2, elem_id="inp-gallery", interactive=False)
+                c.original = gr.Image(label="original", type="filepath", interactive=False, elem_id="inp-original",
+                                      height=300)
+                c.results = gr.Gallery(label="results", columns=2, elem_id="inp-gallery", interactive=False,
+                                       height=300)
             c.status = gr.Markdown(elem_id="inp-status")
     return c
 
@@ -234,11 +239,12 @@ def build(ui: WebUI, tabs: gr.Tabs) -> None:
     for event in (g.refresh.click, generate_tab.select, inpaint_tab.select):  # runs that finished meanwhile
         event(lists, g.ckpt, [g.ckpt, g.lora, i.ckpt], show_progress="hidden")
     g.go.click(lambda *a: generate(ui, *a), [g.ckpt, g.lora, g.strength, g.prompt, g.negative, g.seed, g.steps,
-                                             g.scale, g.sampler, g.size, g.n], [g.gallery, g.status]) \
+                                             g.scale, g.sampler, g.size, g.n, g.config], [g.gallery, g.status]) \
         .then(lambda: None, None, g.selected)
     g.gallery.select(selected_index, None, g.selected)
     g.send.click(lambda *a: send_to_inpaint(ui, *a), [g.selected, g.gallery, g.ckpt, g.prompt],
                  [i.editor, tabs, i.ckpt, i.prompt, g.status])
     i.go.click(lambda *a: run_inpaint(ui, *a), [i.editor, i.ckpt, i.prompt, i.negative, i.strength, i.blur,
-                                                i.only_masked, i.padding, i.seed, i.steps, i.scale, i.sampler, i.n],
+                                                i.only_masked, i.padding, i.seed, i.steps, i.scale, i.sampler, i.n,
+                                                i.config],
                [i.original, i.results, i.status])

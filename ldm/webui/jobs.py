@@ -116,6 +116,7 @@ class JobManager:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._children: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
+        self._records_lock = threading.Lock()
         self._in_process: Optional[str] = None  # what holds the device inside the UI (sampling), if anything
 
     # ---- records -----------------------------------------------------------------------------------------------
@@ -132,7 +133,7 @@ class JobManager:
             match = _RUN_FOLDER.search(read_head(self.folder / f"{record.id}.log"))
             if match:
                 record.run_folder = match.group(1)
-                record.save(self.folder)
+                self._update(record, run_folder=record.run_folder)
         return Path(record.run_folder) if record.run_folder else None
 
     def _returncode(self, record: JobRecord) -> Optional[int]:
@@ -205,8 +206,16 @@ class JobManager:
 
     def _wait(self, record: JobRecord, child: subprocess.Popen) -> None:
         record.returncode = child.wait()
+        self._update(record, returncode=record.returncode)
         self.run_folder(record)
-        record.save(self.folder)
+
+    def _update(self, record: JobRecord, **changes: object) -> None:
+        """Change fields of the saved record (read again first: the page and the waiting thread both write)."""
+        with self._records_lock:
+            saved = JobRecord.load(self.folder / f"{record.id}.json") or record
+            for key, value in changes.items():
+                setattr(saved, key, value)
+            saved.save(self.folder)
 
     def stop(self, record: JobRecord) -> str:
         """SIGTERM: main.py saves ``last.ckpt`` and exits (143)."""

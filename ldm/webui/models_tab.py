@@ -32,10 +32,10 @@ def prune(ui: WebUI, ckpt: str, name: str) -> str:
     return _done(ui, work)
 
 
-def convert(ui: WebUI, ckpt: str, name: str) -> str:
+def convert(ui: WebUI, ckpt: str, name: str, config: str = "") -> str:
     def work() -> Path:
         path = ui.readable_weights(ckpt, "checkpoint")
-        return tools.convert(path, _output(ui, name, f"{_stem(path)}-diffusers"), tools.inference_config_for(path))
+        return tools.convert(path, _output(ui, name, f"{_stem(path)}-diffusers"), tools.model_config(config, path))
     return _done(ui, work)
 
 
@@ -62,6 +62,8 @@ def build(ui: WebUI, tab: gr.Tab) -> None:
             ckpt = gr.Dropdown(ckpts, value=ckpts[0][1] if ckpts else None, label="checkpoint", elem_id="models-ckpt")
             name = gr.Textbox(label="output name in the model folder (empty: derived from the checkpoint)",
                               elem_id="models-out")
+            config = gr.Dropdown(tools.config_choices(), value="", label="model config (for converting)",
+                                 elem_id="models-config")
             refresh = gr.Button("Refresh model lists", size="sm", elem_id="models-refresh")
         with gr.Column():
             prune_button = gr.Button("Prune to fp16 safetensors", elem_id="prune")
@@ -81,5 +83,5 @@ def build(ui: WebUI, tab: gr.Tab) -> None:
     for event in (refresh.click, tab.select):
         event(lists, [ckpt, lora], [ckpt, lora], show_progress="hidden")
     prune_button.click(lambda c, n: prune(ui, c, n), [ckpt, name], result)
-    convert_button.click(lambda c, n: convert(ui, c, n), [ckpt, name], result)
+    convert_button.click(lambda c, n, k: convert(ui, c, n, k), [ckpt, name, config], result)
     merge_button.click(lambda c, lo, s, n: merge(ui, c, lo, s, n), [ckpt, lora, strength, name], result)

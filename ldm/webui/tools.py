@@ -99,6 +99,22 @@ def inference_config_for(ckpt: Path) -> Optional[Path]:
     return next((c for c in inference_configs() if _signature(c, c.stat().st_mtime) == wanted), None)
 
 
+def model_config(choice: Optional[str], ckpt: Path) -> Optional[Path]:
+    """The config a checkpoint is built with: the one chosen (one of the repository's inference configs), else
+    the one of its run (:func:`inference_config_for`), else None (the scripts recognise the family)."""
+    if not choice:
+        return inference_config_for(ckpt)
+    chosen = Path(choice).resolve()
+    if chosen not in [c.resolve() for c in inference_configs()]:
+        raise ToolError(f"model config {choice}: not one of the repository's inference configs")
+    return chosen
+
+
+def config_choices() -> list[tuple[str, str]]:
+    return [("auto (the run's, or from the checkpoint's keys)", "")] + [
+        (str(c.relative_to(REPO)), str(c)) for c in inference_configs()]
+
+
 def model_files(*folders: Path) -> tuple[list[Path], list[Path]]:
     """``(checkpoints, LoRA adapters)`` below ``folders``."""
     from ldm.webui.paths import weight_files
