@@ -148,9 +148,10 @@ def txt2img(ckpt: Path, options: SampleOptions, outdir: Path, size: Optional[tup
 
     parser.error = refuse
     opt = parser.parse_args(argv)
+    from ldm.cli import user_errors
     try:
         written = script.sample(opt)
-    except script.user_errors() as e:
+    except user_errors() as e:
         raise ToolError(str(e)) from None
     return [p for p in written if p.parent.name == "samples"]
 
