@@ -1,0 +1,244 @@
+"""The Generate, Inpaint and Models tabs' work, done by the project's own scripts.
+
+Text-to-image calls ``scripts/stable_txt2img.py`` (its parser and ``sample``) in this process, so its files and
+their PNG metadata are exactly the script's. Image-to-image, inpainting and the model tools run their scripts
+(``img2img.py``, ``inpaint.py``, ``prune_ckpt.py``, ``convert_to_diffusers.py``, ``merge_lora.py``) as child
+processes with their documented flags: a crash there is a message here, and the UI needs nothing from them but
+their command lines. A script's one-line error (``prog: error: ...``) becomes a :class:`ToolError` with that line.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional, Sequence
+
+from omegaconf import OmegaConf
+
+from ldm.webui.paths import WEIGHT_SUFFIXES
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = REPO / "scripts"
+SCRIPT_TIMEOUT_S = 6 * 3600
+EXTRA_SCRIPTS_ENV = "DREAMBOOTH_WEBUI_EXTRA_SCRIPTS"
+#: The parts of a model config that decide which inference config builds its checkpoints.
+SIGNATURE_KEYS = ("model.params.unet_config.params.model_channels", "model.params.unet_config.params.channel_mult",
+                  "model.params.unet_config.params.context_dim", "model.params.unet_config.params.in_channels",
+                  "model.params.first_stage_config.params.ddconfig.ch_mult",
+                  "model.params.first_stage_config.params.ddconfig.ch", "model.params.cond_stage_config.target",
+                  "model.params.conditioner_config.target", "model.params.image_size")
+
+
+class ToolError(RuntimeError):
+    """A script refused its input or failed; the message is its one line (or the last line it wrote)."""
+
+
+@dataclass
+class SampleOptions:
+    """What txt2img, img2img and inpainting share (the scripts' flags of the same names)."""
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 42
+    ddim_steps: int = 50
+    scale: float = 7.5
+    sampler: str = "ddim"
+    n_samples: int = 1
+    config: Optional[Path] = None
+    lora: Optional[Path] = None
+    lora_strength: float = 1.0
+
+    def argv(self) -> list[str]:
+        args = ["--prompt", self.prompt, "--negative_prompt", self.negative_prompt, "--seed", str(self.seed),
+                "--ddim_steps", str(self.ddim_steps), "--scale", str(self.scale), "--sampler", self.sampler,
+                "--n_samples", str(self.n_samples), "--n_iter", "1"]
+        if self.config is not None:
+            args += ["--config", str(self.config)]
+        if self.lora is not None:
+            args += ["--lora", f"{self.lora}:{self.lora_strength}"]
+        return args
+
+
+# ---- which files are what ------------------------------------------------------------------------------------
+
+def is_lora_file(path: Path) -> bool:
+    """A LoRA adapter (kohya or PEFT key names) rather than a model; read from the safetensors header only."""
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return any("lora" in k for k in f.keys())
+    except Exception:  # noqa: BLE001 - an unreadable file is not offered as an adapter
+        return False
+
+
+def inference_configs() -> list[Path]:
+    return sorted(REPO.glob("configs/**/*inference*.yaml"))
+
+
+@lru_cache(maxsize=64)
+def _signature(config_path: Path, mtime: float) -> tuple:
+    cfg = OmegaConf.load(config_path)
+    return tuple(str(OmegaConf.select(cfg, key, default=None)) for key in SIGNATURE_KEYS)
+
+
+def inference_config_for(ckpt: Path) -> Optional[Path]:
+    """The inference config of a checkpoint inside a run folder (``<run>/checkpoints/x.ckpt``): the one whose
+    architecture equals the run's saved config. None elsewhere: the scripts then recognise the model's family
+    from its keys."""
+    run = ckpt.parent.parent
+    saved = sorted((run / "configs").glob("*-project.yaml")) if ckpt.parent.name == "checkpoints" else []
+    if not saved:
+        return None
+    wanted = _signature(saved[-1], saved[-1].stat().st_mtime)
+    return next((c for c in inference_configs() if _signature(c, c.stat().st_mtime) == wanted), None)
+
+
+def model_config(choice: Optional[str], ckpt: Path) -> Optional[Path]:
+    """The config a checkpoint is built with: the one chosen (one of the repository's inference configs), else
+    the one of its run (:func:`inference_config_for`), else None (the scripts recognise the family)."""
+    if not choice:
+        return inference_config_for(ckpt)
+    chosen = Path(choice).resolve()
+    if chosen not in [c.resolve() for c in inference_configs()]:
+        raise ToolError(f"model config {choice}: not one of the repository's inference configs")
+    return chosen
+
+
+def config_choices() -> list[tuple[str, str]]:
+    return [("auto (the run's, or from the checkpoint's keys)", "")] + [
+        (str(c.relative_to(REPO)), str(c)) for c in inference_configs()]
+
+
+def model_files(*folders: Path) -> tuple[list[Path], list[Path]]:
+    """``(checkpoints, LoRA adapters)`` below ``folders``."""
+    from ldm.webui.paths import weight_files
+    files = weight_files(*folders)
+    loras = [p for p in files if is_lora_file(p)]
+    return [p for p in files if p not in loras], loras
+
+
+# ---- sampling ------------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module (the scripts are files, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"webui_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def txt2img(ckpt: Path, options: SampleOptions, outdir: Path, size: Optional[tuple[int, int]] = None) -> list[Path]:
+    """``stable_txt2img.py`` with these flags, in this process; returns the sample files (the grid is written
+    too, as the script does, and left out of the list)."""
+    script = load_script("stable_txt2img")
+    argv = ["--ckpt", str(ckpt), "--outdir", str(outdir), *options.argv()]
+    if size is not None:
+        argv += ["--W", str(size[0]), "--H", str(size[1])]
+    parser = script.build_parser()
+
+    def refuse(message: str) -> None:  # argparse would print and exit; the page wants the line
+        raise ToolError(message)
+
+    parser.error = refuse
+    opt = parser.parse_args(argv)
+    from ldm.cli import user_errors
+    try:
+        written = script.sample(opt)
+    except user_errors() as e:
+        raise ToolError(str(e)) from None
+    return [p for p in written if p.parent.name == "samples"]
+
+
+def script_path(name: str) -> Path:
+    """``scripts/<name>.py``; while a script is missing from this checkout (inpaint.py and img2img.py come from
+    another branch), the folder ``DREAMBOOTH_WEBUI_EXTRA_SCRIPTS`` names is looked in too (the tests' stand-ins)."""
+    script = SCRIPTS / f"{name}.py"
+    extra = os.environ.get(EXTRA_SCRIPTS_ENV)
+    if not script.is_file() and extra and (Path(extra) / f"{name}.py").is_file():
+        return Path(extra) / f"{name}.py"
+    if not script.is_file():
+        raise ToolError(f"{script}: not in this checkout")
+    return script
+
+
+def run_script(name: str, args: Sequence[str], timeout_s: float = SCRIPT_TIMEOUT_S) -> str:
+    """``python scripts/<name>.py args`` in a child process; its output, or :class:`ToolError` with its error."""
+    script = script_path(name)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    try:
+        done = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise ToolError(f"{name}.py did not finish within {timeout_s / 3600:.0f} h and was stopped") from None
+    if done.returncode != 0:
+        raise ToolError(error_line(done.stderr or done.stdout, name, done.returncode))
+    return done.stdout
+
+
+def error_line(output: str, name: str, code: int) -> str:
+    """The script's ``error:`` line, else its last line, else the exit code."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if re.search(r"\berror: ", line)]
+    if errors:
+        return errors[-1].split("error: ", 1)[1]
+    reason = f" (killed by signal {-code})" if code < 0 else f" (exit code {code})"
+    return f"{name}.py failed{reason}" + (f": {lines[-1]}" if lines else "")
+
+
+def _new_samples(outdir: Path, before: set[Path]) -> list[Path]:
+    return sorted(set((outdir / "samples").glob("*.png")) - before)
+
+
+def inpaint(model_path: Path, image: Path, mask: Path, options: SampleOptions, outdir: Path, strength: float,
+            mask_blur: int = 4, only_masked: bool = False, padding: int = 32) -> list[Path]:
+    """``scripts/inpaint.py`` (white in ``mask`` = repaint); returns the samples it wrote into ``outdir``."""
+    before = set((outdir / "samples").glob("*.png"))
+    args = ["--ckpt", str(model_path), "--image", str(image), "--mask", str(mask), "--strength", str(strength),
+            "--mask_blur", str(mask_blur), "--padding", str(padding), "--outdir", str(outdir), *options.argv()]
+    run_script("inpaint", args + (["--only_masked"] if only_masked else []))
+    return _new_samples(outdir, before)
+
+
+def img2img(model_path: Path, image: Path, options: SampleOptions, outdir: Path, strength: float) -> list[Path]:
+    """``scripts/img2img.py``: the whole image repainted to ``strength``; returns the samples written."""
+    before = set((outdir / "samples").glob("*.png"))
+    run_script("img2img", ["--ckpt", str(model_path), "--init-img", str(image), "--strength", str(strength),
+                           "--outdir", str(outdir), *options.argv()])
+    return _new_samples(outdir, before)
+
+
+# ---- model tools ---------------------------------------------------------------------------------------------
+
+def size_of(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def prune(ckpt: Path, out: Path) -> Path:
+    """A fp16 safetensors file with what sampling needs (``prune_ckpt.py --fp16 --safetensors``)."""
+    run_script("prune_ckpt", [str(ckpt), str(out), "--fp16", "--safetensors"])
+    return out.with_suffix(".safetensors")
+
+
+def convert(ckpt: Path, out: Path, config: Optional[Path]) -> Path:
+    """A diffusers folder (``convert_to_diffusers.py``)."""
+    run_script("convert_to_diffusers", [str(ckpt), str(out)] + (["--config", str(config)] if config else []))
+    return out
+
+
+def merge(ckpt: Path, lora: Path, strength: float, out: Path) -> Path:
+    """The adapter baked into the model (``merge_lora.py``)."""
+    run_script("merge_lora", [str(ckpt), f"{lora}:{strength}", str(out)])
+    return out
+
+
+def is_weights(path: Path) -> bool:
+    return path.suffix in WEIGHT_SUFFIXES

@@ -1,0 +1,258 @@
+"""The Train tab: photos, subject, recipe, Start / Stop / Resume, and a live view of the selected run."""
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from functools import lru_cache
+from types import SimpleNamespace
+from typing import Any, Optional
+
+import gradio as gr
+
+from ldm.webui import runs as run_files
+from ldm.webui.context import WebUI, refusal, user_errors
+from ldm.webui.paths import image_folders, inside
+from ldm.webui.recipes import TrainRequest, recipes, resume_argv, training_argv
+from ldm.webui.uploads import save_photos
+
+REFRESH_S = 1.5
+LOG_LINES = 14
+
+
+@lru_cache(maxsize=1)
+def _tokenizer():
+    from ldm.modules.encoders.tokenizer import CLIPTokenizer
+    return CLIPTokenizer()
+
+
+def identifier_warnings(token: str, class_word: str) -> str:
+    """``check_identifier``'s warnings with CLIP's tokenizer, and the prompt the subject will be trained with."""
+    from ldm.data.dreambooth import check_identifier
+    if not token or not token.strip():
+        return "⚠ the identifier is empty: use a rare token such as sks"
+    try:
+        warnings = check_identifier(token.strip(), _tokenizer())
+    except FileNotFoundError as e:
+        return refusal(e)
+    prompt = f"training prompt: *photo of a {token.strip()} {(class_word or '').strip() or '[class]'}*"
+    return "\n\n".join([f"⚠ {w}" for w in warnings] + [prompt])
+
+
+def folder_choices(ui: WebUI) -> list[tuple[str, str]]:
+    """Photo folders of the data folder, newest first (not the class images, not the UI's outputs)."""
+    skip = (ui.roots.class_images, ui.roots.outputs)
+    folders = [p for p in image_folders(ui.roots.data_dir) if not any(s == p or s in p.parents for s in skip)]
+    return [(ui.label(p), str(p)) for p in sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+
+def upload(ui: WebUI, files: Optional[list[str]], recipe: str, class_word: str) -> tuple[str, Any]:
+    """Check and keep uploaded photos; select their new folder."""
+    try:
+        size = recipes()[recipe].defaults()["size"]
+        result = save_photos(files or [], ui.roots.uploads, class_word or "photos", size)
+    except user_errors() as e:
+        return refusal(e), gr.skip()
+    report = "\n\n".join(["✓ " + result.report().splitlines()[0]] * (result.folder is not None)
+                         + [f"⚠ {line}" for line in result.errors + result.warnings])
+    if result.folder is None:
+        return report or "⚠ no usable photos", gr.skip()
+    return report, gr.Dropdown(choices=folder_choices(ui), value=str(result.folder))
+
+
+def recipe_defaults(ui: WebUI, recipe: str) -> tuple[Any, Any, Any, Any]:
+    r = recipes()[recipe]
+    d = r.defaults()
+    return d["steps"], d["learning_rate"], d["grid_every"], gr.Dropdown(choices=checkpoint_choices(ui, recipe),
+                                                                         value=None if r.needs_checkpoint else "")
+
+
+def checkpoint_choices(ui: WebUI, recipe: str) -> list[tuple[str, str]]:
+    r = recipes()[recipe]
+    start = []
+    if r.start is not None:
+        start = [(f"{r.start.name} (shipped)", "")]
+    elif not r.needs_checkpoint:
+        start = [("(none: random weights)", "")]
+    return start + ui.weights()[0]
+
+
+def start(ui: WebUI, recipe: str, photos: str, class_word: str, token: str, checkpoint: str, steps: float,
+          lr: float, prior: bool, n_class: float, grid_every: float, seed: float) -> tuple[str, Any]:
+    try:
+        request = TrainRequest(recipe, photos, class_word, token, checkpoint or None, steps, lr, prior, n_class,
+                               grid_every, seed)
+        argv, name, r = training_argv(request, ui.roots, ui.cuda)
+        record = ui.jobs.start(argv, name, r.label, str(r.inference) if r.inference else None)
+    except user_errors() as e:
+        return refusal(e), gr.skip()
+    return f"Started {name} (pid {record.pid}).", picker(ui, f"job:{record.id}")
+
+
+def _view(ui: WebUI, key: Optional[str]) -> tuple[list[run_files.RunView], Optional[run_files.RunView]]:
+    """All runs and the selected one (the newest when none is). ``job:<id>`` names a run started from the page,
+    which is known by its folder's name once main.py has made it."""
+    views = run_files.list_runs(ui.jobs)
+    if key and key.startswith("job:"):
+        record = next((r for r in ui.jobs.records() if r.id == key[4:]), None)
+        folder = ui.jobs.run_folder(record) if record else None
+        key = folder.name if folder else key
+    chosen = next((v for v in views if v.key == key), None)
+    return views, chosen or (views[0] if views else None)
+
+
+def picker(ui: WebUI, key: Optional[str]) -> Any:
+    views, view = _view(ui, key)
+    return gr.Dropdown(choices=[(v.label, v.key) for v in views], value=view.key if view else None)
+
+
+def stop(ui: WebUI, key: str) -> str:
+    _, view = _view(ui, key)
+    if view is None or view.record is None:
+        return "⚠ no run of this page selected (runs started elsewhere are stopped where they were started)"
+    return ui.jobs.stop(view.record)
+
+
+def resume(ui: WebUI, key: str) -> tuple[str, Any]:
+    _, view = _view(ui, key)
+    if view is None or view.folder is None:
+        return "⚠ no run folder to resume", gr.skip()
+    try:
+        folder = inside(view.folder, [ui.roots.log_dir], "run folder")
+        if view.state == "running":
+            return f"⚠ {view.folder.name} is running already", gr.skip()
+        if not run_files.checkpoints(folder):
+            return f"⚠ {folder.name}: no checkpoint to resume from", gr.skip()
+        previous = view.record
+        record = ui.jobs.start(resume_argv(folder, ui.cuda), view.name, previous.recipe if previous else "",
+                               previous.inference_config if previous else None, run_folder=folder)
+    except user_errors() as e:
+        return refusal(e), gr.skip()
+    return f"Resuming {folder.name} (pid {record.pid}).", picker(ui, f"job:{record.id}")
+
+
+@dataclass
+class Shown:
+    """What the page shows already, so a refresh sends only what changed."""
+    key: str = ""
+    losses: int = -1
+    grids: tuple = ()
+
+
+def progress_html(view: Optional[run_files.RunView], progress: run_files.Progress) -> str:
+    if view is None:
+        return "<div id='train-progress' data-state='none'>No runs yet.</div>"
+    step, top = progress.step or 0, progress.max_steps or 0
+    return (f"<div id='train-progress' data-state='{view.state}' data-step='{step}' data-max='{top}'>"
+            f"<b>{html.escape(view.label)}</b><br><progress value='{step}' max='{top or 1}' style='width:100%'>"
+            f"</progress><br>{html.escape(progress.text())}</div>")
+
+
+def loss_frame(losses: list[dict[str, float]]):
+    """The plot's long table (step, loss, term); None while there is nothing to draw (an empty table would leave
+    Gradio's chart without series for the data that follows)."""
+    import pandas as pd
+    rows = [(r["step"], r[term], term.replace("loss_", "")) for r in losses for term in ("loss_subject", "loss_prior")
+            if term in r]
+    if not rows:
+        return None
+    return pd.DataFrame({"step": pd.Series([r[0] for r in rows], dtype="int64"),
+                         "loss": pd.Series([r[1] for r in rows], dtype="float64"),
+                         "term": pd.Series([r[2] for r in rows], dtype="object")})
+
+
+def refresh(ui: WebUI, key: Optional[str], shown: Optional[Shown]) -> tuple:
+    """Everything the run view shows, for the selected run (the newest when none is)."""
+    shown = shown or Shown()
+    views, view = _view(ui, key)
+    choices = [(v.label, v.key) for v in views]
+    selected = view.key if view else None
+    if view is None or view.folder is None:
+        progress, losses, grids = run_files.Progress(), [], []
+    else:
+        progress, losses = run_files.read_progress(view.folder), run_files.read_losses(view.folder)
+        grids = run_files.grids(view.folder)
+    output = ui.jobs.output(view.record) if view and view.record else ""
+    tail = "\n".join([line for line in output.splitlines() if line.strip()][-LOG_LINES:])
+    same_run = shown.key == (selected or "")
+    plot = gr.skip() if same_run and shown.losses == len(losses) else loss_frame(losses)
+    gallery = gr.skip() if same_run and shown.grids == tuple(grids) else [(str(p), p.stem) for p in grids]
+    running = view is not None and view.state == "running"
+    resumable = view is not None and view.folder is not None and view.state in ("stopped", "failed") and bool(
+        run_files.checkpoints(view.folder))
+    return (gr.Dropdown(choices=choices, value=selected), progress_html(view, progress), plot, gallery, tail,
+            gr.Button(interactive=running and view.record is not None), gr.Button(interactive=resumable),
+            Shown(selected or "", len(losses), tuple(grids)))
+
+
+def _form(ui: WebUI) -> SimpleNamespace:
+    """Photos, subject and recipe, and the Start button."""
+    names = list(recipes())
+    first = names[-1]  # the tiny demo model: the one that runs anywhere
+    d = recipes()[first].defaults()
+    c = SimpleNamespace()
+    with gr.Row():
+        with gr.Column():
+            gr.Markdown("### 1. Photos of the subject")
+            c.files = gr.File(label="upload 5-30 photos", file_count="multiple", file_types=["image"],
+                              type="filepath", elem_id="photos-upload")
+            c.upload_report = gr.Markdown(elem_id="upload-report")
+            c.folder = gr.Dropdown(choices=folder_choices(ui), label="photo folder (in the data folder)",
+                                   elem_id="photo-folder")
+        with gr.Column():
+            gr.Markdown("### 2. Subject")
+            c.class_word = gr.Textbox(label="class word", placeholder="dog", elem_id="class-word")
+            c.token = gr.Textbox(label="identifier", value="sks", elem_id="identifier")
+            c.token_info = gr.Markdown(identifier_warnings("sks", ""), elem_id="identifier-warnings")
+        with gr.Column():
+            gr.Markdown("### 3. Recipe")
+            c.recipe = gr.Dropdown(choices=names, value=first, label="recipe", elem_id="recipe")
+            c.checkpoint = gr.Dropdown(choices=checkpoint_choices(ui, first), value="", label="starting checkpoint",
+                                       elem_id="start-checkpoint")
+            with gr.Row():
+                c.steps = gr.Number(d["steps"], label="steps", precision=0, minimum=1, elem_id="steps")
+                c.lr = gr.Number(d["learning_rate"], label="learning rate", elem_id="learning-rate")
+            with gr.Row():
+                c.prior = gr.Checkbox(True, label="prior preservation", elem_id="prior")
+                c.n_class = gr.Number(50, label="class images", precision=0, minimum=1, elem_id="class-images")
+            with gr.Row():
+                c.grid_every = gr.Number(d["grid_every"], label="validation grid every (steps)", precision=0,
+                                         elem_id="grid-every")
+                c.seed = gr.Number(23, label="seed", precision=0, elem_id="train-seed")
+    c.start = gr.Button("Start training", variant="primary", elem_id="start")
+    c.status = gr.Markdown(elem_id="train-status")
+    return c
+
+
+def _run_view() -> SimpleNamespace:
+    """The selected run: picker, Stop / Resume, progress, loss plot, grids, output."""
+    c = SimpleNamespace()
+    with gr.Row():
+        c.picker = gr.Dropdown(label="run", elem_id="run-picker", scale=3)
+        c.stop = gr.Button("Stop", interactive=False, elem_id="stop", scale=1)
+        c.resume = gr.Button("Resume", interactive=False, elem_id="resume", scale=1)
+    c.progress = gr.HTML(progress_html(None, run_files.Progress()), elem_id="progress")
+    with gr.Row():
+        c.plot = gr.LinePlot(x="step", y="loss", color="term", label="loss", elem_id="loss-plot", y_title="MSE")
+        c.grids = gr.Gallery(label="validation grids", columns=2, elem_id="grids", height=350, interactive=False)
+    c.log = gr.Textbox(label="last lines of the run's output", lines=LOG_LINES, max_lines=LOG_LINES,
+                       elem_id="run-log", autoscroll=True)
+    c.shown = gr.State(Shown())
+    return c
+
+
+def build(ui: WebUI) -> None:
+    """The tab's components and events (call inside ``gr.Tab``)."""
+    f, v = _form(ui), _run_view()
+    timer = gr.Timer(REFRESH_S)
+    f.files.upload(lambda fs, r, c: upload(ui, fs, r, c), [f.files, f.recipe, f.class_word],
+                   [f.upload_report, f.folder])
+    for box in (f.token, f.class_word):
+        box.change(identifier_warnings, [f.token, f.class_word], f.token_info, show_progress="hidden")
+    f.recipe.change(lambda r: recipe_defaults(ui, r), f.recipe, [f.steps, f.lr, f.grid_every, f.checkpoint])
+    f.start.click(lambda *a: start(ui, *a), [f.recipe, f.folder, f.class_word, f.token, f.checkpoint, f.steps, f.lr,
+                                             f.prior, f.n_class, f.grid_every, f.seed], [f.status, v.picker])
+    v.stop.click(lambda k: stop(ui, k), v.picker, f.status)
+    v.resume.click(lambda k: resume(ui, k), v.picker, [f.status, v.picker])
+    outputs = [v.picker, v.progress, v.plot, v.grids, v.log, v.stop, v.resume, v.shown]
+    timer.tick(lambda k, s: refresh(ui, k, s), [v.picker, v.shown], outputs, show_progress="hidden")
+    v.picker.select(lambda k: refresh(ui, k, None), v.picker, outputs, show_progress="hidden")

@@ -1,0 +1,179 @@
+"""The web UI in a real browser, as a person uses it, on the tiny model (about two minutes on a 2-core CPU).
+
+Starts ``scripts/webui.py`` on a free port and drives Debian's headless Chromium through selenium: upload the six
+demo pictures, type the class and identifier, start a short training, stop it and resume it, see the progress
+reach the end with the loss plot and a validation grid, generate two images, send one to inpaint, paint a mask,
+inpaint, prune the checkpoint; then check the files on disk and their PNG metadata. A screenshot of each tab is
+written to ``<pytest tmp>/webui/screenshots`` (and to ``$WEBUI_SCREENSHOTS`` when set; the README's copies are
+in ``assets/webui/``). A browser that cannot start fails the test.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+
+import pytest
+from PIL import Image
+
+from ldm.data.image_loading import load_image
+from webui_browser import REPO, Page, free_port, start_app, start_browser
+
+SUBJECT = REPO / "assets" / "demo" / "subject"
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    root = tmp_path_factory.mktemp("webui")
+    dirs = {name: root / name for name in ("models", "logs", "data")}
+    env = dict(os.environ, OMP_NUM_THREADS="1", DREAMBOOTH_WEBUI_EXTRA_SCRIPTS=str(REPO / "tests/webui_standins"))
+    port = free_port()
+    app = start_app(port, dirs["models"], dirs["logs"], dirs["data"], root / "app.log", env)
+    driver = None
+    try:
+        driver = start_browser(root / "chrome-profile")
+        driver.get(f"http://127.0.0.1:{port}/")
+        p = Page(driver, root / "screenshots")
+        p.root, p.dirs = root, dirs
+        p.wait(lambda: p.el("start"), "the page")
+        yield p
+    finally:
+        if driver is not None:
+            driver.quit()
+        app.send_signal(signal.SIGINT)
+        try:
+            app.wait(20)
+        except Exception:  # noqa: BLE001
+            app.kill()
+        for child in sorted((dirs["logs"] / ".webui-jobs").glob("*.json")):
+            print(child.read_text())
+        target = os.environ.get("WEBUI_SCREENSHOTS")
+        if target:
+            shutil.copytree(root / "screenshots", target, dirs_exist_ok=True)
+        print(f"screenshots: {root / 'screenshots'}")
+
+
+def progress(p: Page) -> dict:
+    el = p.el("train-progress")
+    return {k: el.get_attribute(f"data-{k}") for k in ("state", "step", "max")}
+
+
+def test_train_generate_inpaint_in_a_browser(page: Page):
+    p, tic = page, time.time()
+    # 1. Photos: a broken file gets the training loader's own message; the six demo pictures are checked and kept
+    # in a new folder of the data folder.
+    bad = p.root / "holiday.png"
+    bad.write_bytes(b"not a picture")
+    with pytest.raises(ValueError) as loader_error:
+        load_image(bad, 64)
+    p.el("photos-upload", "input[type=file]").send_keys(str(bad))
+    p.wait(lambda: str(loader_error.value).replace(str(bad), "holiday.png") in p.text("upload-report"),
+           "the loader's error for the broken file")
+    p.el("photos-upload", "input[type=file]").send_keys("\n".join(str(f) for f in sorted(SUBJECT.glob("*.png"))))
+    p.wait(lambda: "6 photos saved" in p.text("upload-report"), "the upload report")
+    folder = next((p.dirs["data"] / "uploads").iterdir())
+    assert sorted(f.name for f in folder.iterdir()) == sorted(f.name for f in SUBJECT.glob("*.png"))
+
+    # 2. Subject: the identifier's warnings follow the typing.
+    p.fill("class-word", "robot")
+    p.fill("identifier", "dog")
+    p.wait(lambda: "frequent word" in p.text("identifier-warnings"), "the frequent-word warning")
+    p.fill("identifier", "sks")
+    p.wait(lambda: "photo of a sks robot" in p.text("identifier-warnings")
+           and "frequent" not in p.text("identifier-warnings"), "the warning to go")
+
+    # 3. A short run with prior preservation; a second Start while it runs is refused.
+    p.fill("steps", STEPS)
+    p.fill("class-images", 4)
+    p.fill("grid-every", 20)
+    p.click("start")
+    p.wait(lambda: "Started" in p.text("train-status"), "the start message")
+    p.click("start")
+    p.wait(lambda: "Not started" in p.text("train-status") and "is running" in p.text("train-status"),
+           "the second start to be refused")
+
+    # 4. Stop once it trains, then resume: the run ends at its step limit.
+    p.wait(lambda: progress(p)["state"] == "running" and int(progress(p)["step"]) >= 1, "training steps", 120)
+    p.click("stop")
+    p.wait(lambda: progress(p)["state"] == "stopped", "the run to stop", 60)
+    run = next(d for d in p.dirs["logs"].iterdir() if (d / "configs").is_dir())
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    p.wait(lambda: [json.loads(f.read_text())["returncode"] for f in (p.dirs["logs"] / ".webui-jobs").glob("*.json")]
+           == [143], "main.py's exit code after SIGTERM")
+    p.click("resume")
+    p.wait(lambda: "Resuming" in p.text("train-status"), "the resume message")
+    p.wait(lambda: progress(p)["state"] == "finished", "the resumed run to finish", 120)
+    assert progress(p)["step"] == progress(p)["max"] == str(STEPS)
+    assert "steps/s" in p.text("train-progress") or "s/step" in p.text("train-progress")
+    p.wait(lambda: plotted_lines(p) == 2, "the loss plot's subject and prior lines", 30)
+    p.wait(lambda: len(p.images("grids")) >= 2, "the validation grids")
+    p.screenshot("train")
+
+    # 5. Generate two images from the run's checkpoint.
+    p.tab("Generate")
+    p.click("gen-refresh")
+    p.wait(lambda: "last.ckpt" in p.el("gen-ckpt", "input").get_attribute("value"), "the checkpoint in the picker")
+    p.fill("gen-prompt", "photo of a sks robot")
+    p.fill("gen-steps", 10)
+    p.click("generate")
+    p.wait(lambda: "2 images" in p.text("gen-status"), "generation", 120)
+    p.wait(lambda: len(p.images("gen-gallery")) >= 2, "the results in the gallery")
+    p.screenshot("generate")
+
+    # 6. Send the first to inpaint, paint a mask over its middle, inpaint.
+    p.images("gen-gallery")[0].click()
+    p.wait(lambda: p.els("gen-gallery", "button[aria-label='Send to inpaint']"), "the gallery's send button")[0].click()
+    p.wait(lambda: p.el("inp-editor").is_displayed() and "robot" in p.el("inp-prompt", "textarea").get_attribute(
+        "value"), "the inpaint tab with the picture")
+    paint_stroke(p)
+    p.fill("inp-steps", 10)
+    p.click("inpaint")
+    p.wait(lambda: "inpainting:" in p.text("inp-status"), "inpainting", 120)
+    p.wait(lambda: p.images("inp-gallery") and p.images("inp-original"), "the result beside the original")
+    p.screenshot("inpaint")
+
+    # 7. Prune the run's checkpoint; the size is shown.
+    p.tab("Models")
+    p.click("models-refresh")
+    p.click("prune")
+    p.wait(lambda: "wrote" in p.text("models-result") and "MB" in p.text("models-result"), "pruning", 120)
+    p.screenshot("models")
+
+    # The files, as the scripts write them.
+    samples = sorted((p.dirs["data"] / "outputs" / "txt2img" / "samples").glob("*.png"))
+    assert len(samples) == 2 and (p.dirs["data"] / "outputs" / "txt2img" / "grid-0000.png").is_file()
+    meta = Image.open(samples[0]).text
+    assert meta["prompt"] == "photo of a sks robot" and meta["steps"] == "10" and meta["checkpoint"] == "last.ckpt"
+    inpainted = sorted((p.dirs["data"] / "outputs" / "inpaint" / "samples").glob("*.png"))
+    assert len(inpainted) == 2
+    meta = Image.open(inpainted[0]).text
+    assert meta["prompt"] == "photo of a sks robot" and meta["mask"] == "00000-mask.png"
+    mask = Image.open(p.dirs["data"] / "outputs" / "inpaint-inputs" / "00000-mask.png")
+    assert 0 < sum(v > 0 for v in mask.getdata()) < mask.width * mask.height  # the stroke, not all or nothing
+    assert list(p.dirs["models"].glob("*-pruned-fp16.safetensors"))
+
+    # A reload shows the run as it is on disk.
+    p.d.refresh()
+    p.wait(lambda: progress(p)["state"] == "finished" and run.name in p.text("train-progress"),
+           "the run after a reload")
+    print(f"browser test: {time.time() - tic:.0f} s")
+
+
+def plotted_lines(p: Page) -> int:
+    """How many series (subject, prior) the loss plot draws: Vega's SVG line marks with a path, by colour."""
+    return p.d.execute_script("""
+        const paths = document.querySelectorAll('#loss-plot g[class*=mark-line] path');
+        return new Set(Array.from(paths).filter(e => (e.getAttribute('d') || '').length > 10)
+                                       .map(e => e.getAttribute('stroke'))).size;""")
+
+
+def paint_stroke(p: Page) -> None:
+    """A brush stroke across the middle of the editor's canvas."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    canvas = p.wait(lambda: [c for c in p.els("inp-editor", "canvas") if c.size["width"] > 50], "the canvas")[0]
+    p.d.execute_script("arguments[0].scrollIntoView({block: 'center'});", canvas)
+    ActionChains(p.d).move_to_element(canvas).click_and_hold().move_by_offset(40, 0).move_by_offset(0, 30) \
+        .move_by_offset(-40, 0).release().perform()

@@ -1,0 +1,305 @@
+"""The web UI's guards, without a browser: --listen needs a login, no field reaches outside the three folders,
+uploads get the training loader's own errors, one job on the device at a time, and the commands it builds pass
+main.py's own checks."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from helpers import make_folder
+from ldm.data.image_loading import load_image
+from ldm.webui import recipes as rc
+from ldm.webui import runs
+from ldm.webui.jobs import DeviceBusy, JobManager, JobRecord, outcome_from_output
+from ldm.webui.paths import PathRefused, Roots, inside, safe_name
+from ldm.webui.uploads import MAX_FILES, UploadError, save_photos
+
+
+@pytest.fixture
+def roots(tmp_path) -> Roots:
+    return Roots.create(tmp_path / "models", tmp_path / "logs", tmp_path / "data")
+
+
+@pytest.fixture
+def ui(roots):
+    from ldm.webui.context import WebUI
+    return WebUI(roots, JobManager(roots.log_dir, REPO), cuda=False)
+
+
+# ---- the command line ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--listen"], "--listen serves the UI to other machines: refusing to start without --auth USER:PASSWORD or "
+                   "--auth-file FILE"),
+    (["--listen", "--auth", "admin"], "--auth: expected USER:PASSWORD with both parts non-empty"),
+    (["--auth-file", "missing.txt"], "--auth-file missing.txt: cannot read it (No such file or directory)"),
+])
+def test_bad_command_lines_refuse_to_start_with_one_line(tmp_path, flags, expected):
+    done = subprocess.run([sys.executable, str(REPO / "scripts/webui.py"), *flags, "--model-dir",
+                           str(tmp_path / "m"), "--log-dir", str(tmp_path / "l"), "--data-dir", str(tmp_path / "d")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [f"dreambooth-webui: error: {expected}"]
+    assert not (tmp_path / "l").exists()  # refused before anything was created or served
+
+
+def test_auth_file(tmp_path):
+    from ldm.webui.cli import AuthError, read_auth
+    good = tmp_path / "logins.txt"
+    good.write_text("# who may log in\nann:s3cret:with:colons\n\nbob:pw\n")
+    assert read_auth("me:x", good) == [("me", "x"), ("ann", "s3cret:with:colons"), ("bob", "pw")]
+    (tmp_path / "empty.txt").write_text("# nobody\n")
+    with pytest.raises(AuthError, match="holds no USER:PASSWORD line"):
+        read_auth(None, tmp_path / "empty.txt")
+
+
+# ---- paths ---------------------------------------------------------------------------------------------------
+
+def test_paths_outside_the_folders_are_refused(roots, tmp_path):
+    outside = tmp_path / "secret.ckpt"
+    outside.write_bytes(b"x")
+    (roots.model_dir / "escape.ckpt").symlink_to(outside)
+    allowed = [roots.model_dir, roots.log_dir]
+    for path in ["/etc/passwd", str(roots.model_dir / ".." / "secret.ckpt"), str(roots.model_dir / "escape.ckpt"),
+                 "../secret.ckpt", "~/.ssh/id_rsa"]:
+        with pytest.raises(PathRefused, match="outside the folders this UI may use"):
+            inside(path, allowed, "checkpoint")
+    (roots.model_dir / "ok.ckpt").write_bytes(b"x")
+    assert inside(str(roots.model_dir / "sub" / ".." / "ok.ckpt"), allowed, "checkpoint") == roots.model_dir / "ok.ckpt"
+    for empty, message in (("", "checkpoint: none chosen"), ("a\0b", "checkpoint: not a valid path")):
+        with pytest.raises(PathRefused, match=message):
+            inside(empty, allowed, "checkpoint")
+
+
+@pytest.mark.parametrize("name, expected", [("../../.bashrc", "bashrc"), ("a b/c d.PNG", "c_d.PNG"),
+                                            ("..", "file"), ("Füße é.jpg", "Fue_e.jpg"), ("x" * 300 + ".png",
+                                                                                          "x" * 76 + ".png")])
+def test_safe_names(name, expected):
+    assert safe_name(name) == expected
+
+
+def test_every_field_that_names_a_path_refuses_outside(ui, roots, tmp_path):
+    from ldm.webui import generate_tab, models_tab, train_tab
+    message = "outside the folders this UI may use"
+    _, status = generate_tab.generate(ui, "/etc/passwd", "", 1.0, "a dog", "", 1, 10, 7.5, "ddim", "model default", 1)
+    assert status.startswith("⚠ checkpoint /etc/passwd: " + message)
+    (roots.model_dir / "m.ckpt").write_bytes(b"x")
+    _, status = generate_tab.generate(ui, str(roots.model_dir / "m.ckpt"), "/etc/hostname", 1.0, "a dog", "", 1,
+                                      10, 7.5, "ddim", "model default", 1)
+    assert status.startswith("⚠ LoRA /etc/hostname: " + message)
+    _, _, status = generate_tab.run_inpaint(ui, {"background": "/etc/hostname", "layers": []},
+                                            str(roots.model_dir / "m.ckpt"), "a dog", "", 0.75, 4, False, 32, 1, 10,
+                                            7.5, "ddim", 1)
+    assert status.startswith("⚠ picture /etc/hostname: " + message)
+    status, _ = train_tab.start(ui, list(rc.recipes())[-1], str(tmp_path), "dog", "sks", "", 10, 1e-4, False, 1,
+                                0, 23)
+    assert status.startswith(f"⚠ photo folder {tmp_path}: " + message)
+    assert models_tab.prune(ui, "/etc/passwd", "").startswith("⚠ checkpoint /etc/passwd: " + message)
+    # A name for a new file cannot leave the model folder either.
+    assert models_tab._output(ui, "../../evil.safetensors", "x") == roots.model_dir / "evil.safetensors"
+
+
+# ---- uploads -------------------------------------------------------------------------------------------------
+
+def test_a_bad_upload_shows_the_loaders_error(ui, tmp_path):
+    from ldm.webui import train_tab
+    browser = tmp_path / "gradio-tmp"
+    make_folder(browser / "a", 5)
+    bad = browser / "b" / "holiday.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a picture")
+    small = browser / "c" / "thumb.png"
+    small.parent.mkdir()
+    Image.new("RGB", (8, 8)).save(small)
+    files = sorted(str(p) for p in (browser / "a").iterdir()) + [str(bad), str(small)]
+    recipe = list(rc.recipes())[-1]  # the tiny model trains at 64 px
+    report, folder = train_tab.upload(ui, files, recipe, "dog")
+    expected = []
+    for path in (bad, small):  # the loader's own one-line messages, with the name the user gave the file
+        with pytest.raises(ValueError) as e:
+            load_image(path, 64)
+        expected.append("⚠ " + str(e.value).replace(str(path), path.name))
+    assert report.splitlines()[1:] == ["", expected[0], "", expected[1]]
+    assert report.startswith("✓ 5 photos saved to ")
+    saved = Path(folder.value)
+    assert sorted(p.name for p in saved.iterdir()) == [f"{i:02d}.png" for i in range(5)]
+    assert saved.parent == ui.roots.uploads
+
+
+def test_upload_names_and_limits(roots, tmp_path):
+    make_folder(tmp_path / "x", 2)
+    make_folder(tmp_path / "y", 1)
+    odd = tmp_path / "y" / "My Dog (1).PNG"
+    (tmp_path / "y" / "00.png").rename(odd)
+    result = save_photos([tmp_path / "x" / "00.png", tmp_path / "x" / "01.png", odd, tmp_path / "x" / "00.png"],
+                         roots.uploads, "../../dog", 64)
+    assert result.accepted == ["00.png", "01.png", "My_Dog_1.PNG", "00_2.png"]
+    assert result.folder.parent == roots.uploads and result.folder.name.endswith("-dog")
+    assert result.warnings == ["only 4 usable photos: DreamBooth works best with 5-30"]
+    with pytest.raises(UploadError, match=f"31 files: at most {MAX_FILES} photos"):
+        save_photos([tmp_path / "x" / "00.png"] * 31, roots.uploads, "dog", 64)
+
+
+# ---- jobs ----------------------------------------------------------------------------------------------------
+
+def test_one_job_at_a_time_stop_and_a_restarted_ui(roots):
+    jobs = JobManager(roots.log_dir, REPO)
+    script = "import time; print('Run folder: /nowhere (config saved to x)', flush=True); time.sleep(60)"
+    record = jobs.start([sys.executable, "-c", script], "first")
+    assert jobs.state(record) == "running"
+    with pytest.raises(DeviceBusy, match="Not started: training run first is running: stop it or wait"):
+        jobs.start([sys.executable, "-c", "pass"], "second")
+    with pytest.raises(DeviceBusy, match="The device is busy: training run first is running"):
+        with jobs.device("image generation"):
+            pass
+    deadline = time.time() + 30
+    while "Run folder" not in jobs.output(record) and time.time() < deadline:
+        time.sleep(0.1)
+    assert jobs.stop(record) == "Stopping first: it saves last.ckpt, then exits."
+    while jobs.state(record) == "running" and time.time() < deadline:
+        time.sleep(0.1)
+    assert jobs.state(record) == "stopped"
+    time.sleep(0.5)  # the waiting thread writes the exit code
+    saved = json.loads((jobs.folder / f"{record.id}.json").read_text())
+    assert saved["returncode"] == -15 and saved["run_folder"] == "/nowhere"
+    again = JobManager(roots.log_dir, REPO)  # the UI restarted: the run is read back from the log folder
+    assert [(r.name, again.state(r)) for r in again.records()] == [("first", "stopped")]
+    with again.device("image generation"):
+        assert again.busy() == "image generation is running: wait until it ends"
+
+
+def test_a_crash_is_failed_with_its_last_lines(roots):
+    jobs = JobManager(roots.log_dir, REPO)
+    record = jobs.start([sys.executable, "-c", "print('step 3'); raise MemoryError('CUDA out of memory')"], "oom")
+    deadline = time.time() + 30
+    while jobs.state(record) == "running" and time.time() < deadline:
+        time.sleep(0.1)
+    assert jobs.state(record) == "failed"
+    assert jobs.output(record).strip().splitlines()[-1] == "MemoryError: CUDA out of memory"
+
+
+@pytest.mark.parametrize("text, state", [("...\nDone: 40 steps. Checkpoints in x\n", "finished"),
+                                         ("Stopped by SIGTERM at step 7; resume with ...", "stopped"),
+                                         ("Traceback ...\nRuntimeError: boom\n", "failed")])
+def test_runs_whose_end_the_ui_missed(roots, text, state):
+    jobs = JobManager(roots.log_dir, REPO)
+    record = JobRecord(id="old", name="old", argv=[sys.executable, "main.py"], pid=2 ** 22 + 7)  # long gone
+    record.save(jobs.folder)
+    (jobs.folder / "old.log").write_text(text)
+    assert outcome_from_output(text) == state
+    assert jobs.state(jobs.records()[0]) == state
+
+
+# ---- the run folder ------------------------------------------------------------------------------------------
+
+def test_progress_losses_and_external_runs(roots):
+    run = roots.log_dir / "2026-01-01T00-00-00_cli"
+    (run / "configs").mkdir(parents=True)
+    (run / "configs" / "x-project.yaml").write_text("lightning:\n  trainer:\n    max_steps: 20\n")
+    for folder, rows in (("csv", ["4,1.0,0.5", "9,0.9,0.4"]), ("csv-resumed-x", ["14,0.8,0.3", "19,0.7,0.2"])):
+        (run / folder).mkdir()
+        (run / folder / "metrics.csv").write_text("epoch,step,train/loss_prior,train/loss_subject\n" +
+                                                  "".join(f"0,{r}\n" for r in rows))
+    assert [r["step"] for r in runs.read_losses(run)] == [4, 9, 14, 19]
+    assert runs.read_losses(run)[2] == {"step": 14, "loss_prior": 0.8, "loss_subject": 0.3}
+    assert runs.read_progress(run) == runs.Progress(20, 20, None)
+    assert runs.external_state(run) == "finished"
+    (run / "progress.json").write_text(json.dumps({"step": 10, "max_steps": 40, "steps_per_s": 2.0}))
+    assert runs.read_progress(run).text() == "step 10 / 40 · 2.00 steps/s · 15 s left"
+    assert runs.external_state(run) == "running"  # a fresh progress file: someone trains it from a shell
+    os.utime(run / "progress.json", (time.time() - 3600,) * 2)
+    assert runs.external_state(run) == "failed"  # stale, no checkpoint
+    views = runs.list_runs(JobManager(roots.log_dir, REPO))
+    assert [(v.key, v.state, v.record) for v in views] == [(run.name, "failed", None)]
+
+
+# ---- the commands the UI builds ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("recipe", list(rc.recipes()))
+def test_the_training_command_passes_main_py_checks(roots, recipe):
+    """Each recipe's command line goes through main.py's parser and the training module's checks of every
+    config key and value (``prepare``: no model is loaded)."""
+    import main as main_py
+    from ldm.train import TrainOptions, prepare
+    photos = make_folder(roots.data_dir / "uploads" / "dog", 5)
+    ckpt = roots.model_dir / "base.safetensors"
+    ckpt.write_bytes(b"weights")
+    request = rc.TrainRequest(recipe, str(photos), "stuffed animal", "sks", str(ckpt), 30, 2e-6, True, 8, 10, 5)
+    argv, name, r = rc.training_argv(request, roots, cuda=False)
+    assert argv[:2] == [sys.executable, str(REPO / "main.py")] and name == "sks_stuffed_animal"
+    opt, overrides = main_py.get_parser().parse_known_args(argv[2:])
+    plan = prepare(TrainOptions.from_namespace(opt, overrides))
+    cfg = plan.config
+    assert cfg.lightning.trainer.max_steps == 30 and cfg.model.base_learning_rate == 2e-6
+    assert cfg.data.params.class_word == "stuffed animal" and cfg.class_images.num == 8
+    assert cfg.lightning.callbacks.webui_progress.target == "ldm.webui.progress.LiveProgress"
+    assert cfg.lightning.callbacks.image_logger.params.batch_frequency == 10
+    assert (cfg.model.params.get("lora_config") or {}).get("rank") == (4 if "LoRA" in recipe else None)
+    assert Path(cfg.data.params.reg_data_root).parent == roots.class_images
+    with pytest.raises(PathRefused):
+        rc.training_argv(rc.TrainRequest(recipe, "/tmp", "dog", "sks", str(ckpt), 30, 2e-6, False, 8), roots, False)
+    with pytest.raises(rc.RequestError, match="may not contain"):
+        rc.training_argv(rc.TrainRequest(recipe, str(photos), "dog", "a=b", str(ckpt), 30, 2e-6, False, 8), roots,
+                         False)
+
+
+def test_run_checkpoints_sample_with_their_inference_config(tmp_path):
+    from ldm.webui.tools import error_line, inference_config_for
+    run = tmp_path / "run"
+    (run / "configs").mkdir(parents=True)
+    (run / "configs" / "a-project.yaml").write_text((REPO / "configs/stable-diffusion/tiny-finetune.yaml").read_text())
+    tiny = REPO / "configs/stable-diffusion/tiny-inference.yaml"
+    assert inference_config_for(run / "checkpoints" / "last.ckpt") == tiny
+    assert inference_config_for(tmp_path / "sd-v1-4.ckpt") is None  # recognised from its keys by the script
+    assert error_line("warning\nprune_ckpt.py: error: out.safetensors: exists already\n", "prune_ckpt", 2) == \
+        "out.safetensors: exists already"
+    assert error_line("Killed\n", "merge_lora", -9) == "merge_lora.py failed (killed by signal 9): Killed"
+
+
+# ---- sampling and the model tools on the tiny model ------------------------------------------------------------
+
+def test_generate_with_a_lora_merge_and_convert(ui, roots, tiny_model, tiny_ckpt):
+    import copy
+    import shutil
+
+    from ldm.checkpoint import save_checkpoint
+    from ldm.lora import LoraSettings, add_lora, lora_state_dict
+    from ldm.util import fmt_bytes
+    from ldm.webui import generate_tab, models_tab
+    from ldm.webui.tools import size_of
+    base = roots.model_dir / "tiny.ckpt"
+    shutil.copy(tiny_ckpt, base)
+    with_lora = copy.deepcopy(tiny_model)
+    add_lora(with_lora, LoraSettings(rank=2))
+    lora = save_checkpoint(roots.model_dir / "adapter.safetensors", lora_state_dict(with_lora))
+    ckpts, loras = ui.weights()
+    assert [label for label, _ in loras] == ["models/adapter.safetensors"]
+    assert [label for label, _ in ckpts] == ["models/tiny.ckpt"]
+    tiny = str(REPO / "configs/stable-diffusion/tiny-inference.yaml")
+    args = (ui, str(base), str(lora), 0.5, "a toy", "", 3, 2, 3.0, "euler", "64 x 64", 1)
+    _, status = generate_tab.generate(*args)  # taken for SD v1 by its keys: the loader's one line says what differs
+    assert status.startswith(f"⚠ {base}: it is a Stable Diffusion v1 checkpoint") and "expected [49408, 768]" in status
+    gallery, status = generate_tab.generate(*args, config=tiny)
+    assert status.startswith("1 image in ") and status.endswith("saved in data/outputs/txt2img/samples")
+    meta = Image.open(gallery[0]).text
+    assert (meta["sampler"], meta["size"], meta["seed"], meta["checkpoint"]) == ("euler", "64x64", "3", "tiny.ckpt")
+
+    merged = roots.model_dir / "tiny-adapter-merged.safetensors"
+    assert models_tab.merge(ui, str(base), str(lora), 0.5, "") == \
+        f"✓ wrote models/{merged.name}: {fmt_bytes(merged.stat().st_size, decimal=True)}"
+    assert models_tab.merge(ui, str(base), str(lora), 0.5, "") == \
+        f"⚠ out {merged}: exists already; choose a new name (or pass --overwrite)"
+    assert models_tab.convert(ui, str(base), "", "/etc/passwd") == \
+        "⚠ model config /etc/passwd: not one of the repository's inference configs"
+    status = models_tab.convert(ui, str(base), "", tiny)
+    folder = roots.model_dir / "tiny-diffusers"
+    assert (folder / "model_index.json").is_file() and (folder / "unet").is_dir()
+    assert status == f"✓ wrote models/tiny-diffusers: {fmt_bytes(size_of(folder), decimal=True)}"
