@@ -474,8 +474,7 @@ class LatentDiffusion(pl.LightningModule):
     def _zero_offload(self) -> bool:
         """Whether the run's strategy is DeepSpeed ZeRO with the optimizer offloaded to the CPU (which then needs
         DeepSpeed's CPU AdamW)."""
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        zero = getattr(strategy, "config", None) or {}
+        zero = getattr(getattr(self._trainer, "strategy", None), "config", None) or {}
         return isinstance(zero, Mapping) and bool((zero.get("zero_optimization") or {}).get("offload_optimizer"))
 
     # ---- lean training: bf16 weights, compile, channels-last ---------------------------------------------
@@ -492,7 +491,7 @@ class LatentDiffusion(pl.LightningModule):
             self.model.to(memory_format=torch.channels_last)
         if self.compile_unet:
             from ldm.models.diffusion.speed import compile_or_eager
-            device = self._trainer.strategy.root_device if self._trainer is not None else self.device
+            device = getattr(getattr(self._trainer, "strategy", None), "root_device", self.device)
             compile_or_eager(self.model.diffusion_model, device)
 
     def saved_layout(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
