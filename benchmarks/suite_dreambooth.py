@@ -248,7 +248,8 @@ class DreamBoothSuite:
         if unknown or not names:
             raise SystemExit(f"--variants: unknown {unknown or args.variants!r}; name a kind (full, unet, loraR) and "
                              f"switches ({', '.join(FLAGS)}) joined by +, or all")
-        self.reference = REFERENCE if REFERENCE in names or not sdxl else SDXL_RECIPE
+        # The ratio column's reference: v1's recipe, SDXL's, else the first row asked for.
+        self.reference = next((r for r in (REFERENCE, SDXL_RECIPE) if r in names), names[0])
         self.header = self.header[:-1] + [f"time, peak vs {self.reference}"]
         cells = [dict(variant=v) for v in names]
         if args.peer == "diffusers":

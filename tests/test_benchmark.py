@@ -373,3 +373,19 @@ def test_bad_selections_are_refused_before_any_worker(flags: list[str], message:
                           timeout=60)
     assert proc.returncode != 0 and message in proc.stderr
     assert "[benchmark]" not in proc.stderr  # no cell was started
+
+
+def test_gpu_benchmark_script_stops_at_once_without_cuda() -> None:
+    """scripts/gpu_benchmark.sh is valid bash, and on a machine without CUDA says so in one line, running nothing."""
+    import torch
+    script = REPO / "scripts/gpu_benchmark.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the script would run")
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHON=sys.executable, OUT=str(REPO / "no-such-output")))
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "gpu_benchmark.sh: needs a CUDA GPU and a CUDA build of torch (torch.cuda.is_available() is False here); "
+        "nothing was run"]
+    assert not (REPO / "no-such-output").exists()

@@ -275,3 +275,14 @@ def test_deepspeed_offload_optimizer_is_adamw():
             opt.step()
         weights.append(p.detach())
     assert torch.allclose(weights[0], weights[1], atol=1e-6)
+
+
+@pytest.mark.skipif(os.environ.get("LDM_TEST_COMPILE") != "1",
+                    reason="compiling the tiny UNet's forward and backward takes ~3 min on 2 CPU cores; "
+                           "LDM_TEST_COMPILE=1 runs it")
+def test_compile_runs_and_keeps_the_loss(tiny_model):
+    """With a C++ compiler, model.params.compile compiles the UNet in place (the checkpoint keys keep their
+    names) and the loss is the eager one up to the compiler's reordering of float operations."""
+    compiled = copy.deepcopy(tiny_model)
+    assert one_loss(compiled, compile_unet=True) == pytest.approx(one_loss(tiny_model), rel=1e-5)
+    assert compiled.state_dict().keys() == tiny_model.state_dict().keys()
