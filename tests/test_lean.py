@@ -284,5 +284,8 @@ def test_compile_runs_and_keeps_the_loss(tiny_model):
     """With a C++ compiler, model.params.compile compiles the UNet in place (the checkpoint keys keep their
     names) and the loss is the eager one up to the compiler's reordering of float operations."""
     compiled = copy.deepcopy(tiny_model)
-    assert one_loss(compiled, compile_unet=True) == pytest.approx(one_loss(tiny_model), rel=1e-5)
+    compiled.compile_unet = True
+    compiled.configure_model()
+    assert compiled.model.diffusion_model._compiled_call_impl is not None
     assert compiled.state_dict().keys() == tiny_model.state_dict().keys()
+    assert one_loss(tiny_model, compile_unet=True) == pytest.approx(one_loss(tiny_model), rel=1e-5)
