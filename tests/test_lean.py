@@ -289,3 +289,13 @@ def test_compile_runs_and_keeps_the_loss(tiny_model):
     assert compiled.model.diffusion_model._compiled_call_impl is not None
     assert compiled.state_dict().keys() == tiny_model.state_dict().keys()
     assert one_loss(tiny_model, compile_unet=True) == pytest.approx(one_loss(tiny_model), rel=1e-5)
+
+
+def test_resuming_with_fused_backward_switched_is_refused(tmp_path, capsys):
+    """A plain run resumed with fused backward on would silently restart its AdamW moments: one line instead."""
+    train(tmp_path, 2)
+    run = run_folder(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main_module.main(["-r", str(run), "--max_steps", "4", FUSED])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1 and "resume with the same settings" in err[0], err

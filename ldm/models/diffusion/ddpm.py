@@ -456,6 +456,13 @@ class LatentDiffusion(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.batches_trained = int(checkpoint.get("batches_trained", 0))
+        states = checkpoint.get("optimizer_states") or [{}]
+        per_tensor = bool(self.optimizer_config.get("fused_backward")) or self.weights_dtype == "bf16"
+        if checkpoint.get("optimizer_states") and ("inner" in states[0]) != per_tensor:
+            from ldm.checkpoint import CheckpointError
+            raise CheckpointError("the checkpoint's optimizer state was saved with fused_backward / weights_dtype: "
+                                  f"bf16 {'on' if 'inner' in states[0] else 'off'}; resume with the same settings "
+                                  f"(its moments would otherwise be lost)")
         if self.lora_settings:
             from ldm.lora import peft_keys
             checkpoint["state_dict"] = peft_keys(checkpoint["state_dict"], self.state_dict().keys())
