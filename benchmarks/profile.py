@@ -38,7 +38,8 @@ def format_profiles(titles: Sequence[str], profiles: Sequence[dict[str, Any]]) -
     """Two (or more) profiles as columns: rank, then per implementation ``node  calls  ms  %``."""
     width = 44
     header = "".join(f"{t[:width]:<{width + 22}}" for t in titles)
-    lines = ["Backward per autograd node (one profiled step; % of that step's backward):", "    " + header]
+    lines = ["Backward per autograd node (one profiled step; % of that step's backward; with gradient checkpointing "
+             "a node's time includes the forward recomputation it triggered):", "    " + header]
     depth = max(len(p["ops"]) for p in profiles)
     for i in range(depth):
         cells = []
