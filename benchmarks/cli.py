@@ -1,10 +1,15 @@
-"""Time and peak memory: our SD v1 UNet beside diffusers' (``--suite unet``), or our DreamBooth training step in
-its memory-saving variants (``--suite dreambooth``).
+"""Time and peak memory: our SD v1 or SDXL UNet beside diffusers' (``--suite unet``), or our DreamBooth training step
+in its memory-saving and lean variants, optionally beside diffusers' train_dreambooth.py step (``--suite
+dreambooth``).
 
     python scripts/benchmark.py                                   # tiny config, CPU, a few seconds per row
     python scripts/benchmark.py --config v1 --latent 32 --batch 1 --repeat 1 --warmup 1 --steps 2 --markdown
     python scripts/benchmark.py --config v1 --device cuda --dtype fp16 --latent 64 --batch 2 --steps 50
+    python scripts/benchmark.py --config v1 --latent 32 --batch 1 --only train,train_ckpt --profile 15
+    python scripts/benchmark.py --config sdxl --latent 32 --batch 1 --only forward,ddim --steps 2
     python scripts/benchmark.py --suite dreambooth --config v1 --size 512 --repeat 1 --warmup 1 --markdown
+    python scripts/benchmark.py --suite dreambooth --config v1 --variants full+ckpt,full+ckpt+fused --peer diffusers
+    python scripts/benchmark.py --suite dreambooth --config sdxl --size 1024 --device cuda
     python scripts/benchmark.py --suite dreambooth --help         # the flags of that suite
 
 Every cell (a row, or one implementation's half of a row) runs in a fresh subprocess, so each peak (CPU: peak
@@ -34,8 +39,9 @@ def build_parser(suite: str = DEFAULT_SUITE) -> argparse.ArgumentParser:
     p.add_argument("--suite", choices=SUITES, default=DEFAULT_SUITE,
                    help="; ".join(f"{name}: {s.help}" for name, s in SUITES.items()))
     p.add_argument("--config", default="tiny",
-                   help="tiny, v1 or a YAML path; each suite names its own files (unet: tiny-/v1-inference.yaml, "
-                        "dreambooth: tiny-finetune.yaml / v1-finetune_unfrozen.yaml)")
+                   help="tiny, v1, tiny-sdxl, sdxl or a YAML path; each suite names its own files (unet: "
+                        "tiny-/v1-/tiny-sdxl-/sdxl-base-inference.yaml; dreambooth: tiny-finetune.yaml, "
+                        "v1-finetune_unfrozen.yaml, tiny-sdxl-finetune.yaml, sdxl-dreambooth-lora.yaml)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--repeat", type=int, default=3, help="timed repeats; the median is reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones")
@@ -72,6 +78,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = run_cells(suite.cells(args), argv, args)
     print(suite.describe(args, results))
     print(format_table(suite.header, suite.rows(results), args.markdown))
+    extra = suite.after_table(args, results) if hasattr(suite, "after_table") else ""
+    if extra:
+        print("\n" + extra)
     failed = [r for r in results if "error" in r]
     for r in failed:
         print(f"{' '.join(v for k, v in r.items() if k != 'error')} failed: {r['error']}")

@@ -14,6 +14,13 @@ gradients after the forward, so the previous step's gradients are still held whi
 Step k draws its timestep, noise and latent sample from a generator seeded with k (as training with
 ``noise_seed`` does) and every variant starts from the same seeded weights, so the variants that only save
 memory report the same first-step loss: the tests hold them to it.
+
+Variant names are ``+``-joined switches (``Variant.parse``), so any combination can be asked for with
+``--variants``; the lean-training switches (docs/lean-training.md) are ``fused`` (fused backward), ``bf16w``
+(weights stored in bf16), ``compile`` and ``cl`` (channels-last). SDXL (``--config sdxl`` / ``tiny-sdxl``): the
+LoRA recipe of sdxl-dreambooth-lora.yaml and a full UNet fine-tune, each plain and lean. ``--peer diffusers``
+adds, per row, diffusers' train_dreambooth.py step with the options it has (benchmarks/peer_dreambooth.py) and a
+table of ours / peer ratios.
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Mapping, Optional
 
-from benchmarks.harness import REPO, Cell, Meter, Result, fill_zero_parameters_, fmt_peak, summary_line
+from benchmarks.harness import (REPO, Cell, Meter, Result, comparison_header, comparison_rows, fill_zero_parameters_,
+                                fmt_peak, format_table, resolve_config, summary_line)
 from ldm.util import fmt_bytes
 
 CLASS_WORD = "dog"  # captions "photo of a sks dog" / "photo of a dog" with the configs' token and templates
@@ -33,39 +41,74 @@ REFERENCE = "full+ckpt"  # the recipe of v1-finetune_unfrozen.yaml, which the ra
 MIXED_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}  # str(autocast dtype) -> the report's name
 
 
+FLAGS = {"ckpt": "checkpointing", "8bit": "optimizer", "mixed": "mixed", "cached": "cached", "fused": "fused",
+         "bf16w": "bf16_weights", "compile": "compile", "cl": "channels_last"}
+
+
 @dataclass(frozen=True)
 class Variant:
     """The config switches of one row. Names: full / unet (text encoder trained or frozen), loraR (rank-R
     adapters on the frozen UNet's attention), +ckpt (UNet gradient checkpointing), +8bit (AdamW8bit),
-    +mixed (autocast), +cached (VAE latents and text embeddings computed once, before the steps)."""
+    +mixed (autocast), +cached (VAE latents and text embeddings computed once, before the steps), +fused (fused
+    backward), +bf16w (trainable weights stored in bf16), +compile (torch.compile of the UNet), +cl
+    (channels-last)."""
     text_encoder: bool
     checkpointing: bool
     optimizer: str = "adamw"
     mixed: bool = False
     cached: bool = False
     lora_rank: Optional[int] = None
+    fused: bool = False
+    bf16_weights: bool = False
+    compile: bool = False
+    channels_last: bool = False
+
+    @classmethod
+    def parse(cls, name: str) -> "Variant":
+        """``full+ckpt+8bit+fused``: a kind (full, unet, loraR), then switches; ValueError for an unknown part."""
+        kind, *flags = name.split("+")
+        unknown = [f for f in flags if f not in FLAGS]
+        lora = kind[4:].isdigit() and kind.startswith("lora") and int(kind[4:]) > 0
+        if unknown or not (kind in ("full", "unet") or lora):
+            raise ValueError(str(unknown or [kind]))
+        switches = {FLAGS[f]: ("adamw8bit" if f == "8bit" else True) for f in flags}
+        return cls(text_encoder=kind == "full", lora_rank=int(kind[4:]) if lora else None, **{
+            "checkpointing": False, **switches})
+
+    def peer_name(self) -> Optional[str]:
+        """The row of diffusers' train_dreambooth.py with the options it has (no caches, none of the lean
+        switches); None for LoRA (that is another script)."""
+        if self.lora_rank:
+            return None
+        flags = [f for f, on in (("ckpt", self.checkpointing), ("8bit", self.optimizer == "adamw8bit"),
+                                 ("mixed", self.mixed)) if on]
+        return "+".join(["full" if self.text_encoder else "unet", *flags])
 
     def overrides(self) -> dict[str, Any]:
         """Dotted config keys -> values; everything else comes from the fine-tuning config."""
         return {"model.params.cond_stage_trainable": self.text_encoder,
                 "model.params.unet_config.params.use_checkpoint": self.checkpointing,
                 "model.params.optimizer_config.name": self.optimizer,
+                "model.params.optimizer_config.fused_backward": self.fused,
+                "model.params.weights_dtype": "bf16" if self.bf16_weights else "fp32",
+                "model.params.compile": self.compile,
+                "model.params.channels_last": self.channels_last,
                 "model.params.cache_latents": self.cached,
                 "model.params.lora_config": {"rank": self.lora_rank} if self.lora_rank else None}
 
 
-VARIANTS = {
-    "full": Variant(text_encoder=True, checkpointing=False),
-    "full+ckpt": Variant(text_encoder=True, checkpointing=True),
-    "unet+ckpt": Variant(text_encoder=False, checkpointing=True),
-    "unet": Variant(text_encoder=False, checkpointing=False),
-    "full+ckpt+8bit": Variant(text_encoder=True, checkpointing=True, optimizer="adamw8bit"),
-    "full+ckpt+8bit+mixed": Variant(text_encoder=True, checkpointing=True, optimizer="adamw8bit", mixed=True),
-    "unet+ckpt+8bit+mixed+cached": Variant(text_encoder=False, checkpointing=True, optimizer="adamw8bit",
-                                           mixed=True, cached=True),
-    "lora4+ckpt": Variant(text_encoder=False, checkpointing=True, lora_rank=4),
-    "lora16+ckpt": Variant(text_encoder=False, checkpointing=True, lora_rank=16),
-}
+#: The rows of ``--variants all`` for SD v1: the memory savers of the README's table, then the lean switches alone
+#: (on the reference recipe) and combined.
+V1_VARIANTS = ("full", "full+ckpt", "unet+ckpt", "unet", "full+ckpt+8bit", "full+ckpt+8bit+mixed",
+               "unet+ckpt+8bit+mixed+cached", "lora4+ckpt", "lora16+ckpt")
+V1_LEAN = ("full+ckpt+fused", "full+ckpt+bf16w", "full+ckpt+cl", "full+ckpt+compile", "full+ckpt+8bit+fused+bf16w",
+           "full+ckpt+8bit+fused+bf16w+cl+compile", "unet+ckpt+8bit+fused+bf16w+cached",
+           "lora4+ckpt+fused+bf16w+cached")
+#: SDXL: the LoRA recipe of sdxl-dreambooth-lora.yaml (its first row, the reference) and a full UNet fine-tune,
+#: each as the recipe has it and with fused backward and bf16 weights.
+SDXL_RECIPE = "lora4+ckpt+8bit+mixed+cached"
+SDXL_VARIANTS = (SDXL_RECIPE, SDXL_RECIPE + "+fused+bf16w", "unet+ckpt+8bit+mixed+cached",
+                 "unet+ckpt+8bit+mixed+cached+fused+bf16w")
 
 
 def variant_config(path: Path, variant: Variant) -> Any:
@@ -75,6 +118,11 @@ def variant_config(path: Path, variant: Variant) -> Any:
     for key, value in variant.overrides().items():
         OmegaConf.update(config, key, value, force_add=True)
     return config
+
+
+def is_sdxl_config(path: Path) -> bool:
+    from omegaconf import OmegaConf
+    return "conditioner_config" in (OmegaConf.load(path).model.get("params") or {})
 
 
 def make_dataset(data: Mapping[str, Any], size: int, folder: Path) -> Any:
@@ -138,7 +186,7 @@ class TrainStep:
             self.scaler.update()
         self.scheduler.step()
         if self.first_loss is None:
-            self.first_loss = float(loss)
+            self.first_loss = float(loss.detach())
         self.steps += 1
 
 
@@ -146,9 +194,15 @@ def optimizer_state_bytes(optimizer: Any) -> int:
     """Bytes of the optimizer's state tensors (moments; 8-bit: also block scales and the shared quantile maps,
     each tensor counted once)."""
     import torch
+    states = optimizer.inner_state() if hasattr(optimizer, "inner_state") else optimizer.state.values()
     tensors = {v.data_ptr(): v.numel() * v.element_size()
-               for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)}
+               for state in states for v in state.values() if torch.is_tensor(v)}
     return sum(tensors.values())
+
+
+def optimizer_name(optimizer: Any) -> str:
+    """The AdamW class that does the work (inside a ``PerTensorOptimizer``, its inner optimizers')."""
+    return type(optimizer.inner[0] if hasattr(optimizer, "inner") else optimizer).__name__
 
 
 def fmt_count(n: int) -> str:
@@ -157,26 +211,53 @@ def fmt_count(n: int) -> str:
 
 
 class DreamBoothSuite:
-    help = "our DreamBooth training step in its memory-saving variants"
+    help = "our DreamBooth training step in its memory-saving variants (--peer diffusers: beside diffusers')"
     configs = {"tiny": REPO / "configs/stable-diffusion/tiny-finetune.yaml",
-               "v1": REPO / "configs/stable-diffusion/v1-finetune_unfrozen.yaml"}
+               "v1": REPO / "configs/stable-diffusion/v1-finetune_unfrozen.yaml",
+               "tiny-sdxl": REPO / "configs/stable-diffusion/tiny-sdxl-finetune.yaml",
+               "sdxl": REPO / "configs/stable-diffusion/sdxl-dreambooth-lora.yaml"}
     header = ["variant", "s/step", "it/s", "peak (+over model)", "after build", "trainable params",
               "optimizer state", f"time, peak vs {REFERENCE}"]
 
     def add_arguments(self, group: argparse._ArgumentGroup) -> None:
         group.add_argument("--size", type=int, default=None,
-                           help="image side in px (default: the config's data.params.size: 64 tiny, 512 v1)")
+                           help="image side in px (default: the config's data.params.size: 64 tiny, 512 v1, "
+                                "1024 sdxl)")
         group.add_argument("--variants", default="all",
-                           help=f"comma-separated subset of {', '.join(VARIANTS)}; or all")
+                           help=f"comma-separated +-joined switches (e.g. full+ckpt+8bit+fused; kinds full, unet, "
+                                f"loraR; switches {', '.join(FLAGS)}), or all: SD v1 {', '.join(V1_VARIANTS + V1_LEAN)}; "
+                                f"SDXL {', '.join(SDXL_VARIANTS)}")
+        group.add_argument("--peer", choices=("none", "diffusers"), default="none",
+                           help="diffusers: also run diffusers' train_dreambooth.py step with each row's options "
+                                "(SD v1 only) and print ours / peer ratios")
 
     def cells(self, args: argparse.Namespace) -> list[Cell]:
-        """``--variants``: ``all`` or comma-separated names, in the order given."""
-        names = list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
-        unknown = [v for v in names if v not in VARIANTS]
+        """``--variants``: ``all`` or comma-separated names, in the order given; then the peer's rows."""
+        sdxl = is_sdxl_config(resolve_config(args.config, self.configs))
+        names = list(SDXL_VARIANTS if sdxl else V1_VARIANTS + V1_LEAN) if args.variants == "all" else \
+            [v for v in args.variants.split(",") if v]
+        unknown = []
+        for v in names:
+            try:
+                variant = Variant.parse(v)
+            except ValueError:
+                unknown.append(v)
+                continue
+            if sdxl and variant.text_encoder:
+                raise SystemExit(f"--variants {v}: SDXL's text encoders are frozen here; use unet+... or loraR+...")
         if unknown or not names:
-            raise SystemExit(f"--variants: unknown {unknown or args.variants!r}; "
-                             f"choose from all, {', '.join(VARIANTS)}")
-        return [dict(variant=v) for v in names]
+            raise SystemExit(f"--variants: unknown {unknown or args.variants!r}; name a kind (full, unet, loraR) and "
+                             f"switches ({', '.join(FLAGS)}) joined by +, or all")
+        # The ratio column's reference: v1's recipe, SDXL's, else the first row asked for.
+        self.reference = next((r for r in (REFERENCE, SDXL_RECIPE) if r in names), names[0])
+        self.header = self.header[:-1] + [f"time, peak vs {self.reference}"]
+        cells = [dict(variant=v) for v in names]
+        if args.peer == "diffusers":
+            if sdxl:
+                raise SystemExit("--peer diffusers: the peer is diffusers' SD v1 train_dreambooth.py step; SDXL has none")
+            peers = dict.fromkeys(p for p in (Variant.parse(v).peer_name() for v in names) if p)
+            cells += [dict(variant=p, impl="diffusers") for p in peers]
+        return cells
 
     def run_cell(self, args: argparse.Namespace, config_path: Path, cell: Cell, meter: Meter) -> Result:
         """Build the variant's model, run ``warmup + repeat`` steps; seconds, parameters, optimizer state, loss."""
@@ -185,14 +266,19 @@ class DreamBoothSuite:
         # with like.
         import bitsandbytes  # noqa: F401
         import peft  # noqa: F401
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: F401 (the peer's)
+        from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
         from omegaconf import OmegaConf
         from pytorch_lightning.utilities import move_data_to_device
         from torch.utils.data import default_collate
         from ldm.callbacks import CacheFrozenInputs
         from ldm.util import instantiate_from_config
-        variant = VARIANTS[cell["variant"]]
+        variant = Variant.parse(cell["variant"])
         config = variant_config(config_path, variant)
         size = args.size or int(config.data.params.size)
+        mixed = mixed_dtype(args.device) if variant.mixed else None
+        if mixed == torch.float16 and (variant.fused or variant.bf16_weights):
+            raise RuntimeError("fused backward and bf16 weights need bf16 (this GPU's mixed precision is fp16)")
         torch.manual_seed(0)
         with tempfile.TemporaryDirectory() as tmp:
             dataset = make_dataset(config.data.params, size, Path(tmp))  # decoded into memory in __init__
@@ -202,34 +288,66 @@ class DreamBoothSuite:
         model = instantiate_from_config(config.model)
         fill_zero_parameters_(model.model)
         model.learning_rate = float(config.model.base_learning_rate)
+        if cell.get("impl") == "diffusers":
+            return self.run_peer(args, config, model, variant, move_data_to_device(batch, args.device), mixed,
+                                 meter, size)
         if model.lora_settings:
             model.add_lora()  # as main.py does, after the (here random) base weights
         model.to(args.device)
         meter.model_built()
 
         # What Trainer.fit does before the first batch: the module in train mode (frozen parts stay in eval),
-        # configure_optimizers, CacheFrozenInputs.on_fit_start (the caches; on CUDA it then moves the frozen
-        # parts to the CPU).
+        # configure_model (bf16 weights, channels-last, compile), configure_optimizers,
+        # CacheFrozenInputs.on_fit_start (the caches; on CUDA it then moves the frozen parts to the CPU).
         torch.backends.cudnn.benchmark = bool(OmegaConf.select(config, "lightning.trainer.benchmark",
                                                                default=False))
         model.trainer = StandInTrainer(max_steps=args.warmup + args.repeat,
                                        datamodule=SimpleNamespace(train_dataset=dataset))
         model.train()
-        step = TrainStep(model, move_data_to_device(batch, model.device),
-                         mixed_dtype(args.device) if variant.mixed else None)
+        model.configure_model()
+        step = TrainStep(model, move_data_to_device(batch, model.device), mixed)
         CacheFrozenInputs().on_fit_start(model.trainer, model)
         seconds = meter.time(step)
         trainable = model.trainable_parameters()
         return dict(seconds=seconds, trainable_params=sum(p.numel() for p in trainable),
                     trainable_tensors=len(trainable), optimizer_state_bytes=optimizer_state_bytes(step.optimizer),
-                    optimizer=type(step.optimizer).__name__, mixed=MIXED_NAMES.get(str(step.mixed)),
-                    cached=model.latent_cache is not None, first_loss=step.first_loss, size=size)
+                    optimizer=optimizer_name(step.optimizer), mixed=MIXED_NAMES.get(str(step.mixed)),
+                    cached=model.latent_cache is not None, first_loss=step.first_loss, size=size,
+                    weights_dtype=str(trainable[0].dtype).removeprefix("torch."),
+                    per_tensor=hasattr(step.optimizer, "inner"))
+
+    def run_peer(self, args: argparse.Namespace, config: Any, model: Any, variant: Variant, batch: Any, mixed: Any,
+                 meter: Meter, size: int) -> Result:
+        """diffusers' train_dreambooth.py step on ``model``'s weights (which it takes over; ours is dropped)."""
+        import gc
+        from omegaconf import OmegaConf
+        from benchmarks.peer_dreambooth import PeerStep
+        from ldm.export_diffusers import model_params
+        from ldm.models.diffusion.optim import ADAMW_DEFAULTS
+        params = model_params(config)
+        settings = {**ADAMW_DEFAULTS, **{k: v for k, v in (params.get("optimizer_config") or {}).items()
+                                         if k in ADAMW_DEFAULTS}}
+        settings["betas"] = tuple(settings["betas"])
+        step = PeerStep(model.to(args.device), params, batch, variant.text_encoder, variant.checkpointing,
+                        variant.optimizer, float(OmegaConf.select(config, "model.base_learning_rate")), settings,
+                        mixed)
+        del model
+        gc.collect()
+        meter.model_built()
+        seconds = meter.time(step)
+        return dict(seconds=seconds, trainable_params=sum(p.numel() for p in step.params),
+                    trainable_tensors=len(step.params),
+                    optimizer_state_bytes=optimizer_state_bytes(step.optimizer),
+                    optimizer=type(step.optimizer).__name__, mixed=MIXED_NAMES.get(str(mixed)), cached=False,
+                    first_loss=step.first_loss, size=size, weights_dtype="float32")
 
     def rows(self, results: list[Result]) -> list[list[str]]:
-        """One row per variant; the last column is time and peak relative to the reference recipe."""
-        ref = next((r for r in results if r.get("variant") == REFERENCE and "median_s" in r), None)
+        """One row per variant of ours; the last column is time and peak relative to the reference recipe."""
+        reference = getattr(self, "reference", REFERENCE)
+        ours = [r for r in results if "impl" not in r]
+        ref = next((r for r in ours if r.get("variant") == reference and "median_s" in r), None)
         rows = []
-        for r in results:
+        for r in ours:
             if "median_s" not in r:
                 rows.append([r["variant"], "failed"] + ["-"] * (len(self.header) - 2))
                 continue
@@ -238,6 +356,23 @@ class DreamBoothSuite:
                          fmt_bytes(r["model_bytes"]), fmt_count(r["trainable_params"]),
                          fmt_bytes(r["optimizer_state_bytes"]), vs])
         return rows
+
+    def after_table(self, args: argparse.Namespace, results: list[Result]) -> str:
+        """``--peer``: each of our rows beside the peer's row with the options the peer has."""
+        peers = {r["variant"]: r for r in results if r.get("impl") == "diffusers"}
+        if not peers:
+            return ""
+        pairs, labels = [], {}
+        for r in (r for r in results if "impl" not in r):
+            base = Variant.parse(r["variant"]).peer_name()
+            if base in peers:
+                labels[r["variant"]] = f"{r['variant']} (peer: {base})"
+                pairs += [dict(r, impl="ours", measurement=r["variant"]),
+                          dict(peers[base], impl="diffusers", measurement=r["variant"])]
+        return ("Ours beside diffusers' train_dreambooth.py step (benchmarks/peer_dreambooth.py) with the options it "
+                "has (no caches, no lean switches; clip_grad_norm 1.0 as the script does); s/step; ratios ours / "
+                "diffusers:\n" + format_table(comparison_header("ours", "diffusers"),
+                                               comparison_rows(pairs, labels, "ours", "diffusers"), args.markdown))
 
     def describe(self, args: argparse.Namespace, results: list[Result]) -> str:
         """The header: machine, versions, settings, what one step holds and what the memory columns mean."""
@@ -257,5 +392,7 @@ class DreamBoothSuite:
             f"full: UNet + text encoder trained; unet / loraR: text encoder frozen; ckpt: UNet gradient "
             f"checkpointing (ResBlocks and transformer blocks; the text encoder has none); "
             f"8bit: bitsandbytes AdamW8bit; mixed: {mixed}; cached: latents and text embeddings "
-            f"from on_fit_start's caches.",
+            f"from on_fit_start's caches; fused: each update inside backward, gradients freed as it goes; bf16w: "
+            f"trainable weights stored in bf16 (stochastic rounding, fp32/8-bit state); compile: torch.compile of "
+            f"the UNet (its compilation is in the warm-up steps); cl: channels-last UNet.",
             f"Memory: {memory}; (+x) = above the memory held right after building the model (\"after build\")."])

@@ -1,10 +1,15 @@
-"""``--suite unet``: our SD v1 UNet beside diffusers' ``UNet2DConditionModel`` holding the same weights.
+"""``--suite unet``: our UNet (SD v1 or SDXL) beside diffusers' ``UNet2DConditionModel`` holding the same weights.
 
 Rows: UNet forward (eval, no grad); one training step (noised latents, MSE to eps, backward, AdamW) without and
 with gradient checkpointing; a classifier-free-guided DDIM loop, per image. Cells are (implementation,
 measurement). Each reports ``first_output``, the first call's result as one number (the training step's loss,
 the norm of the forward's prediction or of the DDIM sample): both implementations compute the same thing from
 the same weights and inputs, so the two must agree, which the tests check.
+
+SDXL (``--config sdxl`` / ``tiny-sdxl``): diffusers' model has ``addition_embed_type: text_time`` and takes the
+pooled text embedding and the six size/crop numbers (``added_cond_kwargs``); ours takes the vector ``y`` its
+conditioner makes of the same numbers (pooled ++ sinusoidal embeddings). ``--profile N`` adds the top N backward
+nodes of one profiled training step of each implementation (benchmarks/profile.py).
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from typing import Any, Callable
 
 from benchmarks.harness import (REPO, Cell, Meter, Result, comparison_header, comparison_rows, fill_zero_parameters_,
                                 summary_line)
+from benchmarks.profile import backward_profile, format_profiles
 
 MEASUREMENTS = ("forward", "train", "train_ckpt", "ddim")
 IMPLS = ("ours", "diffusers")
@@ -23,6 +29,21 @@ LABELS = {"forward": "UNet forward (s/call)", "train": "train step (s)",
           "train_ckpt": "train step, grad ckpt (s)", "ddim": "DDIM loop (s/image)"}
 GUIDANCE_SCALE = 7.5
 CONTEXT_TOKENS = 77  # CLIP's sequence length, what SD v1's cross-attention sees
+#: SDXL's six size/crop numbers per image: original (h, w), crop top-left (y, x), target (h, w), in pixels.
+SIZE_NUMBERS = (1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0)
+
+
+def is_sdxl(model_params: dict[str, Any]) -> bool:
+    return "conditioner_config" in model_params
+
+
+def diffusers_unet_config(model_params: dict[str, Any]) -> dict[str, Any]:
+    """The ``UNet2DConditionModel`` config our export writes: SD v1's, or SDXL's with ``text_time``."""
+    if is_sdxl(model_params):
+        from ldm.export_diffusers_sdxl import sdxl_configs
+        return sdxl_configs(model_params)["unet"]
+    from ldm.export_diffusers import unet_config
+    return unet_config(model_params)
 
 
 def build_unet(impl: str, model_params: dict[str, Any], seed: int = 0) -> Any:
@@ -40,8 +61,8 @@ def build_unet(impl: str, model_params: dict[str, Any], seed: int = 0) -> Any:
         return ours
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-    from ldm.export_diffusers import UNET, unet_config
-    config = unet_config(model_params)
+    from ldm.export_diffusers import UNET
+    config = diffusers_unet_config(model_params)
     with torch.device("meta"):
         theirs = UNet2DConditionModel(**config)
     weights = convert_ldm_unet_checkpoint({UNET + k: v for k, v in ours.state_dict().items()}, config)
@@ -77,6 +98,22 @@ class Workload:
         self.c, self.uc = (torch.randn(B, CONTEXT_TOKENS, ctx_dim, generator=self.g, device=self.device)
                            for _ in range(2))
         self.t = torch.randint(0, self.n_train, (B,), generator=self.g, device=self.device)
+        self.y = self.added = None
+        if is_sdxl(model_params):
+            self._size_conditioning(model_params, B)
+
+    def _size_conditioning(self, model_params: dict[str, Any], batch: int) -> None:
+        """SDXL's vector condition, the same numbers for both: diffusers' ``added_cond_kwargs`` (pooled text
+        embedding, six size/crop numbers) and ours ``y`` = pooled ++ their sinusoidal embeddings, made by our
+        conditioner's own embedder (``ConcatTimestepEmbedderND``)."""
+        import torch
+        from ldm.modules.encoders.conditioner import ConcatTimestepEmbedderND
+        outdim = diffusers_unet_config(model_params)["addition_time_embed_dim"]
+        adm = model_params["unet_config"]["params"]["adm_in_channels"]
+        pooled = torch.randn(batch, adm - len(SIZE_NUMBERS) * outdim, generator=self.g, device=self.device)
+        time_ids = torch.tensor([SIZE_NUMBERS] * batch, device=self.device)
+        self.added = {"text_embeds": pooled, "time_ids": time_ids}
+        self.y = torch.cat([pooled, ConcatTimestepEmbedderND(outdim)(time_ids)], dim=1)
 
     def keep(self, value: Any) -> None:
         """The first call's result: a scalar as it is, a tensor as its L2 norm (in float64)."""
@@ -92,11 +129,15 @@ class Workload:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def eps(self, x: Any, t: Any, context: Any) -> Any:
-        """eps(x_t, t, c) through either implementation's own calling convention."""
+        """eps(x_t, t, c) through either implementation's own calling convention (SDXL: with the vector
+        condition, repeated for a guidance batch of [uncond; cond])."""
         self.calls += 1
+        copies = x.shape[0] // self.x0.shape[0]
         if self.impl == "ours":
-            return self.unet(x, t, context=context)
-        return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+            y = self.y.repeat(copies, 1) if self.y is not None else None
+            return self.unet(x, t, context=context, y=y)
+        added = {k: v.repeat(copies, 1) for k, v in self.added.items()} if self.added is not None else None
+        return self.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False)[0]
 
     def forward(self) -> Callable[[], None]:
         """One inference forward of the batch (eval mode, no autograd)."""
@@ -182,7 +223,9 @@ class Workload:
 class UNetSuite:
     help = "our UNet vs diffusers' UNet2DConditionModel with the same weights"
     configs = {"tiny": REPO / "configs/stable-diffusion/tiny-inference.yaml",
-               "v1": REPO / "configs/stable-diffusion/v1-inference.yaml"}
+               "v1": REPO / "configs/stable-diffusion/v1-inference.yaml",
+               "tiny-sdxl": REPO / "configs/stable-diffusion/tiny-sdxl-inference.yaml",
+               "sdxl": REPO / "configs/stable-diffusion/sdxl-base-inference.yaml"}
     header = comparison_header(*IMPLS)
 
     def add_arguments(self, group: argparse._ArgumentGroup) -> None:
@@ -195,6 +238,9 @@ class UNetSuite:
         group.add_argument("--only", default=",".join(MEASUREMENTS),
                            help=f"comma-separated subset of {MEASUREMENTS}")
         group.add_argument("--impl", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}")
+        group.add_argument("--profile", type=int, default=0, metavar="N",
+                           help="also profile one step of each train measurement and print its N slowest "
+                                "backward nodes per implementation")
 
     def cells(self, args: argparse.Namespace) -> list[Cell]:
         measurements = [m for m in args.only.split(",") if m]
@@ -222,9 +268,11 @@ class UNetSuite:
         fn = {"forward": work.forward, "train": lambda: work.train(False), "train_ckpt": lambda: work.train(True),
               "ddim": work.ddim}[m]()
         seconds = meter.time(fn)
+        calls = work.calls // (args.warmup + args.repeat)
+        profile = backward_profile(fn, args.device, args.profile) if args.profile and m.startswith("train") else None
         per = args.batch if m == "ddim" else 1  # DDIM is reported per image
-        return dict(seconds=[s / per for s in seconds], unet_calls=work.calls // (args.warmup + args.repeat),
-                    first_output=work.first_output)
+        return dict(seconds=[s / per for s in seconds], unet_calls=calls, first_output=work.first_output,
+                    sdxl=is_sdxl(params), **({"profile": profile} if profile else {}))
 
     def rows(self, results: list[Result]) -> list[list[str]]:
         return comparison_rows(results, LABELS, *IMPLS)
@@ -239,7 +287,19 @@ class UNetSuite:
         if len(set(calls.values())) > 1:
             lines.append(f"Note: the DDIM loops made different numbers of UNet calls {calls}: the original "
                          f"timestep selection can add a step; compare per call.")
+        if any(r.get("sdxl") for r in results):
+            lines.append(f"SDXL: pooled text embedding and size/crop numbers {SIZE_NUMBERS} as diffusers' "
+                         f"added_cond_kwargs; ours takes them as y (pooled ++ their sinusoidal embeddings).")
         memory = "peak allocated CUDA memory" if args.device == "cuda" else "peak RSS of a fresh process per cell"
         lines.append(f"Memory: {memory}; (+x) = above the memory held after building the model. "
                      f"Ratios: ours/diffusers.")
         return "\n".join(lines)
+
+    def after_table(self, args: argparse.Namespace, results: list[Result]) -> str:
+        """``--profile``: the backward nodes of each train measurement, ours beside diffusers'."""
+        blocks = []
+        for m in ("train", "train_ckpt"):
+            pair = {r["impl"]: r["profile"] for r in results if r.get("measurement") == m and "profile" in r}
+            if pair:
+                blocks.append(f"{LABELS[m]}\n" + format_profiles(list(pair), list(pair.values())))
+        return "\n\n".join(blocks)

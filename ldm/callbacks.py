@@ -240,7 +240,10 @@ class ExportWeights(pl.Callback):
         if trainer.is_global_zero and self.pruned:
             from ldm.lora import plain_keys
             from ldm.prune import prune_state_dict
-            sd, _ = prune_state_dict(plain_keys(pl_module.state_dict()), dtype=self.dtype, use_ema=self.ema)
+            sd = pl_module.state_dict()
+            if hasattr(pl_module, "saved_layout"):  # bf16-stored weights are written as fp32 (or self.dtype)
+                sd = pl_module.saved_layout(sd)
+            sd, _ = prune_state_dict(plain_keys(sd), dtype=self.dtype, use_ema=self.ema)
             suffix = ".safetensors" if self.safetensors else ".ckpt"
             written.append(save_checkpoint(self.ckptdir / f"pruned-{tag}{suffix}", sd,
                                            global_step=trainer.global_step))

@@ -98,7 +98,7 @@ PLAIN_SECTIONS: dict[str, set[str]] = {
     "class_images": {"num", "ddim_steps", "scale", "batch_size", "seed"},
     "lightning": {"trainer", "callbacks", "modelcheckpoint", "export", "validation"},
     "lightning.modelcheckpoint": {"params"},
-    "model.params.optimizer_config": {"name", "weight_decay", "betas", "eps"},
+    "model.params.optimizer_config": {"name", "weight_decay", "betas", "eps", "fused_backward"},
 }
 
 
@@ -340,11 +340,15 @@ def check_values(config: DictConfig) -> None:
             Range(0, 1, hi_open=True).check("model.params.optimizer_config.betas", b)
     choices = {"model.params.lr_schedule": ("constant", "cosine"), "model.params.loss_type": ("l2", "l1"),
                "model.params.optimizer_config.name": ("adamw", "adamw8bit"),
+               "model.params.optimizer_config.fused_backward": (False, True),
+               "model.params.weights_dtype": ("fp32", "bf16"),
+               "model.params.compile": (False, True), "model.params.channels_last": (False, True),
                "lightning.export.dtype": (None, "fp32", "fp16", "bf16")}
     for key, allowed in choices.items():
         value = OmegaConf.select(config, key, default=allowed[0])
         check_choice(key, value, allowed)
     _check_steps(config)
+    check_lean_training(config)
     factor = spatial_factor(config)
     check_image_side("data.params.size", OmegaConf.select(config, "data.params.size", default=512), factor)
     for side in ("height", "width"):
@@ -362,6 +366,47 @@ def _check_steps(config: DictConfig) -> None:
         return
     steps = COUNT.check("lightning.trainer.max_steps (--max_steps)", max_steps)
     OmegaConf.update(config, "lightning.trainer.max_steps", steps, merge=False)
+
+
+#: Lightning's names of fp16 mixed precision, the one that needs a GradScaler.
+FP16_MIXED = ("16", "16-mixed")
+
+
+def check_lean_training(config: DictConfig) -> None:
+    """The combinations that fused backward, bf16-stored weights and DeepSpeed's offload cannot train, each refused
+    in one line that says why (docs/lean-training.md)."""
+    trainer = OmegaConf.select(config, "lightning.trainer") or {}
+    precision = str(trainer.get("precision", "auto"))
+    strategy = str(trainer.get("strategy", ""))
+    fused_key = "model.params.optimizer_config.fused_backward"
+    fused = OmegaConf.select(config, fused_key, default=False)
+    bf16 = OmegaConf.select(config, "model.params.weights_dtype", default="fp32") == "bf16"
+    if fused:
+        accumulate = trainer.get("accumulate_grad_batches", 1) or 1
+        if accumulate > 1:
+            raise ConfigError(f"{fused_key} with lightning.trainer.accumulate_grad_batches={accumulate}: fused backward "
+                              f"updates each weight as soon as its gradient is ready, so gradients cannot be summed "
+                              f"over batches; use accumulate_grad_batches: 1 (or a larger batch_size)")
+        clip = trainer.get("gradient_clip_val") or 0
+        if clip > 0:
+            raise ConfigError(f"{fused_key} with lightning.trainer.gradient_clip_val={clip}: clipping by the global "
+                              f"norm needs every gradient before the first update, and fused backward updates "
+                              f"during backward; set gradient_clip_val: 0")
+        if precision in FP16_MIXED:
+            raise ConfigError(f"{fused_key} with lightning.trainer.precision={precision}: fp16's GradScaler must see "
+                              f"every gradient (inf/NaN check) before any update; use bf16-mixed or 32-true")
+    if bf16 and precision.startswith("16"):
+        raise ConfigError(f"model.params.weights_dtype=bf16 with lightning.trainer.precision={precision}: fp16 "
+                          f"arithmetic on bf16 weights loses their range; use bf16-mixed, 32-true or auto")
+    if strategy.startswith("deepspeed"):
+        for on, what in ((fused, fused_key), (bf16, "model.params.weights_dtype=bf16")):
+            if on:
+                raise ConfigError(f"{what} with lightning.trainer.strategy={strategy}: DeepSpeed runs its own "
+                                  f"optimizer step and weight precision; turn one of them off")
+        name = OmegaConf.select(config, "model.params.optimizer_config.name", default="adamw")
+        if "offload" in strategy and name != "adamw":
+            raise ConfigError(f"model.params.optimizer_config.name={name} with lightning.trainer.strategy="
+                              f"{strategy}: the offloaded optimizer is DeepSpeed's CPU AdamW; use name: adamw")
 
 
 def check_training_config(config: DictConfig) -> DictConfig:

@@ -263,7 +263,40 @@ def trainer_devices(config: DictConfig, gpus: list[int]) -> dict[str, Any]:
         precision = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if on_gpu else "32-true"
     out["precision"] = precision
     out["n_devices"] = n_devices
+    check_lean_devices(config, {**out, "accelerator": out.get("accelerator", cfg.get("accelerator"))}, n_devices,
+                       str(cfg.get("strategy", out.get("strategy", ""))))
     return out
+
+
+def check_lean_devices(config: DictConfig, devices: dict[str, Any], n_devices: int, strategy: str) -> None:
+    """What the lean-training switches need from this machine (ldm.config checks what the config alone decides):
+    fused backward on one device, in a precision without GradScaler; DeepSpeed with a CUDA GPU and deepspeed."""
+    import importlib.util
+
+    import torch
+    fused = OmegaConf.select(config, "model.params.optimizer_config.fused_backward", default=False)
+    if fused and n_devices > 1:
+        raise ConfigError(f"model.params.optimizer_config.fused_backward on {n_devices} devices: each weight would be "
+                          f"updated before DDP has averaged its gradient across devices; train on one device")
+    if fused and str(devices["precision"]) in ("16", "16-mixed"):
+        raise ConfigError("model.params.optimizer_config.fused_backward: this GPU has no bf16, so precision auto is "
+                          "16-mixed, whose GradScaler needs all gradients before any update; set "
+                          "lightning.trainer.precision=32-true")
+    if OmegaConf.select(config, "model.params.weights_dtype", default="fp32") == "bf16" \
+            and str(devices["precision"]).startswith("16"):
+        raise ConfigError("model.params.weights_dtype=bf16: this GPU has no bf16 arithmetic (precision auto is "
+                          "16-mixed); use weights_dtype: fp32")
+    if strategy.startswith("deepspeed"):
+        missing = []
+        if not torch.cuda.is_available():
+            missing.append("a CUDA GPU (this machine has none)")
+        elif devices.get("accelerator") not in ("gpu", "cuda"):
+            missing.append("a CUDA GPU (pass --gpus 0,)")
+        if importlib.util.find_spec("deepspeed") is None:
+            missing.append("the deepspeed package (pip install deepspeed)")
+        if missing:
+            raise ConfigError(f"lightning.trainer.strategy={strategy} needs {' and '.join(missing)}: DeepSpeed's "
+                              f"ZeRO runs on CUDA GPUs only")
 
 
 def parse_gpus(gpus: Optional[str]) -> list[int]:
@@ -425,6 +458,9 @@ def run(options: TrainOptions) -> int:
     config = plan.config
     # The frozen VAE (and a frozen text encoder) stay in eval mode on purpose.
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    # Fused backward's manual optimization: Lightning's checkpoints then hold the weights after the step, as they do
+    # in automatic optimization, which is what a resumed run continues from.
+    warnings.filterwarnings("ignore", message=".*manual optimization and every_n_train_steps.*")
     pl.seed_everything(options.seed, workers=True)
     devices = trainer_devices(config, parse_gpus(options.gpus))
     n_devices = devices.pop("n_devices")

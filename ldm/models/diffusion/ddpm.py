@@ -120,6 +120,9 @@ class LatentDiffusion(pl.LightningModule):
                  caption_dropout: float = 0.0,
                  mask_floor: float = 0.1,
                  set_grads_to_none: bool = True,
+                 weights_dtype: Literal["fp32", "bf16"] = "fp32",
+                 compile: bool = False,
+                 channels_last: bool = False,
                  ckpt_path: Optional[str] = None,
                  vae_path: Optional[str] = None,
                  persist_schedule: bool = True,
@@ -157,6 +160,14 @@ class LatentDiffusion(pl.LightningModule):
             raise NotImplementedError("use_ema with LoRA: the EMA would track the frozen base weights")
         self.offset_noise, self.min_snr_gamma = offset_noise, min_snr_gamma
         self.cache_latents, self.set_grads_to_none = cache_latents, set_grads_to_none
+        # The lean-training switches (docs/lean-training.md): trainable weights stored in bf16 (stochastic
+        # rounding in the optimizer), the UNet compiled (torch.compile) and/or in channels-last memory format,
+        # and with optimizer_config.fused_backward each update inside backward (manual optimization, below).
+        if weights_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"weights_dtype {weights_dtype!r}: expected fp32 or bf16")
+        self.weights_dtype = weights_dtype
+        self.compile_unet, self.channels_last = compile, channels_last
+        self.automatic_optimization = not self.optimizer_config.get("fused_backward", False)
         # Pretraining from scratch: the probability that a caption is replaced by "" (Ho & Salimans 2022), so the
         # model also learns the unconditional prediction that classifier-free guidance needs.
         self.caption_dropout = caption_dropout
@@ -300,6 +311,8 @@ class LatentDiffusion(pl.LightningModule):
             raise NotImplementedError("return_ids is only meaningful for patched (split-input) models")
         if not isinstance(cond, Mapping):
             cond = {"c_crossattn": cond if isinstance(cond, (list, tuple)) else [cond]}
+        if self.channels_last:
+            x_noisy = x_noisy.contiguous(memory_format=torch.channels_last)
         return self.model(x_noisy, t, **cond)
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor,
@@ -404,7 +417,18 @@ class LatentDiffusion(pl.LightningModule):
                       prog_bar=False, on_step=True, logger=True, batch_size=batch_size)
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=False, on_step=True, logger=True,
                  batch_size=batch_size)
+        if not self.automatic_optimization:
+            self.fused_step(loss)
         return loss
+
+    def fused_step(self, loss: torch.Tensor) -> None:
+        """Fused backward under Lightning's manual optimization: backward runs every update in the parameters'
+        hooks (``PerTensorOptimizer``); ``step()`` then only counts the step, which is what Lightning's
+        global step follows, and the LR schedule steps as automatic optimization would step it."""
+        optimizer = self.optimizers()
+        self.manual_backward(loss)
+        optimizer.step()
+        self.lr_schedulers().step()
 
     def offload_frozen(self) -> None:
         """With caches in place nothing in a training step needs the VAE (or a frozen text encoder): free their
@@ -425,19 +449,61 @@ class LatentDiffusion(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["batches_trained"] = self.batches_trained
+        checkpoint["state_dict"] = self.saved_layout(checkpoint["state_dict"])
         if self.lora_settings:  # keep the original key layout; adapters ride along as extra keys
             from ldm.lora import plain_keys
             checkpoint["state_dict"] = plain_keys(checkpoint["state_dict"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.batches_trained = int(checkpoint.get("batches_trained", 0))
+        states = checkpoint.get("optimizer_states") or [{}]
+        per_tensor = bool(self.optimizer_config.get("fused_backward")) or self.weights_dtype == "bf16"
+        if checkpoint.get("optimizer_states") and ("inner" in states[0]) != per_tensor:
+            from ldm.checkpoint import CheckpointError
+            raise CheckpointError("the checkpoint's optimizer state was saved with fused_backward / weights_dtype: "
+                                  f"bf16 {'on' if 'inner' in states[0] else 'off'}; resume with the same settings "
+                                  f"(its moments would otherwise be lost)")
         if self.lora_settings:
             from ldm.lora import peft_keys
             checkpoint["state_dict"] = peft_keys(checkpoint["state_dict"], self.state_dict().keys())
 
     def configure_optimizers(self) -> dict[str, Any]:
         from ldm.models.diffusion.optim import build_optimizer, build_scheduler
-        optimizer = build_optimizer(self.trainable_parameters(), self.learning_rate, self.optimizer_config)
+        if getattr(self, "_hooked_optimizer", None) is not None:  # configured again: the old hooks must go
+            self._hooked_optimizer.remove_hooks()
+        optimizer = build_optimizer(self.trainable_parameters(), self.learning_rate, self.optimizer_config,
+                                    seed=self.noise_seed or 0, cpu_offload=self._zero_offload())
+        self._hooked_optimizer = optimizer if not self.automatic_optimization else None
         scheduler = build_scheduler(optimizer, self.scheduler_config, self.lr_schedule, self.lr_warmup_steps,
                                     max_steps=self.trainer.max_steps if self._trainer is not None else -1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def _zero_offload(self) -> bool:
+        """Whether the run's strategy is DeepSpeed ZeRO with the optimizer offloaded to the CPU (which then needs
+        DeepSpeed's CPU AdamW)."""
+        zero = getattr(getattr(self._trainer, "strategy", None), "config", None) or {}
+        return isinstance(zero, Mapping) and bool((zero.get("zero_optimization") or {}).get("offload_optimizer"))
+
+    # ---- lean training: bf16 weights, compile, channels-last ---------------------------------------------
+    def configure_model(self) -> None:
+        """Lightning's hook before the optimizer is built (and before the model moves to its device): store the
+        trainable weights in bf16, put the UNet in channels-last format, compile it. Idempotent."""
+        if getattr(self, "_lean_applied", False):
+            return
+        self._lean_applied = True
+        if self.weights_dtype == "bf16":
+            for p in self.trainable_parameters():
+                p.data = p.data.to(torch.bfloat16)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if self.compile_unet:
+            from ldm.models.diffusion.speed import compile_or_eager
+            device = getattr(getattr(self._trainer, "strategy", None), "root_device", self.device)
+            compile_or_eager(self.model.diffusion_model, device)
+
+    def saved_layout(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state_dict`` in the layout of the model's files: weights stored in bf16 for training are written in
+        fp32, as they were read (a bf16-weights checkpoint loads into the normal model)."""
+        if self.weights_dtype != "bf16":
+            return dict(state_dict)
+        return {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state_dict.items()}

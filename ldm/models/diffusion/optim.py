@@ -1,7 +1,8 @@
 """Optimizer and learning-rate schedule for fine-tuning, built from the model's config keys."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional
+from functools import partial
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -9,25 +10,18 @@ from torch.optim.lr_scheduler import LambdaLR
 from ldm.lr_scheduler import warmup_then
 from ldm.util import instantiate_from_config
 
+#: ``optimizer_config`` keys and their defaults (besides ``name`` and ``fused_backward``).
+ADAMW_DEFAULTS = {"weight_decay": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8}
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float,
-                    config: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """AdamW (Loshchilov & Hutter 2019) with the config's ``weight_decay``, ``betas`` and ``eps``.
 
-    ``name: adamw8bit`` keeps the two moments in 8 bits (Dettmers et al. 2022, bitsandbytes): a quarter of the
-    optimizer memory. Without bitsandbytes it says so and falls back to the 32-bit AdamW.
-    """
-    params = list(params)
-    if not params:
-        raise ValueError("no trainable parameters: the UNet and the text encoder are both frozen")
-    config = dict(config)
-    name = config.pop("name", "adamw")
-    kwargs = {"weight_decay": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8}
-    unknown = set(config) - set(kwargs)
-    if unknown:
-        raise ValueError(f"model.params.optimizer_config: unknown keys {sorted(unknown)} "
-                         f"(known: name, {', '.join(sorted(kwargs))})")
-    kwargs.update({k: tuple(v) if k == "betas" else v for k, v in config.items()})
+def optimizer_class(name: str, cpu_offload: bool = False) -> Callable[..., torch.optim.Optimizer]:
+    """The AdamW implementation for ``name``: torch's, bitsandbytes' 8-bit one, or with ZeRO-Offload DeepSpeed's
+    CPU AdamW (DeepSpeed refuses other optimizers on offloaded states)."""
+    if cpu_offload:
+        if name != "adamw":
+            raise ValueError(f"optimizer {name!r} with DeepSpeed's optimizer offload: use adamw (DeepSpeedCPUAdam)")
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return partial(DeepSpeedCPUAdam, adamw_mode=True)
     if name == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -35,10 +29,37 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float,
             print("optimizer adamw8bit: bitsandbytes is not installed (pip install bitsandbytes); "
                   "using torch's 32-bit AdamW instead")
         else:
-            return bnb.optim.AdamW8bit(params, lr=lr, **kwargs)
+            return bnb.optim.AdamW8bit
     elif name != "adamw":
         raise ValueError(f"model.params.optimizer_config.name {name!r}: expected adamw or adamw8bit")
-    return torch.optim.AdamW(params, lr=lr, **kwargs)
+    return torch.optim.AdamW
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, config: Mapping[str, Any],
+                    seed: int = 0, cpu_offload: bool = False) -> torch.optim.Optimizer:
+    """AdamW (Loshchilov & Hutter 2019) with the config's ``weight_decay``, ``betas`` and ``eps``.
+
+    ``name: adamw8bit`` keeps the two moments in 8 bits (Dettmers et al. 2022, bitsandbytes): a quarter of the
+    optimizer memory. Without bitsandbytes it says so and falls back to the 32-bit AdamW.
+    ``fused_backward: true``, or weights stored in bf16, give a :class:`PerTensorOptimizer` (one inner
+    optimizer per tensor; ``seed`` seeds its stochastic rounding).
+    """
+    params = list(params)
+    if not params:
+        raise ValueError("no trainable parameters: the UNet and the text encoder are both frozen")
+    config = dict(config)
+    name = config.pop("name", "adamw")
+    fused = bool(config.pop("fused_backward", False))
+    unknown = set(config) - set(ADAMW_DEFAULTS)
+    if unknown:
+        raise ValueError(f"model.params.optimizer_config: unknown keys {sorted(unknown)} "
+                         f"(known: name, fused_backward, {', '.join(sorted(ADAMW_DEFAULTS))})")
+    kwargs = {**ADAMW_DEFAULTS, **{k: tuple(v) if k == "betas" else v for k, v in config.items()}}
+    cls = optimizer_class(name, cpu_offload)
+    if fused or any(p.dtype != torch.float32 for p in params):
+        from ldm.models.diffusion.per_tensor_optim import PerTensorOptimizer
+        return PerTensorOptimizer(params, lr, lambda w: cls([w], lr=lr, **kwargs), fused=fused, seed=seed)
+    return cls(params, lr=lr, **kwargs)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, scheduler_config: Optional[Mapping[str, Any]],
