@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ldm.data.dreambooth import DreamBoothDataModule, DreamBoothDataset, check_identifier
+from ldm.data.dreambooth import DreamBoothDataset, check_identifier
 from ldm.data.image_loading import ImageError, find_images, load_caption, load_image, to_tensor
 from ldm.util import instantiate_from_config
 
@@ -285,3 +285,17 @@ def test_datamodule_from_config(tmp_path):
     assert batch["image"].shape == batch["reg_image"].shape == (2, 3, 32, 32)
     assert batch["caption"] == ["photo of a sks dog"] * 2 and batch["reg_caption"] == ["photo of a dog"] * 2
     assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+
+
+@pytest.mark.parametrize("size, target", [((47, 32), (96, 64)), ((47, 35), (96, 64)), ((333, 250), (64, 64))])
+def test_fit_box_never_leaves_the_image(size, target):
+    # 47x32 -> 96x64 once made a crop box starting at -3.6e-15 and Pillow refused it ("box offset can't be
+    # negative"), stopping a training run on an ordinary photo.
+    from ldm.data.image_loading import fit
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    out = fit(img, *target)
+    assert out.size == target
+    # a uniform image stays uniform: the box covers only real pixels, no border is pulled in
+    flat = fit(Image.new("RGB", size, (200, 10, 90)), *target)
+    assert np.abs(np.asarray(flat, dtype=int) - [200, 10, 90]).max() <= 1

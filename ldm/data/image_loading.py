@@ -192,8 +192,8 @@ def _cover_box(width: int, height: int, target_w: int, target_h: int) -> tuple[f
     """The centred box of the source that, resized to ``target_w x target_h``, covers it with the least cropping
     (the source scaled so that its short side relative to the target fits, the excess split evenly)."""
     scale = max(target_w / width, target_h / height)
-    bw, bh = target_w / scale, target_h / scale
-    return (width - bw) / 2, (height - bh) / 2, (width + bw) / 2, (height + bh) / 2
+    bw, bh = min(target_w / scale, width), min(target_h / scale, height)  # rounding can overshoot by 1e-13
+    return max(0.0, (width - bw) / 2), max(0.0, (height - bh) / 2), (width + bw) / 2, (height + bh) / 2
 
 
 def crop_of(width: int, height: int, target_w: int, target_h: int) -> Crop:
