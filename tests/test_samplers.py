@@ -1,8 +1,5 @@
 """DDIM and PLMS: timestep selection in closed form, and a DDIM trajectory against diffusers' DDIMScheduler
 driving diffusers' UNet (weights converted by diffusers' own converter)."""
-import warnings
-
-import numpy as np
 import pytest
 import torch
 

@@ -122,7 +122,7 @@ def test_end_to_end_run(tmp_path, capsys):
     captions = [ds[i]["caption"] for i in range(4)]
     config = load_config(TINY_FT)
     torch.manual_seed(23)
-    pl_seed_start = __import__("pytorch_lightning").seed_everything(23)
+    __import__("pytorch_lightning").seed_everything(23)
     start = instantiate_from_config(config.model).eval()
     trained = load_model_from_config(config, run / "checkpoints" / "last.ckpt")
     before, after = fixed_subject_loss(start, images, captions), fixed_subject_loss(trained, images, captions)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import weakref
-from pathlib import Path
 from typing import Any
 
 import pytest
