@@ -18,7 +18,6 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 
 from ldm.checkpoint import CheckpointError, read_checkpoint, save_checkpoint  # noqa: E402
 from ldm.files import DiskFullError, OutputError, check_output  # noqa: E402

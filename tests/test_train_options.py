@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import main as main_module
-from conftest import REPO, load_config
+from conftest import REPO
 from helpers import make_folder
 from ldm.data.dreambooth import DreamBoothDataset
 from ldm.models.diffusion.losses import min_snr_weights, offset_noise_, prior_preservation_loss
@@ -83,7 +83,7 @@ def test_offset_noise_reaches_the_training_target(tiny_model, monkeypatch):
     batch = {"image": torch.zeros(1, 3, 64, 64), "caption": ["a"]}
     seen = []
     from ldm.models.diffusion.losses import per_example_loss
-    monkeypatch.setattr("ldm.models.diffusion.ddpm.per_example_loss",
+    monkeypatch.setattr("ldm.models.diffusion.training.per_example_loss",
                         lambda pred, noise, *a, **k: seen.append(noise) or per_example_loss(pred, noise, *a, **k))
     for strength in (0.0, 10.0):
         model.offset_noise = strength

@@ -4,7 +4,8 @@ This file keeps the original public names (``apply_model``, ``get_learned_condit
 ``encode_first_stage``, ``get_first_stage_encoding``, ``decode_first_stage``, ``q_sample``, ``ema_scope``)
 and the original attribute names, which fix the checkpoint keys: ``model.diffusion_model.*`` (UNet),
 ``first_stage_model.*`` (VAE), ``cond_stage_model.*`` (CLIP text encoder), ``model_ema.*`` and the schedule
-buffers at the top level. The schedule maths lives in ``schedule.py``, samplers in ``ddim.py``/``plms.py``.
+buffers at the top level. The schedule maths lives in ``schedule.py``, samplers in ``ddim.py``/``plms.py``, the
+training step, optimizer and checkpoint hooks in ``training.py``.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from torch import nn
 
 from ldm.lora import LoraSettings
 from ldm.models.diffusion.cache import LatentCache, TextCache
-from ldm.models.diffusion.conditioning import MicroConditioning, TextConditioning, batch_sizes
-from ldm.models.diffusion.losses import combine, mask_weights, min_snr_weights, offset_noise_, per_example_loss
+from ldm.models.diffusion.conditioning import MicroConditioning, TextConditioning
+from ldm.models.diffusion.training import DreamBoothTraining
 from ldm.models.diffusion.schedule import BetaSchedule, extract_into_tensor, predict_x0, q_sample, register_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -77,7 +78,7 @@ class DiffusionWrapper(nn.Module):
         return self.diffusion_model(x, t, context=torch.cat(list(c_crossattn), 1), y=y)
 
 
-class LatentDiffusion(pl.LightningModule):
+class LatentDiffusion(DreamBoothTraining, pl.LightningModule):
     """Stable Diffusion (v1 and XL): eps-prediction diffusion in the latent space of a KL autoencoder, conditioned on
     text through ``cond_stage_config`` (SD v1: one CLIP encoder at ``cond_stage_model``) or ``conditioner_config``
     (SDXL: sgm's ``GeneralConditioner`` at ``conditioner``, two text encoders plus size/crop embeddings)."""
@@ -323,187 +324,3 @@ class LatentDiffusion(pl.LightningModule):
     def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_0 from x_t and eps (inverse of eq. 4 of Ho et al. 2020)."""
         return predict_x0(x_t, noise, extract_into_tensor(self.alphas_cumprod, t, x_t.shape))
-
-    # ---- training (DreamBooth) --------------------------------------------------------------------------
-    def add_lora(self) -> None:
-        """Freeze the base weights and add the configured LoRA adapters (after the base weights are loaded)."""
-        from ldm.lora import add_lora
-        add_lora(self, self.lora_settings)
-
-    def role_latents(self, batch: Mapping[str, Any], generator: Optional[torch.Generator] = None
-                     ) -> list[torch.Tensor]:
-        """Latents of the subject images and (when the batch has them) of the class images, one tensor per role:
-        from the cache, else through the VAE. Roles of one shape are encoded together; with aspect-ratio buckets
-        the subject and class halves may differ in shape, and are then encoded one after the other."""
-        roles = [self.first_stage_key] + (["reg_" + self.first_stage_key] if "reg_" + self.first_stage_key in batch
-                                          else [])
-        groups = [roles] if len({tuple(batch[r].shape[1:]) for r in roles}) == 1 else [[r] for r in roles]
-        out: list[torch.Tensor] = []
-        for group in groups:
-            if self.latent_cache is not None:
-                posterior = self.latent_cache.posterior(batch, group)
-            else:
-                images = torch.cat([batch[r] for r in group]).to(memory_format=torch.contiguous_format)
-                posterior = self.encode_first_stage(images)
-            z = self.get_first_stage_encoding(posterior, generator).detach()
-            out += list(z.split([len(batch[r]) for r in group]))
-        return out
-
-    def get_latents(self, batch: Mapping[str, Any], generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Latents of the subject images, then of the class images (both halves of one shape)."""
-        return torch.cat(self.role_latents(batch, generator))
-
-    def get_captions(self, batch: Mapping[str, Any]) -> tuple[list[str], int]:
-        captions = list(batch[self.cond_stage_key])
-        return captions + list(batch.get("reg_" + self.cond_stage_key, [])), len(captions)
-
-    def shared_step(self, batch: Mapping[str, Any], generator: Optional[torch.Generator] = None,
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One DreamBooth loss evaluation: encode, noise at a random t, predict eps, subject + prior terms.
-
-        Subject and class examples go through the UNet in one pass when they have one shape, else in one pass
-        each (aspect-ratio buckets). With a loss mask in the batch the subject terms weight latent pixels by it
-        (``mask_floor`` for the background; class examples are never masked), and the unmasked subject loss is
-        reported beside. Every random draw (posterior sample, t, noise, offset, caption dropout) comes from
-        ``generator`` when one is given."""
-        zs = self.role_latents(batch, generator)
-        captions, n_subject = self.get_captions(batch)
-        if self.caption_dropout > 0:
-            drop = torch.rand(len(captions), generator=generator, device=generator.device if generator else None)
-            captions = ["" if d < self.caption_dropout else c for c, d in zip(captions, drop.tolist())]
-        roles = [""] + (["reg_"] if len(captions) > n_subject else [])
-        device = zs[0].device
-        t = torch.randint(0, self.num_timesteps, (len(captions),), device=device, generator=generator).long()
-        same_shape = len({z.shape[1:] for z in zs}) == 1
-        parts = [(torch.cat(zs), roles, 0, len(captions))] if same_shape else [
-            (z, [role], start, start + len(z)) for z, role, start in zip(zs, roles, (0, n_subject))]
-        preds, noises = [], []
-        for z, group, lo, hi in parts:
-            text = self.text_cache(captions[lo:hi]) if self.text_cache is not None else self.encode_text(captions[lo:hi])
-            c = self.conditioning.condition(text, batch_sizes(batch, group))
-            noise = offset_noise_(torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator),
-                                  self.offset_noise, generator)
-            preds.append(self.apply_model(self.q_sample(z, t[lo:hi], noise), t[lo:hi], c))
-            noises.append(noise)
-        weights = min_snr_weights(self.alphas_cumprod[t], self.min_snr_gamma) if self.min_snr_gamma else None
-        losses = torch.cat([per_example_loss(p, n, self.loss_type) for p, n in zip(preds, noises)])
-        mask_key = f"{self.first_stage_key}_mask"
-        if mask_key not in batch:
-            return combine(losses, n_subject, self.reg_weight, weights)
-        # Masked loss: the subject rows are the first n_subject rows of the first part.
-        spatial = mask_weights(batch[mask_key], tuple(zs[0].shape[-2:]), self.mask_floor)
-        masked = per_example_loss(preds[0][:n_subject], noises[0][:n_subject], self.loss_type, spatial)
-        loss, logs = combine(torch.cat([masked, losses[n_subject:]]), n_subject, self.reg_weight, weights)
-        unmasked = losses[:n_subject] * (weights[:n_subject] if weights is not None else 1)
-        logs["loss_subject_unmasked"] = unmasked.mean().detach()
-        return loss, logs
-
-    def step_generator(self) -> Optional[torch.Generator]:
-        """The generator of the next training batch, from (noise_seed, batches trained so far, rank); None without
-        a seed. The count is the model's own and travels in its checkpoints, so a resumed run continues it."""
-        if self.noise_seed is None:
-            return None
-        from ldm.util import derive_seed
-        seed = derive_seed(self.noise_seed, "step", self.batches_trained, self.global_rank)
-        return torch.Generator(self.device).manual_seed(seed)
-
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        generator = self.step_generator()
-        self.batches_trained += 1
-        loss, logs = self.shared_step(batch, generator)
-        batch_size = batch[self.first_stage_key].shape[0]
-        self.log("train/loss", logs["loss"], prog_bar=True, on_step=True, logger=True, batch_size=batch_size)
-        self.log_dict({f"train/{k}": v for k, v in logs.items() if k != "loss"},
-                      prog_bar=False, on_step=True, logger=True, batch_size=batch_size)
-        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=False, on_step=True, logger=True,
-                 batch_size=batch_size)
-        if not self.automatic_optimization:
-            self.fused_step(loss)
-        return loss
-
-    def fused_step(self, loss: torch.Tensor) -> None:
-        """Fused backward under Lightning's manual optimization: backward runs every update in the parameters'
-        hooks (``PerTensorOptimizer``); ``step()`` then only counts the step, which is what Lightning's
-        global step follows, and the LR schedule steps as automatic optimization would step it."""
-        optimizer = self.optimizers()
-        self.manual_backward(loss)
-        optimizer.step()
-        self.lr_schedulers().step()
-
-    def offload_frozen(self) -> None:
-        """With caches in place nothing in a training step needs the VAE (or a frozen text encoder): free their
-        GPU memory. The image logger borrows them back for sampling."""
-        if self.device.type != "cuda":
-            return
-        self.first_stage_model.to("cpu")
-        if self.text_cache is not None:
-            self.text_model.to("cpu")
-        torch.cuda.empty_cache()
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for m in (self.model, self.text_model) for p in m.parameters() if p.requires_grad]
-
-    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
-        # set_to_none frees the gradient tensors between steps instead of zero-filling them.
-        optimizer.zero_grad(set_to_none=self.set_grads_to_none)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["batches_trained"] = self.batches_trained
-        checkpoint["state_dict"] = self.saved_layout(checkpoint["state_dict"])
-        if self.lora_settings:  # keep the original key layout; adapters ride along as extra keys
-            from ldm.lora import plain_keys
-            checkpoint["state_dict"] = plain_keys(checkpoint["state_dict"])
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.batches_trained = int(checkpoint.get("batches_trained", 0))
-        states = checkpoint.get("optimizer_states") or [{}]
-        per_tensor = bool(self.optimizer_config.get("fused_backward")) or self.weights_dtype == "bf16"
-        if checkpoint.get("optimizer_states") and ("inner" in states[0]) != per_tensor:
-            from ldm.checkpoint import CheckpointError
-            raise CheckpointError("the checkpoint's optimizer state was saved with fused_backward / weights_dtype: "
-                                  f"bf16 {'on' if 'inner' in states[0] else 'off'}; resume with the same settings "
-                                  f"(its moments would otherwise be lost)")
-        if self.lora_settings:
-            from ldm.lora import peft_keys
-            checkpoint["state_dict"] = peft_keys(checkpoint["state_dict"], self.state_dict().keys())
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        from ldm.models.diffusion.optim import build_optimizer, build_scheduler
-        if getattr(self, "_hooked_optimizer", None) is not None:  # configured again: the old hooks must go
-            self._hooked_optimizer.remove_hooks()
-        optimizer = build_optimizer(self.trainable_parameters(), self.learning_rate, self.optimizer_config,
-                                    seed=self.noise_seed or 0, cpu_offload=self._zero_offload())
-        self._hooked_optimizer = optimizer if not self.automatic_optimization else None
-        scheduler = build_scheduler(optimizer, self.scheduler_config, self.lr_schedule, self.lr_warmup_steps,
-                                    max_steps=self.trainer.max_steps if self._trainer is not None else -1)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
-
-    def _zero_offload(self) -> bool:
-        """Whether the run's strategy is DeepSpeed ZeRO with the optimizer offloaded to the CPU (which then needs
-        DeepSpeed's CPU AdamW)."""
-        zero = getattr(getattr(self._trainer, "strategy", None), "config", None) or {}
-        return isinstance(zero, Mapping) and bool((zero.get("zero_optimization") or {}).get("offload_optimizer"))
-
-    # ---- lean training: bf16 weights, compile, channels-last ---------------------------------------------
-    def configure_model(self) -> None:
-        """Lightning's hook before the optimizer is built (and before the model moves to its device): store the
-        trainable weights in bf16, put the UNet in channels-last format, compile it. Idempotent."""
-        if getattr(self, "_lean_applied", False):
-            return
-        self._lean_applied = True
-        if self.weights_dtype == "bf16":
-            for p in self.trainable_parameters():
-                p.data = p.data.to(torch.bfloat16)
-        if self.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        if self.compile_unet:
-            from ldm.models.diffusion.speed import compile_or_eager
-            device = getattr(getattr(self._trainer, "strategy", None), "root_device", self.device)
-            compile_or_eager(self.model.diffusion_model, device)
-
-    def saved_layout(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``state_dict`` in the layout of the model's files: weights stored in bf16 for training are written in
-        fp32, as they were read (a bf16-weights checkpoint loads into the normal model)."""
-        if self.weights_dtype != "bf16":
-            return dict(state_dict)
-        return {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state_dict.items()}
