@@ -296,6 +296,7 @@ def _ranges(timesteps: int) -> dict[str, Range]:
         "data.params.repeats": COUNT,
         "data.params.reg_repeats": COUNT,
         "data.params.flip_p": UNIT,
+        "data.params.recolour_p": UNIT,
         "data.params.min_size": Range(1, integer=True, optional=True),
         "class_images.num": Range(0, integer=True),
         "class_images.ddim_steps": steps,

@@ -45,6 +45,13 @@ def last_checkpoint(logdir: Path, name: str) -> Path:
     return run_dir / "checkpoints" / "last.ckpt"
 
 
+def run_seconds(ckpt: Path) -> int:
+    """Wall time of the run that wrote ``ckpt``: from its first saved config to the checkpoint (a resumed run
+    counts the pause between its parts too)."""
+    configs = sorted(ckpt.parent.parent.glob("configs/*-project.yaml"), key=lambda q: q.stat().st_mtime)
+    return round(ckpt.stat().st_mtime - configs[0].stat().st_mtime) if configs else -1
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -72,49 +79,62 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--ae_steps", type=int, default=None, help="stage-1 steps (default: configs/toy/autoencoder.yaml)")
     p.add_argument("--ldm_steps", type=int, default=None, help="stage-2 steps (default: configs/toy/ldm.yaml)")
     p.add_argument("--out", type=Path, default=ASSETS, help="where the model, classifier and manifest go")
+    p.add_argument("--pack", nargs=2, type=Path, metavar=("AE_CKPT", "LDM_CKPT"), default=None,
+                   help="skip the training: pack and score these finished stage-1 / stage-2 checkpoints")
     opt = p.parse_args(argv)
     from ldm.data.toy_world import write_world
     env = dict(os.environ, PYTHONHASHSEED="0")
-    world = opt.workdir / "world"
+    world, logs = opt.workdir / "world", opt.workdir / "logs"
     tic = time.time()
     manifest_world = write_world(world, WORLD_COUNT, WORLD_SEED)
-    logs = opt.workdir / "logs"
     ae_cmd = [sys.executable, "main.py", "--base", "configs/toy/autoencoder.yaml", "-t", "-n", "toy_ae", "--seed",
               str(TRAIN_SEED), "--logdir", str(logs), f"data.params.root={world}"]
-    if opt.ae_steps:
-        ae_cmd += ["--max_steps", str(opt.ae_steps)]
-    ae_seconds = run(ae_cmd, env)
-    ae = last_checkpoint(logs, "toy_ae")
+    ae_cmd += ["--max_steps", str(opt.ae_steps)] if opt.ae_steps else []
+    seconds = {}
+    if opt.pack is None:
+        seconds["autoencoder"] = round(run(ae_cmd, env))
+        ae = last_checkpoint(logs, "toy_ae")
+    else:
+        ae = opt.pack[0]
+        seconds["autoencoder"] = run_seconds(ae)
     ldm_cmd = [sys.executable, "main.py", "--base", "configs/toy/ldm.yaml", "-t", "-n", "toy_ldm", "--seed",
                str(TRAIN_SEED), "--logdir", str(logs), "--vae", str(ae), f"data.params.root={world}"]
-    if opt.ldm_steps:
-        ldm_cmd += ["--max_steps", str(opt.ldm_steps)]
-    ldm_seconds = run(ldm_cmd, env)
+    ldm_cmd += ["--max_steps", str(opt.ldm_steps)] if opt.ldm_steps else []
+    if opt.pack is None:
+        seconds["ldm"] = round(run(ldm_cmd, env))
+        ldm = last_checkpoint(logs, "toy_ldm")
+    else:
+        ldm = opt.pack[1]
+        seconds["ldm"] = run_seconds(ldm)
     opt.out.mkdir(parents=True, exist_ok=True)
-    model = pack(last_checkpoint(logs, "toy_ldm"), opt.out / "toy-ldm.safetensors")
+    model = pack(ldm, opt.out / "toy-ldm.safetensors")
 
-    from ldm.eval.toy import save_classifier, train_toy_classifier
+    from ldm.eval.toy import render_accuracy, save_classifier, train_toy_classifier
+    tic_classifier = time.time()
     classifier = train_toy_classifier(seed=0)
-    save_classifier(classifier, opt.out / "classifier.safetensors")
+    seconds["classifier"] = round(time.time() - tic_classifier)
+    save_classifier(classifier, opt.out / "classifier.safetensors", seed=0)
     from ldm.eval.toy_model import score_model
     scores = score_model(model, opt.out / "classifier.safetensors")
+    scores["classifier_on_fresh_renders"] = {k: round(v, 3) for k, v in render_accuracy(classifier, n=500).items()}
+    short = lambda cmd: " ".join(["python"] + cmd[1:]).replace(str(ae), "AE_CKPT").replace(  # noqa: E731
+        str(world), "WORLD").replace(str(logs), "LOGS")
     manifest = {
         "model": model.name, "sha256": sha256(model), "bytes": model.stat().st_size,
         "classifier": "classifier.safetensors", "classifier_sha256": sha256(opt.out / "classifier.safetensors"),
         "config": "configs/toy/inference.yaml",
         "world": {"count": WORLD_COUNT, "seed": WORLD_SEED, "data_hash": manifest_world["data_hash"],
                   "held_out_pairs": manifest_world["held_out_pairs"]},
-        "commands": {"world": f"python scripts/make_toy_world.py --out WORLD --count {WORLD_COUNT} --seed {WORLD_SEED}",
-                     "autoencoder": " ".join(["python"] + ae_cmd[1:]).replace(str(world), "WORLD").replace(
-                         str(logs), "LOGS"),
-                     "ldm": " ".join(["python"] + ldm_cmd[1:]).replace(str(world), "WORLD").replace(
-                         str(logs), "LOGS").replace(str(ae), "LOGS/<date>_toy_ae/checkpoints/last.ckpt"),
-                     "all": "python scripts/train_toy_model.py"},
-        "seconds": {"autoencoder": round(ae_seconds), "ldm": round(ldm_seconds), "total": round(time.time() - tic)},
+        "commands": {"all": "python scripts/train_toy_model.py",
+                     "world": f"python scripts/make_toy_world.py --out WORLD --count {WORLD_COUNT} --seed {WORLD_SEED}",
+                     "autoencoder": short(ae_cmd), "ldm": short(ldm_cmd),
+                     "classifier": "python scripts/train_toy_classifier.py --out assets/toy/classifier.safetensors"},
+        "seconds": seconds,
         "scores": scores,
     }
     (opt.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(json.dumps(manifest, indent=2))
+    print(f"done in {time.time() - tic:.0f} s")
     return 0
 
 

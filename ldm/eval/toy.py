@@ -18,8 +18,14 @@ Metrics, over generated images ``x_1..x_N`` with classifier outputs ``p_subj(x)`
 The classifier is a pure function of ``(seed, steps)`` (:func:`train_toy_classifier`; same torch build). It is
 trained on every (kind, place) pair, held-out ones included (they are held out of the world, not of the judge),
 plus the demo pictures' pastel backdrop, with blur, noise, flips and colour jitter, so the slightly blurry, off-
-colour output of a small LDM is still read. Hard negatives: world robots in the subject's teal, teal blobs, bare
-places, flat colour and noise (so subject probability means the design, not its colour).
+colour output of a small LDM is still read. Negatives: world robots (never teal in the world), blobs of random
+colour, bare places, flat colour and noise. So the subject probability reads the subject's design at the level
+of detail a 64 px toy decoder draws (a teal, robot-shaped body with its dial), not its fine details: a first
+version that also took teal world robots and teal blobs as negatives demanded a crisp head and dial, and gave 0 to
+fine-tuned samples a person reads at once as the subject (measured on the shipped model's DreamBooth runs).
+Adding flat pictures in the subject's colours as negatives had the same effect (the demo's subject fidelity fell
+from 0.25 to 0.04 on the same fine-tune), so the judge has a known blind spot: a picture that is nothing but the
+subject's teal reads as the subject. Prompt fidelity (no place drawn) exposes such a picture.
 """
 from __future__ import annotations
 
@@ -38,7 +44,6 @@ from ldm.data import toy_world as tw
 
 Images = Union[Sequence[Image.Image], torch.Tensor]
 IGNORE = -100  # cross-entropy's ignore_index: the studio backdrop is no world place
-_TEALS = ((40, 150, 150), (60, 180, 175), (30, 110, 110))  # the demo robot's body, head and legs
 
 
 class ToyClassifier(nn.Module):
@@ -73,7 +78,7 @@ def render_training_set(n: int, seed: int, subject_share: float = 0.3,
     subject 0/1 (IGNORE where a label does not apply). Places include the studio backdrop. Scales are continuous
     from below the world's "small" (0.6) to 1.5: the demo pictures, downscaled to 64 px, show the robot at about
     1.4, so a fine-tuned model draws it larger than any world object. Distractors (:func:`_distractor`) teach
-    the subject head that teal alone is not the subject."""
+    the subject head that a blob is not an object."""
     rng = random.Random(seed)
     places = tw.BACKGROUNDS + (tw.STUDIO,)
     images = np.empty((n, tw.SIZE, tw.SIZE, 3), dtype=np.uint8)
@@ -91,8 +96,7 @@ def render_training_set(n: int, seed: int, subject_share: float = 0.3,
         if subject:
             r = tw.render_demo_robot(place, cx, base_y, horizon, scale, rng.randint(-4, 4), rng.getrandbits(32))
         else:
-            rgb = rng.choice(_TEALS) if kind == "robot" and rng.random() < 0.15 else \
-                tw.COLOURS[rng.choice(list(tw.COLOURS))]
+            rgb = tw.COLOURS[rng.choice(list(tw.COLOURS))]
             r = tw.render_world_object(kind, rgb, scale, place, cx, base_y, horizon, rng.getrandbits(32))
         images[i] = np.asarray(r.image)
         labels[i] = (bg, tw.KINDS.index(kind), int(subject))
@@ -100,7 +104,7 @@ def render_training_set(n: int, seed: int, subject_share: float = 0.3,
 
 
 def _distractor(rng: random.Random, place: str) -> tuple[np.ndarray, bool]:
-    """A picture without any object: a bare place, a place with colour blobs (often teal), or no place at all
+    """A picture without any object: a bare place, a place with colour blobs, or no place at all
     (flat colour or noise), which an untrained or collapsed model may well produce. Returns (pixels, has place)."""
     what = rng.random()
     if what < 0.8:
@@ -109,7 +113,7 @@ def _distractor(rng: random.Random, place: str) -> tuple[np.ndarray, bool]:
             d = ImageDraw.Draw(img)
             for _ in range(rng.randint(1, 3)):
                 x, y, w, h = rng.uniform(5, 59), rng.uniform(5, 59), rng.uniform(3, 14), rng.uniform(3, 18)
-                rgb = rng.choice(_TEALS) if rng.random() < 0.4 else tuple(rng.randrange(256) for _ in range(3))
+                rgb = tuple(rng.randrange(256) for _ in range(3))
                 d.rounded_rectangle([x - w, y - h, x + w, y + h], radius=rng.uniform(0, 3 + min(w, h) / 2), fill=rgb)
         return np.asarray(img), True
     nrng = np.random.default_rng(rng.getrandbits(32))

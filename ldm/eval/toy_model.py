@@ -35,11 +35,12 @@ def load_toy_model(ckpt: str | Path = TOY_MODEL, config: str | Path = TOY_CONFIG
 
 @torch.no_grad()
 def sample(model: Any, prompts: Sequence[str], seed: int, steps: int = 25, scale: float = 4.0,
-           batch_size: int = 32) -> torch.Tensor:
-    """Decoded images ``[N, 3, H, W]`` in [-1, 1] for ``prompts`` (DDIM, eta 0, guidance ``scale``), one generator
-    seeded once for the whole list, so the same call gives the same pictures."""
-    from ldm.models.diffusion.ddim import DDIMSampler
-    sampler = DDIMSampler(model)
+           batch_size: int = 32, sampler: str = "ddim") -> torch.Tensor:
+    """Decoded images ``[N, 3, H, W]`` in [-1, 1] for ``prompts`` (``sampler`` by name: DDIM with eta 0 unless
+    said otherwise; guidance ``scale``), one generator seeded once for the whole list, so the same call gives the
+    same pictures."""
+    from ldm.models.diffusion.samplers import make_sampler
+    sampler = make_sampler(sampler, model)
     generator = torch.Generator(model.betas.device).manual_seed(seed)
     shape = (model.channels, model.image_size, model.image_size)
     out = []
