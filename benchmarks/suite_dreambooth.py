@@ -16,7 +16,7 @@ Step k draws its timestep, noise and latent sample from a generator seeded with 
 memory report the same first-step loss: the tests hold them to it.
 
 Variant names are ``+``-joined switches (``Variant.parse``), so any combination can be asked for with
-``--variants``; the lean-training switches (docs/lean-training.md) are ``fused`` (fused backward), ``bf16w``
+``--variants``; the lean-training switches (README: "Training on small GPUs") are ``fused`` (fused backward), ``bf16w``
 (weights stored in bf16), ``compile`` and ``cl`` (channels-last). SDXL (``--config sdxl`` / ``tiny-sdxl``): the
 LoRA recipe of sdxl-dreambooth-lora.yaml and a full UNet fine-tune, each plain and lean. ``--peer diffusers``
 adds, per row, diffusers' train_dreambooth.py step with the options it has (benchmarks/peer_dreambooth.py) and a

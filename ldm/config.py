@@ -375,7 +375,7 @@ FP16_MIXED = ("16", "16-mixed")
 
 def check_lean_training(config: DictConfig) -> None:
     """The combinations that fused backward, bf16-stored weights and DeepSpeed's offload cannot train, each refused
-    in one line that says why (docs/lean-training.md)."""
+    in one line that says why (README: "Training on small GPUs")."""
     trainer = OmegaConf.select(config, "lightning.trainer") or {}
     precision = str(trainer.get("precision", "auto"))
     strategy = str(trainer.get("strategy", ""))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU figures for the README (docs/lean-training.md): it/s and max_memory_allocated of one DreamBooth step for
+# GPU figures for the README ("Training on small GPUs"): it/s and max_memory_allocated of one DreamBooth step for
 #   SD v1 full fine-tune with the text encoder, SD v1 LoRA, SDXL LoRA at 1024 px, SDXL full UNet fine-tune,
 # each as the reference recipe and with the lean switches (fused backward, bf16 weights, 8-bit AdamW, gradient
 # checkpointing, cached latents; bf16 autocast as precision auto chooses on such a GPU).

@@ -1,5 +1,5 @@
-"""Lean training (docs/lean-training.md): fused backward, bf16-stored weights with stochastic rounding, compile and
-channels-last, DeepSpeed's offload refused where it cannot run; all on the tiny fine-tuning config.
+"""Lean training (README: "Training on small GPUs"): fused backward, bf16-stored weights with stochastic
+rounding, compile and channels-last, DeepSpeed's offload refused where it cannot run; all on the tiny fine-tuning config.
 
 Fused backward is held to the plain Lightning loop it replaces (same weights, bit for bit, after the same steps;
 an interrupted and resumed run to an uninterrupted one); stochastic rounding to closed-form expectations; a

@@ -161,7 +161,7 @@ class LatentDiffusion(DreamBoothTraining, pl.LightningModule):
             raise NotImplementedError("use_ema with LoRA: the EMA would track the frozen base weights")
         self.offset_noise, self.min_snr_gamma = offset_noise, min_snr_gamma
         self.cache_latents, self.set_grads_to_none = cache_latents, set_grads_to_none
-        # The lean-training switches (docs/lean-training.md): trainable weights stored in bf16 (stochastic
+        # The lean-training switches (README: "Training on small GPUs"): trainable weights stored in bf16 (stochastic
         # rounding in the optimizer), the UNet compiled (torch.compile) and/or in channels-last memory format,
         # and with optimizer_config.fused_backward each update inside backward (manual optimization, below).
         if weights_dtype not in ("fp32", "bf16"):
