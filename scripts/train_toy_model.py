@@ -31,6 +31,18 @@ sys.path.insert(0, str(REPO))
 
 ASSETS = REPO / "assets" / "toy"
 WORLD_COUNT, WORLD_SEED, TRAIN_SEED = 6000, 0, 0
+#: How close a rebuild comes to the shipped model (recorded in the manifest). The world is a pure function of its
+#: seed; the weights depend on the torch build and the CPU's float reductions, so a rebuild is held to margins: the
+#: shipped build measured background accuracy 1.00 and kind accuracy 0.63, an earlier build of the same recipe
+#: without the autoencoder's recolouring 1.00 and 0.69.
+REBUILD_MARGINS = {
+    "world.data_hash": "identical (tests/test_toy_model.py regenerates the world and compares)",
+    "scores.world.background_accuracy": ">= 0.95",
+    "scores.world.kind_accuracy": "0.55 to 0.75",
+    "scores.before_dreambooth.subject_fidelity": "< 0.01",
+    "dreambooth effect": "the margins of tests/test_toy_model.py (subject fidelity > base + 0.04, prompt fidelity "
+                         ">= 0.4, prior drift < 0.1, without prior preservation drift higher by > 0.15)",
+}
 
 
 def run(cmd: list[str], env: dict[str, str]) -> float:
@@ -131,6 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      "classifier": "python scripts/train_toy_classifier.py --out assets/toy/classifier.safetensors"},
         "seconds": seconds,
         "scores": scores,
+        "rebuild_margins": REBUILD_MARGINS,
     }
     (opt.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(json.dumps(manifest, indent=2))
