@@ -52,15 +52,20 @@ def reference_layout(name: str = "sd-v1-state-dict.tsv") -> dict[str, tuple[tupl
     return read_layout(SHARED / "reference" / name)
 
 
-@pytest.fixture(scope="session")
-def tiny_model():
+def seeded_tiny_model(config: Path = TINY_CONFIG, seed: int = 0):
+    """The model of ``config`` with seeded random weights everywhere (text encoders included)."""
     from ldm.util import instantiate_from_config
-    torch.manual_seed(0)
-    model = instantiate_from_config(load_config().model)
+    torch.manual_seed(seed)
+    model = instantiate_from_config(load_config(config).model)
     randomize_(model.model, seed=1)
     randomize_(model.first_stage_model, seed=2, std=0.1)
-    randomize_(model.cond_stage_model, seed=3)
+    randomize_(model.text_model, seed=3)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return seeded_tiny_model(TINY_CONFIG)
 
 
 @pytest.fixture(scope="session")
@@ -73,13 +78,7 @@ def tiny_ckpt(tiny_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl_model():
     """The toy SDXL of tiny-sdxl-inference.yaml (two text encoders, size conditioning) with seeded random weights."""
-    from ldm.util import instantiate_from_config
-    torch.manual_seed(0)
-    model = instantiate_from_config(load_config(TINY_SDXL_CONFIG).model)
-    randomize_(model.model, seed=1)
-    randomize_(model.first_stage_model, seed=2, std=0.1)
-    randomize_(model.conditioner, seed=3)
-    return model.eval()
+    return seeded_tiny_model(TINY_SDXL_CONFIG)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,6 @@
-"""Helpers for the img2img and inpainting tests: the scripts as modules, tiny SDXL and inpainting checkpoints,
-drawn pictures and masks, diffusers' VAE holding our weights, and a model wrapper that records what the UNet sees."""
+"""Helpers for the img2img and inpainting tests: tiny SDXL and inpainting configs, drawn pictures and masks, diffusers' VAE holding our weights, and a model wrapper that records what the UNet sees."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -11,28 +9,12 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
-from conftest import REPO, randomize_
-from ldm.util import instantiate_from_config
+from conftest import REPO
 
 TINY_SDXL = REPO / "configs/stable-diffusion/tiny-sdxl-inference.yaml"
 TINY_INPAINT = REPO / "configs/stable-diffusion/tiny-inpainting-inference.yaml"
 
 
-def script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def tiny(config: Path, seed: int = 0):
-    """The model of ``config`` with seeded random weights everywhere (text encoders included)."""
-    torch.manual_seed(seed)
-    model = instantiate_from_config(OmegaConf.load(config).model)
-    randomize_(model.model, seed=1)
-    randomize_(model.first_stage_model, seed=2, std=0.1)
-    randomize_(model.text_model, seed=3)
-    return model.eval()
 
 
 def draw_picture(path: Path, width: int, height: int, mode: str = "RGB") -> Path:

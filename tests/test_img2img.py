@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_CONFIG, rel_err
+from conftest import TINY_CONFIG, load_script, rel_err, seeded_tiny_model
 from image_edit_helpers import (TINY_INPAINT, TINY_SDXL, Recorder, diffusers_vae, draw_picture, one_line,  # noqa: F401
-                                pixels, script, tiny)
+                                pixels)
 from ldm.checkpoint import save_checkpoint
 from ldm.data.image_loading import to_tensor
 from ldm.images import to_pil
@@ -18,7 +18,7 @@ from ldm.img2img import denoise_part_way
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.k_samplers import DPMPP2MSampler, EulerSampler
 
-img2img = script("img2img")
+img2img = load_script("img2img")
 
 
 def alphas_cumprod() -> np.ndarray:
@@ -134,7 +134,7 @@ def test_k_samplers_run_from_the_script(tiny_ckpt, tmp_path, sampler):
 
 def test_sdxl_conditions_on_the_processed_size(tmp_path, monkeypatch):
     from ldm.models.diffusion.ddpm import LatentDiffusion
-    model = tiny(TINY_SDXL)
+    model = seeded_tiny_model(TINY_SDXL)
     ckpt = save_checkpoint(tmp_path / "sdxl.safetensors", model.state_dict())
     seen = []
     real = LatentDiffusion.default_sizes
@@ -154,7 +154,7 @@ def test_sdxl_conditions_on_the_processed_size(tmp_path, monkeypatch):
 
 def test_an_inpainting_checkpoint_repaints_everything(tmp_path, capsys):
     from ldm.inpaint import encode_inputs
-    model = tiny(TINY_INPAINT)
+    model = seeded_tiny_model(TINY_INPAINT)
     ckpt = save_checkpoint(tmp_path / "inpaint.ckpt", model.state_dict())
     image = draw_picture(tmp_path / "in.png", 64, 48)
     paths = run(ckpt, image, tmp_path / "out", "--skip_grid", config=TINY_INPAINT)

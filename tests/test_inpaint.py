@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, TINY_CONFIG, V1_CONFIG, load_config, rel_err, reference_layout
+from conftest import (REPO, TINY_CONFIG, V1_CONFIG, load_config, load_script, rel_err, reference_layout,
+                      seeded_tiny_model)
 from image_edit_helpers import (TINY_INPAINT, TINY_SDXL, Recorder, brute_force_feather, draw_mask,  # noqa: F401
-                                draw_picture, one_line, pixels, script, tiny)
+                                draw_picture, one_line, pixels)
 from ldm.checkpoint import save_checkpoint
 from ldm.cli import guidance_conditioning
 from ldm.data.image_loading import to_tensor
@@ -22,19 +23,19 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.k_samplers import DPMPP2MSampler, EulerSampler
 from ldm.util import instantiate_from_config
 
-inpaint = script("inpaint")
+inpaint = load_script("inpaint")
 V1_INPAINT = REPO / "configs/stable-diffusion/v1-inpainting-inference.yaml"
 MASK_BOX = (20, 30, 37, 44)  # left, top, right, bottom (inclusive) in a 70 x 90 picture
 
 
 @pytest.fixture(scope="module")
 def sdxl_ckpt(tmp_path_factory):
-    return save_checkpoint(tmp_path_factory.mktemp("sdxl") / "sdxl.safetensors", tiny(TINY_SDXL).state_dict())
+    return save_checkpoint(tmp_path_factory.mktemp("sdxl") / "sdxl.safetensors", seeded_tiny_model(TINY_SDXL).state_dict())
 
 
 @pytest.fixture(scope="module")
 def inpaint_model():
-    return tiny(TINY_INPAINT)
+    return seeded_tiny_model(TINY_INPAINT)
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +198,7 @@ def test_nine_channel_model_matches_diffusers_inpainting_pipeline(inpaint_model,
     """Exported by scripts/convert_to_diffusers.py; the same prompts, start latents, mask (our latent mask, which
     diffusers' nearest downsampling gives back exactly) and masked-image latents: DDIM, 4 steps, guidance 5."""
     import diffusers
-    folder = script("convert_to_diffusers").main([str(inpaint_ckpt), str(tmp_path / "pipe"), "--config",
+    folder = load_script("convert_to_diffusers").main([str(inpaint_ckpt), str(tmp_path / "pipe"), "--config",
                                                    str(TINY_INPAINT)])
     pipe = diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None)
     assert isinstance(pipe, diffusers.StableDiffusionInpaintPipeline)  # model_index.json names the right class

@@ -1,7 +1,6 @@
 """LoRA: training only adapters on the frozen tiny model, the kohya file, --lora in txt2img, merge_lora."""
 from __future__ import annotations
 
-import importlib.util
 
 import numpy as np
 import pytest
@@ -9,19 +8,13 @@ import torch
 from PIL import Image
 
 import main as main_module
-from conftest import REPO, TINY_CONFIG, load_config, rel_err
+from conftest import REPO, TINY_CONFIG, load_config, load_script, rel_err
 from helpers import make_folder
 from ldm.checkpoint import load_model_from_config, read_checkpoint, save_checkpoint
 from ldm.lora import load_lora, merge_lora, parse_lora
 
 TINY_FT = REPO / "configs/stable-diffusion/tiny-finetune.yaml"
 
-
-def script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / f"scripts/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +58,7 @@ def test_only_adapters_train_and_the_file_is_kohya(lora_run, tiny_ckpt):
 
 def test_merged_checkpoint_equals_adapter_applied(lora_run, tiny_ckpt, tmp_path):
     lora, _ = read_checkpoint(lora_run / "lora-last.safetensors")
-    merged_path = script("merge_lora").main([str(tiny_ckpt), f"{lora_run / 'lora-last.safetensors'}:0.7",
+    merged_path = load_script("merge_lora").main([str(tiny_ckpt), f"{lora_run / 'lora-last.safetensors'}:0.7",
                                              str(tmp_path / "merged.safetensors")])
     config = load_config(TINY_CONFIG)
     merged = load_model_from_config(config, merged_path)
@@ -84,7 +77,7 @@ def test_merged_checkpoint_equals_adapter_applied(lora_run, tiny_ckpt, tmp_path)
     assert rel_err(e_a, e_m) < 1e-5
     assert rel_err(e_base, e_m) > 1e-4  # and the adapter changes something
 
-    txt2img = script("stable_txt2img")
+    txt2img = load_script("stable_txt2img")
     common = ["--config", str(TINY_CONFIG), "--H", "64", "--W", "64", "--ddim_steps", "3", "--n_samples", "1",
               "--n_iter", "1", "--skip_grid", "--prompt", "photo of a sks toy", "--seed", "2"]
     a = txt2img.main(common + ["--ckpt", str(tiny_ckpt), "--lora", f"{lora_run / 'lora-last.safetensors'}:0.7",
@@ -140,7 +133,7 @@ def test_lora_errors(tiny_ckpt, tmp_path, capsys):
     bogus = save_checkpoint(tmp_path / "x.safetensors", {"lora_unet_nowhere_to_q.lora_down.weight": torch.zeros(2, 3),
                                                           "lora_unet_nowhere_to_q.lora_up.weight": torch.zeros(3, 2)})
     with pytest.raises(SystemExit):
-        script("stable_txt2img").main(["--config", str(TINY_CONFIG), "--ckpt", str(tiny_ckpt), "--lora", str(bogus),
+        load_script("stable_txt2img").main(["--config", str(TINY_CONFIG), "--ckpt", str(tiny_ckpt), "--lora", str(bogus),
                                        "--H", "64", "--W", "64", "--outdir", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "lora_unet_nowhere_to_q" in err
@@ -150,7 +143,7 @@ def test_diffusers_load_lora_weights_accepts_the_adapter(lora_run, tiny_ckpt, tm
     """diffusers reads our kohya file (mapping the original block names to its own) and then predicts what our
     model predicts with the adapter applied, for the UNet and the text encoder."""
     import diffusers
-    folder = script("convert_to_diffusers").main([str(tiny_ckpt), str(tmp_path / "sd"), "--config", str(TINY_CONFIG)])
+    folder = load_script("convert_to_diffusers").main([str(tiny_ckpt), str(tmp_path / "sd"), "--config", str(TINY_CONFIG)])
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None)
     adapter = lora_run / "lora-last.safetensors"
     pipe.load_lora_weights(str(adapter))

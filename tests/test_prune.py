@@ -1,28 +1,21 @@
 """scripts/prune_ckpt.py: a Lightning-style training save pruned to the inference keys, EMA selection, half
 precision, the pruned files sampled by scripts/stable_txt2img.py, the size report, and one-line errors."""
-import importlib.util
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, TINY_CONFIG, load_config
+from conftest import TINY_CONFIG, load_config, load_script
 from ldm.checkpoint import CheckpointError, ema_key, load_model_from_config, read_checkpoint
 from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS
 from ldm.prune import prune_state_dict
 from ldm.util import instantiate_from_config
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / f"scripts/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-prune_ckpt = _load_script("prune_ckpt")
-txt2img = _load_script("stable_txt2img")
+prune_ckpt = load_script("prune_ckpt")
+txt2img = load_script("stable_txt2img")
 POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 UNET = "model.diffusion_model."
 

@@ -6,7 +6,6 @@ give DINO = CLIP-I = PRES = 1 and DIV = 0); elsewhere only that they exist, are 
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, TINY_CONFIG
+from conftest import REPO, TINY_CONFIG, load_script
 from eval_helpers import make_clip_folder, make_dino_folder, make_lpips_files, noise_image
 
 import ldm.eval.run as run_module
@@ -25,12 +24,6 @@ from ldm.eval.run import METRICS, SamplingSettings, generate_for_subject
 DATASET = REPO.parent / "shared" / "datasets" / "dreambooth"
 PAPER_NUMBERS = ("0.668", "0.803", "0.305", "0.774", "0.885")
 
-
-def script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +85,7 @@ def write_samples(dataset: Path, samples: Path) -> None:
 
 
 def test_evaluate_samples_closed_forms_table_and_resume(fake_dataset, models, tmp_path, monkeypatch):
-    evaluate = script("evaluate")
+    evaluate = load_script("evaluate")
     samples, out = tmp_path / "samples", tmp_path / "out"
     write_samples(fake_dataset, samples)
     calls = []
@@ -134,7 +127,7 @@ def test_missing_model_files_are_one_line(fake_dataset, models, tmp_path, capsys
     write_samples(fake_dataset, tmp_path / "samples")
     flags = models[:2] + ["--dino", str(tmp_path / "no-dino")] + models[4:]
     with pytest.raises(SystemExit) as info:
-        script("evaluate").main(["--samples", str(tmp_path / "samples"), "--dataset", str(fake_dataset),
+        load_script("evaluate").main(["--samples", str(tmp_path / "samples"), "--dataset", str(fake_dataset),
                                  "--out", str(tmp_path / "out"), *flags])
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' progress bar for CLIP
     assert info.value.code == 2 and ": error: DINO model folder " in last
@@ -142,7 +135,7 @@ def test_missing_model_files_are_one_line(fake_dataset, models, tmp_path, capsys
 
 
 def test_evaluate_generates_from_a_checkpoint(tiny_ckpt, fake_dataset, models, tmp_path, capsys):
-    evaluate = script("evaluate")
+    evaluate = load_script("evaluate")
     args = ["--ckpt", str(tiny_ckpt), "--config", str(TINY_CONFIG), "--dataset", str(fake_dataset), "--out",
             str(tmp_path / "out"), "--prompts", "1", "--images_per_prompt", "2", "--prior_images", "1",
             "--ddim_steps", "4", "--size", "64", "--device", "cpu", *models]
@@ -173,7 +166,7 @@ def test_generation_matches_txt2img_and_resumes(tiny_model, tiny_ckpt, fake_data
         "00/00.png", "00/01.png", "01/00.png", "01/01.png", "class_prior/00.png"]
     assert Image.open(out / "01" / "00.png").text["prompt"] == "a sks cat in the snow"
     assert Image.open(out / "class_prior" / "00.png").text["prompt"] == "a cat"
-    reference = script("stable_txt2img").main([
+    reference = load_script("stable_txt2img").main([
         "--config", str(TINY_CONFIG), "--ckpt", str(tiny_ckpt), "--outdir", str(tmp_path / "txt2img"), "--H", "64",
         "--W", "64", "--ddim_steps", "4", "--n_samples", "2", "--n_iter", "1", "--scale", "5", "--seed", "4",
         "--prompt", prompts_for(kitty, "sks")[1], "--skip_grid"])
@@ -189,7 +182,7 @@ def test_generation_matches_txt2img_and_resumes(tiny_model, tiny_ckpt, fake_data
 
 def test_an_interrupted_training_run_is_continued(fake_dataset, tmp_path, monkeypatch):
     """A run folder with last.ckpt but no trained.json (killed mid-training) continues with main.py -r."""
-    reproduce = script("reproduce_paper")
+    reproduce = load_script("reproduce_paper")
     run = tmp_path / "work" / "runs" / "kitty" / "2024-01-01T00-00-00_kitty"
     (run / "configs").mkdir(parents=True)
     (run / "checkpoints").mkdir()
@@ -198,7 +191,7 @@ def test_an_interrupted_training_run_is_continued(fake_dataset, tmp_path, monkey
     commands = []
     monkeypatch.setattr(reproduce.subprocess, "run", lambda cmd, **k: commands.append(cmd)
                         or reproduce.subprocess.CompletedProcess(cmd, 0))
-    opt = reproduce.build_parser(script("evaluate")).parse_args(
+    opt = reproduce.build_parser(load_script("evaluate")).parse_args(
         ["--workdir", str(tmp_path / "work"), "--actual_resume", "sd.ckpt", "--max_steps", "9"])
     ckpt, config = reproduce.train_subject(opt, subjects(fake_dataset)[1], ["model.params.reg_weight=0.5"])
     (cmd,) = commands
@@ -211,7 +204,7 @@ def test_an_interrupted_training_run_is_continued(fake_dataset, tmp_path, monkey
 @pytest.mark.skipif(not DATASET.is_dir(), reason=f"DreamBooth dataset not at {DATASET}")
 def test_reproduce_paper_two_subjects_end_to_end(tiny_ckpt, models, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for main.py's subprocesses (see conftest)
-    reproduce = script("reproduce_paper")
+    reproduce = load_script("reproduce_paper")
     work = tmp_path / "work"
     args = ["--workdir", str(work), "--subjects", "dog,dog3", "--dataset", str(DATASET),
             "--base", str(REPO / "configs/stable-diffusion/tiny-finetune.yaml"),

@@ -7,7 +7,6 @@ for the classifier, ground truth rendered with other seeds (and through the worl
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import random
 import re
@@ -17,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, load_script
 from ldm.data import toy_world as tw
 from ldm.eval import toy
 
@@ -153,18 +152,14 @@ def test_the_demo_design_never_appears_in_the_world():
 
 
 def test_regenerated_demo_assets_equal_the_shipped_ones():
-    spec = importlib.util.spec_from_file_location("make_demo_assets", REPO / "scripts/make_demo_assets.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("make_demo_assets")
     for i in range(6):
         shipped = np.asarray(Image.open(REPO / f"assets/demo/subject/robot-{i:02d}.png").convert("RGB"))
         assert np.array_equal(np.asarray(script.draw_scene(i)), shipped)
 
 
 def test_cli_writes_the_folder(tmp_path):
-    spec = importlib.util.spec_from_file_location("make_toy_world", REPO / "scripts/make_toy_world.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("make_toy_world")
     script.main(["--out", str(tmp_path / "w"), "--count", "7", "--seed", "2"])
     assert sorted(p.name for p in (tmp_path / "w/images").iterdir()) == [f"{i:06d}.png" for i in range(7)]
     lines = (tmp_path / "w/captions.jsonl").read_text().splitlines()
