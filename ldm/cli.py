@@ -262,6 +262,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return ConfigError, CheckpointError, ImageError, TargetNotAllowed, OutputError, DiskFullError
 
 
+def report_samples(outpath: str | Path, count: int, seconds: float) -> None:
+    """The sampling scripts' closing lines (the original txt2img's wording, with the count and time)."""
+    print(f"Your samples are ready and waiting for you here: \n{outpath} \n{count} images in {seconds:.1f} s. \nEnjoy.")
+
+
 def run_script(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[argparse.Namespace], Any],
                argv: Optional[Sequence[str]] = None) -> Any:
     """A sampling script's ``main``: parse ``argv``, call ``run(opt)``; bad input is one line and exit code 2."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -64,3 +64,16 @@ def save_numbered_png(image: Image.Image, folder: str | Path, template: str = "{
     except BaseException:
         path.unlink(missing_ok=True)  # give the reserved (empty) name back
         raise
+
+
+def save_sampling_grid(samples: torch.Tensor, folder: str | Path, nrow: int, batches: Sequence[Sequence[str]],
+                       metadata: Mapping[str, object]) -> Path:
+    """The sampling scripts' grid: every sample tiled ``nrow`` per row into the next ``grid-NNNN.png`` of ``folder``.
+    ``samples`` ``[N, 3, H, W]`` are decoder output in [-1, 1] or composited 8-bit pictures (uint8); the PNG's
+    prompt is every distinct prompt of ``batches`` in order, joined by " | ", followed by ``metadata``."""
+    if samples.dtype == torch.uint8:
+        image = Image.fromarray(make_grid(samples, nrow=nrow, pad_value=0).permute(1, 2, 0).numpy())
+    else:
+        image = to_pil(make_grid(samples, nrow=nrow, pad_value=-1.0))
+    prompt = " | ".join(dict.fromkeys(p for batch in batches for p in batch))
+    return save_numbered_png(image, folder, "grid-{:04}.png", {"prompt": prompt, **metadata})

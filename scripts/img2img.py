@@ -26,10 +26,10 @@ from PIL import Image  # noqa: E402
 
 from ldm.cli import (add_model_flags, add_sampling_flags, check_sampling_args, check_strength,  # noqa: E402
                      guidance_conditioning, is_inpainting_config, load_model_config, load_sampling_model,
-                     pick_device, precision_context, sampler_name, run_script)
+                     pick_device, precision_context, report_samples, sampler_name, run_script)
 from ldm.config import ConfigError, spatial_factor  # noqa: E402
 from ldm.data.image_loading import ImageError, open_image, to_rgb, to_tensor  # noqa: E402
-from ldm.images import make_grid, save_numbered_png, to_pil  # noqa: E402
+from ldm.images import save_numbered_png, save_sampling_grid, to_pil  # noqa: E402
 from ldm.img2img import denoise_part_way  # noqa: E402
 from ldm.inpaint import encode_inputs, with_concat  # noqa: E402
 from ldm.models.diffusion.samplers import make_sampler  # noqa: E402
@@ -116,12 +116,9 @@ def sample(opt: argparse.Namespace) -> list[Path]:
                         written.append(save_numbered_png(to_pil(img), outpath / "samples", "{:05}.png", meta))
                 all_samples.append(x.cpu())
     if not opt.skip_grid:
-        grid = make_grid(torch.cat(all_samples), nrow=opt.n_rows or opt.n_samples, pad_value=-1.0)
-        meta = {"prompt": " | ".join(dict.fromkeys(p for b in batches for p in b)), **common}
-        written.append(save_numbered_png(to_pil(grid), outpath, "grid-{:04}.png", meta))
-    count = sum(len(x) for x in all_samples)
-    print(f"Your samples are ready and waiting for you here: \n{outpath} \n"
-          f"{count} images in {time.time() - tic:.1f} s. \nEnjoy.")
+        written.append(save_sampling_grid(torch.cat(all_samples), outpath, opt.n_rows or opt.n_samples, batches,
+                                          common))
+    report_samples(outpath, sum(len(x) for x in all_samples), time.time() - tic)
     return written
 
 

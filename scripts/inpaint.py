@@ -35,9 +35,10 @@ from PIL import Image  # noqa: E402
 
 from ldm.cli import (add_model_flags, add_sampling_flags, check_sampling_args, check_strength,  # noqa: E402
                      guidance_conditioning, is_inpainting_config, load_model_config, load_sampling_model,
-                     native_size, pick_device, precision_context, sampler_name, run_script)
+                     native_size, pick_device, precision_context, report_samples, sampler_name,
+                     run_script)
 from ldm.config import ConfigError, spatial_factor  # noqa: E402
-from ldm.images import make_grid, save_numbered_png, to_pil  # noqa: E402
+from ldm.images import save_numbered_png, save_sampling_grid, to_pil  # noqa: E402
 from ldm.img2img import denoise_part_way  # noqa: E402
 from ldm.inpaint import (composite, encode_inputs, plan_region, read_image_and_mask, region_image,  # noqa: E402
                          region_mask, with_concat)
@@ -141,12 +142,9 @@ def sample(opt: argparse.Namespace) -> list[Path]:
                                                          meta))
                     all_samples.append(torch.from_numpy(result).permute(2, 0, 1))
     if not opt.skip_grid:
-        grid = make_grid(torch.stack(all_samples), nrow=opt.n_rows or opt.n_samples, pad_value=0)
-        meta = {"prompt": " | ".join(dict.fromkeys(p for b in batches for p in b)), **common}
-        written.append(save_numbered_png(Image.fromarray(grid.permute(1, 2, 0).numpy()), outpath, "grid-{:04}.png",
-                                         meta))
-    print(f"Your samples are ready and waiting for you here: \n{outpath} \n"
-          f"{len(all_samples)} images in {time.time() - tic:.1f} s. \nEnjoy.")
+        written.append(save_sampling_grid(torch.stack(all_samples), outpath, opt.n_rows or opt.n_samples, batches,
+                                          common))
+    report_samples(outpath, len(all_samples), time.time() - tic)
     return written
 
 

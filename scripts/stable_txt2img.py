@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from ldm.cli import (add_model_flags, add_sampling_flags, check_sampling_args, load_model_config,  # noqa: E402
-                     load_sampling_model, pick_device, precision_context, sampler_name, run_script)
-from ldm.images import make_grid, save_numbered_png, to_pil  # noqa: E402
+                     load_sampling_model, pick_device, precision_context, report_samples, sampler_name,
+                     run_script)
+from ldm.images import save_numbered_png, save_sampling_grid, to_pil  # noqa: E402
 from ldm.models.diffusion.samplers import make_sampler  # noqa: E402
 
 
@@ -85,13 +86,11 @@ def sample(opt: argparse.Namespace) -> list[Path]:
                         written.append(save_numbered_png(to_pil(img), sample_path, "{:05}.png", meta))
                 all_samples.append(x.cpu())
     if not opt.skip_grid:
-        grid = make_grid(torch.cat(all_samples), nrow=opt.n_rows or opt.n_samples, pad_value=-1.0)
-        meta = {"prompt": " | ".join(dict.fromkeys(p for b in batches for p in b)), "seed": opt.seed,
-                "steps": opt.ddim_steps, "scale": opt.scale, "sampler": name, "checkpoint": Path(opt.ckpt).name}
-        written.append(save_numbered_png(to_pil(grid), outpath, "grid-{:04}.png", meta))
-    count = sum(len(x) for x in all_samples)
-    print(f"Your samples are ready and waiting for you here: \n{outpath} \n"
-          f"{count} images in {time.time() - tic:.1f} s. \nEnjoy.")
+        meta = {"seed": opt.seed, "steps": opt.ddim_steps, "scale": opt.scale, "sampler": name,
+                "checkpoint": Path(opt.ckpt).name}
+        written.append(save_sampling_grid(torch.cat(all_samples), outpath, opt.n_rows or opt.n_samples, batches,
+                                          meta))
+    report_samples(outpath, sum(len(x) for x in all_samples), time.time() - tic)
     return written
 
 

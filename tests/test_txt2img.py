@@ -35,6 +35,9 @@ def test_writes_samples_and_grid_with_metadata(tiny_ckpt, tmp_path):
     assert img.text["checkpoint"] == "tiny.ckpt"
     # torchvision's make_grid layout: 2 px border around and between the cells.
     assert Image.open(paths[2]).size == (2 + 2 * (64 + 2), 2 + 64 + 2)
+    assert np.array_equal(pixels(paths[2])[2:66, 68:132], pixels(paths[1]))  # the second cell is the second sample
+    grid_text = Image.open(paths[2]).text
+    assert grid_text["prompt"] == "photo of a sks dog" and grid_text["seed"] == "3"  # each prompt once
     assert pixels(paths[0]).std() > 1.0  # not a blank image
 
 
@@ -72,6 +75,7 @@ def test_plms_negative_prompt_and_prompt_file(tiny_ckpt, tmp_path):
     assert len(paths) == 4  # three prompts in batches of two, then the grid
     texts = [Image.open(p).text for p in paths[:3]]
     assert [t["prompt"] for t in texts] == ["a dog", "a cat", "a bird"]
+    assert Image.open(paths[3]).text["prompt"] == "a dog | a cat | a bird"
     assert texts[0]["sampler"] == "plms" and texts[0]["negative_prompt"] == "blurry"
     with_negative = pixels(paths[0])
     without = pixels(run(tiny_ckpt, tmp_path / "plain", "--plms", "--prompt", "a dog", "--skip_grid")[0])
