@@ -103,21 +103,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               str(TRAIN_SEED), "--logdir", str(logs), f"data.params.root={world}"]
     ae_cmd += ["--max_steps", str(opt.ae_steps)] if opt.ae_steps else []
     seconds = {}
-    if opt.pack is None:
-        seconds["autoencoder"] = round(run(ae_cmd, env))
-        ae = last_checkpoint(logs, "toy_ae")
-    else:
-        ae = opt.pack[0]
-        seconds["autoencoder"] = run_seconds(ae)
+
+    def stage(key: str, cmd: list[str], name: str, packed: Optional[Path]) -> Path:
+        """Train one stage (or take its finished checkpoint from --pack); its wall time goes to ``seconds``."""
+        if packed is not None:
+            seconds[key] = run_seconds(packed)
+            return packed
+        seconds[key] = round(run(cmd, env))
+        return last_checkpoint(logs, name)
+
+    ae = stage("autoencoder", ae_cmd, "toy_ae", opt.pack and opt.pack[0])
     ldm_cmd = [sys.executable, "main.py", "--base", "configs/toy/ldm.yaml", "-t", "-n", "toy_ldm", "--seed",
                str(TRAIN_SEED), "--logdir", str(logs), "--vae", str(ae), f"data.params.root={world}"]
     ldm_cmd += ["--max_steps", str(opt.ldm_steps)] if opt.ldm_steps else []
-    if opt.pack is None:
-        seconds["ldm"] = round(run(ldm_cmd, env))
-        ldm = last_checkpoint(logs, "toy_ldm")
-    else:
-        ldm = opt.pack[1]
-        seconds["ldm"] = run_seconds(ldm)
+    ldm = stage("ldm", ldm_cmd, "toy_ldm", opt.pack and opt.pack[1])
     opt.out.mkdir(parents=True, exist_ok=True)
     model = pack(ldm, opt.out / "toy-ldm.safetensors")
 
