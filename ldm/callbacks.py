@@ -127,6 +127,7 @@ class ImageLogger(pl.Callback):
     @torch.no_grad()
     def sample_grid(self, model: Any) -> torch.Tensor:
         from ldm.models.diffusion.ddim import DDIMSampler
+        from ldm.models.diffusion.samplers import guided_images
         prompts = [p for p in self.prompts for _ in range(self.n_per_prompt)][: self.max_images]
         latent = model.image_size
         f = model.vae_factor
@@ -137,12 +138,8 @@ class ImageLogger(pl.Callback):
         try:
             with model.ema_scope():
                 sizes = model.default_sizes(len(prompts), self.height, self.width)
-                c = model.get_learned_conditioning(prompts, sizes)
-                uc = model.get_unconditional_conditioning(len(prompts) * [""], sizes)
-                z, _ = DDIMSampler(model).sample(self.ddim_steps, len(prompts), shape, conditioning=c,
-                                                 unconditional_conditioning=uc, unconditional_guidance_scale=self.scale,
-                                                 generator=generator, verbose=False, disable_progress=True)
-                images = model.decode_first_stage(z).float().clamp(-1, 1).cpu()
+                images = guided_images(model, DDIMSampler(model), prompts, shape, self.ddim_steps, self.scale,
+                                       generator, sizes)
         finally:
             model.train(was_training)
         return make_grid(images, nrow=self.n_per_prompt, pad_value=-1.0)

@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from ldm.images import save_numbered_png, to_pil
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.samplers import guided_images
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".mpo")
 
@@ -40,13 +41,9 @@ def generate_class_images(model, folder: str | Path, prompt: str, num: int, size
         with model.ema_scope():
             for start in tqdm(range(0, missing, batch_size), desc="class images"):
                 n = min(batch_size, missing - start)
-                sizes = model.default_sizes(n, size, size)
-                c = model.get_learned_conditioning(n * [prompt], sizes)
-                uc = model.get_unconditional_conditioning(n * [""], sizes)
-                z, _ = sampler.sample(ddim_steps, n, shape, conditioning=c, unconditional_conditioning=uc,
-                                      unconditional_guidance_scale=scale, generator=generator, verbose=False,
-                                      disable_progress=True)
-                for img in model.decode_first_stage(z).float():
+                images = guided_images(model, sampler, n * [prompt], shape, ddim_steps, scale, generator,
+                                       model.default_sizes(n, size, size))
+                for img in images:
                     written.append(save_numbered_png(to_pil(img), folder, "class-{:05d}.png",
                                                      {"prompt": prompt, "seed": seed, "steps": ddim_steps,
                                                       "scale": scale}))

@@ -137,6 +137,7 @@ class ValidationMetrics(pl.Callback):
     def sample(self, model: Any, data: Any) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
         """Decoded pictures per row, ``num_images`` each, every row from its own fixed seed."""
         from ldm.models.diffusion.ddim import DDIMSampler
+        from ldm.models.diffusion.samplers import guided_images
         sampler = DDIMSampler(model)
         h, w = data.targets[len(data.targets) // 2][::-1]  # the square bucket (or the fixed size)
         shape = (model.channels, h // model.vae_factor, w // model.vae_factor)
@@ -144,14 +145,9 @@ class ValidationMetrics(pl.Callback):
         with model.ema_scope():
             for k, (label, prompts) in enumerate(rows.items()):
                 n = self.num_images
-                sizes = model.default_sizes(n, h, w)
-                c = model.get_learned_conditioning(n * prompts, sizes)
-                uc = model.get_unconditional_conditioning(n * [""], sizes)
                 generator = torch.Generator(model.device).manual_seed(self.seed + k)
-                z, _ = sampler.sample(self.ddim_steps, n, shape, conditioning=c, unconditional_conditioning=uc,
-                                      unconditional_guidance_scale=self.scale, generator=generator, verbose=False,
-                                      disable_progress=True)
-                images[label] = model.decode_first_stage(z).float().clamp(-1, 1).cpu()
+                images[label] = guided_images(model, sampler, n * prompts, shape, self.ddim_steps, self.scale,
+                                              generator, model.default_sizes(n, h, w))
         return images, rows
 
     @torch.no_grad()

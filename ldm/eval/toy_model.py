@@ -39,20 +39,15 @@ def sample(model: Any, prompts: Sequence[str], seed: int, steps: int = 25, scale
     """Decoded images ``[N, 3, H, W]`` in [-1, 1] for ``prompts`` (``sampler`` by name: DDIM with eta 0 unless
     said otherwise; guidance ``scale``), one generator seeded once for the whole list, so the same call gives the
     same pictures."""
-    from ldm.models.diffusion.samplers import make_sampler
-    sampler = make_sampler(sampler, model)
+    from ldm.models.diffusion.samplers import guided_images, make_sampler
+    chosen = make_sampler(sampler, model)
     generator = torch.Generator(model.betas.device).manual_seed(seed)
     shape = (model.channels, model.image_size, model.image_size)
     out = []
     with model.ema_scope():
         for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start:start + batch_size])
-            c = model.get_learned_conditioning(chunk)
-            uc = model.get_unconditional_conditioning(len(chunk) * [""])
-            z, _ = sampler.sample(steps, len(chunk), shape, conditioning=c, unconditional_conditioning=uc,
-                                  unconditional_guidance_scale=scale, generator=generator, verbose=False,
-                                  disable_progress=True)
-            out.append(model.decode_first_stage(z).float().clamp(-1, 1).cpu())
+            out.append(guided_images(model, chosen, prompts[start:start + batch_size], shape, steps, scale,
+                                     generator))
     return torch.cat(out)
 
 

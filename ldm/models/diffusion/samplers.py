@@ -3,10 +3,14 @@
 All take ``(model)`` and share ``sample(S, batch_size, shape, conditioning=..., unconditional_guidance_scale=...,
 unconditional_conditioning=..., x_T=..., generator=..., ...) -> (samples, intermediates)``; the per-step
 ``callback`` differs (DDIM/PLMS: ``callback(i)``; Euler/DPM++: ``callback(i, x, sigma_next)``, see k_samplers).
+``guided_images`` is the one guided sample-and-decode that class images, the training grids, validation and the
+toy evaluator share.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
+
+import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.k_samplers import DPMPP2MSampler, EulerSampler
@@ -23,3 +27,16 @@ def make_sampler(name: SamplerName, model: Any) -> Any:
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r} (expected one of {', '.join(SAMPLERS)})")
     return SAMPLERS[name](model)
+
+
+def guided_images(model: Any, sampler: Any, prompts: Sequence[str], shape: Sequence[int], steps: int, scale: float,
+                  generator: torch.Generator, sizes: Any = None) -> torch.Tensor:
+    """``prompts`` sampled with classifier-free guidance against the empty prompt (``scale``), ``steps`` steps of
+    ``sampler`` from noise drawn with ``generator``, then decoded: ``[N, 3, H, W]`` float in [-1, 1] on the CPU.
+    ``sizes``: SDXL's size inputs (``model.default_sizes``); None for the model's native ones."""
+    c = model.get_learned_conditioning(list(prompts), sizes)
+    uc = model.get_unconditional_conditioning(len(prompts) * [""], sizes)
+    z, _ = sampler.sample(steps, len(prompts), shape, conditioning=c, unconditional_conditioning=uc,
+                          unconditional_guidance_scale=scale, generator=generator, verbose=False,
+                          disable_progress=True)
+    return model.decode_first_stage(z).float().clamp(-1, 1).cpu()
