@@ -58,7 +58,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, config: Map
     cls = optimizer_class(name, cpu_offload)
     if fused or any(p.dtype != torch.float32 for p in params):
         from ldm.models.diffusion.per_tensor_optim import PerTensorOptimizer
-        return PerTensorOptimizer(params, lr, lambda w: cls([w], lr=lr, **kwargs), fused=fused, seed=seed)
+        return PerTensorOptimizer(params, lr, lambda spans: cls(spans, lr=lr, **kwargs), fused=fused, seed=seed)
     return cls(params, lr=lr, **kwargs)
 
 

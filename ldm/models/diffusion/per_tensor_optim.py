@@ -24,44 +24,76 @@ from ldm.models.diffusion.rounding import stochastic_round_bf16
 
 
 class PerTensorOptimizer(torch.optim.Optimizer):
-    """``make(tensor)`` builds each tensor's inner optimizer (AdamW or AdamW8bit with the config's settings).
+    """``make(tensors)`` builds each trained tensor's inner optimizer (AdamW or AdamW8bit with the config's
+    settings) over that tensor's chunks.
 
     ``param_groups[0]["lr"]`` is the learning rate Lightning logs and the LR schedule sets; every update copies
     it into the inner optimizer first. ``state_dict`` holds every inner optimizer's state and the step count
     (the rounding seeds depend on it), so a resumed run continues exactly.
+
+    A tensor of more than ``chunk`` elements is updated ``chunk`` elements at a time, each span with its own
+    state (a view for fp32 weights), so what an update allocates besides the state (the fp32 copy of a bf16
+    weight and of its gradient, the rounding's noise, bitsandbytes' dequantised moments: about 25 bytes per
+    element together) is bounded by the chunk, not by the largest tensor. Unchunked, the update of SD v1's token
+    embedding (38 M elements) alone took 1 GiB. AdamW works element by element and AdamW8bit quantises blocks
+    of 256, which ``chunk`` is a multiple of: the result is the same as one update of the whole tensor.
     """
 
+    #: Elements per chunk: 4 Mi (16 MiB in fp32), a multiple of AdamW8bit's quantisation block (256).
+    CHUNK = 1 << 22
+
     def __init__(self, params: Iterable[torch.nn.Parameter], lr: float,
-                 make: Callable[[torch.Tensor], torch.optim.Optimizer], fused: bool, seed: int = 0):
+                 make: Callable[[list[torch.Tensor]], torch.optim.Optimizer], fused: bool, seed: int = 0,
+                 chunk: int = CHUNK):
         params = list(params)
         super().__init__(params, {"lr": lr})
         self.fused, self.seed, self.steps = fused, seed, 0
-        # The tensor each inner optimizer updates: the parameter itself, or for a bf16 parameter an fp32 stand-in
-        # that holds a copy of it only during its update (empty otherwise), so the state is built in fp32.
-        self.work = [p if p.dtype == torch.float32 else torch.empty(0, device=p.device) for p in params]
+        if chunk % 256 or chunk < 4096:
+            raise ValueError(f"chunk {chunk}: must be a multiple of 256 (AdamW8bit's block) and at least 4096 (its "
+                             f"minimum size for 8-bit state)")
+        # Per tensor: its spans (start, end) of the flattened tensor and the tensor each span's state belongs to:
+        # the parameter itself (one fp32 span), a view of it (fp32 chunks), or for a bf16 parameter an fp32
+        # stand-in that holds a copy of its span only during the update (empty otherwise), so the state is fp32.
+        self.spans = [chunk_spans(p.numel(), chunk if p.is_contiguous() else p.numel()) for p in params]
+        self.work = [self._stand_ins(p, spans) for p, spans in zip(params, self.spans)]
         self.inner = [make(w) for w in self.work]
         self.index = {p: i for i, p in enumerate(params)}
         self.hooks = [p.register_post_accumulate_grad_hook(self.update) for p in params] if fused else []
 
+    @staticmethod
+    def _stand_ins(p: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
+        if p.dtype != torch.float32:
+            return [torch.empty(0, device=p.device) for _ in spans]
+        if len(spans) == 1:
+            return [p]
+        flat = p.detach().view(-1)
+        return [flat[a:b] for a, b in spans]
+
     @torch.no_grad()
     def update(self, p: torch.Tensor) -> None:
-        """Update one parameter from its gradient, then free the gradient."""
+        """Update one parameter from its gradient, span by span, then free the gradient."""
         if p.grad is None:
             return
         i = self.index[p]
-        inner, work = self.inner[i], self.work[i]
+        inner, works, spans = self.inner[i], self.work[i], self.spans[i]
         for group in inner.param_groups:
             group["lr"] = self.param_groups[0]["lr"]
-        if work is p:
+        if works[0] is p:
             inner.step()
-        else:
-            work.data = p.detach().float()
-            work.grad = p.grad.float()
-            inner.step()
-            generator = torch.Generator(p.device).manual_seed(rounding_seed(self.seed, self.steps, i))
-            p.copy_(stochastic_round_bf16(work, generator) if p.dtype == torch.bfloat16 else work)
+            p.grad = None
+            return
+        flat, grad = p.detach().view(-1), p.grad.view(-1)
+        stored = p.dtype != torch.float32
+        generator = torch.Generator(p.device).manual_seed(rounding_seed(self.seed, self.steps, i)) if stored else None
+        for work, (a, b) in zip(works, spans):
+            if stored:
+                work.data = flat[a:b].float()
+            work.grad = grad[a:b].float() if stored else grad[a:b]
+            inner.step()  # steps only the span with a gradient
+            if stored:
+                flat[a:b].copy_(stochastic_round_bf16(work, generator) if p.dtype == torch.bfloat16 else work)
+                work.data = torch.empty(0, device=p.device)
             work.grad = None
-            work.data = torch.empty(0, device=p.device)
         p.grad = None
 
     @torch.no_grad()
@@ -93,6 +125,11 @@ class PerTensorOptimizer(torch.optim.Optimizer):
             raise ValueError(f"optimizer state for {len(state_dict.get('inner', ()))} tensors, this model trains "
                              f"{len(self.inner)} (was it saved with optimizer_config.fused_backward or "
                              f"weights_dtype: bf16 off?)")
+        for i, (spans, saved) in enumerate(zip(self.spans, state_dict["inner"])):
+            saved_spans = len(saved["param_groups"][0]["params"])
+            if saved_spans != len(spans):
+                raise ValueError(f"optimizer state of tensor {i} is in {saved_spans} chunk(s), this optimizer updates "
+                                 f"it in {len(spans)} (saved by a version with another chunk size; resume with it)")
         super().load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
         for opt, saved in zip(self.inner, state_dict["inner"]):
             opt.load_state_dict(saved)
@@ -101,6 +138,15 @@ class PerTensorOptimizer(torch.optim.Optimizer):
     def inner_state(self) -> list[Mapping[str, Any]]:
         """Every tensor's optimizer state (moments, step), for reports of the optimizer's memory."""
         return [s for opt in self.inner for s in opt.state.values()]
+
+
+def chunk_spans(n: int, chunk: int) -> list[tuple[int, int]]:
+    """``[0, n)`` in spans of ``chunk`` elements; a short remainder joins the last whole span (a span under
+    AdamW8bit's ``min_8bit_size`` would otherwise get 32-bit state)."""
+    starts = list(range(0, n, chunk)) or [0]
+    if len(starts) > 1 and n - starts[-1] < chunk // 2:
+        starts.pop()
+    return [(a, b) for a, b in zip(starts, starts[1:] + [n])]
 
 
 def rounding_seed(seed: int, step: int, index: int) -> int:
