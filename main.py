@@ -11,8 +11,14 @@ CSV metrics. ``python main.py -r logs/<run>`` continues an interrupted run.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
+
+from ldm.util import TRAINING_ENVIRONMENT
+
+for _key, _value in TRAINING_ENVIRONMENT.items():  # read at torch's first allocation: set before importing torch
+    os.environ.setdefault(_key, _value)
 
 
 def str2bool(v: str | bool) -> bool:

@@ -45,6 +45,10 @@ def build_parser(suite: str = DEFAULT_SUITE) -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--repeat", type=int, default=3, help="timed repeats; the median is reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every cell in this many fresh processes, the order reversed every other round "
+                        "(A B, B A, ...), so a drifting machine affects both sides of a comparison alike; time: "
+                        "median of all rounds, peak: the largest")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0: torch's default). On a shared machine use fewer threads than "
                         "idle cores: an OpenMP team with a descheduled thread can run tens of times slower")
@@ -75,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(RESULT_TAG + json.dumps(run_worker(suite, args, json.loads(args._worker))), flush=True)
         return 0
     resolve_config(args.config, suite.configs)
-    results = run_cells(suite.cells(args), argv, args)
+    results = run_cells(suite.cells(args), argv, args, getattr(suite, "cell_env", None))
     print(suite.describe(args, results))
     print(format_table(suite.header, suite.rows(results), args.markdown))
     extra = suite.after_table(args, results) if hasattr(suite, "after_table") else ""

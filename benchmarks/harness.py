@@ -145,13 +145,14 @@ def run_worker(suite: Suite, args: argparse.Namespace, cell: Cell) -> Result:
                 pid=os.getpid())
 
 
-def spawn(suite_name: str, cell: Cell, argv: Sequence[str], threads: int = 0) -> Result:
+def spawn(suite_name: str, cell: Cell, argv: Sequence[str], threads: int = 0,
+          extra_env: Optional[Mapping[str, str]] = None) -> Result:
     """Run one cell in a fresh interpreter, so its peak RSS is its own; the result, or ``cell`` with an
-    ``error``."""
+    ``error``. ``extra_env``: variables the cell's program would have set (ours: what ``main.py`` sets)."""
     print(f"[benchmark] {suite_name}: {' '.join(cell.values())} ...", file=sys.stderr, flush=True)
     cmd = [sys.executable, "-m", "benchmarks", *argv, "--_worker", json.dumps(cell)]
     # Native libraries with their own OpenMP team (bitsandbytes' CPU kernels) honour only the environment.
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}), **(extra_env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
@@ -163,18 +164,39 @@ def spawn(suite_name: str, cell: Cell, argv: Sequence[str], threads: int = 0) ->
     return dict(cell, error=f"exit {proc.returncode}: {last}")
 
 
-def run_cells(cells: list[Cell], argv: Sequence[str], args: argparse.Namespace) -> list[Result]:
+def run_cells(cells: list[Cell], argv: Sequence[str], args: argparse.Namespace,
+              cell_env: Optional[Callable[[Cell], Mapping[str, str]]] = None) -> list[Result]:
     """Every cell in its own worker, ``--jobs`` at a time. One at a time by default: cells would share the cores,
     and two v1 training steps would not fit in 24 GiB. ``--json`` is rewritten as each cell finishes, so a long
-    run that is interrupted keeps the cells it measured."""
-    results: list[Optional[Result]] = [None] * len(cells)
+    run that is interrupted keeps the cells it measured.
+
+    ``--rounds N`` measures every cell in N workers, the cells' order reversed every other round (A B, B A, A B),
+    so that a machine that gets slower or faster during the run moves both sides of a comparison alike; a cell's
+    time is then the median of all its rounds' timed calls and its peak the largest of its rounds' peaks.
+    ``cell_env(cell)``: environment variables for that cell's worker (the suite's ``cell_env``, if it has one)."""
+    rounds = max(1, getattr(args, "rounds", 1))
+    order = [i for r in range(rounds) for i in (range(len(cells)) if r % 2 == 0 else reversed(range(len(cells))))]
+    runs: list[list[Result]] = [[] for _ in cells]
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        futures = {pool.submit(spawn, args.suite, cell, argv, args.threads): i for i, cell in enumerate(cells)}
+        futures = {pool.submit(spawn, args.suite, cells[i], argv, args.threads,
+                               cell_env(cells[i]) if cell_env else None): i for i in order}
         for future in as_completed(futures):
-            results[futures[future]] = future.result()
+            runs[futures[future]].append(future.result())
             if args.json:
-                write_json(args, [r for r in results if r is not None], complete=False)
-    return [r for r in results if r is not None]
+                write_json(args, [merge_rounds(r) for r in runs if r], complete=False)
+    return [merge_rounds(r) for r in runs if r]
+
+
+def merge_rounds(runs: list[Result]) -> Result:
+    """One cell's results from several workers as one: all timed calls (median), the largest peak with the
+    memory after building of that same worker; an error if any round failed."""
+    failed = [r for r in runs if "error" in r]
+    if failed or len(runs) == 1:
+        return failed[0] if failed else runs[0]
+    seconds = [s for r in runs for s in r["seconds"]]
+    top = max(runs, key=lambda r: r["peak_bytes"])
+    return dict(top, seconds=seconds, median_s=statistics.median(seconds), rounds=len(runs),
+                round_medians=[r["median_s"] for r in runs])
 
 
 def write_json(args: argparse.Namespace, results: list[Result], complete: bool = True) -> None:
@@ -240,8 +262,11 @@ def summary_line(args: argparse.Namespace, results: list[Result], packages: Sequ
     ok = [r for r in results if "device_name" in r]
     machine = f"{ok[0]['device_name']}, {ok[0]['threads']} torch threads" if ok else args.device
     versions = [f"{p} {package_version(p)}" for p in ("torch", *packages)]
-    return " | ".join([machine, *versions, f"config {args.config}", *settings,
-                       f"median of {args.repeat} after {args.warmup} warm-up"])
+    rounds = getattr(args, "rounds", 1)
+    timing = (f"median of {args.repeat} after {args.warmup} warm-up" if rounds <= 1 else
+              f"median of {rounds} rounds x {args.repeat} after {args.warmup} warm-up, order reversed every other "
+              f"round")
+    return " | ".join([machine, *versions, f"config {args.config}", *settings, timing])
 
 
 def cpu_name() -> str:

@@ -9,7 +9,9 @@ The model is the real module, built (random weights) from the fine-tuning config
 the batch is what the DataLoader gives training: one subject and one class image, read by a DreamBoothDataset
 from a temporary folder of two generated pictures. One step is what Lightning 2's automatic optimization runs per
 batch: ``shared_step`` under the precision plugin's autocast, the module's ``optimizer_zero_grad`` (set to None),
-backward, the optimizer step (through a GradScaler for fp16) and the LR scheduler's step. Lightning zeroes the
+backward, the optimizer step (through a GradScaler for fp16), the LR scheduler's step and, on a CPU, the training
+run's ``ReleaseFreedMemory`` callback (freed memory handed back to the OS), in the environment ``main.py`` sets
+(``cell_env``). Lightning zeroes the
 gradients after the forward, so the previous step's gradients are still held while the next forward runs.
 Step k draws its timestep, noise and latent sample from a generator seeded with k (as training with
 ``noise_seed`` does) and every variant starts from the same seeded weights, so the variants that only save
@@ -168,6 +170,9 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(model.device.type) if mixed == torch.float16 else None
         self.steps = 0
         self.first_loss: Optional[float] = None
+        from ldm.callbacks import ReleaseFreedMemory
+        self.release = ReleaseFreedMemory()  # as in a training run: freed CPU memory goes back to the OS
+        self.release.on_fit_start(None, model)
 
     def __call__(self) -> None:
         import torch
@@ -185,6 +190,7 @@ class TrainStep:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.scheduler.step()
+        self.release.on_train_batch_end(None, self.model, None, self.batch, self.steps)
         if self.first_loss is None:
             self.first_loss = float(loss.detach())
         self.steps += 1
@@ -258,6 +264,12 @@ class DreamBoothSuite:
             peers = dict.fromkeys(p for p in (Variant.parse(v).peer_name() for v in names) if p)
             cells += [dict(variant=p, impl="diffusers") for p in peers]
         return cells
+
+    def cell_env(self, cell: Cell) -> dict[str, str]:
+        """Our rows run in the environment ``main.py`` gives a training run; the peer's in the caller's, as a user
+        would start diffusers' script."""
+        from ldm.util import TRAINING_ENVIRONMENT
+        return {} if cell.get("impl") == "diffusers" else dict(TRAINING_ENVIRONMENT)
 
     def run_cell(self, args: argparse.Namespace, config_path: Path, cell: Cell, meter: Meter) -> Result:
         """Build the variant's model, run ``warmup + repeat`` steps; seconds, parameters, optimizer state, loss."""
@@ -388,7 +400,9 @@ class DreamBoothSuite:
             summary_line(args, results, ["bitsandbytes", "peft"],
                          [f"{size} px", "batch 1 subject + 1 class image"]),
             "Step (Lightning 2's order): shared_step (VAE encode, text encoder, UNet, prior-preservation loss) "
-            "under autocast for +mixed, zero_grad(set_to_none), backward, optimizer step, LR scheduler step.",
+            "under autocast for +mixed, zero_grad(set_to_none), backward, optimizer step, LR scheduler step; on a CPU "
+            "our rows return freed memory to the OS as training's ReleaseFreedMemory callback does, in the "
+            "environment main.py sets (THP_MEM_ALLOC_ENABLE=1); the peer's script does neither.",
             f"full: UNet + text encoder trained; unet / loraR: text encoder frozen; ckpt: UNet gradient "
             f"checkpointing (ResBlocks and transformer blocks; the text encoder has none); "
             f"8bit: bitsandbytes AdamW8bit; mixed: {mixed}; cached: latents and text embeddings "

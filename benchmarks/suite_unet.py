@@ -22,11 +22,15 @@ from benchmarks.harness import (REPO, Cell, Meter, Result, comparison_header, co
                                 summary_line)
 from benchmarks.profile import backward_profile, format_profiles
 
-MEASUREMENTS = ("forward", "train", "train_ckpt", "ddim")
+MEASUREMENTS = ("forward", "train", "train_ckpt", "ddim", "train_compile")
 IMPLS = ("ours", "diffusers")
 DTYPES = ("fp32", "fp16", "bf16")
 LABELS = {"forward": "UNet forward (s/call)", "train": "train step (s)",
-          "train_ckpt": "train step, grad ckpt (s)", "ddim": "DDIM loop (s/image)"}
+          "train_ckpt": "train step, grad ckpt (s)", "ddim": "DDIM loop (s/image)",
+          "train_compile": "train step, ours compiled, diffusers eager (s)"}
+#: What ``--only`` measures when not given: ``train_compile`` compiles the UNet's forward and backward first
+#: (minutes at full size), so it is asked for by name.
+DEFAULT_MEASUREMENTS = ("forward", "train", "train_ckpt", "ddim")
 GUIDANCE_SCALE = 7.5
 CONTEXT_TOKENS = 77  # CLIP's sequence length, what SD v1's cross-attention sees
 #: SDXL's six size/crop numbers per image: original (h, w), crop top-left (y, x), target (h, w), in pixels.
@@ -82,6 +86,7 @@ class Workload:
         import torch
         from ldm.models.diffusion.schedule import make_beta_schedule, schedule_coefficients
         self.impl, self.unet, self.args, self.calls = impl, unet, args, 0
+        self.compiled = False
         self.first_output: float | None = None
         self.device, B, L = torch.device(args.device), args.batch, args.latent
         self.start = model_params.get("linear_start", 0.00085)
@@ -150,10 +155,17 @@ class Workload:
                 self.keep(self.eps(self.x0, self.t, self.c))
         return forward
 
-    def train(self, checkpointing: bool) -> Callable[[], None]:
-        """One DDPM training step (Ho et al. 2020, Alg. 1): q_sample, eps-MSE, backward, AdamW."""
+    def train(self, checkpointing: bool, compiled: bool = False) -> Callable[[], None]:
+        """One DDPM training step (Ho et al. 2020, Alg. 1): q_sample, eps-MSE, backward, AdamW. ``compiled``:
+        ours through what ``model.params.compile: true`` runs (the compilation falls in the warm-up calls);
+        diffusers' stays eager, as its train_dreambooth.py runs it."""
         import torch
         import torch.nn.functional as F
+        if compiled and self.impl == "ours":
+            from ldm.models.diffusion.speed import compile_or_eager
+            if not compile_or_eager(self.unet, self.device):
+                raise RuntimeError("torch.compile cannot run here")
+            self.compiled = True
         if self.impl == "ours":
             self.unet.set_gradient_checkpointing(checkpointing)
         else:
@@ -235,8 +247,10 @@ class UNetSuite:
         group.add_argument("--dtype", choices=DTYPES, default="fp32",
                            help="fp16/bf16 run under autocast over fp32 master weights")
         group.add_argument("--steps", type=int, default=10, help="DDIM steps of the sampling measurement")
-        group.add_argument("--only", default=",".join(MEASUREMENTS),
-                           help=f"comma-separated subset of {MEASUREMENTS}")
+        group.add_argument("--only", default=",".join(DEFAULT_MEASUREMENTS),
+                           help=f"comma-separated subset of {MEASUREMENTS} (train_compile: ours compiled beside "
+                                f"diffusers' eager step; the warm-up calls include the compilation, so give "
+                                f"--warmup 2 or more)")
         group.add_argument("--impl", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}")
         group.add_argument("--profile", type=int, default=0, metavar="N",
                            help="also profile one step of each train measurement and print its N slowest "
@@ -266,13 +280,13 @@ class UNetSuite:
         work = Workload(cell["impl"], unet, params, args)
         m = cell["measurement"]
         fn = {"forward": work.forward, "train": lambda: work.train(False), "train_ckpt": lambda: work.train(True),
-              "ddim": work.ddim}[m]()
+              "train_compile": lambda: work.train(False, compiled=True), "ddim": work.ddim}[m]()
         seconds = meter.time(fn)
         calls = work.calls // (args.warmup + args.repeat)
         profile = backward_profile(fn, args.device, args.profile) if args.profile and m.startswith("train") else None
         per = args.batch if m == "ddim" else 1  # DDIM is reported per image
         return dict(seconds=[s / per for s in seconds], unet_calls=calls, first_output=work.first_output,
-                    sdxl=is_sdxl(params), **({"profile": profile} if profile else {}))
+                    sdxl=is_sdxl(params), compiled=work.compiled, **({"profile": profile} if profile else {}))
 
     def rows(self, results: list[Result]) -> list[list[str]]:
         return comparison_rows(results, LABELS, *IMPLS)
@@ -298,7 +312,7 @@ class UNetSuite:
     def after_table(self, args: argparse.Namespace, results: list[Result]) -> str:
         """``--profile``: the backward nodes of each train measurement, ours beside diffusers'."""
         blocks = []
-        for m in ("train", "train_ckpt"):
+        for m in ("train", "train_ckpt", "train_compile"):
             pair = {r["impl"]: r["profile"] for r in results if r.get("measurement") == m and "profile" in r}
             if pair:
                 blocks.append(f"{LABELS[m]}\n" + format_profiles(list(pair), list(pair.values())))

@@ -1,5 +1,5 @@
 """Lightning callbacks: run-folder setup, atomic checkpoints, save-on-interrupt, caches of the frozen parts,
-validation image grids and exported weights.
+freed memory handed back after each CPU step, validation image grids and exported weights.
 
 All file I/O of a training run happens here, on rank 0 only.
 """
@@ -18,6 +18,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ldm.files import atomic_write, clean_partial
 from ldm.images import make_grid, save_png, to_pil
+from ldm.util import release_freed_memory, return_large_frees_to_the_os
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -89,6 +90,24 @@ class CacheFrozenInputs(pl.Callback):
             pl_module.text_cache = TextCache()
             pl_module.text_cache.build(pl_module.encode_text, dataset.all_captions())
         pl_module.offload_frozen()
+
+
+class ReleaseFreedMemory(pl.Callback):
+    """Training on a CPU: the memory a step frees goes back to the operating system, so the process's resident
+    memory (what the out-of-memory killer counts) follows the memory in use. From the start, large tensors are
+    returned the moment they are freed (:func:`ldm.util.return_large_frees_to_the_os`); after each step the
+    heap's free pages are (:func:`ldm.util.release_freed_memory`). A lean SD v1 fine-tune peaked at 5.9 GiB
+    with it and 7.5 GiB without, over three steps and growing (README, "Speed and memory"). GPU memory has its
+    own caching allocator and is not touched."""
+
+    def on_fit_start(self, trainer: Optional[pl.Trainer], pl_module: pl.LightningModule) -> None:
+        if pl_module.device.type == "cpu":
+            return_large_frees_to_the_os()
+
+    def on_train_batch_end(self, trainer: Optional[pl.Trainer], pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if pl_module.device.type == "cpu":
+            release_freed_memory()
 
 
 def expand_prompts(templates: Sequence[str], concepts: Sequence[Any]) -> list[str]:

@@ -389,7 +389,7 @@ def build_callbacks(config: DictConfig, run_folder: Path, now: str, resume: bool
     """Lightning callbacks (run folder, checkpoints, exports, caches, progress, the config's own) and loggers."""
     import pytorch_lightning as pl
 
-    from ldm.callbacks import CacheFrozenInputs, ExportWeights, SaveOnInterrupt, SetupCallback
+    from ldm.callbacks import CacheFrozenInputs, ExportWeights, ReleaseFreedMemory, SaveOnInterrupt, SetupCallback
     from ldm.util import instantiate_from_config
     ckptdir = run_folder / "checkpoints"
     checkpoint_params = OmegaConf.to_container(config.lightning.get("modelcheckpoint", {}).get("params", {}) or {},
@@ -401,7 +401,7 @@ def build_callbacks(config: DictConfig, run_folder: Path, now: str, resume: bool
                  ExportWeights(str(ckptdir), every_n_train_steps=every, **export), CacheFrozenInputs(),
                  pl.callbacks.ModelCheckpoint(dirpath=ckptdir, filename="{step:06d}", save_top_k=-1,
                                               **checkpoint_params),
-                 pl.callbacks.TQDMProgressBar(refresh_rate=1)]
+                 pl.callbacks.TQDMProgressBar(refresh_rate=1), ReleaseFreedMemory()]
     for cb in (config.lightning.get("callbacks") or {}).values():
         callbacks.append(instantiate_from_config(OmegaConf.to_container(cb, resolve=True)))
     if config.lightning.get("validation"):

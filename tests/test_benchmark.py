@@ -360,6 +360,32 @@ def test_a_failing_cell_is_reported(tmp_path: Path) -> None:
     assert result["error"] in proc.stdout
 
 
+def test_rounds_alternate_the_order_and_pool_the_timings(tmp_path: Path) -> None:
+    """``--rounds 3``: each cell in three workers, started A B, B A, A B; a cell's time is the median of all its
+    timed calls and its peak the largest of its workers'."""
+    import statistics
+    proc, data = run_benchmark("--only", "forward", "--latent", "8", "--batch", "1", "--repeat", "2", "--warmup",
+                               "0", "--threads", "1", "--rounds", "3", json_path=tmp_path / "out.json", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    started = [line.split()[2] for line in proc.stderr.splitlines() if line.startswith("[benchmark] unet:")]
+    assert started == ["ours", "diffusers", "diffusers", "ours", "ours", "diffusers"]
+    for r in data["results"]:
+        assert r["rounds"] == 3 and len(r["seconds"]) == 6 and r["median_s"] == statistics.median(r["seconds"])
+        assert len(r["round_medians"]) == 3 and min(r["round_medians"]) <= r["median_s"] <= max(r["round_medians"])
+    assert "median of 3 rounds x 2" in proc.stdout
+
+
+def test_compiled_training_step_keeps_the_loss(tmp_path: Path) -> None:
+    """``--only train_compile``: ours compiled (what ``compile: true`` runs) computes the loss diffusers' eager
+    UNet does on the same weights and inputs."""
+    proc, data = run_benchmark("--only", "train_compile", "--latent", "8", "--batch", "1", "--repeat", "1",
+                               "--warmup", "1", "--threads", "1", json_path=tmp_path / "out.json", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    by = {r["impl"]: r for r in data["results"]}
+    assert by["ours"]["compiled"] and not by["diffusers"]["compiled"]
+    assert math.isclose(by["ours"]["first_output"], by["diffusers"]["first_output"], rel_tol=1e-4)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--only", "forward,backward"], "unknown --only/--impl entries: ['backward']"),
     (["--suite", "dreambooth", "--variants", "full,half"], "--variants: unknown ['half']"),

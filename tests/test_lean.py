@@ -106,6 +106,50 @@ def test_fused_backward_frees_each_gradient_during_backward(tiny_model):
     opt.remove_hooks()
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_updating_a_large_tensor_in_chunks_is_one_update(optimizer, dtype):
+    """A tensor larger than the chunk is updated span by span, each span with its own state (what bounds an
+    update's temporary memory): after several steps the weights and moments are the same, bit for bit, as with
+    one update of the whole tensor, for AdamW and for AdamW8bit (blocks of 256, which chunks are a multiple of; chunks of at least its 4096-element minimum for 8-bit state),
+    with fp32 weights and with bf16 weights (the same rounding noise, drawn span by span); the remainder of 300
+    elements is not left as a span of its own (under AdamW8bit's 4096-element minimum it would get 32-bit
+    state). The state saved by the chunked optimizer loads into another chunked one and continues alike."""
+    from ldm.models.diffusion.optim import ADAMW_DEFAULTS, optimizer_class
+    from ldm.models.diffusion.per_tensor_optim import PerTensorOptimizer
+
+    cls = optimizer_class(optimizer)
+    gen = torch.Generator().manual_seed(0)
+    init = torch.randn(5 * 4096 + 300, generator=gen).view(-1, 4)  # 20780 elements
+    grads = [torch.randn(init.shape, generator=gen) for _ in range(4)]
+
+    def run(chunk, steps, opt_state=None, start=None):
+        p = torch.nn.Parameter((init if start is None else start).clone().to(dtype))
+        opt = PerTensorOptimizer([p], 1e-2, lambda spans: cls(spans, lr=1e-2, **ADAMW_DEFAULTS), fused=False,
+                                 seed=3, chunk=chunk)
+        if opt_state is not None:
+            opt.load_state_dict(opt_state)
+        for g in steps:
+            p.grad = g.to(dtype)
+            opt.step()
+        return p.detach().clone(), opt
+
+    whole, whole_opt = run(1 << 20, grads)
+    chunked, chunked_opt = run(4096, grads)
+    assert len(chunked_opt.spans[0]) == 5 and chunked_opt.spans[0][-1] == (4 * 4096, init.numel())
+    assert torch.equal(whole, chunked) and not torch.equal(whole.float(), init)
+    moments = [torch.cat([s[k].reshape(-1) for s in chunked_opt.inner_state()])
+               for k in sorted(chunked_opt.inner_state()[0]) if k in ("exp_avg", "state1")]
+    assert torch.equal(moments[0], next(iter(whole_opt.inner_state()))[("exp_avg" if optimizer == "adamw"
+                                                                        else "state1")].reshape(-1))
+    # Two steps, saved, then two more in a fresh optimizer: the same as four in one.
+    first, first_opt = run(4096, grads[:2])
+    resumed, _ = run(4096, grads[2:], opt_state=copy.deepcopy(first_opt.state_dict()), start=first.float())
+    assert torch.equal(resumed, chunked)
+    with pytest.raises(ValueError, match="chunk"):
+        run(1 << 20, [], opt_state=first_opt.state_dict())
+
+
 def test_fused_backward_resumes_exactly(tmp_path):
     """Ctrl-C at step 4 of a fused run, then -r: the same weights as the fused run that was never stopped (the
     inner optimizers' moments and step counts are saved and restored)."""
@@ -296,3 +340,69 @@ def test_resuming_with_fused_backward_switched_is_refused(tmp_path, capsys):
         main_module.main(["-r", str(run), "--max_steps", "4", FUSED])
     err = capsys.readouterr().err.strip().splitlines()
     assert info.value.code == 2 and len(err) == 1 and "resume with the same settings" in err[0], err
+
+
+# ---- freed memory handed back after each CPU step -------------------------------------------------------------
+
+HEAP_SCRIPT = """
+import os, sys, torch
+from ldm.util import release_freed_memory, return_large_frees_to_the_os
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+if sys.argv[1] == "trim":  # 64 KiB tensors live in glibc's heap; nine in ten freed leave holes between kept ones
+    base = rss()
+    blocks = [torch.ones(16384) for _ in range(4000)]
+    kept = blocks[::10]
+    del blocks
+    freed = rss()
+    assert release_freed_memory()
+else:  # 8 MiB tensors between kept 1 MiB ones, after a 16 MiB one was freed (glibc then puts 8 MiB in its heap)
+    if sys.argv[1] == "threshold":
+        assert return_large_frees_to_the_os()
+    big = torch.ones(4 << 20)  # 16 MiB
+    del big
+    base = rss()
+    pairs = [(torch.ones(2 << 20), torch.ones(1 << 18)) for _ in range(40)]
+    kept = [small for _, small in pairs]
+    del pairs
+    freed = rss()
+print(base, freed, rss())
+"""
+
+
+def heap_after(case: str) -> tuple[int, int, int]:
+    """RSS in a fresh process: before the allocations, after freeing most of them, and at the end."""
+    out = subprocess.run([sys.executable, "-c", HEAP_SCRIPT, case], capture_output=True, text=True, cwd=REPO,
+                         check=True)
+    return tuple(int(v) for v in out.stdout.split())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim (elsewhere it is a no-op)")
+def test_release_freed_memory_returns_what_the_heap_kept():
+    """250 MiB in 64 KiB tensors, nine in ten freed: the freed space lies between kept blocks and stays
+    resident; after ``release_freed_memory`` most of it is gone."""
+    base, freed, released = heap_after("trim")
+    assert freed - base > 200 * 2 ** 20, (base, freed, released)  # freeing alone gave nothing back
+    assert freed - released > 150 * 2 ** 20, (base, freed, released)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt (elsewhere it is a no-op)")
+def test_large_tensors_go_back_to_the_os_when_freed():
+    """320 MiB in 8 MiB tensors freed between kept 1 MiB ones (40 MiB): glibc alone keeps them resident (its
+    threshold rose with an earlier 16 MiB free); with ``return_large_frees_to_the_os`` they are gone at once."""
+    base, freed, _ = heap_after("default")
+    assert freed - base > 250 * 2 ** 20, (base, freed)
+    base, freed, _ = heap_after("threshold")
+    assert freed - base < 100 * 2 ** 20, (base, freed)
+
+
+def test_training_on_a_cpu_returns_freed_memory(tmp_path, monkeypatch):
+    """The training run's callbacks set the threshold once and trim the heap once per optimisation step."""
+    import ldm.callbacks
+    calls = {"threshold": 0, "trim": 0}
+    monkeypatch.setattr(ldm.callbacks, "return_large_frees_to_the_os",
+                        lambda: calls.__setitem__("threshold", calls["threshold"] + 1) or True)
+    monkeypatch.setattr(ldm.callbacks, "release_freed_memory",
+                        lambda: calls.__setitem__("trim", calls["trim"] + 1) or True)
+    train(tmp_path, 3)
+    assert calls == {"threshold": 1, "trim": 3}
