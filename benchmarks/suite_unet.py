@@ -22,7 +22,6 @@ from benchmarks.harness import (REPO, Cell, Meter, Result, comparison_header, co
                                 summary_line)
 from benchmarks.profile import backward_profile, format_profiles
 
-MEASUREMENTS = ("forward", "train", "train_ckpt", "ddim", "train_compile")
 IMPLS = ("ours", "diffusers")
 DTYPES = ("fp32", "fp16", "bf16")
 LABELS = {"forward": "UNet forward (s/call)", "train": "train step (s)",
@@ -31,6 +30,7 @@ LABELS = {"forward": "UNet forward (s/call)", "train": "train step (s)",
 #: What ``--only`` measures when not given: ``train_compile`` compiles the UNet's forward and backward first
 #: (minutes at full size), so it is asked for by name.
 DEFAULT_MEASUREMENTS = ("forward", "train", "train_ckpt", "ddim")
+MEASUREMENTS = (*DEFAULT_MEASUREMENTS, "train_compile")
 GUIDANCE_SCALE = 7.5
 CONTEXT_TOKENS = 77  # CLIP's sequence length, what SD v1's cross-attention sees
 #: SDXL's six size/crop numbers per image: original (h, w), crop top-left (y, x), target (h, w), in pixels.

@@ -97,8 +97,8 @@ class ReleaseFreedMemory(pl.Callback):
     memory (what the out-of-memory killer counts) follows the memory in use. From the start, large tensors are
     returned the moment they are freed (:func:`ldm.util.return_large_frees_to_the_os`); after each step the
     heap's free pages are (:func:`ldm.util.release_freed_memory`). A lean SD v1 fine-tune peaked at 5.9 GiB
-    with it and 7.5 GiB without, over three steps and growing (README, "Speed and memory"). GPU memory has its
-    own caching allocator and is not touched."""
+    with both and at 7.5 GiB, growing from step to step, with the trim alone (three steps; README, "Speed and
+    memory"). GPU memory has its own caching allocator and is not touched."""
 
     def on_fit_start(self, trainer: Optional[pl.Trainer], pl_module: pl.LightningModule) -> None:
         if pl_module.device.type == "cpu":

@@ -111,10 +111,11 @@ def test_fused_backward_frees_each_gradient_during_backward(tiny_model):
 def test_updating_a_large_tensor_in_chunks_is_one_update(optimizer, dtype):
     """A tensor larger than the chunk is updated span by span, each span with its own state (what bounds an
     update's temporary memory): after several steps the weights and moments are the same, bit for bit, as with
-    one update of the whole tensor, for AdamW and for AdamW8bit (blocks of 256, which chunks are a multiple of; chunks of at least its 4096-element minimum for 8-bit state),
-    with fp32 weights and with bf16 weights (the same rounding noise, drawn span by span); the remainder of 300
-    elements is not left as a span of its own (under AdamW8bit's 4096-element minimum it would get 32-bit
-    state). The state saved by the chunked optimizer loads into another chunked one and continues alike."""
+    one update of the whole tensor, for AdamW and for AdamW8bit (blocks of 256, which chunks are a multiple of;
+    chunks of at least its 4096-element minimum for 8-bit state), with fp32 weights and with bf16 weights (the
+    same rounding noise, drawn span by span); the remainder of 300 elements is not left as a span of its own
+    (under AdamW8bit's 4096-element minimum it would get 32-bit state). The state saved by the chunked optimizer
+    loads into another chunked one and continues alike."""
     from ldm.models.diffusion.optim import ADAMW_DEFAULTS, optimizer_class
     from ldm.models.diffusion.per_tensor_optim import PerTensorOptimizer
 
@@ -138,10 +139,10 @@ def test_updating_a_large_tensor_in_chunks_is_one_update(optimizer, dtype):
     chunked, chunked_opt = run(4096, grads)
     assert len(chunked_opt.spans[0]) == 5 and chunked_opt.spans[0][-1] == (4 * 4096, init.numel())
     assert torch.equal(whole, chunked) and not torch.equal(whole.float(), init)
-    moments = [torch.cat([s[k].reshape(-1) for s in chunked_opt.inner_state()])
-               for k in sorted(chunked_opt.inner_state()[0]) if k in ("exp_avg", "state1")]
-    assert torch.equal(moments[0], next(iter(whole_opt.inner_state()))[("exp_avg" if optimizer == "adamw"
-                                                                        else "state1")].reshape(-1))
+    (whole_state,) = whole_opt.inner_state()
+    for key in ("exp_avg", "exp_avg_sq") if optimizer == "adamw" else ("state1", "state2"):
+        chunked_moment = torch.cat([state[key].reshape(-1) for state in chunked_opt.inner_state()])
+        assert torch.equal(chunked_moment, whole_state[key].reshape(-1)), key
     # Two steps, saved, then two more in a fresh optimizer: the same as four in one.
     first, first_opt = run(4096, grads[:2])
     resumed, _ = run(4096, grads[2:], opt_state=copy.deepcopy(first_opt.state_dict()), start=first.float())
