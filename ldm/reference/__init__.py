@@ -12,6 +12,10 @@ LAYOUT_DIR = Path(__file__).resolve().parent
 SD_V1 = "sd-v1-state-dict.tsv"
 SD_V1_EMA = "sd-v1-state-dict-ema.tsv"
 SDXL_BASE = "sdxl-base-state-dict.tsv"
+FLUX1_DEV = "flux1-dev-state-dict.tsv"
+FLUX1_SCHNELL = "flux1-schnell-state-dict.tsv"
+FLUX_AE = "flux-ae-state-dict.tsv"
+T5XXL_ENCODER = "t5xxl-encoder-state-dict.tsv"
 
 
 def read_layout(path: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
