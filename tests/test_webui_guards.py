@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -303,3 +304,76 @@ def test_generate_with_a_lora_merge_and_convert(ui, roots, tiny_model, tiny_ckpt
     folder = roots.model_dir / "tiny-diffusers"
     assert (folder / "model_index.json").is_file() and (folder / "unet").is_dir()
     assert status == f"✓ wrote models/tiny-diffusers: {fmt_bytes(size_of(folder), decimal=True)}"
+
+
+# ---- text fields are data, never flags -----------------------------------------------------------------------
+
+SECRET = "the text of a file outside the UI's folders"
+
+
+def test_a_prompt_that_looks_like_a_flag_is_a_prompt(ui, roots, tiny_ckpt, tmp_path):
+    """A prompt ``--from-file=<file>`` once made txt2img read that file and write its text into the PNGs; ``--help``
+    once ended the sampling in the server's process and wedged the page. Both are prompts now, in every tab that
+    samples, and the next request is served."""
+    import shutil
+
+    from ldm.webui import generate_tab
+    secret = tmp_path / "secret.txt"
+    secret.write_text(SECRET)
+    base = roots.model_dir / "tiny.ckpt"
+    shutil.copy(tiny_ckpt, base)
+    tiny = str(REPO / "configs/stable-diffusion/tiny-inference.yaml")
+    for prompt, negative in ((f"--from-file={secret}", "--help"), ("--help", f"--from-file={secret}"), ("-h", "-x")):
+        gallery, status = generate_tab.generate(ui, str(base), "", 1.0, prompt, negative, 1, 2, 3.0, "ddim",
+                                                "64 x 64", 1, config=tiny)
+        assert status.startswith("1 image in "), status
+        meta = Image.open(gallery[0]).text
+        assert (meta["prompt"], meta["negative_prompt"]) == (prompt, negative)
+        assert SECRET not in json.dumps(meta)
+    assert ui.jobs.busy() is None
+    picture = roots.data_dir / "picture.png"
+    Image.new("RGB", (64, 64), (40, 90, 160)).save(picture)
+    layer = roots.data_dir / "layer.png"
+    strokes = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    strokes.paste((255, 255, 255, 255), (16, 16, 40, 40))
+    strokes.save(layer)
+    for layers in ([str(layer)], []):  # inpainting, then img2img (nothing painted): child processes
+        original, results, status = generate_tab.run_inpaint(
+            ui, {"background": str(picture), "layers": layers}, str(base), f"--from-file={secret}", "--help", 0.5, 2,
+            False, 0, 1, 2, 3.0, "ddim", 1, config=tiny)
+        assert "1 images in" in status, status
+        meta = Image.open(results[0]).text
+        assert (meta["prompt"], meta["negative_prompt"]) == (f"--from-file={secret}", "--help")
+        assert SECRET not in json.dumps(meta)
+
+
+def test_flag_like_training_fields_stay_values(roots):
+    """Identifier and class word reach main.py as the values of --token and --class_word, whatever they look like."""
+    import main as main_py
+    photos = make_folder(roots.data_dir / "uploads" / "dog", 5)
+    recipe = list(rc.recipes())[-1]
+    argv, _, _ = rc.training_argv(rc.TrainRequest(recipe, str(photos), "--help -h", "--version", "", 30, 1e-4,
+                                                  False, 8), roots, cuda=False)
+    opt, overrides = main_py.get_parser().parse_known_args(argv[2:])
+    assert (opt.token, " ".join(opt.class_word), overrides) == ("--version", "--help -h", [
+        "model.base_learning_rate=0.0001", rc.PROGRESS_CALLBACK])
+
+
+def test_a_script_that_wants_to_exit_or_hangs_never_holds_the_server(ui, tmp_path, monkeypatch):
+    """argparse's help and exits inside the UI's process are one line, and a child script that never ends is
+    stopped at its time limit; either way the device is free again for the next request."""
+    import argparse
+
+    from ldm.webui import tools
+    parser = argparse.ArgumentParser(prog="x.py")
+    parser.add_argument("--n", type=int)
+    for argv, line in ((["--help"], "x.py wanted to exit (0)"), (["--n", "two"], "argument --n: invalid int value")):
+        with pytest.raises(tools.ToolError, match=re.escape(line)):
+            tools.parse_in_process(parser, argv)
+    (tmp_path / "hang.py").write_text("import time\nprint('waiting', flush=True)\ntime.sleep(600)\n")
+    monkeypatch.setenv(tools.EXTRA_SCRIPTS_ENV, str(tmp_path))
+    tic = time.time()
+    with pytest.raises(tools.ToolError, match=r"hang.py did not finish within 2 s and was stopped"):
+        with ui.jobs.device("inpainting"):
+            tools.run_script("hang", [], timeout_s=2)
+    assert time.time() - tic < 30 and ui.jobs.busy() is None

@@ -123,20 +123,22 @@ def training_argv(request: TrainRequest, roots: Roots, cuda: bool) -> tuple[list
         raise RequestError(f"learning rate {request.learning_rate}: must be a number between 0 and 1, e.g. 1e-6")
     start = _starting_checkpoint(request.checkpoint, recipe, roots)
     name = safe_name(f"{token}_{'_'.join(words)}", "run")
-    argv = [sys.executable, str(REPO / "main.py"), "--base", str(recipe.config), "-t", "-n", name,
-            "--logdir", str(roots.log_dir), "--data_root", str(photos), "--class_word", *words, "--token", token,
-            "--max_steps", str(steps), "--seed", str(seed), "--scale_lr", "false"]
+    # Every value joined to its flag (--token=TEXT): argparse takes it as the value whatever it looks like, so no
+    # field can become a flag of main.py.
+    argv = [sys.executable, str(REPO / "main.py"), f"--base={recipe.config}", "-t", f"--name={name}",
+            f"--logdir={roots.log_dir}", f"--data_root={photos}", f"--class_word={' '.join(words)}",
+            f"--token={token}", f"--max_steps={steps}", f"--seed={seed}", "--scale_lr=false"]
     if start is not None:
-        argv += ["--actual_resume", str(start)]
+        argv.append(f"--actual_resume={start}")
     if request.prior:
         count = _int("class images", request.num_class_images, 1, 10_000)
         reg = roots.class_images / safe_name(f"{'_'.join(words)}-{start.stem if start else 'random'}-"
                                              f"{recipe.defaults()['size']}px")
-        argv += ["--reg_data_root", str(reg), "--num_class_images", str(count)]
+        argv += [f"--reg_data_root={reg}", f"--num_class_images={count}"]
     if recipe.lora_rank:
-        argv += ["--lora_rank", str(recipe.lora_rank)]
+        argv.append(f"--lora_rank={recipe.lora_rank}")
     if cuda:
-        argv += ["--gpus", "0,"]
+        argv.append("--gpus=0,")
     argv += [f"model.base_learning_rate={lr!r}", PROGRESS_CALLBACK]
     if request.grid_every:
         every = _int("validation grid every", request.grid_every, 1, 1_000_000)
@@ -156,4 +158,4 @@ def _starting_checkpoint(checkpoint: Optional[str], recipe: Recipe, roots: Roots
 
 
 def resume_argv(run_folder: Path, cuda: bool) -> list[str]:
-    return [sys.executable, str(REPO / "main.py"), "-r", str(run_folder)] + (["--gpus", "0,"] if cuda else [])
+    return [sys.executable, str(REPO / "main.py"), f"--resume={run_folder}"] + (["--gpus=0,"] if cuda else [])

@@ -5,9 +5,13 @@ their PNG metadata are exactly the script's. Image-to-image, inpainting and the 
 (``img2img.py``, ``inpaint.py``, ``prune_ckpt.py``, ``convert_to_diffusers.py``, ``merge_lora.py``) as child
 processes with their documented flags: a crash there is a message here, and the UI needs nothing from them but
 their command lines. A script's one-line error (``prog: error: ...``) becomes a :class:`ToolError` with that line.
+
+No text from the page is ever parsed as a flag: values are joined to their flags (``--prompt=TEXT``), file names
+follow ``--``, and argparse's help and exits inside this process become a :class:`ToolError`.
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import re
@@ -53,13 +57,16 @@ class SampleOptions:
     lora_strength: float = 1.0
 
     def argv(self) -> list[str]:
-        args = ["--prompt", self.prompt, "--negative_prompt", self.negative_prompt, "--seed", str(self.seed),
-                "--ddim_steps", str(self.ddim_steps), "--scale", str(self.scale), "--sampler", self.sampler,
-                "--n_samples", str(self.n_samples), "--n_iter", "1"]
+        """The scripts' flags. Every value is joined to its flag (``--prompt=TEXT``): argparse takes what follows
+        ``=`` as the value whatever it looks like, so a prompt such as ``--from-file=/etc/passwd`` or ``--help``
+        reaches the script as a prompt, never as a flag."""
+        args = [f"--prompt={self.prompt}", f"--negative_prompt={self.negative_prompt}", f"--seed={self.seed}",
+                f"--ddim_steps={self.ddim_steps}", f"--scale={self.scale}", f"--sampler={self.sampler}",
+                f"--n_samples={self.n_samples}", "--n_iter=1"]
         if self.config is not None:
-            args += ["--config", str(self.config)]
+            args.append(f"--config={self.config}")
         if self.lora is not None:
-            args += ["--lora", f"{self.lora}:{self.lora_strength}"]
+            args.append(f"--lora={self.lora}:{self.lora_strength}")
         return args
 
 
@@ -138,22 +145,36 @@ def txt2img(ckpt: Path, options: SampleOptions, outdir: Path, size: Optional[tup
     """``stable_txt2img.py`` with these flags, in this process; returns the sample files (the grid is written
     too, as the script does, and left out of the list)."""
     script = load_script("stable_txt2img")
-    argv = ["--ckpt", str(ckpt), "--outdir", str(outdir), *options.argv()]
+    argv = [f"--ckpt={ckpt}", f"--outdir={outdir}", *options.argv()]
     if size is not None:
-        argv += ["--W", str(size[0]), "--H", str(size[1])]
-    parser = script.build_parser()
-
-    def refuse(message: str) -> None:  # argparse would print and exit; the page wants the line
-        raise ToolError(message)
-
-    parser.error = refuse
-    opt = parser.parse_args(argv)
+        argv += [f"--W={size[0]}", f"--H={size[1]}"]
+    opt = parse_in_process(script.build_parser(), argv)
+    if opt.prompt != options.prompt or opt.negative_prompt != options.negative_prompt or opt.from_file:
+        raise ToolError("the prompt was not passed to stable_txt2img.py as text")  # what argv() guarantees
     from ldm.cli import user_errors
     try:
         written = script.sample(opt)
     except user_errors() as e:
         raise ToolError(str(e)) from None
     return [p for p in written if p.parent.name == "samples"]
+
+
+def parse_in_process(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` inside the UI's process: where argparse would print (an error, help) and end
+    the process, a :class:`ToolError` with its line is raised instead, so no request can end or wedge the
+    server."""
+    def refuse(message: str) -> None:
+        raise ToolError(message)
+
+    def no_exit(status: int = 0, message: Optional[str] = None) -> None:
+        raise ToolError(" ".join((message or f"{parser.prog} wanted to exit ({status})").split()))
+
+    parser.error, parser.exit = refuse, no_exit
+    parser.print_help = parser.print_usage = lambda file=None: None
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as e:  # anything else that would end the process
+        raise ToolError(f"{parser.prog} wanted to exit ({e.code})") from None
 
 
 def script_path(name: str) -> Path:
@@ -176,10 +197,18 @@ def run_script(name: str, args: Sequence[str], timeout_s: float = SCRIPT_TIMEOUT
         done = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=env, capture_output=True,
                               text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise ToolError(f"{name}.py did not finish within {timeout_s / 3600:.0f} h and was stopped") from None
+        raise ToolError(f"{name}.py did not finish within {duration(timeout_s)} and was stopped") from None
     if done.returncode != 0:
         raise ToolError(error_line(done.stderr or done.stdout, name, done.returncode))
     return done.stdout
+
+
+def duration(seconds: float) -> str:
+    """``2 s``, ``5 min``, ``6 h``: the unit that says it best."""
+    for unit, size in (("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def error_line(output: str, name: str, code: int) -> str:
@@ -200,8 +229,8 @@ def inpaint(model_path: Path, image: Path, mask: Path, options: SampleOptions, o
             mask_blur: int = 4, only_masked: bool = False, padding: int = 32) -> list[Path]:
     """``scripts/inpaint.py`` (white in ``mask`` = repaint); returns the samples it wrote into ``outdir``."""
     before = set((outdir / "samples").glob("*.png"))
-    args = ["--ckpt", str(model_path), "--image", str(image), "--mask", str(mask), "--strength", str(strength),
-            "--mask_blur", str(mask_blur), "--padding", str(padding), "--outdir", str(outdir), *options.argv()]
+    args = [f"--ckpt={model_path}", f"--image={image}", f"--mask={mask}", f"--strength={strength}",
+            f"--mask_blur={mask_blur}", f"--padding={padding}", f"--outdir={outdir}", *options.argv()]
     run_script("inpaint", args + (["--only_masked"] if only_masked else []))
     return _new_samples(outdir, before)
 
@@ -209,8 +238,8 @@ def inpaint(model_path: Path, image: Path, mask: Path, options: SampleOptions, o
 def img2img(model_path: Path, image: Path, options: SampleOptions, outdir: Path, strength: float) -> list[Path]:
     """``scripts/img2img.py``: the whole image repainted to ``strength``; returns the samples written."""
     before = set((outdir / "samples").glob("*.png"))
-    run_script("img2img", ["--ckpt", str(model_path), "--init-img", str(image), "--strength", str(strength),
-                           "--outdir", str(outdir), *options.argv()])
+    run_script("img2img", [f"--ckpt={model_path}", f"--init-img={image}", f"--strength={strength}",
+                           f"--outdir={outdir}", *options.argv()])
     return _new_samples(outdir, before)
 
 
@@ -224,19 +253,19 @@ def size_of(path: Path) -> int:
 
 def prune(ckpt: Path, out: Path) -> Path:
     """A fp16 safetensors file with what sampling needs (``prune_ckpt.py --fp16 --safetensors``)."""
-    run_script("prune_ckpt", [str(ckpt), str(out), "--fp16", "--safetensors"])
+    run_script("prune_ckpt", ["--fp16", "--safetensors", "--", str(ckpt), str(out)])
     return out.with_suffix(".safetensors")
 
 
 def convert(ckpt: Path, out: Path, config: Optional[Path]) -> Path:
     """A diffusers folder (``convert_to_diffusers.py``)."""
-    run_script("convert_to_diffusers", [str(ckpt), str(out)] + (["--config", str(config)] if config else []))
+    run_script("convert_to_diffusers", ([f"--config={config}"] if config else []) + ["--", str(ckpt), str(out)])
     return out
 
 
 def merge(ckpt: Path, lora: Path, strength: float, out: Path) -> Path:
     """The adapter baked into the model (``merge_lora.py``)."""
-    run_script("merge_lora", [str(ckpt), f"{lora}:{strength}", str(out)])
+    run_script("merge_lora", ["--", str(ckpt), f"{lora}:{strength}", str(out)])
     return out
 
 
