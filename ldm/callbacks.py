@@ -32,7 +32,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class SetupCallback(pl.Callback):
     """Fills the run folder (created by the training module) with ``{checkpoints,configs,images}``, removes the
-    partial files a killed earlier attempt left there, and writes the merged config actually used."""
+    partial files a killed earlier attempt left there, and writes the merged config actually used.
+
+    The config is written once the checkpoint of a resumed run has been restored (``on_fit_start``), not before:
+    a resume refused for its settings must leave the folder as it was, or the next plain ``-r`` would load the
+    refused config."""
 
     def __init__(self, logdir: str, config: DictConfig, now: str, resume: bool = False):
         super().__init__()
@@ -45,6 +49,9 @@ class SetupCallback(pl.Callback):
         for folder in (self.logdir / "checkpoints", self.logdir / "configs", self.logdir / "images" / "train"):
             for partial in clean_partial(folder):
                 print(f"Removed {partial}: a partial file left by an interrupted write")
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         path = self.logdir / "configs" / f"{self.now}-project.yaml"
         atomic_write(path, lambda tmp: OmegaConf.save(self.config, tmp))
         print(f"Run folder: {self.logdir} (config saved to {path})")

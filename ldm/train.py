@@ -414,6 +414,19 @@ def build_callbacks(config: DictConfig, run_folder: Path, now: str, resume: bool
     return callbacks, loggers
 
 
+def check_resume(model: Any, ckpt: Path) -> None:
+    """The model's :meth:`check_resumable` on the checkpoint ``-r`` continues from (memory-mapped: only what the
+    check reads is paged in); its one-line refusal names the file."""
+    import torch
+
+    from ldm.checkpoint import CheckpointError
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        model.check_resumable(checkpoint)
+    except CheckpointError as e:
+        raise CheckpointError(f"-r {ckpt}: {e}") from None
+
+
 def scale_learning_rate(config: DictConfig, n_devices: int, scale_lr: bool) -> float:
     accumulate = int(config.lightning.get("trainer", {}).get("accumulate_grad_batches", 1))
     bs = int(config.data.params.get("batch_size", 1))
@@ -475,6 +488,8 @@ def run(options: TrainOptions) -> int:
     data.seed = options.seed
     data.setup("fit")  # decodes and checks every image now: a bad file stops the run before the first step
     model.learning_rate = scale_learning_rate(config, n_devices, options.scale_lr)
+    if plan.resume_ckpt is not None:  # refused here, before the Trainer writes anything into the run folder
+        check_resume(model, plan.resume_ckpt)
 
     run_folder = _run_folder_for(plan, options)
     callbacks, loggers = build_callbacks(config, run_folder, plan.now, resume=plan.resume_ckpt is not None)

@@ -333,14 +333,26 @@ def test_compile_runs_and_keeps_the_loss(tiny_model):
     assert one_loss(tiny_model, compile_unet=True) == pytest.approx(one_loss(tiny_model), rel=1e-5)
 
 
-def test_resuming_with_fused_backward_switched_is_refused(tmp_path, capsys):
-    """A plain run resumed with fused backward on would silently restart its AdamW moments: one line instead."""
+def folder_state(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>" for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("switch, why", [(FUSED, "resume with the same settings"),
+                                         ("--lora_rank=2", "saved without LoRA adapters and this run has lora_config")])
+def test_a_refused_resume_leaves_the_run_folder_as_it_was(tmp_path, capsys, switch, why):
+    """A plain run resumed with fused backward on would silently restart its AdamW moments, one with LoRA switched
+    on would not fit its weights: one line each. Nothing is written into the run folder before the refusal (a
+    config saved there would make every later plain ``-r`` load the refused switch), so ``-r`` then continues."""
     train(tmp_path, 2)
     run = run_folder(tmp_path)
+    before = folder_state(run)
     with pytest.raises(SystemExit) as info:
-        main_module.main(["-r", str(run), "--max_steps", "4", FUSED])
+        main_module.main(["-r", str(run), "--max_steps", "4", switch])
     err = capsys.readouterr().err.strip().splitlines()
-    assert info.value.code == 2 and len(err) == 1 and "resume with the same settings" in err[0], err
+    assert info.value.code == 2 and len(err) == 1 and why in err[0], err
+    assert folder_state(run) == before
+    assert main_module.main(["-r", str(run), "--max_steps", "4"]) == 0
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
 
 
 # ---- freed memory handed back after each CPU step -------------------------------------------------------------

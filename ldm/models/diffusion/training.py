@@ -149,17 +149,37 @@ class DreamBoothTraining:
             checkpoint["state_dict"] = plain_keys(checkpoint["state_dict"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_resumable(checkpoint)
         self.batches_trained = int(checkpoint.get("batches_trained", 0))
-        states = checkpoint.get("optimizer_states") or [{}]
-        per_tensor = bool(self.optimizer_config.get("fused_backward")) or self.weights_dtype == "bf16"
-        if checkpoint.get("optimizer_states") and ("inner" in states[0]) != per_tensor:
-            from ldm.checkpoint import CheckpointError
-            raise CheckpointError("the checkpoint's optimizer state was saved with fused_backward / weights_dtype: "
-                                  f"bf16 {'on' if 'inner' in states[0] else 'off'}; resume with the same settings "
-                                  f"(its moments would otherwise be lost)")
         if self.lora_settings:
             from ldm.lora import peft_keys
             checkpoint["state_dict"] = peft_keys(checkpoint["state_dict"], self.state_dict().keys())
+
+    def check_resumable(self, checkpoint: Mapping[str, Any]) -> None:
+        """Refuse, in one line (``CheckpointError``), a training checkpoint this model cannot continue from: its
+        optimizer state saved with fused backward / bf16 weights switched the other way (its moments would be
+        lost), or weights of another layout (LoRA adapters on one side only, another model or size). The training
+        module calls this before anything is written into the run folder; Lightning's restore calls it again."""
+        from ldm.checkpoint import CheckpointError, audit
+        states = checkpoint.get("optimizer_states") or [{}]
+        per_tensor = bool(self.optimizer_config.get("fused_backward")) or self.weights_dtype == "bf16"
+        if checkpoint.get("optimizer_states") and ("inner" in states[0]) != per_tensor:
+            raise CheckpointError("the checkpoint's optimizer state was saved with fused_backward / weights_dtype: "
+                                  f"bf16 {'on' if 'inner' in states[0] else 'off'}; resume with the same settings "
+                                  f"(its moments would otherwise be lost)")
+        saved = checkpoint.get("state_dict") or {}
+        own = {k: v.shape for k, v in self.state_dict().items()}
+        if self.lora_settings:
+            from ldm.lora import peft_keys
+            saved = peft_keys(saved, own)
+        has_lora = any("lora_" in k for k in saved)
+        if has_lora != bool(self.lora_settings):
+            raise CheckpointError(f"the checkpoint was saved {'with' if has_lora else 'without'} LoRA adapters and "
+                                  f"this run {'has' if self.lora_settings else 'has no'} lora_config; resume with "
+                                  f"the settings it was saved with")
+        problem = audit(own, saved)
+        if problem:
+            raise CheckpointError(f"the checkpoint's weights do not fit this run's model: {problem}")
 
     def configure_optimizers(self) -> dict[str, Any]:
         from ldm.models.diffusion.optim import build_optimizer, build_scheduler
