@@ -82,14 +82,6 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace) -> DictConfig:
     return config
 
 
-def require(config: DictConfig, key: str, flag: Optional[str] = None) -> object:
-    value = OmegaConf.select(config, key)
-    if value is None or value == "":
-        how = f"{flag} (or {key}=...)" if flag else key
-        raise ConfigError(f"missing {how}")
-    return value
-
-
 # ---- which keys exist ------------------------------------------------------------------------------------------
 
 #: Keys of the sections that are plain data rather than ``target``/``params`` objects.

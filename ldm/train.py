@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.config import (MAX_SEED, ConfigError, Range, apply_flags, apply_overrides, check_training_config,
-                        load_configs, require)
+                        load_configs)
 from ldm.files import is_within
 
 #: Set by rank 0 for the processes Lightning's DDP launcher starts, so that all ranks share one run folder.
@@ -109,11 +109,7 @@ def prepare(options: TrainOptions) -> Plan:
     if options.concepts:
         OmegaConf.update(config, "data.params.concepts", read_concepts_file(options.concepts), force_add=True)
     check_training_config(config)
-    params = config.data.get("params") or {}
-    if not params.get("concepts"):
-        for key, flag in (("data_root", "--data_root"), ("class_word", "--class_word"), ("token", "--token")):
-            if key in params:  # a DreamBooth run (pretraining data has other settings)
-                require(config, f"data.params.{key}", flag)
+    check_subjects(config, options.concepts)
     check_data_folders(config)
     weights = resume_ckpt or config.get("actual_resume")
     if weights is not None and not Path(weights).is_file():
@@ -151,6 +147,61 @@ def read_concepts_file(path: str) -> list:
             if c.get(key) is not None and not Path(str(c[key])).is_absolute():
                 c[key] = str(file.parent / str(c[key]))
     return concepts
+
+
+#: The subject settings, with the flags that set them for a single subject.
+SUBJECT_FLAGS = {"data_root": "--data_root", "token": "--token", "class_word": "--class_word",
+                 "reg_data_root": "--reg_data_root", "num_class_images": "--num_class_images"}
+
+
+def check_subjects(config: DictConfig, concepts_file: Optional[str] = None) -> None:
+    """Every subject's settings get the checks of the flags they replace, before any model is loaded: a photo folder
+    that exists and holds images, a non-empty identifier and class, ``num_class_images`` a whole number >= 0, and a
+    class folder that exists with images unless class images are to be generated into it. Each problem is one
+    line naming the flag, or the concepts file and its entry (``--concepts c.yaml, entry 2 (zwx dog): ...``)."""
+    from ldm.data.dreambooth import Concept
+    params = config.data.get("params") or {}
+    known = [f.name for f in fields(Concept)]
+    if params.get("concepts"):
+        source = f"--concepts {concepts_file}" if concepts_file else "data.params.concepts"
+        checked = []
+        for k, entry in enumerate(params.concepts):
+            entry = OmegaConf.to_container(entry, resolve=True) if isinstance(entry, DictConfig) else entry
+            if not isinstance(entry, dict):
+                raise ConfigError(f"{source}, entry {k + 1}: expected a mapping of {', '.join(known)}, got {entry!r}")
+            named = all(isinstance(entry.get(key), str) and entry[key] for key in ("token", "class_word"))
+            label = f"{source}, entry {k + 1}" + (f" ({entry['token']} {entry['class_word']})" if named else "")
+            unknown = sorted(set(entry) - set(known))
+            if unknown:
+                raise ConfigError(f"{label}: unknown keys {unknown} (known: {', '.join(known)})")
+            checked.append(_check_subject(config, entry, {key: f"{label}: {key}" for key in known}))
+        OmegaConf.update(config, "data.params.concepts", checked, merge=False)  # numbers given as text typed
+    elif "data_root" in params:  # a DreamBooth run (pretraining data has other settings)
+        _check_subject(config, {key: params.get(key) for key in ("data_root", "token", "class_word", "reg_data_root")},
+                       SUBJECT_FLAGS)
+
+
+def _check_subject(config: DictConfig, entry: dict, names: dict[str, str]) -> dict:
+    """One subject of :func:`check_subjects`; ``names`` says how each setting is called in messages."""
+    from ldm.data.image_loading import find_images
+    for key in ("data_root", "token", "class_word"):
+        value = entry.get(key)
+        if value is None or value == "":
+            raise ConfigError(f"missing {names[key]}" + (f" (or data.params.{key}=...)" if names is SUBJECT_FLAGS else ""))
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{names[key]} {value!r}: expected text")
+    entry["num_class_images"] = Range(0, integer=True).check(names["num_class_images"],
+                                                             entry.get("num_class_images", 0))
+    find_images(entry["data_root"], names["data_root"], warn=False)
+    reg = entry.get("reg_data_root")
+    if reg is not None:
+        if not isinstance(reg, str) or not reg.strip():
+            raise ConfigError(f"{names['reg_data_root']} {reg!r}: expected a folder")
+        if max(entry["num_class_images"], int(OmegaConf.select(config, "class_images.num", default=0) or 0)) == 0:
+            find_images(reg, names["reg_data_root"], warn=False)  # nothing generates class images: they must be there
+        elif Path(reg).exists() and not Path(reg).is_dir():
+            raise ConfigError(f"{names['reg_data_root']} {reg}: not a folder")
+    return entry
 
 
 def run_concepts(config: DictConfig) -> list:

@@ -64,6 +64,52 @@ def test_subjects_sharing_an_identifier_stop_before_loading(tmp_path, capsys):
     assert info.value.code == 2 and len(err) == 1 and "share the identifier 'sks'" in err[0]
 
 
+@pytest.mark.parametrize("second, problem", [
+    ({"num_class_images": "many"}, "entry 2 (zwx cat): num_class_images='many': must be an integer >= 0"),
+    ({"num_class_images": -5}, "entry 2 (zwx cat): num_class_images=-5: must be an integer >= 0"),
+    ({"num_class_images": 2.5}, "entry 2 (zwx cat): num_class_images=2.5: must be an integer >= 0"),
+    ({"data_root": "nowhere"}, "entry 2 (zwx cat): data_root {tmp}/nowhere: folder not found"),
+    ({"reg_data_root": "empty", "num_class_images": 0}, "entry 2 (zwx cat): reg_data_root {tmp}/empty: no images"),
+    ({"token": ""}, "missing --concepts {tmp}/c.yaml, entry 2: token"),
+    ({"class_word": ["cat"]}, "entry 2: class_word ['cat']: expected text"),
+    ({"tokn": "zwx"}, "entry 2 (zwx cat): unknown keys ['tokn']"),
+])
+def test_each_concepts_entry_gets_the_flags_checks_before_any_model_loads(tmp_path, capsys, monkeypatch, second,
+                                                                          problem):
+    import ldm.train
+    monkeypatch.setattr(ldm.train, "build_model", lambda *a: pytest.fail("a model was built"))
+    make_folder(tmp_path / "dog", 2)
+    make_folder(tmp_path / "cat", 2, offset=9)
+    (tmp_path / "empty").mkdir()
+    concepts = [{"data_root": "dog", "token": "sks", "class_word": "dog", "reg_data_root": "dogs",
+                 "num_class_images": 3},
+                {"data_root": "cat", "token": "zwx", "class_word": "cat", "reg_data_root": "cats",
+                 "num_class_images": 3, **second}]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(concepts))
+    with pytest.raises(SystemExit) as info:
+        main_module.main(common(tmp_path, "--concepts", str(tmp_path / "c.yaml")))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1, err
+    assert f"--concepts {tmp_path}/c.yaml, " in err[0] and problem.format(tmp=tmp_path) in err[0], err
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "dogs").exists()
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--data_root", "{tmp}/nowhere"], "--data_root {tmp}/nowhere: folder not found"),
+    (["--data_root", "{tmp}/dog", "--reg_data_root", "{tmp}/nowhere"], "--reg_data_root {tmp}/nowhere: folder not found"),
+    (["--data_root", "{tmp}/dog", "--reg_data_root", "{tmp}/dogs", "--num_class_images", "-1"],
+     "class_images.num=-1: must be an integer >= 0"),
+])
+def test_subject_flags_are_checked_before_any_model_loads(tmp_path, capsys, monkeypatch, flags, problem):
+    import ldm.train
+    monkeypatch.setattr(ldm.train, "build_model", lambda *a: pytest.fail("a model was built"))
+    make_folder(tmp_path / "dog", 2)
+    with pytest.raises(SystemExit) as info:
+        main_module.main(common(tmp_path, "--class_word", "dog", *[f.format(tmp=tmp_path) for f in flags]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1 and err[0].endswith(problem.format(tmp=tmp_path)), err
+
+
 def test_overlapping_identifiers_are_warned_about():
     from ldm.data.dreambooth import Concept, check_concepts
     from ldm.modules.encoders.tokenizer import CLIPTokenizer

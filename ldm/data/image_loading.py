@@ -70,14 +70,15 @@ def _not_a_file(path: Path) -> str | None:
     return next((what for test, what in kinds.items() if test(mode)), "not a regular file")
 
 
-def find_images(folder: str | Path, role: str) -> list[Path]:
+def find_images(folder: str | Path, role: str, warn: bool = True) -> list[Path]:
     """The image files directly inside ``folder``, sorted by name.
 
     ``role`` names where the folder came from (e.g. ``"--data_root"``) so that the error points at the flag.
     Caption files (``.txt``) and hidden files (``.DS_Store``, macOS ``._IMG.jpg`` forks) are skipped silently;
     everything else that is not used is named in one logged warning: other formats (HEIC, GIF, ...), and entries
     that are not regular files (sub-folders, FIFOs, devices, broken or looping links), which are never opened.
-    A user who exported from a phone would otherwise train on fewer photos than they think.
+    A user who exported from a phone would otherwise train on fewer photos than they think (``warn=False``: a
+    check ahead of loading, which warns itself).
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -99,7 +100,7 @@ def find_images(folder: str | Path, role: str) -> list[Path]:
     if not images:
         hint = f" (skipped {len(others)} other entries, e.g. {others[0]})" if others else ""
         raise ImageError(f"{role} {folder}: no images (PNG, JPEG, WebP, BMP) in this folder{hint}")
-    if others:
+    if others and warn:
         logger.warning("%s %s: skipping %d entries that are not PNG/JPEG/WebP/BMP files: %s", role, folder,
                        len(others), ", ".join(others[:5]) + (" ..." if len(others) > 5 else ""))
     return images
