@@ -22,6 +22,8 @@ def _shift(x: torch.Tensor, dy: int, dx: int, fill: float) -> torch.Tensor:
     """``out[y, x] = x[y + dy, x + dx]``, ``fill`` where that falls outside."""
     h, w = x.shape
     out = x.new_full((h, w), fill)
+    if abs(dy) >= h or abs(dx) >= w:  # shifted wholly outside (a feather wider than the image)
+        return out
     ys, yd = slice(max(dy, 0), h + min(dy, 0)), slice(max(-dy, 0), h + min(-dy, 0))
     xs, xd = slice(max(dx, 0), w + min(dx, 0)), slice(max(-dx, 0), w + min(-dx, 0))
     out[yd, xd] = x[ys, xs]
@@ -37,12 +39,13 @@ def distance_to_mask(mask: torch.Tensor, radius: int) -> torch.Tensor:
     inf = float("inf")
     m = mask.bool()
     g = torch.where(m, 0.0, inf).to(torch.float64)
-    for dy in range(1, radius + 1):
+    # Offsets beyond the image's sides reach no pixel: stop there (a feather may be wider than the image).
+    for dy in range(1, min(radius, m.shape[0] - 1) + 1):
         for s in (dy, -dy):
             g = torch.minimum(g, torch.where(_shift(m.double(), s, 0, 0.0) > 0, float(dy), inf))
     g2 = g ** 2
     d2 = g2.clone()
-    for dx in range(1, radius + 1):
+    for dx in range(1, min(radius, m.shape[1] - 1) + 1):
         for s in (dx, -dx):
             d2 = torch.minimum(d2, _shift(g2, 0, s, inf) + dx * dx)
     d = d2.sqrt()

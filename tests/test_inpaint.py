@@ -67,6 +67,25 @@ def test_feather_is_its_definition(radius):
     assert np.array_equal(ours > 0, reference > 0) and (ours[mask.numpy()] == 1).all()
 
 
+@pytest.mark.parametrize("size, radius", [((3, 3), 4), ((1, 5), 6), ((4, 2), 256)])
+def test_feather_wider_than_the_image_is_its_definition(size, radius):
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[size[0] // 2, size[1] // 2] = True
+    ours = feather(mask, radius).numpy()
+    assert np.abs(ours - brute_force_feather(mask.numpy(), radius)).max() < 1e-6
+
+
+def test_a_picture_smaller_than_the_feather(tiny_ckpt, tmp_path):
+    """A 3x3 picture with a one-pixel mask and the default 4 px feather: generated at the model's smallest size and
+    pasted back through the feather, the result 3x3 again."""
+    Image.new("RGB", (3, 3), (10, 200, 30)).save(tmp_path / "tiny.png")
+    mask = Image.new("L", (3, 3), 0)
+    mask.putpixel((1, 1), 255)
+    mask.save(tmp_path / "dot.png")
+    (path,) = run(tiny_ckpt, tmp_path / "tiny.png", tmp_path / "out", "--mask", str(tmp_path / "dot.png"))
+    assert Image.open(path).size == (3, 3)
+
+
 def test_only_masked_region_gets_the_native_area():
     """A 40 x 30 face in a 2000 x 1500 photo: the box with its surroundings is generated at about 512^2 pixels
     (SD v1: sides multiple of 64 for the full UNet), with the box's aspect ratio."""
