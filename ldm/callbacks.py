@@ -183,8 +183,13 @@ class ImageLogger(pl.Callback):
             self._last_step = step  # with gradient accumulation several batches share one global step
             self.log_grid(trainer, pl_module, step)
 
-    def log_grid(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> Path:
-        grid = self.sample_grid(pl_module)
+    def log_grid(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> Optional[Path]:
+        from ldm.models.diffusion.samplers import NonFiniteSample
+        try:
+            grid = self.sample_grid(pl_module)
+        except NonFiniteSample as e:  # said, and never saved as a black grid; the training goes on
+            print(f"Step {step}: no validation grid: {e}")
+            return None
         path = Path(trainer.default_root_dir) / "images" / "train" / f"step-{step:06d}.png"
         save_png(to_pil(grid), path, {"prompts": " | ".join(self.prompts), "seed": self.seed, "step": step,
                                       "steps": self.ddim_steps, "scale": self.scale})

@@ -134,6 +134,23 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return tensors, meta
 
 
+def nonfinite_tensors(sd: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors of ``sd`` that hold a NaN or an Inf (in file order)."""
+    return [k for k, v in sd.items() if v.is_floating_point() and v.device.type != "meta"
+            and not bool(torch.isfinite(v).all())]
+
+
+def refuse_nonfinite(sd: Mapping[str, torch.Tensor], source: str | os.PathLike,
+                     why: str = "broken weights (a training run that diverged, or a damaged file)") -> None:
+    """One-line ``CheckpointError`` naming the tensors of ``sd`` that hold NaN or Inf: such weights sample black
+    pictures and train nothing, so they are never loaded, sampled or written."""
+    bad = nonfinite_tensors(sd)
+    if bad:
+        names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CheckpointError(f"{source}: {len(bad)} of {len(sd)} tensors hold NaN or Inf values ({names}): {why}; "
+                              f"refusing to use them")
+
+
 def checkpoint_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """``key -> shape`` of a checkpoint's tensors without reading their data (a safetensors header, or a
     memory-mapped pickle), for recognising its family before building a model."""
@@ -237,6 +254,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, prefer_ema: bool 
         if k not in chosen:  # optional keys and a freshly started EMA keep the model's own values
             chosen[k] = own[k] if own[k].device.type != "meta" else _default_for(k, own[k])
         chosen[k] = chosen[k].to(own[k].dtype) if own[k].dtype != chosen[k].dtype else chosen[k]
+    refuse_nonfinite(chosen, path)
     model.load_state_dict(chosen, strict=True, assign=assign)
     meta["used_ema"] = used_ema
     ignored = sorted(set(sd) - set(chosen) - {k for k in sd if k.startswith("model_ema.")})

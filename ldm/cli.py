@@ -258,8 +258,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ldm.checkpoint import CheckpointError
     from ldm.data.image_loading import ImageError
     from ldm.files import DiskFullError, OutputError
+    from ldm.models.diffusion.samplers import NonFiniteSample
     from ldm.util import TargetNotAllowed
-    return ConfigError, CheckpointError, ImageError, TargetNotAllowed, OutputError, DiskFullError
+    return ConfigError, CheckpointError, ImageError, TargetNotAllowed, OutputError, DiskFullError, NonFiniteSample
 
 
 def report_samples(outpath: str | Path, count: int, seconds: float) -> None:

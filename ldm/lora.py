@@ -362,12 +362,13 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
 
 def read_lora(spec: str) -> tuple[Path, float, dict[str, torch.Tensor]]:
     """``FILE[:STRENGTH]`` -> (file, strength, its tensors); every problem is a one-line ``CheckpointError``."""
-    from ldm.checkpoint import CheckpointError, read_checkpoint
+    from ldm.checkpoint import CheckpointError, read_checkpoint, refuse_nonfinite
     try:
         path, strength = parse_lora_spec(spec)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     sd = read_checkpoint(path)[0]
+    refuse_nonfinite(sd, path)
     try:
         parse_lora(sd)
     except ValueError as e:

@@ -24,8 +24,8 @@ from typing import Mapping, Optional
 
 import torch
 
-from ldm.checkpoint import GROUPS, CheckpointError, guess_kind, ema_key, read_checkpoint, save_checkpoint, \
-    select_weights
+from ldm.checkpoint import GROUPS, CheckpointError, ema_key, guess_kind, read_checkpoint, refuse_nonfinite, \
+    save_checkpoint, select_weights
 from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS
 from ldm.reference import LAYOUT_DIR, SD_V1, SD_V1_EMA, read_layout
 from ldm.util import fmt_bytes
@@ -150,9 +150,14 @@ def prune_file(src: str | Path, dst: str | Path, dtype: Optional[torch.dtype] = 
     src, dst = Path(src), check_output(dst, [src], "output", overwrite=overwrite)
     sd, meta = read_checkpoint(src)
     try:
+        kept, _ = prune_state_dict(sd, use_ema=use_ema)  # the file's own tensors, not copies
         pruned, used_ema = prune_state_dict(sd, dtype=dtype, use_ema=use_ema)
     except CheckpointError as e:
         raise CheckpointError(f"{src}: {e}") from None
+    refuse_nonfinite(kept, src)
+    if dtype is not None:  # finite in the file, beyond the range of the smaller type
+        refuse_nonfinite(pruned, src, why=f"they become Inf in {str(dtype).removeprefix('torch.')} (values beyond its "
+                                          f"range); write fp32 (without --fp16), or --bf16")
     covered, total = ema_coverage(sd)
     step = meta.get("global_step")
     save_checkpoint(dst, pruned, global_step=step)

@@ -507,8 +507,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ldm.checkpoint import CheckpointError
     from ldm.data.image_loading import ImageError
     from ldm.files import DiskFullError, OutputError
+    from ldm.models.diffusion.samplers import NonFiniteSample
     from ldm.util import TargetNotAllowed
-    return ConfigError, CheckpointError, ImageError, TargetNotAllowed, OutputError, DiskFullError
+    return ConfigError, CheckpointError, ImageError, TargetNotAllowed, OutputError, DiskFullError, NonFiniteSample
 
 
 def run(options: TrainOptions) -> int:

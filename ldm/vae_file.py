@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ldm.checkpoint import CheckpointError, audit, read_checkpoint
+from ldm.checkpoint import CheckpointError, audit, read_checkpoint, refuse_nonfinite
 
 PREFIX = "first_stage_model."
 _ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
@@ -81,7 +81,8 @@ def load_vae(first_stage: nn.Module, path: str | os.PathLike, verbose: bool = Tr
     problem = audit({k: v.shape for k, v in own.items()}, sd)
     if problem:
         raise CheckpointError(f"{path}: not a VAE for this model: {problem}")
-    first_stage.load_state_dict({k: sd[k].to(own[k].dtype) for k in own}, strict=True,
-                                assign=any(v.is_meta for v in own.values()))
+    weights = {k: sd[k].to(own[k].dtype) for k in own}
+    refuse_nonfinite(weights, path)
+    first_stage.load_state_dict(weights, strict=True, assign=any(v.is_meta for v in own.values()))
     if verbose:
         print(f"Loaded VAE {path}")

@@ -104,10 +104,14 @@ class ValidationMetrics(pl.Callback):
         data = trainer.datamodule.train_dataset
         was_training = pl_module.training
         pl_module.eval()
+        from ldm.models.diffusion.samplers import NonFiniteSample
         try:
             record = {"step": step, **self.fixed_loss(pl_module, data)}
             images, groups = self.sample(pl_module, data)
             record.update(self.score(images, groups, data))
+        except NonFiniteSample as e:  # said, never saved as black pictures nor scored; the training goes on
+            print(f"Validation at step {step}: {e}")
+            return
         finally:
             pl_module.train(was_training)
         self.history.append(record)

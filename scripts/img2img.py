@@ -32,7 +32,7 @@ from ldm.data.image_loading import ImageError, open_image, to_rgb, to_tensor  # 
 from ldm.images import save_numbered_png, save_sampling_grid, to_pil  # noqa: E402
 from ldm.img2img import denoise_part_way  # noqa: E402
 from ldm.inpaint import encode_inputs, with_concat  # noqa: E402
-from ldm.models.diffusion.samplers import make_sampler  # noqa: E402
+from ldm.models.diffusion.samplers import check_finite, make_sampler  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,7 +109,7 @@ def sample(opt: argparse.Namespace) -> list[Path]:
                 z = denoise_part_way(sampler, encoded.x0, opt.ddim_steps, opt.strength,
                                      with_concat(c, encoded.concat), with_concat(uc, encoded.concat), opt.scale,
                                      noise, generator, eta=opt.ddim_eta)
-                x = model.decode_first_stage(z).float()
+                x = check_finite(model.decode_first_stage(z).float(), prompts)
                 for k, (img, prompt) in enumerate(zip(x, prompts)):
                     meta = {"prompt": prompt, "iteration": n, "index_in_batch": k, **common}
                     if not opt.skip_save:

@@ -43,7 +43,7 @@ from ldm.img2img import denoise_part_way  # noqa: E402
 from ldm.inpaint import (composite, encode_inputs, plan_region, read_image_and_mask, region_image,  # noqa: E402
                          region_mask, with_concat)
 from ldm.masks import feather  # noqa: E402
-from ldm.models.diffusion.samplers import make_sampler  # noqa: E402
+from ldm.models.diffusion.samplers import check_finite, make_sampler  # noqa: E402
 
 STRENGTH = {"regular": 0.75, "inpainting": 1.0}
 MAX_MASK_BLUR = 256
@@ -133,7 +133,7 @@ def sample(opt: argparse.Namespace) -> list[Path]:
                 z = denoise_part_way(sampler, encoded.x0, opt.ddim_steps, opt.strength,
                                      with_concat(c, encoded.concat), with_concat(uc, encoded.concat), opt.scale,
                                      noise, generator, keep=encoded.keep, eta=opt.ddim_eta)
-                x = model.decode_first_stage(z).float()
+                x = check_finite(model.decode_first_stage(z).float(), prompts)
                 for k, (img, prompt) in enumerate(zip(x, prompts)):
                     result = composite(original, to_pil(img), region, feathered)
                     meta = {"prompt": prompt, "iteration": n, "index_in_batch": k, **common}

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from ldm.checkpoint import CheckpointError, read_checkpoint, save_checkpoint  # noqa: E402
+from ldm.checkpoint import CheckpointError, read_checkpoint, refuse_nonfinite, save_checkpoint  # noqa: E402
 from ldm.files import DiskFullError, OutputError, check_output  # noqa: E402
 from ldm.lora import merge_lora, parse_lora_spec, read_lora  # noqa: E402
 
@@ -48,6 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
             print(f"merged {path} at strength {strength}")
         if args.fp16:
             sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+        refuse_nonfinite(sd, f"{args.base} merged with {', '.join(args.lora)}" + " in float16" * args.fp16)
         out = save_checkpoint(args.out, sd, global_step=meta.get("global_step"))
     except (CheckpointError, OutputError, DiskFullError, ValueError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")

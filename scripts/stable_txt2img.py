@@ -23,7 +23,7 @@ from ldm.cli import (add_model_flags, add_sampling_flags, check_sampling_args, l
                      load_sampling_model, pick_device, precision_context, report_samples, sampler_name,
                      run_script)
 from ldm.images import save_numbered_png, save_sampling_grid, to_pil  # noqa: E402
-from ldm.models.diffusion.samplers import make_sampler  # noqa: E402
+from ldm.models.diffusion.samplers import check_finite, make_sampler  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +76,7 @@ def sample(opt: argparse.Namespace) -> list[Path]:
                                             shape=shape, verbose=False, unconditional_guidance_scale=opt.scale,
                                             unconditional_conditioning=uc, eta=opt.ddim_eta, x_T=x_T,
                                             generator=generator)
-                x = model.decode_first_stage(samples).float()
+                x = check_finite(model.decode_first_stage(samples).float(), prompts)
                 for k, (img, prompt) in enumerate(zip(x, prompts)):
                     meta = {"prompt": prompt, "negative_prompt": opt.negative_prompt, "seed": opt.seed,
                             "iteration": n, "index_in_batch": k, "steps": opt.ddim_steps, "scale": opt.scale,

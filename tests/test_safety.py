@@ -274,3 +274,58 @@ def test_written_files_follow_the_umask(tmp_path, tiny_ckpt):
         assert stat.S_IMODE((folder / "model_index.json").stat().st_mode) == 0o644
     finally:
         os.umask(old)
+
+
+# ---- 2. the second hostile pass --------------------------------------------------------------------------------
+
+TINY_INFERENCE = REPO / "configs/stable-diffusion/tiny-inference.yaml"
+
+
+def altered_checkpoint(model, path: Path, key: str, value: float) -> Path:
+    """The model's weights with ``key``'s first element set to ``value`` (NaN, Inf, or a huge finite number)."""
+    from ldm.checkpoint import save_checkpoint
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd[key].view(-1)[0] = value
+    return save_checkpoint(path, sd, global_step=3)
+
+
+def sample_args(ckpt: Path, out: Path, *extra: str) -> list[str]:
+    return ["--config", str(TINY_INFERENCE), "--ckpt", str(ckpt), "--outdir", str(out), "--ddim_steps", "2",
+            "--n_samples", "1", "--n_iter", "1", "--prompt", "a toy", *extra]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_with_nan_or_inf_are_refused_by_every_tool(tmp_path, tiny_model, capsys, value):
+    """Once all-black pictures with exit code 0, and a pruned copy written without a word."""
+    key = "model.diffusion_model.out.2.weight"
+    bad = altered_checkpoint(tiny_model, tmp_path / "bad.ckpt", key, value)
+    picture = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), (90, 120, 30)).save(picture)
+    runs = [(load_script("stable_txt2img").main, sample_args(bad, tmp_path / "t2i")),
+            (load_script("img2img").main, sample_args(bad, tmp_path / "i2i", "--init-img", str(picture))),
+            (load_script("prune_ckpt").main, [str(bad), str(tmp_path / "pruned.safetensors")])]
+    for entry, argv in runs:
+        line = one_line_error(capsys, argv, entry)
+        assert f"{bad}: 1 of " in line and f"tensors hold NaN or Inf values ({key})" in line, line
+    assert not list(tmp_path.rglob("*.png"))[1:] and not (tmp_path / "pruned.safetensors").exists()
+
+
+def test_a_sample_that_comes_out_non_finite_is_not_saved(tmp_path, tiny_model, capsys):
+    """Finite weights whose decoder overflows float32: no black PNG, one line, a non-zero exit code."""
+    bad = altered_checkpoint(tiny_model, tmp_path / "overflow.ckpt", "first_stage_model.decoder.conv_out.weight",
+                             3e38)
+    with pytest.raises(SystemExit) as info:
+        load_script("stable_txt2img").main(sample_args(bad, tmp_path / "out"))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "DDIM Sampler" not in line]
+    assert info.value.code == 2 and len(err) == 1, err
+    line = err[0]
+    assert "1 of 1 samples came out NaN or Inf (the first for 'a toy'); not saved" in line, line
+    assert not list((tmp_path / "out").rglob("*.png"))
+
+
+def test_pruning_to_fp16_refuses_weights_beyond_its_range(tmp_path, tiny_model, capsys):
+    big = altered_checkpoint(tiny_model, tmp_path / "big.ckpt", "model.diffusion_model.out.2.weight", 1e6)
+    prune = load_script("prune_ckpt").main
+    line = one_line_error(capsys, [str(big), str(tmp_path / "half.ckpt"), "--fp16"], prune)
+    assert "become Inf in float16" in line and not (tmp_path / "half.ckpt").exists()
+    assert prune([str(big), str(tmp_path / "bf16.ckpt"), "--bf16"]).is_file()  # bf16 has fp32's range

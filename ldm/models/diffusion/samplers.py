@@ -22,6 +22,21 @@ SAMPLERS: dict[str, type] = {"ddim": DDIMSampler, "plms": PLMSSampler, "euler": 
                              "dpmpp_2m": DPMPP2MSampler}
 
 
+class NonFiniteSample(ValueError):
+    """A sample that came out NaN or Inf (it would be saved as a black picture); the message is one line."""
+
+
+def check_finite(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """``images`` (``[N, ...]``) unchanged when every value is finite; else :class:`NonFiniteSample` naming the
+    first bad sample's prompt. NaN/Inf come from broken weights or from float16 overflow (the SDXL VAE's, say)."""
+    bad = [k for k in range(len(images)) if not bool(torch.isfinite(images[k]).all())]
+    if bad:
+        raise NonFiniteSample(f"{len(bad)} of {len(images)} samples came out NaN or Inf (the first for "
+                              f"{prompts[bad[0]]!r}); not saved: the weights hold NaN/Inf, or float16 overflowed "
+                              f"(try --precision full, or for SDXL an fp16-safe --vae)")
+    return images
+
+
 def make_sampler(name: SamplerName, model: Any) -> Any:
     """The sampler called ``name`` for ``model`` (anything with ``apply_model`` and ``alphas_cumprod``)."""
     if name not in SAMPLERS:
@@ -39,4 +54,4 @@ def guided_images(model: Any, sampler: Any, prompts: Sequence[str], shape: Seque
     z, _ = sampler.sample(steps, len(prompts), shape, conditioning=c, unconditional_conditioning=uc,
                           unconditional_guidance_scale=scale, generator=generator, verbose=False,
                           disable_progress=True)
-    return model.decode_first_stage(z).float().clamp(-1, 1).cpu()
+    return check_finite(model.decode_first_stage(z).float(), prompts).clamp(-1, 1).cpu()

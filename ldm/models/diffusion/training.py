@@ -160,7 +160,7 @@ class DreamBoothTraining:
         optimizer state saved with fused backward / bf16 weights switched the other way (its moments would be
         lost), or weights of another layout (LoRA adapters on one side only, another model or size). The training
         module calls this before anything is written into the run folder; Lightning's restore calls it again."""
-        from ldm.checkpoint import CheckpointError, audit
+        from ldm.checkpoint import CheckpointError, audit, refuse_nonfinite
         states = checkpoint.get("optimizer_states") or [{}]
         per_tensor = bool(self.optimizer_config.get("fused_backward")) or self.weights_dtype == "bf16"
         if checkpoint.get("optimizer_states") and ("inner" in states[0]) != per_tensor:
@@ -180,6 +180,8 @@ class DreamBoothTraining:
         problem = audit(own, saved)
         if problem:
             raise CheckpointError(f"the checkpoint's weights do not fit this run's model: {problem}")
+        refuse_nonfinite(saved, "the checkpoint", why="the run diverged before it was saved (resume from an earlier "
+                                                      "step file, with a lower learning rate)")
 
     def configure_optimizers(self) -> dict[str, Any]:
         from ldm.models.diffusion.optim import build_optimizer, build_scheduler
