@@ -286,8 +286,13 @@ def load_model_from_config(config: Mapping[str, Any], ckpt: str | os.PathLike, p
     vae = vae or getattr(model, "vae_path", None)
     if vae:
         from ldm.vae_file import load_vae
-        load_vae(model.first_stage_model, vae, verbose=verbose)
+        load_vae(model.first_stage_model, vae, verbose=verbose, scale_factor=_float_or_none(model, "scale_factor"))
     return model.eval()
+
+
+def _float_or_none(model: nn.Module, name: str) -> Optional[float]:
+    value = getattr(model, name, None)
+    return float(value) if value is not None else None
 
 
 def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],

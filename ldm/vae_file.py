@@ -8,9 +8,12 @@ needed at run time).
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
-from typing import Mapping
+from pathlib import Path
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -60,9 +63,65 @@ def diffusers_vae_to_ldm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def vae_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The first-stage tensors of a VAE file in any of the layouts, under the original names (no prefix)."""
-    sd, _ = read_checkpoint(path)
+#: The latent scale (``scale_factor``) each family's VAE was trained for: the SD v1 and SDXL VAEs share one layout,
+#: key for key and shape for shape, but not their latent space, so this is what tells them apart.
+FAMILY_SCALES = {"sd-v1": 0.18215, "sd-v1-inpainting": 0.18215, "sdxl-base": 0.13025}
+
+
+def stated_family(path: str | os.PathLike, sd: Mapping[str, torch.Tensor], meta: Mapping[str, object]
+                  ) -> tuple[Optional[str], str]:
+    """``(family, how the file says so)`` of a VAE file, or ``(None, "")`` when it does not say: a full
+    checkpoint by its keys and shapes, our and other tools' safetensors by ``modelspec.architecture``, a file of a
+    diffusers folder by the ``scaling_factor`` of the ``config.json`` beside it."""
+    from ldm.families import FAMILIES, detect_family
+    family = detect_family({k: tuple(v.shape) for k, v in sd.items()})
+    if family is not None:
+        return family, f"a {FAMILIES[family].label} checkpoint"
+    architecture = str(meta.get("modelspec.architecture", ""))
+    for name, f in FAMILIES.items():
+        if architecture and architecture.split("/")[0] == f.architecture.split("/")[0]:
+            return name, f"its metadata says modelspec.architecture {architecture}"
+    config = Path(path).with_name("config.json")
+    if Path(path).stem.startswith("diffusion_pytorch_model") and config.is_file():
+        try:
+            scale = float(json.loads(config.read_text()).get("scaling_factor"))
+        except (OSError, ValueError, TypeError):
+            return None, ""
+        family = next((name for name, s in FAMILY_SCALES.items() if math.isclose(s, scale, rel_tol=1e-4)), None)
+        return family, f"its {config} says scaling_factor {scale}"
+    return None, ""
+
+
+def check_vae_family(path: str | os.PathLike, stated: tuple[Optional[str], str], scale_factor: Optional[float]
+                     ) -> str:
+    """Refuse (one line) a VAE that says it belongs to a family whose latent scale differs from the model's;
+    returns what to say about it when it loads."""
+    from ldm.families import FAMILIES
+    family, how = stated
+    if scale_factor is None:
+        return ""
+    wanted = [name for name, s in FAMILY_SCALES.items() if math.isclose(s, scale_factor, rel_tol=1e-4)]
+    if family is not None and wanted and family not in wanted:
+        raise CheckpointError(
+            f"--vae {path}: a VAE of {FAMILIES[family].label} ({how}), but this model is "
+            f"{FAMILIES[wanted[0]].label} (scale_factor {scale_factor}): the two VAEs share one layout but not "
+            f"their latent space, so its pictures would be wrong; use a VAE made for {FAMILIES[wanted[0]].label}")
+    if family is not None:
+        return f" ({FAMILIES[family].label}: {how})"
+    if wanted:
+        return (f" (its keys and shapes fit; the file does not say which model it was made for, and SD v1 and SDXL "
+                f"VAEs share one layout: it must be one for {FAMILIES[wanted[0]].label})")
+    return ""
+
+
+def read_vae(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], tuple[Optional[str], str]]:
+    """``(its first-stage tensors under the original names, the family the file states)`` of a VAE file in any of
+    the layouts (see :func:`stated_family`)."""
+    sd, meta = read_checkpoint(path)
+    return _first_stage(path, sd), stated_family(path, sd, meta)
+
+
+def _first_stage(path: str | os.PathLike, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if any(k.startswith(PREFIX) for k in sd):
         return {k[len(PREFIX):]: v for k, v in sd.items() if k.startswith(PREFIX)}
     if any(k.startswith("encoder.down_blocks.") for k in sd):
@@ -73,16 +132,23 @@ def vae_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                           f"keys)")
 
 
-def load_vae(first_stage: nn.Module, path: str | os.PathLike, verbose: bool = True) -> None:
+def load_vae(first_stage: nn.Module, path: str | os.PathLike, verbose: bool = True,
+             scale_factor: Optional[float] = None) -> None:
     """Replace ``first_stage``'s weights with the VAE in ``path`` (cast to the module's dtypes), after checking
-    every key and shape; ``model_ema``-style extras and the training loss's weights in the file are ignored."""
-    sd = vae_state_dict(path)
+    every key and shape and, given the model's ``scale_factor``, the family the file says it belongs to;
+    ``model_ema``-style extras and the training loss's weights in the file are ignored."""
+    sd, stated = read_vae(path)
     own = first_stage.state_dict()
     problem = audit({k: v.shape for k, v in own.items()}, sd)
     if problem:
-        raise CheckpointError(f"{path}: not a VAE for this model: {problem}")
+        latent = sd.get("encoder.conv_out.weight")
+        if latent is not None and latent.shape[0] == 32:
+            problem = f"a 16-channel autoencoder (FLUX.1's?), this model's latents have " \
+                      f"{own['encoder.conv_out.weight'].shape[0] // 2} channels"
+        raise CheckpointError(f"--vae {path}: not a VAE for this model: {problem}")
+    said = check_vae_family(path, stated, scale_factor)
     weights = {k: sd[k].to(own[k].dtype) for k in own}
     refuse_nonfinite(weights, path)
     first_stage.load_state_dict(weights, strict=True, assign=any(v.is_meta for v in own.values()))
     if verbose:
-        print(f"Loaded VAE {path}")
+        print(f"Loaded VAE {path}{said}")

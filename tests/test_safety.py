@@ -329,3 +329,30 @@ def test_pruning_to_fp16_refuses_weights_beyond_its_range(tmp_path, tiny_model, 
     line = one_line_error(capsys, [str(big), str(tmp_path / "half.ckpt"), "--fp16"], prune)
     assert "become Inf in float16" in line and not (tmp_path / "half.ckpt").exists()
     assert prune([str(big), str(tmp_path / "bf16.ckpt"), "--bf16"]).is_file()  # bf16 has fp32's range
+
+
+def test_a_vae_of_another_family_is_refused(tmp_path, tiny_model, tiny_ckpt, capsys):
+    """The SD v1 and SDXL VAEs share one layout, so shapes alone cannot refuse an SDXL VAE given to SD v1; what
+    the file says of itself can: its modelspec metadata, or the scaling_factor of its diffusers config.json. A file
+    that says nothing loads, with a line saying what must be true of it."""
+    from safetensors.torch import save_file
+    vae = {k: v.contiguous() for k, v in tiny_model.first_stage_model.state_dict().items()}
+    tagged = tmp_path / "sdxl_vae.safetensors"
+    save_file(vae, str(tagged), metadata={"modelspec.architecture": "stable-diffusion-xl-v1-base/vae"})
+    folder = tmp_path / "sdxl-vae-fp16-fix"
+    folder.mkdir()
+    save_file(vae, str(folder / "diffusion_pytorch_model.safetensors"))
+    (folder / "config.json").write_text('{"_class_name": "AutoencoderKL", "scaling_factor": 0.13025}')
+    txt2img = load_script("stable_txt2img").main
+    for path, how in ((tagged, "its metadata says modelspec.architecture stable-diffusion-xl-v1-base/vae"),
+                      (folder / "diffusion_pytorch_model.safetensors", "scaling_factor 0.13025")):
+        line = one_line_error(capsys, sample_args(tiny_ckpt, tmp_path / "out", "--vae", str(path)), txt2img)
+        assert f"error: --vae {path}: a VAE of Stable Diffusion XL base (" in line and f"{how}), but this model is " \
+            f"Stable Diffusion v1 (scale_factor 0.18215): the two VAEs share one layout but not their latent space, " \
+            f"so its pictures would be wrong; use a VAE made for Stable Diffusion v1" in line, line
+    assert not (tmp_path / "out").exists()
+    bare = tmp_path / "vae-ft-mse.safetensors"
+    save_file(vae, str(bare))
+    assert len(txt2img(sample_args(tiny_ckpt, tmp_path / "ok", "--vae", str(bare)))) == 2
+    assert f"Loaded VAE {bare} (its keys and shapes fit; the file does not say which model it was made for" \
+        in capsys.readouterr().out
