@@ -220,6 +220,27 @@ def test_mask_from_a_mask_file_and_from_alpha(tmp_path):
     assert alpha[:, :30].min() > 0.99 and alpha[:, 34:].max() < 0.01
 
 
+def test_masks_without_a_subject_pixel_are_named_and_all_of_them_refused(tmp_path, capsys):
+    """All-black masks (inverted or empty exports) once trained silently at mask_floor weight."""
+    from ldm.data.dreambooth import DreamBoothDataset
+    photos = make_folder(tmp_path / "s", 3)
+    for name in ("00", "01", "02"):
+        Image.new("L", (96, 96), 0).save(photos / f"{name}.mask.png")
+    with pytest.raises(SystemExit) as info:
+        main_module.main(common(tmp_path, "--data_root", str(photos), "--class_word", "toy",
+                                "data.params.masked_loss=true"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1, err
+    assert f"{photos}: masked loss, but no mask has a subject pixel (white = subject): 00.mask.png, 01.mask.png, " \
+           f"02.mask.png; inverted or empty masks?" in err[0]
+    assert not (tmp_path / "logs").exists()
+    good = Image.new("L", (96, 96), 0)
+    good.paste(255, (20, 20, 70, 70))
+    good.save(photos / "01.mask.png")
+    with pytest.warns(UserWarning, match=r"2 of 3 masks have no subject pixel .* 00.mask.png, 02.mask.png"):
+        DreamBoothDataset(photos, "sks", "toy", size=64, masks=True)
+
+
 # ---- validation and the chosen checkpoint -------------------------------------------------------------------------
 
 def test_the_rule_picks_the_best_step_within_the_pres_margin():

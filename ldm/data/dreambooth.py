@@ -15,11 +15,12 @@ from typing import Any, Mapping, Protocol, Sequence
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.data.buckets import bucket_resolutions
-from ldm.data.image_loading import find_images, load_caption, load_training_image, nearest_target, uint8_to_tensor
+from ldm.data.image_loading import (ImageError, find_images, load_caption, load_training_image, mask_path,
+                                    nearest_target, uint8_to_tensor)
 from ldm.data.loader import ResumableBatchSampler, ResumableLoader, batches_done
 
 #: The batch keys this dataset writes: the model's ``first_stage_key`` / ``cond_stage_key`` name them, and class
@@ -118,6 +119,7 @@ class ImageSet:
     crops: np.ndarray
     targets: list[tuple[int, int]]
     masks: list[np.ndarray | None]
+    paths: list[Path]
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -135,7 +137,29 @@ def load_folder(folder: str | Path, role: str, targets: Sequence[tuple[int, int]
         captions=[load_caption(path) or default_caption for _, path in loaded],
         crops=np.array([(*image.crop.original_size, *image.crop.top_left) for image, _ in loaded], dtype=np.int64),
         targets=[(p.shape[1], p.shape[0]) for p in pixels],
-        masks=[image.mask for image, _ in loaded])
+        masks=[image.mask for image, _ in loaded], paths=[path for _, path in loaded])
+
+
+#: A mask pixel at least this white marks the subject.
+SUBJECT_LEVEL = 0.5
+
+
+def check_masks(subjects: ImageSet) -> None:
+    """Loss masks without a single subject pixel (white = subject): all black, which is also what inverted or
+    wrongly exported masks often become. Such a photo trains only at ``mask_floor`` weight, so each is named in a
+    warning; when no mask has a subject pixel the run is refused (``ImageError``)."""
+    given = [(path, mask) for path, mask in zip(subjects.paths, subjects.masks) if mask is not None]
+    empty = [mask_path(path).name if mask_path(path).is_file() else f"{path.name} (alpha channel)"
+             for path, mask in given if float(mask.max()) < SUBJECT_LEVEL]
+    if not empty:
+        return
+    names = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+    where = subjects.paths[0].parent
+    if len(empty) == len(given):
+        raise ImageError(f"{where}: masked loss, but no mask has a subject pixel (white = subject): {names}; "
+                         f"inverted or empty masks? fix them, or turn data.params.masked_loss off")
+    rank_zero_warn(f"{where}: {len(empty)} of {len(given)} masks have no subject pixel (white = subject), so those "
+                   f"photos train only at mask_floor weight: {names}")
 
 
 def _concat(sets: Sequence[ImageSet]) -> ImageSet:
@@ -143,7 +167,7 @@ def _concat(sets: Sequence[ImageSet]) -> ImageSet:
     same = len({im.shape for im in images}) == 1
     return ImageSet(np.stack(images) if same else images, [c for s in sets for c in s.captions],
                     np.concatenate([s.crops for s in sets]), [t for s in sets for t in s.targets],
-                    [m for s in sets for m in s.masks])
+                    [m for s in sets for m in s.masks], [p for s in sets for p in s.paths])
 
 
 class DreamBoothDataset(Dataset):
@@ -212,6 +236,8 @@ class DreamBoothDataset(Dataset):
             self.class_of += [list(classes).index(str(Path(c.reg_data_root).resolve()))
                               if c.reg_data_root is not None else -1] * len(subjects[-1])
         self.subjects = _concat(subjects)
+        if masks:
+            check_masks(self.subjects)
         self.concept_of = [k for k, s in enumerate(subjects) for _ in range(len(s))]
         self.masks = masks
         class_sets = [cs for _, cs in classes.values()]
