@@ -111,6 +111,7 @@ def prepare(options: TrainOptions) -> Plan:
     check_training_config(config)
     check_subjects(config, options.concepts)
     check_data_folders(config)
+    check_validation_models(config)
     weights = resume_ckpt or config.get("actual_resume")
     if weights is not None and not Path(weights).is_file():
         raise ConfigError(f"--actual_resume {weights}: file not found")
@@ -230,6 +231,25 @@ def check_data_folders(config: DictConfig) -> None:
             if is_within(reg, data_root) or is_within(data_root, reg):
                 raise ConfigError(f"--reg_data_root {reg} and --data_root {data_root} overlap (one is inside the "
                                   f"other): keep the class images in a folder of their own")
+
+
+def check_validation_models(config: DictConfig) -> None:
+    """``lightning.validation.clip`` / ``.dino``: both or neither (then only the loss is validated), and each a
+    folder with its model's files, checked with the config rather than at the first validation."""
+    validation = config.lightning.get("validation") or {}
+    given = {key: validation.get(key) for key in ("clip", "dino") if validation.get(key)}
+    if len(given) == 1:
+        (key, _), = given.items()
+        other = "dino" if key == "clip" else "clip"
+        raise ConfigError(f"lightning.validation.{key} is set but .{other} is not: the metrics need both model "
+                          f"folders (or neither, to validate the loss only)")
+    from ldm.eval.embedders import ModelFilesError, check_clip_folder, check_dino_folder
+    for key, check in (("clip", check_clip_folder), ("dino", check_dino_folder)):
+        if key in given:
+            try:
+                check(given[key])
+            except ModelFilesError as e:
+                raise ConfigError(f"lightning.validation.{key}: {e}") from None
 
 
 # ---- resuming --------------------------------------------------------------------------------------------------

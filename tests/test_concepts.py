@@ -255,6 +255,31 @@ def test_the_rule_picks_the_best_step_within_the_pres_margin():
     assert choose_step([{"step": 0, "CLIP-I": None, "CLIP-T": None, "PRES": None}], 0.05) is None
 
 
+@pytest.mark.parametrize("folders, problem", [
+    ({"clip": "clip", "dino": "missing"}, "lightning.validation.dino: DINO model folder {tmp}/missing: folder not "
+                                          "found; download all files of huggingface.co/facebook/dino-vits16"),
+    ({"clip": "empty", "dino": "dino"}, "lightning.validation.clip: CLIP model folder {tmp}/empty: missing config.json"),
+    ({"clip": "clip"}, "lightning.validation.clip is set but .dino is not"),
+])
+def test_validation_model_folders_are_checked_before_any_model_loads(tmp_path, capsys, monkeypatch, folders,
+                                                                     problem):
+    import ldm.train
+    from eval_helpers import make_clip_folder, make_dino_folder
+    monkeypatch.setattr(ldm.train, "build_model", lambda *a: pytest.fail("a model was built"))
+    make_clip_folder(tmp_path / "clip")
+    make_dino_folder(tmp_path / "dino")
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    args = common(tmp_path, "--data_root", str(make_folder(tmp_path / "s", 3)), "--class_word", "toy",
+                  "lightning.validation.every_n_steps=3",
+                  *[f"lightning.validation.{key}={tmp_path / name}" for key, name in folders.items()])
+    with pytest.raises(SystemExit) as info:
+        main_module.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1 and problem.format(tmp=tmp_path) in err[0], err
+    assert not (tmp_path / "logs").exists()
+
+
 def test_validation_writes_images_metrics_and_best_checkpoint(tmp_path):
     from eval_helpers import make_clip_folder, make_dino_folder
     clip, dino = make_clip_folder(tmp_path / "clip"), make_dino_folder(tmp_path / "dino")

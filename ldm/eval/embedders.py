@@ -32,6 +32,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+#: The files of the transformers folders the metrics read (a name, or alternatives).
+CLIP_FILES = ("config.json", WEIGHT_FILES, "preprocessor_config.json", "vocab.json", "merges.txt")
+DINO_FILES = ("config.json", WEIGHT_FILES)
+
+
 class ModelFilesError(FileNotFoundError):
     """A model folder or file the user must provide is missing; the message is one line saying what to get."""
 
@@ -52,6 +57,16 @@ def require_files(folder: str | Path, groups: Sequence[str | tuple[str, ...]], w
     if missing:
         raise ModelFilesError(f"{what} {folder}: missing {', '.join(missing)}; {get}")
     return folder
+
+
+def check_clip_folder(path: str | Path) -> Path:
+    """The CLIP model folder, if it holds :data:`CLIP_FILES` (else ``ModelFilesError`` saying what to get)."""
+    return require_files(path, CLIP_FILES, "CLIP model folder", _download_hint(CLIP_REPO, path))
+
+
+def check_dino_folder(path: str | Path) -> Path:
+    """The DINO model folder, if it holds :data:`DINO_FILES` (else ``ModelFilesError`` saying what to get)."""
+    return require_files(path, DINO_FILES, "DINO model folder", _download_hint(DINO_REPO, path))
 
 
 def _download_hint(repo: str, folder: str | Path) -> str:
@@ -82,8 +97,7 @@ class ClipEmbedder:
         from transformers import CLIPModel, CLIPTokenizer
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-        folder = require_files(path, ["config.json", WEIGHT_FILES, "preprocessor_config.json", "vocab.json",
-                                      "merges.txt"], "CLIP model folder", _download_hint(CLIP_REPO, path))
+        folder = check_clip_folder(path)
         self.model = CLIPModel.from_pretrained(folder, local_files_only=True).to(device).eval()
         self.processor = CLIPImageProcessorPil.from_pretrained(folder, local_files_only=True)
         self.tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
@@ -145,8 +159,7 @@ class DinoEmbedder:
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", batch_size: int = 32) -> None:
         from transformers import ViTModel
 
-        folder = require_files(path, ["config.json", WEIGHT_FILES], "DINO model folder",
-                               _download_hint(DINO_REPO, path))
+        folder = check_dino_folder(path)
         # DINO trains no pooler head (pooler weights in a converted folder are not DINO's): we read the CLS state.
         self.model = ViTModel.from_pretrained(folder, add_pooling_layer=False, local_files_only=True)
         self.model = self.model.to(device).eval()
