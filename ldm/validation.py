@@ -16,8 +16,9 @@
    (and ``lora-best.safetensors`` for a LoRA run).
 
 The rule that picks the step (:func:`choose_step`): the highest CLIP-I + CLIP-T among the validated steps whose
-PRES is at most the baseline's (step 0) plus ``pres_margin``: the subject and the prompt both count, and a step
-where the class has started to look like the subject is not taken. At the end ``metrics.md`` holds the table,
+PRES is at most the baseline's (step 0) plus ``pres_margin``, if it beats the baseline's own CLIP-I + CLIP-T: the
+subject and the prompt both count, a step where the class has started to look like the subject is not taken, and
+when no trained step improves on the starting model none is called best (no ``best.ckpt``; ``metrics.md`` says so). At the end ``metrics.md`` holds the table,
 the rule and the step it picked, and ``metrics.png`` the four metrics against the steps.
 """
 from __future__ import annotations
@@ -39,20 +40,37 @@ DEFAULT_PROMPTS = ("a {token} {class_word} on the beach", "a {token} {class_word
                    "a {token} {class_word} on top of a wooden table", "a red {token} {class_word}")
 
 
+def _fidelity(record: dict[str, Any]) -> Optional[float]:
+    """CLIP-I + CLIP-T of a validation record, None without CLIP scores."""
+    if record.get("CLIP-I") is None or record.get("CLIP-T") is None:
+        return None
+    return record["CLIP-I"] + record["CLIP-T"]
+
+
 def choose_step(history: Sequence[dict[str, Any]], pres_margin: float) -> Optional[int]:
     """The step the documented rule picks from validation records ``{"step", "CLIP-I", "CLIP-T", "PRES"}`` (the
-    first is the baseline): the highest CLIP-I + CLIP-T whose PRES <= baseline PRES + ``pres_margin``; ties go to
-    the earlier step; None without CLIP scores or trained steps."""
+    first is the baseline, the starting model): the highest CLIP-I + CLIP-T whose PRES <= baseline PRES +
+    ``pres_margin``, and higher than the baseline's own, since a trained step that scores no better than the
+    model it started from is no better choice; ties go to the earlier step. None without CLIP scores, without
+    trained steps, or when the baseline scored best (:func:`baseline_scored_best`)."""
     if not history or history[0].get("PRES") is None:
         limit = math.inf
     else:
         limit = history[0]["PRES"] + pres_margin
-    candidates = [h for h in history[1:] if h.get("CLIP-I") is not None and h.get("CLIP-T") is not None
-                  and (h.get("PRES") is None or h["PRES"] <= limit)]
+    floor = _fidelity(history[0]) if history else None
+    candidates = [h for h in history[1:] if _fidelity(h) is not None and (h.get("PRES") is None or h["PRES"] <= limit)
+                  and (floor is None or _fidelity(h) > floor)]
     if not candidates:
         return None
-    best = max(candidates, key=lambda h: (h["CLIP-I"] + h["CLIP-T"], -h["step"]))
+    best = max(candidates, key=lambda h: (_fidelity(h), -h["step"]))
     return int(best["step"])
+
+
+def baseline_scored_best(history: Sequence[dict[str, Any]], pres_margin: float) -> bool:
+    """True when the starting model (step 0) has CLIP scores and no trained step within the PRES margin beats them:
+    the run did not improve on the model it started from."""
+    return len(history) > 1 and _fidelity(history[0]) is not None and choose_step(history, pres_margin) is None \
+        and any(_fidelity(h) is not None for h in history[1:])
 
 
 class ValidationMetrics(pl.Callback):
@@ -94,6 +112,9 @@ class ValidationMetrics(pl.Callback):
         if trainer.is_global_zero and self.history:
             write_report(self.history, choose_step(self.history, self.pres_margin), self.pres_margin,
                          Path(trainer.default_root_dir))
+            if baseline_scored_best(self.history, self.pres_margin):
+                print("Validation: the starting model (step 0) scored best; no trained step improved on it, so no "
+                      "best.ckpt was written (see metrics.md)")
 
     # ---- one validation ----------------------------------------------------------------------------------
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -235,14 +256,23 @@ def write_report(history: Sequence[dict[str, Any]], best: Optional[int], margin:
     columns = ["step", *METRIC_NAMES, "loss_subject_fixed", "loss_prior_fixed"]
     fmt = lambda v: "–" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = ["# Validation", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    base_best = baseline_scored_best(history, margin)
     for h in history:
-        mark = " **best**" if h["step"] == best else ""
+        mark = " **best**" if h["step"] == best else " **best (the starting model)**" if base_best and h is \
+            history[0] else ""
         lines.append("| " + " | ".join(fmt(h.get(c)) for c in columns) + mark + " |")
     rule = (f"Rule: the highest CLIP-I + CLIP-T among the validated steps whose PRES is at most the baseline's "
-            f"(step 0) + {margin}.")
-    lines += ["", rule, "", f"Recommended step: {best} (checkpoints/best.ckpt)" if best is not None else
-              "Recommended step: none (no CLIP/DINO scores, or no trained step within the PRES margin)",
-              "", "![metrics](metrics.png)", ""]
+            f"(step 0) + {margin}, if it is higher than the baseline's own.")
+    if best is not None:
+        verdict = f"Recommended step: {best} (checkpoints/best.ckpt)"
+    elif base_best:
+        verdict = (f"Recommended step: none. The starting model (step 0) scored best (CLIP-I + CLIP-T "
+                   f"{_fidelity(history[0]):.4f}): no trained step within the PRES margin improved on it, so no "
+                   f"best.ckpt was written. Try a lower learning rate or fewer steps, or check the photos and "
+                   f"the identifier.")
+    else:
+        verdict = "Recommended step: none (no CLIP/DINO scores, or no trained step within the PRES margin)"
+    lines += ["", rule, "", verdict, "", "![metrics](metrics.png)", ""]
     path = root / "metrics.md"
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines), encoding="utf-8"))
     plot_metrics(history, best, root / "metrics.png")

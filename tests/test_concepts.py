@@ -307,3 +307,26 @@ def test_validation_writes_images_metrics_and_best_checkpoint(tmp_path):
     assert f"Recommended step: {best}" in report
     best_ckpt = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
     assert best_ckpt["global_step"] == best
+
+
+def test_when_no_trained_step_beats_the_starting_model_none_is_called_best(tmp_path, capsys):
+    """A learning rate of 1e-30 leaves the weights as they were: every validated step scores exactly what the
+    starting model scored, so no step is better, no best.ckpt is written, and metrics.md says the base model
+    scored best (once, a trained step that merely tied was saved and recommended)."""
+    from eval_helpers import make_clip_folder, make_dino_folder
+    clip, dino = make_clip_folder(tmp_path / "clip"), make_dino_folder(tmp_path / "dino")
+    args = common(tmp_path, "--data_root", str(make_folder(tmp_path / "s", 3)), "--class_word", "toy",
+                  "--max_steps", "2", "model.base_learning_rate=1e-30", "lightning.validation.every_n_steps=2",
+                  "lightning.validation.num_images=1", "lightning.validation.ddim_steps=2",
+                  f"lightning.validation.clip={clip}", f"lightning.validation.dino={dino}",
+                  "lightning.callbacks.image_logger.params.batch_frequency=100")
+    assert main_module.main(args) == 0
+    run = run_folder(tmp_path)
+    import json
+    history = json.loads((run / "validation.json").read_text())
+    assert [h["step"] for h in history] == [0, 2] and history[1]["CLIP-I"] == history[0]["CLIP-I"]
+    assert not (run / "checkpoints" / "best.ckpt").exists()
+    report = (run / "metrics.md").read_text()
+    assert "Recommended step: none. The starting model (step 0) scored best" in report
+    assert report.count("**best") == 1 and "| 0 |" in report.split("**best (the starting model)**")[0].splitlines()[-1]
+    assert "the starting model (step 0) scored best" in capsys.readouterr().out
