@@ -263,6 +263,17 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return ConfigError, CheckpointError, ImageError, TargetNotAllowed, OutputError, DiskFullError, NonFiniteSample
 
 
+def output_folder(outdir: str | Path) -> Path:
+    """``--outdir``, with what killed earlier runs left in it removed (their partial PNGs, never a file another
+    run is still writing)."""
+    from ldm.files import clean_partial
+    outpath = Path(outdir)
+    for folder in (outpath, outpath / "samples"):
+        for partial in clean_partial(folder):
+            print(f"Removed {partial}: left by an interrupted run")
+    return outpath
+
+
 def report_samples(outpath: str | Path, count: int, seconds: float) -> None:
     """The sampling scripts' closing lines (the original txt2img's wording, with the count and time)."""
     print(f"Your samples are ready and waiting for you here: \n{outpath} \n{count} images in {seconds:.1f} s. \nEnjoy.")

@@ -13,8 +13,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Collection, Mapping
 
@@ -22,7 +20,8 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.checkpoint import ema_key, load_model_from_config
-from ldm.files import DiskFullError, default_dir_mode, default_file_mode, disk_full_message, is_disk_full, is_within
+from ldm.files import (DiskFullError, atomic_folder, clean_partial_outputs, default_dir_mode, default_file_mode,
+                       disk_full_message, is_disk_full, is_within)
 from ldm.modules.encoders.tokenizer import END_OF_TEXT, START_OF_TEXT, build_vocab, default_bpe_path, read_merges
 from ldm.util import get_obj_from_str
 
@@ -271,16 +270,12 @@ def export_diffusers(config: Mapping[str, Any], ckpt: str | os.PathLike, outdir:
     model = load_model_from_config(config, ckpt, prefer_ema=prefer_ema, verbose=verbose)
     dtype = torch.float16 if half else torch.float32
 
-    outdir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
+    clean_partial_outputs(outdir)
     try:
-        write(tmp, configs, model, dtype, safetensors, prefer_ema)
-        make_public(tmp)
-        if outdir.exists():
-            outdir.rmdir()  # empty, checked above
-        os.replace(tmp, outdir)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(outdir) as tmp:
+            write(tmp, configs, model, dtype, safetensors, prefer_ema)
+            make_public(tmp)
+    except OSError as exc:
         if is_disk_full(exc):
             raise DiskFullError(exc.errno, disk_full_message(exc, outdir), str(outdir)) from None
         raise

@@ -10,12 +10,23 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
-#: What a partial file left by a killed writer looks like: ``.<name>.<random>.tmp`` (see :func:`atomic_write`).
+try:  # POSIX: a writer holds a lock on its partial file, so a cleaner never removes one that is being written
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: partial files are removed only once they are a day old
+    fcntl = None
+
+#: What a partial file (or folder) left by a killed writer looks like: ``.<name>.<random>.tmp`` (see
+#: :func:`atomic_write`, :func:`atomic_folder`).
 PARTIAL_GLOB = ".*.tmp"
+#: Without file locks, a partial file this old is taken to be abandoned.
+STALE_PARTIAL_S = 24 * 3600
 #: Errors that mean "the disk (or the file-size limit) is full": reported as one line, never a traceback.
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
@@ -101,8 +112,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
+        _lock(fd)  # held until the file is renamed or removed: a cleaner leaves it alone meanwhile
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -115,21 +126,82 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
         if code is not None:
             raise DiskFullError(code, disk_full_message(OSError(code, os.strerror(code)), path), str(path)) from None
         raise
+    finally:
+        os.close(fd)
     _fsync_dir(path.parent)
     return path
 
 
-def clean_partial(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temporary files a killed :func:`atomic_write` left in ``folder``; returns what was removed."""
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside ``path`` to fill inside the ``with``; at its end the folder is moved to ``path``
+    (which must not exist, or be an empty folder) in one step. On any error it is removed, and a kill leaves it as
+    a partial folder (``.<name>.<random>.tmp``) that :func:`clean_partial` removes later."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        _lock(fd)
+        yield tmp
+        if path.exists():
+            path.rmdir()  # empty: the caller checked
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        os.close(fd)
+    _fsync_dir(path.parent)
+
+
+def _lock(fd: int) -> None:
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def _abandoned(path: Path) -> bool:
+    """True when no live writer holds ``path`` (a partial file or folder): its lock can be taken, or, without
+    locks, it is older than :data:`STALE_PARTIAL_S`."""
+    if fcntl is None:
+        return time.time() - path.lstat().st_mtime > STALE_PARTIAL_S
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def clean_partial(folder: str | os.PathLike, name: Optional[str] = None) -> list[Path]:
+    """Remove the partial files and folders that killed writers (:func:`atomic_write`, :func:`atomic_folder`) left
+    in ``folder`` (only those of the output ``name``, when given); those a live writer still holds stay. Returns
+    what was removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
-    for p in folder.glob(PARTIAL_GLOB):
-        if p.is_file():
-            p.unlink()
-            removed.append(p)
+    for p in folder.glob(f".{name}.*.tmp" if name else PARTIAL_GLOB):
+        if p.is_symlink() or not _abandoned(p):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
     return removed
+
+
+def clean_partial_outputs(out: str | os.PathLike) -> None:
+    """Before writing ``out``: remove, and name, what earlier killed writes of it left beside it."""
+    out = Path(out)
+    for partial in clean_partial(out.parent, out.name):
+        print(f"Removed {partial}: left by an interrupted write of {out.name}")
 
 
 def reserve_numbered(folder: str | os.PathLike, template: str, pattern: str, start: int = 0,
@@ -183,4 +255,5 @@ def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike], fl
             raise OutputError(f"{flag} {out}: is also an input ({src}); write the result to a new file")
     if out.exists() and not overwrite:
         raise OutputError(f"{flag} {out}: exists already; choose a new name (or pass --overwrite)")
+    clean_partial_outputs(out)
     return out

@@ -26,7 +26,7 @@ from PIL import Image  # noqa: E402
 
 from ldm.cli import (add_model_flags, add_sampling_flags, check_sampling_args, check_strength,  # noqa: E402
                      guidance_conditioning, is_inpainting_config, load_model_config, load_sampling_model,
-                     pick_device, precision_context, report_samples, sampler_name, run_script)
+                     output_folder, pick_device, precision_context, report_samples, run_script, sampler_name)
 from ldm.config import ConfigError, spatial_factor  # noqa: E402
 from ldm.data.image_loading import ImageError, open_image, to_rgb, to_tensor  # noqa: E402
 from ldm.images import save_numbered_png, save_sampling_grid, to_pil  # noqa: E402
@@ -84,7 +84,7 @@ def sample(opt: argparse.Namespace) -> list[Path]:
     name = sampler_name(opt)
     sampler = make_sampler(name, model)
 
-    outpath = Path(opt.outdir)
+    outpath = output_folder(opt.outdir)
     width, height = image.size
     pixels = to_tensor(image)[None]
     latent_shape = [model.channels, height // model.vae_factor, width // model.vae_factor]

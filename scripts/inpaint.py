@@ -35,8 +35,8 @@ from PIL import Image  # noqa: E402
 
 from ldm.cli import (add_model_flags, add_sampling_flags, check_sampling_args, check_strength,  # noqa: E402
                      guidance_conditioning, is_inpainting_config, load_model_config, load_sampling_model,
-                     native_size, pick_device, precision_context, report_samples, sampler_name,
-                     run_script)
+                     native_size, output_folder, pick_device, precision_context, report_samples, run_script,
+                     sampler_name)
 from ldm.config import ConfigError, spatial_factor  # noqa: E402
 from ldm.images import save_numbered_png, save_sampling_grid, to_pil  # noqa: E402
 from ldm.img2img import denoise_part_way  # noqa: E402
@@ -105,7 +105,7 @@ def sample(opt: argparse.Namespace) -> list[Path]:
     name = sampler_name(opt)
     sampler = make_sampler(name, model)
 
-    outpath = Path(opt.outdir)
+    outpath = output_folder(opt.outdir)
     original = np.asarray(image)
     pixels, repaint = region_image(image, region), region_mask(mask, region)
     height, width = region.size

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from ldm.cli import (add_model_flags, add_sampling_flags, check_sampling_args, load_model_config,  # noqa: E402
-                     load_sampling_model, pick_device, precision_context, report_samples, sampler_name,
-                     run_script)
+                     load_sampling_model, output_folder, pick_device, precision_context, report_samples,
+                     run_script, sampler_name)
 from ldm.images import save_numbered_png, save_sampling_grid, to_pil  # noqa: E402
 from ldm.models.diffusion.samplers import check_finite, make_sampler  # noqa: E402
 
@@ -52,7 +52,7 @@ def sample(opt: argparse.Namespace) -> list[Path]:
     name = sampler_name(opt)
     sampler = make_sampler(name, model)
 
-    outpath = Path(opt.outdir)
+    outpath = output_folder(opt.outdir)
     sample_path = outpath / "samples"
     shape = [opt.C, opt.H // opt.f, opt.W // opt.f]
     # One generator for the whole run, seeded once: on CUDA it yields the same stream as the original script's

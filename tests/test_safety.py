@@ -356,3 +356,58 @@ def test_a_vae_of_another_family_is_refused(tmp_path, tiny_model, tiny_ckpt, cap
     assert len(txt2img(sample_args(tiny_ckpt, tmp_path / "ok", "--vae", str(bare)))) == 2
     assert f"Loaded VAE {bare} (its keys and shapes fit; the file does not say which model it was made for" \
         in capsys.readouterr().out
+
+
+KILLED_WRITER = """
+import sys, time
+from pathlib import Path
+from ldm.files import atomic_write
+def write(tmp):
+    Path(tmp).write_bytes(b"half a checkpoint")
+    print("writing", flush=True)
+    time.sleep(600)
+atomic_write(sys.argv[1], write)
+"""
+
+
+def killed_write(target: Path) -> Path:
+    """Start a real writer of ``target``, SIGKILL it mid-write, and return the partial file it left."""
+    child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(target)], cwd=REPO, stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout.readline() == "writing\n"
+    child.kill()
+    child.wait()
+    (partial,) = target.parent.glob(f".{target.name}.*.tmp")
+    return partial
+
+
+def test_what_a_killed_export_left_is_removed_on_the_next_one(tmp_path, tiny_ckpt, capsys):
+    out = tmp_path / "pruned.safetensors"
+    partial = killed_write(out)
+    other = killed_write(tmp_path / "another-output.ckpt")  # another output's leftovers are not this run's to judge
+    load_script("prune_ckpt").main([str(tiny_ckpt), str(out)])
+    assert not partial.exists() and other.exists() and out.is_file()
+    assert f"Removed {partial}: left by an interrupted write of pruned.safetensors" in capsys.readouterr().out
+    folder = tmp_path / "tiny-diffusers"
+    left = tmp_path / f".{folder.name}.abc123.tmp"  # what a killed conversion leaves: its half-assembled folder
+    (left / "unet").mkdir(parents=True)
+    load_script("convert_to_diffusers").main([str(tiny_ckpt), str(folder), "--config", str(TINY_INFERENCE)])
+    assert not left.exists() and (folder / "model_index.json").is_file()
+    samples = tmp_path / "out" / "samples"
+    stale = killed_write(samples / "00000.png")
+    load_script("stable_txt2img").main(sample_args(tiny_ckpt, tmp_path / "out"))
+    assert not stale.exists()
+
+
+def test_a_partial_file_a_live_writer_holds_is_left_alone(tmp_path):
+    import fcntl
+
+    from ldm.files import clean_partial
+    live = tmp_path / ".model.ckpt.x1.tmp"
+    live.write_bytes(b"being written")
+    dead = tmp_path / ".model.ckpt.x2.tmp"
+    dead.write_bytes(b"left by a kill")
+    with open(live, "rb") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # what atomic_write holds while it writes
+        assert clean_partial(tmp_path, "model.ckpt") == [dead]
+    assert live.exists() and not dead.exists()
