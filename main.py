@@ -82,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if opt.class_word:  # --class_word takes several words ("stuffed animal"): overrides after it are not words
         overrides = [w for w in opt.class_word if "=" in w] + overrides
         opt.class_word = [w for w in opt.class_word if "=" not in w] or None
-    from ldm.train import TrainOptions, run, user_errors
+    from ldm.training.run import TrainOptions, run, user_errors
     try:
         return run(TrainOptions.from_namespace(opt, overrides))
     except user_errors() as e:

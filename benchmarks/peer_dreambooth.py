@@ -38,7 +38,7 @@ class PeerStep:
         import torch
         from diffusers import DDPMScheduler
         from diffusers.optimization import get_scheduler
-        from ldm.export_diffusers import scheduler_config
+        from ldm.export.diffusers import scheduler_config
         device = model.device
         self.device, self.mixed, self.train_text_encoder = device, mixed, text_encoder
         self.unet, self.vae, self.text_encoder = convert_components(model, params)
@@ -124,7 +124,7 @@ def convert_components(model: Any, params: Mapping[str, Any]) -> tuple[Any, Any,
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel
-    from ldm.export_diffusers import _build, text_encoder_config, text_encoder_weights, unet_config, vae_config
+    from ldm.export.diffusers import _build, text_encoder_config, text_encoder_weights, unet_config, vae_config
     weights = model.state_dict()
     configs = {"unet": unet_config(params), "vae": vae_config(params)}
     unet = _build(UNet2DConditionModel, convert_ldm_unet_checkpoint(weights, configs["unet"]), torch.float32,
@@ -140,7 +140,7 @@ def convert_components(model: Any, params: Mapping[str, Any]) -> tuple[Any, Any,
 def build_tokenizer(params: Mapping[str, Any]) -> Any:
     """transformers' ``CLIPTokenizer`` from the vocabulary files our export writes (the same BPE merges as ours)."""
     from transformers import CLIPTokenizer
-    from ldm.export_diffusers import _with_defaults, tokenizer_files
+    from ldm.export.diffusers import _with_defaults, tokenizer_files
     clip = _with_defaults(params["cond_stage_config"])
     with tempfile.TemporaryDirectory() as tmp:
         for name, text in tokenizer_files(clip["bpe_path"], clip["max_length"]).items():

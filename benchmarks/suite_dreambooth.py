@@ -170,7 +170,7 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(model.device.type) if mixed == torch.float16 else None
         self.steps = 0
         self.first_loss: Optional[float] = None
-        from ldm.callbacks import ReleaseFreedMemory
+        from ldm.training.callbacks import ReleaseFreedMemory
         self.release = ReleaseFreedMemory()  # as in a training run: freed CPU memory goes back to the OS
         self.release.on_fit_start(None, model)
 
@@ -283,7 +283,7 @@ class DreamBoothSuite:
         from omegaconf import OmegaConf
         from pytorch_lightning.utilities import move_data_to_device
         from torch.utils.data import default_collate
-        from ldm.callbacks import CacheFrozenInputs
+        from ldm.training.callbacks import CacheFrozenInputs
         from ldm.util import instantiate_from_config
         variant = Variant.parse(cell["variant"])
         config = variant_config(config_path, variant)
@@ -334,8 +334,8 @@ class DreamBoothSuite:
         import gc
         from omegaconf import OmegaConf
         from benchmarks.peer_dreambooth import PeerStep
-        from ldm.export_diffusers import model_params
-        from ldm.models.diffusion.optim import ADAMW_DEFAULTS
+        from ldm.export.diffusers import model_params
+        from ldm.optim.build import ADAMW_DEFAULTS
         params = model_params(config)
         settings = {**ADAMW_DEFAULTS, **{k: v for k, v in (params.get("optimizer_config") or {}).items()
                                          if k in ADAMW_DEFAULTS}}

@@ -44,9 +44,9 @@ def is_sdxl(model_params: dict[str, Any]) -> bool:
 def diffusers_unet_config(model_params: dict[str, Any]) -> dict[str, Any]:
     """The ``UNet2DConditionModel`` config our export writes: SD v1's, or SDXL's with ``text_time``."""
     if is_sdxl(model_params):
-        from ldm.export_diffusers_sdxl import sdxl_configs
-        return sdxl_configs(model_params)["unet"]
-    from ldm.export_diffusers import unet_config
+        from ldm.families.sdxl.diffusers import pipeline_configs
+        return pipeline_configs(model_params)["unet"]
+    from ldm.export.diffusers import unet_config
     return unet_config(model_params)
 
 
@@ -65,7 +65,7 @@ def build_unet(impl: str, model_params: dict[str, Any], seed: int = 0) -> Any:
         return ours
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-    from ldm.export_diffusers import UNET
+    from ldm.export.diffusers import UNET
     config = diffusers_unet_config(model_params)
     with torch.device("meta"):
         theirs = UNet2DConditionModel(**config)
@@ -162,7 +162,7 @@ class Workload:
         import torch
         import torch.nn.functional as F
         if compiled and self.impl == "ours":
-            from ldm.models.diffusion.speed import compile_or_eager
+            from ldm.modules.speed import compile_or_eager
             if not compile_or_eager(self.unet, self.device):
                 raise RuntimeError("torch.compile cannot run here")
             self.compiled = True
@@ -272,7 +272,7 @@ class UNetSuite:
         from diffusers import DDIMScheduler, UNet2DConditionModel  # noqa: F401
         from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # noqa: F401
         from omegaconf import OmegaConf
-        from ldm.export_diffusers import model_params
+        from ldm.export.diffusers import model_params
         from ldm.models.diffusion.ddim import DDIMSampler  # noqa: F401
         params = model_params(OmegaConf.load(config))
         unet = build_unet(cell["impl"], params).to(args.device)

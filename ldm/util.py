@@ -48,9 +48,41 @@ def check_target(string: str) -> str:
     return string
 
 
+#: Modules that moved when ``ldm/`` was grouped by job: configs saved before (a run folder's ``configs/``, a
+#: config someone sent you) name them by their old path, which keeps working. Old path -> new path.
+MOVED_MODULES = {
+    "ldm.train": "ldm.training.run",
+    "ldm.callbacks": "ldm.training.callbacks",
+    "ldm.validation": "ldm.training.validation",
+    "ldm.class_images": "ldm.training.class_images",
+    "ldm.lr_scheduler": "ldm.optim.lr_scheduler",
+    "ldm.models.diffusion.optim": "ldm.optim.build",
+    "ldm.models.diffusion.per_tensor_optim": "ldm.optim.per_tensor",
+    "ldm.models.diffusion.rounding": "ldm.optim.rounding",
+    "ldm.models.diffusion.speed": "ldm.modules.speed",
+    "ldm.models.diffusion.cache": "ldm.data.cache",
+    "ldm.models.diffusion.training": "ldm.models.diffusion.dreambooth",
+    "ldm.models.diffusion.k_samplers": "ldm.sampling.k_samplers",
+    "ldm.models.diffusion.k_schedules": "ldm.sampling.k_schedules",
+    "ldm.models.diffusion.samplers": "ldm.sampling.samplers",
+    "ldm.cli": "ldm.sampling.cli",
+    "ldm.img2img": "ldm.sampling.img2img",
+    "ldm.inpaint": "ldm.sampling.inpaint",
+    "ldm.masks": "ldm.sampling.masks",
+    "ldm.checkpoint": "ldm.weights.checkpoint",
+    "ldm.vae_file": "ldm.weights.vae",
+    "ldm.lora": "ldm.weights.lora",
+    "ldm.prune": "ldm.export.prune",
+    "ldm.export_diffusers": "ldm.export.diffusers",
+    "ldm.export_diffusers_sdxl": "ldm.families.sdxl.diffusers",
+}
+
+
 def get_obj_from_str(string: str, reload: bool = False) -> Any:
-    """Resolve a dotted path such as ``ldm.models.autoencoder.AutoencoderKL`` to the object it names."""
+    """Resolve a dotted path such as ``ldm.models.autoencoder.AutoencoderKL`` to the object it names (a module's
+    path from before the layout change is read as its new one, :data:`MOVED_MODULES`)."""
     module, cls = check_target(string).rsplit(".", 1)
+    module = MOVED_MODULES.get(module, module)
     if reload:
         importlib.reload(importlib.import_module(module))
     try:
@@ -98,7 +130,7 @@ def fmt_bytes(n: float, decimal: bool = False) -> str:
 
 #: What ``main.py`` puts in the environment before torch is imported (unless already set): torch's CPU allocator
 #: places tensors of 2 MiB and more on transparent huge pages, so the large tensors a CPU run hands back to the OS
-#: after use (:class:`ldm.callbacks.ReleaseFreedMemory`) cost a page fault per 2 MiB instead of per 4 KiB.
+#: after use (:class:`ldm.training.callbacks.ReleaseFreedMemory`) cost a page fault per 2 MiB instead of per 4 KiB.
 TRAINING_ENVIRONMENT = {"THP_MEM_ALLOC_ENABLE": "1"}
 
 #: Allocations from this size up get their own pages from the OS and give them back when freed (glibc's

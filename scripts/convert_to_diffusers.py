@@ -25,12 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from ldm.checkpoint import CheckpointError  # noqa: E402
-from ldm.cli import config_for_checkpoint  # noqa: E402
 from ldm.config import ConfigError  # noqa: E402
+from ldm.export.diffusers import MissingDependency, UnsupportedModel, export_diffusers  # noqa: E402
 from ldm.families import config_family  # noqa: E402
 from ldm.files import DiskFullError  # noqa: E402
-from ldm.export_diffusers import MissingDependency, UnsupportedModel, export_diffusers  # noqa: E402
+from ldm.sampling.cli import config_for_checkpoint  # noqa: E402
+from ldm.weights.checkpoint import CheckpointError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -88,9 +88,9 @@ def evaluate_and_draw(last: Path, out: Path, seed: int) -> dict:
     """The three numbers before and after, and the figure."""
     import torch
 
+    from ldm.data import toy_world as tw
     from ldm.eval.toy import load_classifier
     from ldm.eval.toy_model import SUBJECT_PLACES, TOY_CLASSIFIER, dreambooth_scores, load_toy_model, sample
-    from ldm.data import toy_world as tw
     torch.set_num_threads(1)
     classifier = load_classifier(TOY_CLASSIFIER)
     before, after = load_toy_model(), load_toy_model(last)

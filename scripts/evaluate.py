@@ -96,11 +96,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the script; returns ``{subject: record}`` as written to OUT/metrics.json."""
     import torch
 
-    from ldm.checkpoint import CheckpointError
     from ldm.data.image_loading import ImageError
     from ldm.eval.dataset import DatasetError
     from ldm.eval.embedders import ModelFilesError
     from ldm.eval.run import EvalError
+    from ldm.weights.checkpoint import CheckpointError
 
     parser = build_parser()
     opt = parser.parse_args(argv)

@@ -24,15 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ldm.cli import (add_model_flags, add_sampling_flags, check_sampling_args, check_strength,  # noqa: E402
-                     guidance_conditioning, is_inpainting_config, load_model_config, load_sampling_model,
-                     output_folder, pick_device, precision_context, report_samples, run_script, sampler_name)
 from ldm.config import ConfigError, spatial_factor  # noqa: E402
 from ldm.data.image_loading import ImageError, open_image, to_rgb, to_tensor  # noqa: E402
 from ldm.images import save_numbered_png, save_sampling_grid, to_pil  # noqa: E402
-from ldm.img2img import denoise_part_way  # noqa: E402
-from ldm.inpaint import encode_inputs, with_concat  # noqa: E402
-from ldm.models.diffusion.samplers import check_finite, make_sampler  # noqa: E402
+from ldm.sampling.cli import (add_model_flags, add_sampling_flags, check_sampling_args, check_strength,  # noqa: E402
+                     guidance_conditioning, is_inpainting_config, load_model_config, load_sampling_model,
+                     output_folder, pick_device, precision_context, report_samples, run_script, sampler_name)
+from ldm.sampling.img2img import denoise_part_way  # noqa: E402
+from ldm.sampling.inpaint import encode_inputs, with_concat  # noqa: E402
+from ldm.sampling.samplers import check_finite, make_sampler  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,17 +33,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ldm.cli import (add_model_flags, add_sampling_flags, check_sampling_args, check_strength,  # noqa: E402
+from ldm.config import ConfigError, spatial_factor  # noqa: E402
+from ldm.images import save_numbered_png, save_sampling_grid, to_pil  # noqa: E402
+from ldm.sampling.cli import (add_model_flags, add_sampling_flags, check_sampling_args, check_strength,  # noqa: E402
                      guidance_conditioning, is_inpainting_config, load_model_config, load_sampling_model,
                      native_size, output_folder, pick_device, precision_context, report_samples, run_script,
                      sampler_name)
-from ldm.config import ConfigError, spatial_factor  # noqa: E402
-from ldm.images import save_numbered_png, save_sampling_grid, to_pil  # noqa: E402
-from ldm.img2img import denoise_part_way  # noqa: E402
-from ldm.inpaint import (composite, encode_inputs, plan_region, read_image_and_mask, region_image,  # noqa: E402
+from ldm.sampling.img2img import denoise_part_way  # noqa: E402
+from ldm.sampling.inpaint import (composite, encode_inputs, plan_region, read_image_and_mask, region_image,  # noqa: E402
                          region_mask, with_concat)
-from ldm.masks import feather  # noqa: E402
-from ldm.models.diffusion.samplers import check_finite, make_sampler  # noqa: E402
+from ldm.sampling.masks import feather  # noqa: E402
+from ldm.sampling.samplers import check_finite, make_sampler  # noqa: E402
 
 STRENGTH = {"regular": 0.75, "inpainting": 1.0}
 MAX_MASK_BLUR = 256

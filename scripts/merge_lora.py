@@ -19,9 +19,9 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from ldm.checkpoint import CheckpointError, read_checkpoint, refuse_nonfinite, save_checkpoint  # noqa: E402
 from ldm.files import DiskFullError, OutputError, check_output  # noqa: E402
-from ldm.lora import merge_lora, parse_lora_spec, read_lora  # noqa: E402
+from ldm.weights.checkpoint import CheckpointError, read_checkpoint, refuse_nonfinite, save_checkpoint  # noqa: E402
+from ldm.weights.lora import merge_lora, parse_lora_spec, read_lora  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:

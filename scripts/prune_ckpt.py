@@ -13,7 +13,7 @@ With full EMA weights in the file the UNet is written from them unless ``--no-em
 float32 (48 KB; the samplers' coefficients come from them). The family is recognised from the keys; an SDXL
 file keeps ``model.diffusion_model.*``, ``first_stage_model.*`` and ``conditioner.*`` and has no schedule buffers.
 A ``.safetensors`` output carries ``modelspec.architecture`` in its metadata. ``--report`` is SD v1 only. See
-``ldm/prune.py``.
+``ldm/export/prune.py``.
 """
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from ldm.checkpoint import CheckpointError  # noqa: E402
+from ldm.export.prune import format_size_report, full_size_report, prune_file  # noqa: E402
 from ldm.files import DiskFullError, OutputError  # noqa: E402
-from ldm.prune import format_size_report, full_size_report, prune_file  # noqa: E402
 from ldm.reference import LAYOUT_DIR  # noqa: E402
+from ldm.weights.checkpoint import CheckpointError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

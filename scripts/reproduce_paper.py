@@ -121,9 +121,9 @@ def reproduce(opt: argparse.Namespace, chosen: list, overrides: Sequence[str], e
     import torch
     from omegaconf import OmegaConf
 
-    from ldm.checkpoint import CheckpointError
     from ldm.eval.run import (Embedders, count_missing, evaluate_subjects, generate_from_checkpoint, summarize,
                               unscored, write_results)
+    from ldm.weights.checkpoint import CheckpointError
 
     work = Path(opt.workdir)
     settings = ev.sampling_settings(opt)
@@ -204,11 +204,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the protocol; returns ``{subject: record}`` as in results.json."""
     import torch
 
-    from ldm.checkpoint import CheckpointError
     from ldm.data.image_loading import ImageError
     from ldm.eval.dataset import DatasetError
     from ldm.eval.embedders import ModelFilesError
     from ldm.eval.run import EvalError
+    from ldm.weights.checkpoint import CheckpointError
 
     ev = _evaluate_script()
     parser = build_parser(ev)

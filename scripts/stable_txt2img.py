@@ -19,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from ldm.cli import (add_model_flags, add_sampling_flags, check_sampling_args, load_model_config,  # noqa: E402
+from ldm.images import save_numbered_png, save_sampling_grid, to_pil  # noqa: E402
+from ldm.sampling.cli import (add_model_flags, add_sampling_flags, check_sampling_args, load_model_config,  # noqa: E402
                      load_sampling_model, output_folder, pick_device, precision_context, report_samples,
                      run_script, sampler_name)
-from ldm.images import save_numbered_png, save_sampling_grid, to_pil  # noqa: E402
-from ldm.models.diffusion.samplers import check_finite, make_sampler  # noqa: E402
+from ldm.sampling.samplers import check_finite, make_sampler  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ result into one safetensors file with a manifest.
 1. ``scripts/make_toy_world.py``: 6000 captioned 64 px scenes from seed 0 (the data hash goes into the manifest);
 2. ``main.py --base configs/toy/autoencoder.yaml``: the first stage (our AutoencoderKL, factor 4);
 3. ``main.py --base configs/toy/ldm.yaml --vae <stage 1>``: UNet and text encoder from scratch, EMA weights;
-4. pack: the EMA weights in the SD layout (``ldm.prune``), float16, ``assets/toy/toy-ldm.safetensors``, plus
+4. pack: the EMA weights in the SD layout (``ldm.export.prune``), float16, ``assets/toy/toy-ldm.safetensors``, plus
    ``assets/toy/manifest.json`` (the exact commands, seeds, data hash, step counts, the file's sha256, and the
    toy evaluator's scores of the packed model: see ``ldm.eval.toy``), and the evaluator's classifier.
 Everything is seeded; on the same torch build the rebuild gives the same file (threads may change the last bits of
@@ -76,8 +76,8 @@ def pack(ldm_ckpt: Path, out: Path) -> Path:
     """The EMA weights of the LDM run under the model's own names, float16, as safetensors."""
     import torch
 
-    from ldm.checkpoint import read_checkpoint, save_checkpoint
-    from ldm.prune import prune_state_dict
+    from ldm.export.prune import prune_state_dict
+    from ldm.weights.checkpoint import read_checkpoint, save_checkpoint
     sd, meta = read_checkpoint(ldm_ckpt)
     pruned, used_ema = prune_state_dict(sd, dtype=torch.float16, use_ema=True)
     if not used_ema:

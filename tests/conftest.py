@@ -70,7 +70,7 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tiny_model, tmp_path_factory) -> Path:
-    from ldm.checkpoint import save_checkpoint
+    from ldm.weights.checkpoint import save_checkpoint
     path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
     return save_checkpoint(path, tiny_model.state_dict(), global_step=7)
 
@@ -83,7 +83,7 @@ def tiny_sdxl_model():
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_ckpt(tiny_sdxl_model, tmp_path_factory) -> Path:
-    from ldm.checkpoint import save_checkpoint
+    from ldm.weights.checkpoint import save_checkpoint
     path = tmp_path_factory.mktemp("ckpt-sdxl") / "tiny-sdxl.safetensors"
     return save_checkpoint(path, tiny_sdxl_model.state_dict(), global_step=7)
 

@@ -134,7 +134,7 @@ def test_unet_suite_builds_diffusers_from_the_same_config_as_diffusers_own_reade
     import torch
     from diffusers import UNet2DConditionModel
     from benchmarks.suite_unet import build_unet
-    from ldm.export_diffusers import model_params
+    from ldm.export.diffusers import model_params
     params = model_params(OmegaConf.load(REPO / "configs/stable-diffusion/tiny-inference.yaml"))
     theirs, ours = build_unet("diffusers", params).eval(), build_unet("ours", params).eval()
     assert isinstance(theirs, UNet2DConditionModel)
@@ -154,9 +154,9 @@ def test_unet_suite_builds_diffusers_from_the_same_config_as_diffusers_own_reade
 
 def test_unet_suite_takes_a_config_without_image_size() -> None:
     """diffusers' sample_size is then the latent side of the model that config builds (LatentDiffusion's
-    default), as ldm.export_diffusers.unet_config now reads it."""
+    default), as ldm.export.diffusers.unet_config now reads it."""
     from benchmarks.suite_unet import build_unet
-    from ldm.export_diffusers import model_params
+    from ldm.export.diffusers import model_params
     from ldm.util import instantiate_from_config
     config = OmegaConf.load(REPO / "configs/stable-diffusion/tiny-inference.yaml")
     del config.model.params["image_size"]

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import load_config
-from ldm.checkpoint import CheckpointError, ema_key, load_checkpoint, load_model_from_config, read_checkpoint, \
-    save_checkpoint
 from ldm.util import instantiate_from_config
+from ldm.weights.checkpoint import CheckpointError, ema_key, load_checkpoint, read_checkpoint, save_checkpoint
+from ldm.weights.load import load_model_from_config
 
 
 def fresh_tiny(use_ema=False):

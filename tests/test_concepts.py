@@ -76,8 +76,8 @@ def test_subjects_sharing_an_identifier_stop_before_loading(tmp_path, capsys):
 ])
 def test_each_concepts_entry_gets_the_flags_checks_before_any_model_loads(tmp_path, capsys, monkeypatch, second,
                                                                           problem):
-    import ldm.train
-    monkeypatch.setattr(ldm.train, "build_model", lambda *a: pytest.fail("a model was built"))
+    import ldm.training.run
+    monkeypatch.setattr(ldm.training.run, "build_model", lambda *a: pytest.fail("a model was built"))
     make_folder(tmp_path / "dog", 2)
     make_folder(tmp_path / "cat", 2, offset=9)
     (tmp_path / "empty").mkdir()
@@ -101,8 +101,8 @@ def test_each_concepts_entry_gets_the_flags_checks_before_any_model_loads(tmp_pa
      "class_images.num=-1: must be an integer >= 0"),
 ])
 def test_subject_flags_are_checked_before_any_model_loads(tmp_path, capsys, monkeypatch, flags, problem):
-    import ldm.train
-    monkeypatch.setattr(ldm.train, "build_model", lambda *a: pytest.fail("a model was built"))
+    import ldm.training.run
+    monkeypatch.setattr(ldm.training.run, "build_model", lambda *a: pytest.fail("a model was built"))
     make_folder(tmp_path / "dog", 2)
     with pytest.raises(SystemExit) as info:
         main_module.main(common(tmp_path, "--class_word", "dog", *[f.format(tmp=tmp_path) for f in flags]))
@@ -244,7 +244,7 @@ def test_masks_without_a_subject_pixel_are_named_and_all_of_them_refused(tmp_pat
 # ---- validation and the chosen checkpoint -------------------------------------------------------------------------
 
 def test_the_rule_picks_the_best_step_within_the_pres_margin():
-    from ldm.validation import choose_step
+    from ldm.training.validation import choose_step
     history = [{"step": 0, "CLIP-I": 0.5, "CLIP-T": 0.2, "PRES": 0.30},
                {"step": 10, "CLIP-I": 0.7, "CLIP-T": 0.25, "PRES": 0.32},
                {"step": 20, "CLIP-I": 0.8, "CLIP-T": 0.25, "PRES": 0.40},  # best scores, but the class drifted
@@ -263,9 +263,9 @@ def test_the_rule_picks_the_best_step_within_the_pres_margin():
 ])
 def test_validation_model_folders_are_checked_before_any_model_loads(tmp_path, capsys, monkeypatch, folders,
                                                                      problem):
-    import ldm.train
+    import ldm.training.run
     from eval_helpers import make_clip_folder, make_dino_folder
-    monkeypatch.setattr(ldm.train, "build_model", lambda *a: pytest.fail("a model was built"))
+    monkeypatch.setattr(ldm.training.run, "build_model", lambda *a: pytest.fail("a model was built"))
     make_clip_folder(tmp_path / "clip")
     make_dino_folder(tmp_path / "dino")
     (tmp_path / "empty").mkdir()
@@ -301,7 +301,7 @@ def test_validation_writes_images_metrics_and_best_checkpoint(tmp_path):
     report = (run / "metrics.md").read_text()
     assert "Recommended step: " in report and (run / "metrics.png").is_file()
     import json
-    from ldm.validation import choose_step
+    from ldm.training.validation import choose_step
     history = json.loads((run / "validation.json").read_text())
     best = choose_step(history, 1.0)
     assert f"Recommended step: {best}" in report

@@ -6,7 +6,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import REPO
-from ldm.config import _check_object, check_keys, load_configs, unread_keys
+from ldm.config import load_configs
+from ldm.training.config import _check_object, check_keys, unread_keys
 
 # Every complete training config (a model and a data section).
 TRAINING = sorted(p.relative_to(REPO / "configs").as_posix() for p in (REPO / "configs").rglob("*.yaml")
@@ -31,6 +32,17 @@ def test_every_model_section_is_read(name):
     config = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / name))
     _check_object(config["model"], "model", extra=("base_learning_rate",))
     assert unread_keys(config["model"], "model") == []
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_section_builds_on_the_meta_device(name):
+    """Each target the config names (after the package moves, through the same paths) builds its model."""
+    import torch
+
+    from ldm.util import instantiate_from_config
+    with torch.device("meta"):
+        model = instantiate_from_config(OmegaConf.load(REPO / "configs" / name).model)
+    assert sum(p.numel() for p in model.parameters()) > 0
 
 
 def test_an_original_config_key_is_noticed():

@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import REPO, TINY_CONFIG, V1_CONFIG, rel_err
-from ldm.checkpoint import ema_key, save_checkpoint
+from ldm.weights.checkpoint import ema_key, save_checkpoint
 
 import diffusers  # noqa: E402 - test-only reference, installed with .[test]
 import transformers  # noqa: E402,F401
@@ -99,7 +99,7 @@ def test_configs_agree_with_diffusers_reading_of_v1():
     """diffusers' create_*_diffusers_config_from_ldm read the same v1 YAML independently."""
     from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm, \
         create_vae_diffusers_config_from_ldm
-    from ldm.export_diffusers import model_params, text_encoder_config, unet_config, vae_config
+    from ldm.export.diffusers import model_params, text_encoder_config, unet_config, vae_config
     original = OmegaConf.to_container(OmegaConf.load(V1_CONFIG))
     params = model_params(original)
     for ours, theirs in [(unet_config(params), create_unet_diffusers_config_from_ldm(original, {})),
@@ -120,7 +120,7 @@ def test_v1_reference_layout_maps_onto_every_diffusers_tensor():
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel
     from conftest import reference_layout
-    from ldm.export_diffusers import model_params, text_encoder_config, text_encoder_weights, unet_config, \
+    from ldm.export.diffusers import model_params, text_encoder_config, text_encoder_weights, unet_config, \
         vae_config
     params = model_params(OmegaConf.to_container(OmegaConf.load(V1_CONFIG)))
     weights = {k: torch.empty(shape, device="meta") for k, (shape, _) in reference_layout().items()}

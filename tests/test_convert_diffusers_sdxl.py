@@ -128,10 +128,10 @@ def test_full_size_configs_agree_with_diffusers_reading_of_sdxl():
     """diffusers' create_*_diffusers_config_from_ldm read the full-size SDXL YAML independently."""
     from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm, \
         create_vae_diffusers_config_from_ldm
-    from ldm.export_diffusers import model_params
-    from ldm.export_diffusers_sdxl import sdxl_configs
+    from ldm.export.diffusers import model_params
+    from ldm.families.sdxl.diffusers import pipeline_configs
     original = OmegaConf.to_container(OmegaConf.load(SDXL_CONFIG))
-    configs = sdxl_configs(model_params(original))
+    configs = pipeline_configs(model_params(original))
     theirs = {"unet": create_unet_diffusers_config_from_ldm(original, {}),
               "vae": create_vae_diffusers_config_from_ldm(original, {})}
     for name in ("unet", "vae"):
@@ -153,12 +153,11 @@ def test_sdxl_reference_layout_maps_onto_every_diffusers_tensor():
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint, \
         convert_open_clip_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    from ldm.checkpoint import load_model_from_config  # noqa: F401 - the loader's module, for the meta build below
-    from ldm.export_diffusers import TEXT_MODEL, model_params, text_encoder_weights
-    from ldm.export_diffusers_sdxl import TEXT_1, TEXT_2, open_clip_text_config, sdxl_configs
+    from ldm.export.diffusers import TEXT_MODEL, model_params, text_encoder_weights
+    from ldm.families.sdxl.diffusers import TEXT_1, TEXT_2, open_clip_text_config, pipeline_configs
     from ldm.util import instantiate_from_config
     config = OmegaConf.load(SDXL_CONFIG)
-    configs = sdxl_configs(model_params(OmegaConf.to_container(config)))
+    configs = pipeline_configs(model_params(OmegaConf.to_container(config)))
     weights = {k: torch.empty(shape, device="meta") for k, (shape, _) in
                reference_layout("sdxl-base-state-dict.tsv").items()}
     with torch.device("meta"):

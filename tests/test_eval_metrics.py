@@ -17,7 +17,6 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.checkpoint import CheckpointError
 from ldm.data.image_loading import ImageError
 from ldm.eval.dataset import (DatasetError, class_prompt, parse_prompts_and_classes, prompts_for, real_images,
                               subjects)
@@ -25,6 +24,7 @@ from ldm.eval.embedders import (ALEXNET_FILE, ClipEmbedder, DinoEmbedder, Lpips,
                                 default_lin_path, dino_preprocess)
 from ldm.eval.metrics import (clip_i_score, clip_t_score, dino_score, div_score, mean_pairwise_cosine,
                               mean_pairwise_distance, pres_score, prompt_for_clip_t)
+from ldm.weights.checkpoint import CheckpointError
 
 from eval_helpers import make_clip_folder, make_dino_folder, make_lpips_files, noise_image
 

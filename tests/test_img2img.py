@@ -11,12 +11,12 @@ from PIL import Image
 from conftest import TINY_CONFIG, load_script, rel_err, seeded_tiny_model
 from image_edit_helpers import (TINY_INPAINT, TINY_SDXL, Recorder, diffusers_vae, draw_picture, one_line,  # noqa: F401
                                 pixels)
-from ldm.checkpoint import save_checkpoint
 from ldm.data.image_loading import to_tensor
 from ldm.images import to_pil
-from ldm.img2img import denoise_part_way
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.k_samplers import DPMPP2MSampler, EulerSampler
+from ldm.sampling.img2img import denoise_part_way
+from ldm.sampling.k_samplers import DPMPP2MSampler, EulerSampler
+from ldm.weights.checkpoint import save_checkpoint
 
 img2img = load_script("img2img")
 
@@ -153,7 +153,7 @@ def test_sdxl_conditions_on_the_processed_size(tmp_path, monkeypatch):
 
 
 def test_an_inpainting_checkpoint_repaints_everything(tmp_path, capsys):
-    from ldm.inpaint import encode_inputs
+    from ldm.sampling.inpaint import encode_inputs
     model = seeded_tiny_model(TINY_INPAINT)
     ckpt = save_checkpoint(tmp_path / "inpaint.ckpt", model.state_dict())
     image = draw_picture(tmp_path / "in.png", 64, 48)

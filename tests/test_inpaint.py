@@ -13,15 +13,15 @@ from conftest import (REPO, TINY_CONFIG, V1_CONFIG, load_config, load_script, re
                       seeded_tiny_model)
 from image_edit_helpers import (TINY_INPAINT, TINY_SDXL, Recorder, brute_force_feather, draw_mask,  # noqa: F401
                                 draw_picture, one_line, pixels)
-from ldm.checkpoint import save_checkpoint
-from ldm.cli import guidance_conditioning
 from ldm.data.image_loading import to_tensor
-from ldm.img2img import denoise_part_way
-from ldm.inpaint import encode_inputs, plan_region, with_concat
-from ldm.masks import feather, latent_mask
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.k_samplers import DPMPP2MSampler, EulerSampler
+from ldm.sampling.cli import guidance_conditioning
+from ldm.sampling.img2img import denoise_part_way
+from ldm.sampling.inpaint import encode_inputs, plan_region, with_concat
+from ldm.sampling.k_samplers import DPMPP2MSampler, EulerSampler
+from ldm.sampling.masks import feather, latent_mask
 from ldm.util import instantiate_from_config
+from ldm.weights.checkpoint import save_checkpoint
 
 inpaint = load_script("inpaint")
 V1_INPAINT = REPO / "configs/stable-diffusion/v1-inpainting-inference.yaml"

@@ -8,10 +8,10 @@ import torch
 
 from conftest import diffusers_unet, rel_err
 from ldm.models.diffusion.ddim import DDIMSampler, guided_eps
-from ldm.models.diffusion.k_samplers import DPMPP2MSampler, EulerSampler
-from ldm.models.diffusion.k_schedules import img2img_start_step, init_noise_sigma
 from ldm.models.diffusion.plms import PLMSSampler
-from ldm.models.diffusion.samplers import SAMPLERS, make_sampler
+from ldm.sampling.k_samplers import DPMPP2MSampler, EulerSampler
+from ldm.sampling.k_schedules import img2img_start_step, init_noise_sigma
+from ldm.sampling.samplers import SAMPLERS, make_sampler
 
 BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 STEP_COUNTS = [1, 2, 10, 25, 50]

@@ -22,8 +22,9 @@ from test_train import TINY_FT, assert_same_weights, bad_run, base_args, final_w
     metrics, run_folder
 
 import main as main_module
-from ldm.config import ConfigError, check_training_config
-from ldm.models.diffusion.rounding import stochastic_round_bf16
+from ldm.config import ConfigError
+from ldm.optim.rounding import stochastic_round_bf16
+from ldm.training.config import check_training_config
 
 FUSED = "model.params.optimizer_config.fused_backward=true"
 BF16 = "model.params.weights_dtype=bf16"
@@ -89,7 +90,7 @@ def test_fused_backward_gives_the_plain_loops_weights(tmp_path, optimizer):
 
 def test_fused_backward_frees_each_gradient_during_backward(tiny_model):
     """After backward no parameter holds a gradient (each was freed in its hook), and every weight moved."""
-    from ldm.models.diffusion.optim import build_optimizer
+    from ldm.optim.build import build_optimizer
     model = copy.deepcopy(tiny_model).train()
     params = [p for p in model.model.parameters()]
     for p in params:
@@ -116,8 +117,8 @@ def test_updating_a_large_tensor_in_chunks_is_one_update(optimizer, dtype):
     same rounding noise, drawn span by span); the remainder of 300 elements is not left as a span of its own
     (under AdamW8bit's 4096-element minimum it would get 32-bit state). The state saved by the chunked optimizer
     loads into another chunked one and continues alike."""
-    from ldm.models.diffusion.optim import ADAMW_DEFAULTS, optimizer_class
-    from ldm.models.diffusion.per_tensor_optim import PerTensorOptimizer
+    from ldm.optim.build import ADAMW_DEFAULTS, optimizer_class
+    from ldm.optim.per_tensor import PerTensorOptimizer
 
     cls = optimizer_class(optimizer)
     gen = torch.Generator().manual_seed(0)
@@ -185,7 +186,7 @@ def test_fused_backward_refuses_what_needs_all_gradients_first(tmp_path, capsys,
 
 
 def test_fused_backward_refused_on_two_devices(capsys):
-    from ldm.train import trainer_devices
+    from ldm.training.run import trainer_devices
     config = OmegaConf.merge(load_config(TINY_FT), OmegaConf.from_dotlist(
         [FUSED, "lightning.trainer.accelerator=cpu", "lightning.trainer.devices=2"]))
     with pytest.raises(ConfigError, match="before DDP has averaged its gradient"):
@@ -208,9 +209,9 @@ def test_bf16_weights_lower_the_subject_loss_as_fp32_does(fp32_and_bf16_runs):
     """30 steps, loaded into the normal (fp32) model from the checkpoint: on a fixed grid of timesteps and noises
     the bf16-weights run (fused, stochastic rounding) brings the subject loss down as far as the fp32 run,
     within a few per cent of the starting loss."""
-    from ldm.checkpoint import load_model_from_config
     from ldm.data.dreambooth import DreamBoothDataset
     from ldm.util import instantiate_from_config
+    from ldm.weights.load import load_model_from_config
     tmp, fp32_run, bf16_run = fp32_and_bf16_runs
     ds = DreamBoothDataset(tmp / "fp32" / "subject", "sks", "toy", size=64, repeats=1, flip_p=0)
     images = torch.stack([ds[i]["image"] for i in range(4)])
@@ -306,7 +307,7 @@ def test_deepspeed_offload_refuses_8bit_adam():
 def test_deepspeed_offload_optimizer_is_adamw():
     """What ZeRO-Offload steps on the CPU (DeepSpeedCPUAdam in AdamW mode, as build_optimizer makes it for an
     offloading strategy) updates as torch's AdamW does. Its C++ op is compiled on first use (minutes, once)."""
-    from ldm.models.diffusion.optim import build_optimizer
+    from ldm.optim.build import build_optimizer
     g = torch.Generator().manual_seed(0)
     start, grads = torch.randn(300, generator=g), [torch.randn(300, generator=g) for _ in range(3)]
     weights = []
@@ -411,11 +412,11 @@ def test_large_tensors_go_back_to_the_os_when_freed():
 
 def test_training_on_a_cpu_returns_freed_memory(tmp_path, monkeypatch):
     """The training run's callbacks set the threshold once and trim the heap once per optimisation step."""
-    import ldm.callbacks
+    import ldm.training.callbacks
     calls = {"threshold": 0, "trim": 0}
-    monkeypatch.setattr(ldm.callbacks, "return_large_frees_to_the_os",
+    monkeypatch.setattr(ldm.training.callbacks, "return_large_frees_to_the_os",
                         lambda: calls.__setitem__("threshold", calls["threshold"] + 1) or True)
-    monkeypatch.setattr(ldm.callbacks, "release_freed_memory",
+    monkeypatch.setattr(ldm.training.callbacks, "release_freed_memory",
                         lambda: calls.__setitem__("trim", calls["trim"] + 1) or True)
     train(tmp_path, 3)
     assert calls == {"threshold": 1, "trim": 3}

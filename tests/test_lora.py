@@ -10,8 +10,9 @@ from PIL import Image
 import main as main_module
 from conftest import REPO, TINY_CONFIG, load_config, load_script, rel_err
 from helpers import make_folder
-from ldm.checkpoint import load_model_from_config, read_checkpoint, save_checkpoint
-from ldm.lora import load_lora, merge_lora, parse_lora
+from ldm.weights.checkpoint import read_checkpoint, save_checkpoint
+from ldm.weights.load import load_model_from_config
+from ldm.weights.lora import load_lora, merge_lora, parse_lora
 
 TINY_FT = REPO / "configs/stable-diffusion/tiny-finetune.yaml"
 
@@ -88,7 +89,7 @@ def test_merged_checkpoint_equals_adapter_applied(lora_run, tiny_ckpt, tmp_path)
 
 
 def test_block_names_map_to_diffusers():
-    from ldm.lora import diffusers_path
+    from ldm.weights.lora import diffusers_path
     # SD v1 (2 layers per block): input blocks 1, 2 | 4, 5 | 7, 8 hold attentions; output blocks 3..11 do.
     assert diffusers_path("input_blocks.8.1.proj_in", 2) == "down_blocks.2.attentions.1.proj_in"
     assert diffusers_path("output_blocks.11.1.proj_out", 2) == "up_blocks.3.attentions.2.proj_out"

@@ -11,9 +11,10 @@ from PIL import Image
 import main as main_module
 from conftest import REPO, TINY_SDXL_CONFIG, load_config, load_script, rel_err
 from helpers import make_folder
-from ldm.checkpoint import load_model_from_config, read_checkpoint, save_checkpoint
-from ldm.lora import load_lora, merge_lora, parse_lora
 from ldm.modules.lora import FusedQKVLoRA
+from ldm.weights.checkpoint import read_checkpoint, save_checkpoint
+from ldm.weights.load import load_model_from_config
+from ldm.weights.lora import load_lora, merge_lora, parse_lora
 
 import diffusers  # noqa: E402 - test-only reference, installed with .[test]
 

@@ -7,10 +7,11 @@ import torch
 from PIL import Image
 
 from conftest import TINY_CONFIG, load_config, load_script
-from ldm.checkpoint import CheckpointError, ema_key, load_model_from_config, read_checkpoint
+from ldm.export.prune import prune_state_dict
 from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS
-from ldm.prune import prune_state_dict
 from ldm.util import instantiate_from_config
+from ldm.weights.checkpoint import CheckpointError, ema_key, read_checkpoint
+from ldm.weights.load import load_model_from_config
 
 
 
@@ -112,7 +113,7 @@ def test_pruned_files_sample_like_the_training_save(training_ckpt, tmp_path):
 
 def test_file_with_every_float_halved_still_loads(tiny_model, tmp_path):
     """Community fp16 prunes also halved the schedule buffers: the loader casts them back to the model's dtype."""
-    from ldm.checkpoint import save_checkpoint
+    from ldm.weights.checkpoint import save_checkpoint
     sd = {k: v.half() if v.is_floating_point() else v for k, v in tiny_model.state_dict().items()}
     model = load_model_from_config(load_config(), save_checkpoint(tmp_path / "all-half.ckpt", sd), verbose=False)
     assert model.alphas_cumprod.dtype == torch.float32

@@ -6,9 +6,10 @@ import torch
 from PIL import Image
 
 from conftest import TINY_SDXL_CONFIG, load_config, load_script
-from ldm.checkpoint import ema_key, load_model_from_config, read_checkpoint
 from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS
 from ldm.util import instantiate_from_config
+from ldm.weights.checkpoint import ema_key, read_checkpoint
+from ldm.weights.load import load_model_from_config
 
 prune_ckpt = load_script("prune_ckpt")
 txt2img = load_script("stable_txt2img")

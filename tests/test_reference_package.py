@@ -20,7 +20,7 @@ def test_size_report_from_an_installed_package(tmp_path):
     """Only the ``ldm`` package, copied elsewhere (as pip installs it): no source tree, no ../shared."""
     site = tmp_path / "site-packages"
     shutil.copytree(REPO / "ldm", site / "ldm", ignore=shutil.ignore_patterns("__pycache__"))
-    code = "from ldm.prune import full_size_report, format_size_report; print(format_size_report(full_size_report()))"
+    code = "from ldm.export.prune import full_size_report, format_size_report; print(format_size_report(full_size_report()))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                           env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -221,7 +221,7 @@ def test_reproduce_paper_two_subjects_end_to_end(tiny_ckpt, models, tmp_path, mo
         assert len(list((work / "samples" / name).glob("*/*.png"))) == 2 * 2 + 2
     # The recipe reached main.py: the run's saved config, and the run stopped at --max_steps.
     from omegaconf import OmegaConf
-    from ldm.checkpoint import read_checkpoint
+    from ldm.weights.checkpoint import read_checkpoint
     run_config = OmegaConf.load(trained["config"])
     assert run_config.model.base_learning_rate == 5e-6 and run_config.model.params.cond_stage_trainable is False
     assert run_config.data.params.class_template == "a {class_word}" and run_config.lightning.trainer.max_steps == 3

@@ -41,13 +41,13 @@ def one_line_error(capsys, argv: list[str], entry=None) -> str:
 # ---- 1. no output is ever overwritten --------------------------------------------------------------------------
 
 def test_two_runs_with_one_name_in_one_second_get_two_folders(tmp_path, monkeypatch):
-    import ldm.train
+    import ldm.training.run
 
-    class Frozen(ldm.train.datetime.datetime):
+    class Frozen(ldm.training.run.datetime.datetime):
         @classmethod
         def now(cls, tz=None):
             return cls(2026, 1, 2, 3, 4, 5)
-    monkeypatch.setattr(ldm.train.datetime, "datetime", Frozen)
+    monkeypatch.setattr(ldm.training.run.datetime, "datetime", Frozen)
     args = train_args(tmp_path, "--max_steps", "2")
     assert main_module.main(args) == 0 and main_module.main(args) == 0
     runs = sorted(p.name for p in (tmp_path / "logs").iterdir())
@@ -64,7 +64,7 @@ def test_a_run_name_cannot_reach_outside_logdir(tmp_path, capsys):
 
 
 def test_tools_refuse_to_write_over_their_inputs(tmp_path, tiny_ckpt, capsys):
-    from ldm.checkpoint import save_checkpoint
+    from ldm.weights.checkpoint import save_checkpoint
     lora = save_checkpoint(tmp_path / "l.safetensors", {"lora_unet_x.lora_down.weight": torch.zeros(1, 2),
                                                         "lora_unet_x.lora_up.weight": torch.zeros(2, 1)})
     merge = load_script("merge_lora").main
@@ -95,7 +95,7 @@ def test_evaluation_does_not_write_into_what_it_reads(tmp_path, capsys):
 # ---- 2. resume uses the newest state -----------------------------------------------------------------------------
 
 def test_resume_takes_the_newest_complete_checkpoint_and_needs_no_base_weights(tmp_path, tiny_model):
-    from ldm.checkpoint import save_checkpoint
+    from ldm.weights.checkpoint import save_checkpoint
     base = save_checkpoint(tmp_path / "base.ckpt", tiny_model.state_dict())
     args = train_args(tmp_path, "--max_steps", "8", "--actual_resume", str(base),
                       "lightning.modelcheckpoint.params.every_n_train_steps=4")
@@ -147,8 +147,8 @@ def test_class_folder_inside_the_photo_folder_is_refused_before_generating(tmp_p
     (["lightning.callbacks.image_logger.target=os.system"], "configs may only name objects in"),
 ])
 def test_out_of_range_settings_stop_before_loading(tmp_path, capsys, monkeypatch, extra, needle):
-    import ldm.train
-    monkeypatch.setattr(ldm.train, "build_model", lambda *a: pytest.fail("a model was built"))
+    import ldm.training.run
+    monkeypatch.setattr(ldm.training.run, "build_model", lambda *a: pytest.fail("a model was built"))
     assert needle in one_line_error(capsys, train_args(tmp_path, *extra))
     assert not (tmp_path / "logs").exists()
 
@@ -165,7 +165,7 @@ def test_a_copied_run_folder_cannot_import_code_on_resume(tmp_path, capsys):
     assert main_module.main(train_args(tmp_path, "--max_steps", "1")) == 0
     (run,) = (tmp_path / "logs").iterdir()
     (saved,) = (run / "configs").glob("*-project.yaml")
-    saved.write_text(saved.read_text().replace("ldm.callbacks.ImageLogger", "subprocess.Popen"))
+    saved.write_text(saved.read_text().replace("ldm.training.callbacks.ImageLogger", "subprocess.Popen"))
     assert "configs may only name objects in" in one_line_error(capsys, ["-r", str(run)])
 
 
@@ -177,7 +177,7 @@ class Evil:
 
 
 def test_unusable_checkpoints_get_one_line(tmp_path, capsys):
-    from ldm.checkpoint import CheckpointError, read_checkpoint
+    from ldm.weights.checkpoint import CheckpointError, read_checkpoint
     empty = tmp_path / "empty.ckpt"
     empty.touch()
     legacy = tmp_path / "legacy.ckpt"
@@ -197,7 +197,7 @@ def test_unusable_checkpoints_get_one_line(tmp_path, capsys):
 
 
 def test_a_lora_for_another_model_size_gets_one_line(tmp_path, tiny_ckpt, capsys):
-    from ldm.checkpoint import save_checkpoint
+    from ldm.weights.checkpoint import save_checkpoint
     # The tiny UNet's first attention to_q is 32x32; this adapter was made for a 320-wide layer (SD v1).
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     lora = save_checkpoint(tmp_path / "big.safetensors", {f"{name}.lora_down.weight": torch.zeros(4, 320),
@@ -283,7 +283,7 @@ TINY_INFERENCE = REPO / "configs/stable-diffusion/tiny-inference.yaml"
 
 def altered_checkpoint(model, path: Path, key: str, value: float) -> Path:
     """The model's weights with ``key``'s first element set to ``value`` (NaN, Inf, or a huge finite number)."""
-    from ldm.checkpoint import save_checkpoint
+    from ldm.weights.checkpoint import save_checkpoint
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     sd[key].view(-1)[0] = value
     return save_checkpoint(path, sd, global_step=3)

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from ldm.lr_scheduler import LambdaLinearScheduler
 from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS, make_beta_schedule, q_sample, register_schedule
+from ldm.optim.lr_scheduler import LambdaLinearScheduler
 
 # From ../shared/reference/README.md: float32 values at indices 0, 1, 999 of the original checkpoint buffers.
 REFERENCE = {

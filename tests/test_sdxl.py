@@ -12,8 +12,9 @@ from PIL import Image
 import main as main_module
 from conftest import REPO, load_script, TINY_CONFIG, randomize_, reference_layout
 from helpers import make_folder
-from ldm.checkpoint import CheckpointError, load_model_from_config, read_checkpoint, save_checkpoint
 from ldm.util import instantiate_from_config
+from ldm.weights.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from ldm.weights.load import load_model_from_config
 
 SDXL = REPO / "configs/stable-diffusion/sdxl-base-inference.yaml"
 TINY_SDXL = REPO / "configs/stable-diffusion/tiny-sdxl-inference.yaml"
@@ -65,8 +66,8 @@ def test_wrong_family_for_the_config_is_one_line(tiny_sdxl_file, tiny_ckpt, caps
     message = str(info.value)
     assert "\n" not in message and "Stable Diffusion XL base checkpoint" in message
     assert "configs/stable-diffusion/sdxl-base-inference.yaml" in message
-    from ldm.checkpoint import checkpoint_shapes
     from ldm.families import detect_family
+    from ldm.weights.checkpoint import checkpoint_shapes
     assert detect_family(checkpoint_shapes(tiny_sdxl_file)) == "sdxl-base"
     assert detect_family(checkpoint_shapes(tiny_ckpt)) == "sd-v1"
     # Without --config, txt2img takes the family's config: here the full-size one, which this toy file does not fit.
@@ -81,7 +82,7 @@ def test_diffusers_layout_vae_converts_to_the_original_names(tiny_sdxl, tmp_path
     """diffusers' own converter renames our VAE into its layout; ours must rename it back exactly."""
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    from ldm.vae_file import diffusers_vae_to_ldm, load_vae
+    from ldm.weights.vae import diffusers_vae_to_ldm, load_vae
     ours = {k: v for k, v in tiny_sdxl.first_stage_model.state_dict().items()}
     dd = OmegaConf.to_container(OmegaConf.load(TINY_SDXL).model.params.first_stage_config.params.ddconfig)
     levels = len(dd["ch_mult"])

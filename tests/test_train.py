@@ -16,9 +16,10 @@ from conftest import REPO, load_config
 from helpers import make_folder
 
 import main as main_module
-from ldm.checkpoint import load_model_from_config, read_checkpoint
-from ldm.util import instantiate_from_config
 from ldm.models.diffusion.losses import prior_preservation_loss
+from ldm.util import instantiate_from_config
+from ldm.weights.checkpoint import read_checkpoint
+from ldm.weights.load import load_model_from_config
 
 TINY_FT = REPO / "configs/stable-diffusion/tiny-finetune.yaml"
 
@@ -167,7 +168,7 @@ def test_gradient_accumulation_and_clipping(tmp_path):
 
 
 def test_warmup_and_cosine_schedule_closed_form():
-    from ldm.lr_scheduler import warmup_then
+    from ldm.optim.lr_scheduler import warmup_then
     f = warmup_then("cosine", warmup_steps=10, max_steps=110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)

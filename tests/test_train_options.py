@@ -12,7 +12,7 @@ from conftest import REPO
 from helpers import make_folder
 from ldm.data.dreambooth import DreamBoothDataset
 from ldm.models.diffusion.losses import min_snr_weights, offset_noise_, prior_preservation_loss
-from ldm.models.diffusion.optim import build_optimizer
+from ldm.optim.build import build_optimizer
 
 TINY_FT = REPO / "configs/stable-diffusion/tiny-finetune.yaml"
 
@@ -83,7 +83,7 @@ def test_offset_noise_reaches_the_training_target(tiny_model, monkeypatch):
     batch = {"image": torch.zeros(1, 3, 64, 64), "caption": ["a"]}
     seen = []
     from ldm.models.diffusion.losses import per_example_loss
-    monkeypatch.setattr("ldm.models.diffusion.training.per_example_loss",
+    monkeypatch.setattr("ldm.models.diffusion.dreambooth.per_example_loss",
                         lambda pred, noise, *a, **k: seen.append(noise) or per_example_loss(pred, noise, *a, **k))
     for strength in (0.0, 10.0):
         model.offset_noise = strength
@@ -101,8 +101,8 @@ def test_cached_latents_step_never_runs_the_vae(tmp_path, tiny_model, monkeypatc
                            size=64, flip_p=0.5)
     from types import SimpleNamespace
 
-    from ldm.callbacks import CacheFrozenInputs
     from ldm.data.image_loading import uint8_to_tensor
+    from ldm.training.callbacks import CacheFrozenInputs
     model.cache_latents = True
     model.cond_stage_model.requires_grad_(False)
     CacheFrozenInputs().on_fit_start(SimpleNamespace(datamodule=SimpleNamespace(train_dataset=ds)), model)

@@ -229,7 +229,7 @@ def test_the_training_command_passes_main_py_checks(roots, recipe):
     """Each recipe's command line goes through main.py's parser and the training module's checks of every
     config key and value (``prepare``: no model is loaded)."""
     import main as main_py
-    from ldm.train import TrainOptions, prepare
+    from ldm.training.run import TrainOptions, prepare
     photos = make_folder(roots.data_dir / "uploads" / "dog", 5)
     ckpt = roots.model_dir / "base.safetensors"
     ckpt.write_bytes(b"weights")
@@ -271,11 +271,11 @@ def test_generate_with_a_lora_merge_and_convert(ui, roots, tiny_model, tiny_ckpt
     import copy
     import shutil
 
-    from ldm.checkpoint import save_checkpoint
-    from ldm.lora import LoraSettings, add_lora, lora_state_dict
     from ldm.util import fmt_bytes
     from ldm.webui import generate_tab, models_tab
     from ldm.webui.tools import size_of
+    from ldm.weights.checkpoint import save_checkpoint
+    from ldm.weights.lora import LoraSettings, add_lora, lora_state_dict
     base = roots.model_dir / "tiny.ckpt"
     shutil.copy(tiny_ckpt, base)
     with_lora = copy.deepcopy(tiny_model)

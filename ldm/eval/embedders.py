@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ldm.checkpoint import CheckpointError
 from ldm.data.image_loading import to_tensor
+from ldm.weights.checkpoint import CheckpointError
 
 CLIP_REPO = "openai/clip-vit-base-patch32"
 DINO_REPO = "facebook/dino-vits16"
@@ -280,7 +280,7 @@ def default_lin_path() -> Path | None:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    # Not ldm.checkpoint.read_checkpoint: it memory-maps, which only works for zip-format files, and the lpips
+    # Not ldm.weights.checkpoint.read_checkpoint: it memory-maps, which only works for zip-format files, and the lpips
     # package's alex.pth is in the legacy pickle format. weights_only still refuses pickled code.
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)

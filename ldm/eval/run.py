@@ -25,9 +25,9 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 from PIL import Image
 
-from ldm.checkpoint import atomic_write
 from ldm.eval.dataset import Subject, class_prompt, prompts_for, real_images
 from ldm.eval.metrics import clip_i_score, clip_t_score, dino_score, div_score, pres_score, prompt_for_clip_t
+from ldm.files import atomic_write
 
 METRICS = ("DINO", "CLIP-I", "CLIP-T", "PRES", "DIV")
 BETTER = {"DINO": "↑", "CLIP-I": "↑", "CLIP-T": "↑", "PRES": "↓", "DIV": "↑"}
@@ -130,7 +130,8 @@ def generate_from_checkpoint(config: Mapping[str, Any], ckpt: str | Path, subjec
                              token: str, settings: SamplingSettings, device: str | torch.device) -> int:
     """:func:`generate_for_subject` with the model of ``config`` loaded from ``ckpt`` (only if images are missing,
     and freed afterwards, so a GPU holds one model at a time). Returns the number of images written."""
-    from ldm.checkpoint import CheckpointError, load_model_from_config
+    from ldm.weights.checkpoint import CheckpointError
+    from ldm.weights.load import load_model_from_config
 
     missing = count_missing(subject, subject_dir, token, settings)
     if not missing:

@@ -29,7 +29,7 @@ SUBJECT_PLACES = tuple(place for kind, place in tw.HELD_OUT_PAIRS if kind == "ro
 def load_toy_model(ckpt: str | Path = TOY_MODEL, config: str | Path = TOY_CONFIG) -> Any:
     from omegaconf import OmegaConf
 
-    from ldm.checkpoint import load_model_from_config
+    from ldm.weights.load import load_model_from_config
     return load_model_from_config(OmegaConf.load(config), ckpt, verbose=False)
 
 
@@ -39,7 +39,7 @@ def sample(model: Any, prompts: Sequence[str], seed: int, steps: int = 25, scale
     """Decoded images ``[N, 3, H, W]`` in [-1, 1] for ``prompts`` (``sampler`` by name: DDIM with eta 0 unless
     said otherwise; guidance ``scale``), one generator seeded once for the whole list, so the same call gives the
     same pictures."""
-    from ldm.models.diffusion.samplers import guided_images, make_sampler
+    from ldm.sampling.samplers import guided_images, make_sampler
     chosen = make_sampler(sampler, model)
     generator = torch.Generator(model.betas.device).manual_seed(seed)
     shape = (model.channels, model.image_size, model.image_size)

@@ -38,7 +38,7 @@ class AutoencoderKL(pl.LightningModule):
             and ignored.
     """
 
-    UNREAD_PARAMS = ("monitor",)  # accepted for the original configs (see ldm.config.unread_keys)
+    UNREAD_PARAMS = ("monitor",)  # accepted for the original configs (see ldm.training.config.unread_keys)
 
     def __init__(
         self,
@@ -55,7 +55,7 @@ class AutoencoderKL(pl.LightningModule):
         if ckpt_path is not None:
             raise ValueError(
                 f"AutoencoderKL(ckpt_path={ckpt_path!r}) is not supported: load the whole Stable Diffusion "
-                "checkpoint through the LatentDiffusion loader (ldm/checkpoint.py), which fills "
+                "checkpoint through the LatentDiffusion loader (ldm/weights/checkpoint.py), which fills "
                 "first_stage_model.* and reports every missing or unexpected key."
             )
         if colorize_nlabels is not None:

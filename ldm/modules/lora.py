@@ -1,6 +1,6 @@
 """A LoRA adapter (Hu et al. 2022) for a packed q/k/v projection, which peft cannot wrap: OpenCLIP's attention keeps
 q, k and v in one bare ``in_proj_weight`` parameter (``nn.MultiheadAttention``'s layout), not in ``Linear`` layers.
-``ldm.lora`` attaches it as ``MultiheadSelfAttention.in_proj_lora`` and names its parts as kohya names the separate
+``ldm.weights.lora`` attaches it as ``MultiheadSelfAttention.in_proj_lora`` and names its parts as kohya names the separate
 projections of transformers' CLIP (``self_attn_q_proj``...).
 """
 from __future__ import annotations

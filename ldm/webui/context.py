@@ -14,10 +14,10 @@ from ldm.webui.uploads import UploadError
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Refusals a handler shows as one line (the scripts' and loaders' own errors included)."""
-    from ldm.checkpoint import CheckpointError
     from ldm.config import ConfigError
     from ldm.data.image_loading import ImageError
     from ldm.files import DiskFullError, OutputError
+    from ldm.weights.checkpoint import CheckpointError
     return (PathRefused, RequestError, DeviceBusy, ToolError, UploadError, ImageError, ConfigError,
             CheckpointError, OutputError, DiskFullError)
 

@@ -11,8 +11,8 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from ldm.cli import SAMPLER_NAMES
 from ldm.config import MAX_SEED
+from ldm.sampling.cli import SAMPLER_NAMES
 from ldm.webui import tools
 from ldm.webui.context import WebUI, refusal, user_errors
 from ldm.webui.paths import inside

@@ -151,7 +151,7 @@ def txt2img(ckpt: Path, options: SampleOptions, outdir: Path, size: Optional[tup
     opt = parse_in_process(script.build_parser(), argv)
     if opt.prompt != options.prompt or opt.negative_prompt != options.negative_prompt or opt.from_file:
         raise ToolError("the prompt was not passed to stable_txt2img.py as text")  # what argv() guarantees
-    from ldm.cli import user_errors
+    from ldm.sampling.cli import user_errors
     try:
         written = script.sample(opt)
     except user_errors() as e:

@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ldm.cli import add_model_flags, add_sampling_flags  # noqa: E402
 from ldm.images import save_numbered_png  # noqa: E402
+from ldm.sampling.cli import add_model_flags, add_sampling_flags  # noqa: E402
 
 
 def main() -> None:

@@ -16,14 +16,14 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from ldm.lora import LoraSettings
-from ldm.models.diffusion.cache import LatentCache, TextCache
+from ldm.data.cache import LatentCache, TextCache
 from ldm.models.diffusion.conditioning import MicroConditioning, TextConditioning
-from ldm.models.diffusion.training import DreamBoothTraining
+from ldm.models.diffusion.dreambooth import DreamBoothTraining
 from ldm.models.diffusion.schedule import BetaSchedule, extract_into_tensor, predict_x0, q_sample, register_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.util import instantiate_from_config
+from ldm.weights.lora import LoraSettings
 
 
 def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
@@ -83,7 +83,7 @@ class LatentDiffusion(DreamBoothTraining, pl.LightningModule):
     text through ``cond_stage_config`` (SD v1: one CLIP encoder at ``cond_stage_model``) or ``conditioner_config``
     (SDXL: sgm's ``GeneralConditioner`` at ``conditioner``, two text encoders plus size/crop embeddings)."""
 
-    #: Parameters accepted only because the original configs carry them (see ``ldm.config.unread_keys``).
+    #: Parameters accepted only because the original configs carry them (see ``ldm.training.config.unread_keys``).
     UNREAD_PARAMS = ("log_every_t", "monitor")
 
     def __init__(self,
@@ -208,7 +208,7 @@ class LatentDiffusion(DreamBoothTraining, pl.LightningModule):
             self.conditioning = TextConditioning(self.cond_stage_model)
 
         if ckpt_path is not None:
-            from ldm.checkpoint import load_checkpoint  # local: the loader imports this module's names
+            from ldm.weights.checkpoint import load_checkpoint  # local: the loader imports this module's names
             load_checkpoint(self, ckpt_path)
 
     # ---- EMA -------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import torch
 from tqdm import trange
 
 from ldm.models.diffusion.ddim import guided_eps
-from ldm.models.diffusion.k_schedules import (img2img_start_step, init_noise_sigma, leading_sigmas,
+from ldm.sampling.k_schedules import (img2img_start_step, init_noise_sigma, leading_sigmas,
                                               model_karras_sigmas, model_sigmas, sigma_to_t)
 
 #: D(x; sigma) with the conditioning already bound.

@@ -7,11 +7,11 @@ is freed right after. A step then never holds more than the gradients still in f
 gradient per weight (3.4 GB for SD v1's UNet in fp32). The updates are the same as one optimizer over all tensors
 after the whole backward pass: AdamW's update of a tensor reads only that tensor's gradient and state. What needs
 every gradient before any update cannot be done this way (accumulation over batches, global-norm clipping, fp16's
-GradScaler inf check, DDP's averaging): ``ldm.config`` and ``ldm.train`` refuse those combinations.
+GradScaler inf check, DDP's averaging): ``ldm.training.config`` and ``ldm.training.run`` refuse those combinations.
 
 bf16 weights (``weights_dtype: bf16``): a tensor stored in bf16 is updated on a transient fp32 copy (the inner
 optimizer's state stays fp32, or 8-bit), and the result is rounded back stochastically
-(:mod:`ldm.models.diffusion.rounding`) with a generator seeded from (seed, step, tensor index): the same seed
+(:mod:`ldm.optim.rounding`) with a generator seeded from (seed, step, tensor index): the same seed
 gives the same weights, and every DDP rank rounds the same way.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 
-from ldm.models.diffusion.rounding import stochastic_round_bf16
+from ldm.optim.rounding import stochastic_round_bf16
 
 
 class PerTensorOptimizer(torch.optim.Optimizer):

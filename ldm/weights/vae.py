@@ -18,7 +18,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from ldm.checkpoint import CheckpointError, audit, read_checkpoint, refuse_nonfinite
+from ldm.weights.checkpoint import CheckpointError, audit, read_checkpoint, refuse_nonfinite
 
 PREFIX = "first_stage_model."
 _ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from ldm.images import save_numbered_png, to_pil
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.samplers import guided_images
+from ldm.sampling.samplers import guided_images
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".mpo")
 

@@ -9,7 +9,8 @@ layout that diffusers' ``load_lora_weights`` and the common web UIs read: ``<pre
 
 - UNet, ``lora_unet_``: SD v1 by diffusers' block names (``down_blocks_0_attentions_0_...``: sd-scripts trains v1 on
   diffusers' UNet), SDXL by the original ones (``input_blocks_4_1_...``: its SDXL UNet is sgm's); see
-  ``Family.lora_unet_names``. Reading accepts either naming for either family.
+  ``Family.lora_unet_names``. Reading accepts either naming for either family. Each family's record
+  (``ldm/families/<name>``) names its sub-models' prefixes.
 - Text encoders in transformers' CLIP naming (``text_model_encoder_layers_N_self_attn_q_proj``, ``mlp_fc1``):
   ``lora_te_`` for SD v1's, ``lora_te1_`` (CLIP ViT-L) and ``lora_te2_`` (OpenCLIP bigG) for SDXL's. bigG's
   OpenCLIP modules are renamed: packed ``attn.in_proj`` rows -> ``self_attn.{q,k,v}_proj``, ``attn.out_proj`` ->
@@ -26,6 +27,7 @@ from typing import Iterator, Literal, Mapping, Optional
 import torch
 from torch import nn
 
+from ldm.families import lora_prefixes
 from ldm.modules.encoders.open_clip import MultiheadSelfAttention
 from ldm.modules.lora import QKV, FusedQKVLoRA
 
@@ -34,9 +36,8 @@ UNET = "model.diffusion_model."
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 #: transformers' CLIP module names; ``fc1``/``fc2`` (the MLP) may be added in ``text_targets``.
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-#: state-dict prefix of each adapted sub-model -> kohya key prefix
-PREFIXES = {UNET: "lora_unet_", "cond_stage_model.transformer.": "lora_te_",
-            "conditioner.embedders.0.transformer.": "lora_te1_", "conditioner.embedders.1.model.": "lora_te2_"}
+#: state-dict prefix of each adapted sub-model -> kohya key prefix (every family's, from its record)
+PREFIXES = lora_prefixes()
 #: transformers' CLIP names of the OpenCLIP modules peft wraps (q/k/v_proj are rows of the packed in_proj)
 OPEN_CLIP_TARGETS = {"out_proj": "out_proj", "fc1": "c_fc", "fc2": "c_proj"}
 _OPEN_CLIP_TO_HF = [
@@ -362,7 +363,7 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
 
 def read_lora(spec: str) -> tuple[Path, float, dict[str, torch.Tensor]]:
     """``FILE[:STRENGTH]`` -> (file, strength, its tensors); every problem is a one-line ``CheckpointError``."""
-    from ldm.checkpoint import CheckpointError, read_checkpoint, refuse_nonfinite
+    from ldm.weights.checkpoint import CheckpointError, read_checkpoint, refuse_nonfinite
     try:
         path, strength = parse_lora_spec(spec)
     except ValueError as e:

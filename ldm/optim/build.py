@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from ldm.lr_scheduler import warmup_then
+from ldm.optim.lr_scheduler import warmup_then
 from ldm.util import instantiate_from_config
 
 #: ``optimizer_config`` keys and their defaults (besides ``name`` and ``fused_backward``).
@@ -57,7 +57,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, config: Map
     kwargs = {**ADAMW_DEFAULTS, **{k: tuple(v) if k == "betas" else v for k, v in config.items()}}
     cls = optimizer_class(name, cpu_offload)
     if fused or any(p.dtype != torch.float32 for p in params):
-        from ldm.models.diffusion.per_tensor_optim import PerTensorOptimizer
+        from ldm.optim.per_tensor import PerTensorOptimizer
         return PerTensorOptimizer(params, lr, lambda spans: cls(spans, lr=lr, **kwargs), fused=fused, seed=seed)
     return cls(params, lr=lr, **kwargs)
 

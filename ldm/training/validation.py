@@ -31,9 +31,9 @@ from typing import Any, Optional, Sequence
 import pytorch_lightning as pl
 import torch
 
-from ldm.callbacks import expand_prompts
 from ldm.files import atomic_write
 from ldm.images import make_grid, save_png, to_pil
+from ldm.training.callbacks import expand_prompts
 
 METRIC_NAMES = ("DINO", "CLIP-I", "CLIP-T", "PRES")
 DEFAULT_PROMPTS = ("a {token} {class_word} on the beach", "a {token} {class_word} in the snow",
@@ -125,7 +125,7 @@ class ValidationMetrics(pl.Callback):
         data = trainer.datamodule.train_dataset
         was_training = pl_module.training
         pl_module.eval()
-        from ldm.models.diffusion.samplers import NonFiniteSample
+        from ldm.sampling.samplers import NonFiniteSample
         try:
             record = {"step": step, **self.fixed_loss(pl_module, data)}
             images, groups = self.sample(pl_module, data)
@@ -162,7 +162,7 @@ class ValidationMetrics(pl.Callback):
     def sample(self, model: Any, data: Any) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
         """Decoded pictures per row, ``num_images`` each, every row from its own fixed seed."""
         from ldm.models.diffusion.ddim import DDIMSampler
-        from ldm.models.diffusion.samplers import guided_images
+        from ldm.sampling.samplers import guided_images
         sampler = DDIMSampler(model)
         h, w = data.targets[len(data.targets) // 2][::-1]  # the square bucket (or the fixed size)
         shape = (model.channels, h // model.vae_factor, w // model.vae_factor)
@@ -239,12 +239,12 @@ class ValidationMetrics(pl.Callback):
 def save_best(trainer: pl.Trainer, model: Any) -> list[Path]:
     """The current weights as ``checkpoints/best.ckpt`` (the original layout, as the sampling scripts read it)
     and, for a LoRA run, ``lora-best.safetensors``."""
-    from ldm.checkpoint import save_checkpoint
-    from ldm.lora import plain_keys
+    from ldm.weights.checkpoint import save_checkpoint
+    from ldm.weights.lora import plain_keys
     folder = Path(trainer.default_root_dir) / "checkpoints"
     written = [save_checkpoint(folder / "best.ckpt", plain_keys(model.state_dict()), global_step=trainer.global_step)]
     if getattr(model, "lora_settings", None):
-        from ldm.lora import lora_state_dict
+        from ldm.weights.lora import lora_state_dict
         written.append(save_checkpoint(folder / "lora-best.safetensors", lora_state_dict(model),
                                        global_step=trainer.global_step))
     print(f"Validation: step {trainer.global_step} is the best so far -> {written[0]}")

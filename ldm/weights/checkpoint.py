@@ -275,26 +275,6 @@ def _default_for(key: str, like: torch.Tensor) -> torch.Tensor:
     raise CheckpointError(f"no value for {key}")
 
 
-def load_model_from_config(config: Mapping[str, Any], ckpt: str | os.PathLike, prefer_ema: bool = True,
-                           verbose: bool = True, vae: Optional[str | os.PathLike] = None) -> nn.Module:
-    """Build ``config.model`` on the meta device and fill it from ``ckpt`` (no random init, no double copy); then
-    put in the separate VAE file ``vae`` (or the config's ``vae_path``) if there is one."""
-    from ldm.util import instantiate_from_config
-    with torch.device("meta"):
-        model = instantiate_from_config(config["model"])
-    load_checkpoint(model, ckpt, prefer_ema=prefer_ema, assign=True, verbose=verbose)
-    vae = vae or getattr(model, "vae_path", None)
-    if vae:
-        from ldm.vae_file import load_vae
-        load_vae(model.first_stage_model, vae, verbose=verbose, scale_factor=_float_or_none(model, "scale_factor"))
-    return model.eval()
-
-
-def _float_or_none(model: nn.Module, name: str) -> Optional[float]:
-    value = getattr(model, name, None)
-    return float(value) if value is not None else None
-
-
 def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],
                     global_step: Optional[int] = None, extra: Optional[Mapping[str, Any]] = None) -> Path:
     """Write ``state_dict`` atomically: ``.safetensors`` by extension, else a ``{"state_dict", "global_step"}``

@@ -9,11 +9,11 @@ The steps, each a function here (``scripts/inpaint.py`` calls them in this order
 3. ``region_image`` / ``region_mask``: the region at that size.
 4. ``encode_inputs``: the image's latents and, by model kind:
    * a regular (4-channel) checkpoint: ``keep``, the known latent cells, pasted back at every step
-     (``ldm.img2img.denoise_part_way``), so only the masked part is generated;
+     (``ldm.sampling.img2img.denoise_part_way``), so only the masked part is generated;
    * an inpainting checkpoint (9-channel UNet, ``conditioning_key: hybrid``): ``c_concat`` = [mask at latent
      resolution (1 = repaint), latent of the masked image (pixels under the mask set to 0, i.e. grey, in [-1, 1]
      terms, as diffusers' ``StableDiffusionInpaintPipeline`` does)], for both branches of guidance.
-5. ``composite``: the decoded region back in place through the feathered mask (``ldm.masks.feather``): pixels
+5. ``composite``: the decoded region back in place through the feathered mask (``ldm.sampling.masks.feather``): pixels
    farther from the mask than the feather width are the input's, bit for bit, and the result has the input's size.
 """
 from __future__ import annotations
@@ -29,8 +29,8 @@ from PIL import Image
 
 from ldm.config import ConfigError
 from ldm.data.image_loading import open_image, to_rgb, to_tensor
-from ldm.img2img import encode_images
-from ldm.masks import Box, bounding_box, expand_box, latent_mask, padded_size, processing_size, resize_mask
+from ldm.sampling.img2img import encode_images
+from ldm.sampling.masks import Box, bounding_box, expand_box, latent_mask, padded_size, processing_size, resize_mask
 
 #: How far the mask's aspect ratio may differ from the image's before it is refused rather than resized.
 ASPECT_TOLERANCE = 0.01

@@ -13,8 +13,8 @@ from typing import Any, Literal, Sequence
 import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.k_samplers import DPMPP2MSampler, EulerSampler
 from ldm.models.diffusion.plms import PLMSSampler
+from ldm.sampling.k_samplers import DPMPP2MSampler, EulerSampler
 
 SamplerName = Literal["ddim", "plms", "euler", "dpmpp_2m"]
 

@@ -21,7 +21,7 @@ class DreamBoothTraining:
 
     def add_lora(self) -> None:
         """Freeze the base weights and add the configured LoRA adapters (after the base weights are loaded)."""
-        from ldm.lora import add_lora
+        from ldm.weights.lora import add_lora
         add_lora(self, self.lora_settings)
 
     def role_latents(self, batch: Mapping[str, Any], generator: Optional[torch.Generator] = None
@@ -145,14 +145,14 @@ class DreamBoothTraining:
         checkpoint["batches_trained"] = self.batches_trained
         checkpoint["state_dict"] = self.saved_layout(checkpoint["state_dict"])
         if self.lora_settings:  # keep the original key layout; adapters ride along as extra keys
-            from ldm.lora import plain_keys
+            from ldm.weights.lora import plain_keys
             checkpoint["state_dict"] = plain_keys(checkpoint["state_dict"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_resumable(checkpoint)
         self.batches_trained = int(checkpoint.get("batches_trained", 0))
         if self.lora_settings:
-            from ldm.lora import peft_keys
+            from ldm.weights.lora import peft_keys
             checkpoint["state_dict"] = peft_keys(checkpoint["state_dict"], self.state_dict().keys())
 
     def check_resumable(self, checkpoint: Mapping[str, Any]) -> None:
@@ -160,7 +160,7 @@ class DreamBoothTraining:
         optimizer state saved with fused backward / bf16 weights switched the other way (its moments would be
         lost), or weights of another layout (LoRA adapters on one side only, another model or size). The training
         module calls this before anything is written into the run folder; Lightning's restore calls it again."""
-        from ldm.checkpoint import CheckpointError, audit, refuse_nonfinite
+        from ldm.weights.checkpoint import CheckpointError, audit, refuse_nonfinite
         states = checkpoint.get("optimizer_states") or [{}]
         per_tensor = bool(self.optimizer_config.get("fused_backward")) or self.weights_dtype == "bf16"
         if checkpoint.get("optimizer_states") and ("inner" in states[0]) != per_tensor:
@@ -170,7 +170,7 @@ class DreamBoothTraining:
         saved = checkpoint.get("state_dict") or {}
         own = {k: v.shape for k, v in self.state_dict().items()}
         if self.lora_settings:
-            from ldm.lora import peft_keys
+            from ldm.weights.lora import peft_keys
             saved = peft_keys(saved, own)
         has_lora = any("lora_" in k for k in saved)
         if has_lora != bool(self.lora_settings):
@@ -184,7 +184,7 @@ class DreamBoothTraining:
                                                       "step file, with a lower learning rate)")
 
     def configure_optimizers(self) -> dict[str, Any]:
-        from ldm.models.diffusion.optim import build_optimizer, build_scheduler
+        from ldm.optim.build import build_optimizer, build_scheduler
         if getattr(self, "_hooked_optimizer", None) is not None:  # configured again: the old hooks must go
             self._hooked_optimizer.remove_hooks()
         optimizer = build_optimizer(self.trainable_parameters(), self.learning_rate, self.optimizer_config,
@@ -213,7 +213,7 @@ class DreamBoothTraining:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.compile_unet:
-            from ldm.models.diffusion.speed import compile_or_eager
+            from ldm.modules.speed import compile_or_eager
             device = getattr(getattr(self._trainer, "strategy", None), "root_device", self.device)
             compile_or_eager(self.model.diffusion_model, device)
 

@@ -3,7 +3,7 @@
 ``main.py`` is only a command line over :func:`run`; a notebook or the web UI build a :class:`TrainOptions` and
 call the same function. The order of the work is what keeps bad input cheap and results safe:
 
-1. the configs are merged and every key and value is checked (``ldm.config.check_training_config``), the data
+1. the configs are merged and every key and value is checked (``ldm.training.config.check_training_config``), the data
    folders are checked against each other, and the weights file is found, all before any model is loaded;
 2. the model is built (on the meta device, filled from the checkpoint), class images are generated, and every
    training image is decoded and checked;
@@ -22,9 +22,9 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.config import (MAX_SEED, ConfigError, Range, apply_flags, apply_overrides, check_training_config,
-                        load_configs)
+from ldm.config import MAX_SEED, ConfigError, Range, apply_overrides, load_configs
 from ldm.files import is_within
+from ldm.training.config import apply_flags, check_training_config
 
 #: Set by rank 0 for the processes Lightning's DDP launcher starts, so that all ranks share one run folder.
 RUN_FOLDER_ENV = "LDM_RUN_FOLDER"
@@ -340,7 +340,7 @@ def trainer_devices(config: DictConfig, gpus: list[int]) -> dict[str, Any]:
 
 
 def check_lean_devices(config: DictConfig, devices: dict[str, Any], n_devices: int, strategy: str) -> None:
-    """What the lean-training switches need from this machine (ldm.config checks what the config alone decides):
+    """What the lean-training switches need from this machine (ldm.training.config checks what the config alone decides):
     fused backward on one device, in a precision without GradScaler; DeepSpeed with a CUDA GPU and deepspeed."""
     import importlib.util
 
@@ -382,13 +382,13 @@ def parse_gpus(gpus: Optional[str]) -> list[int]:
 def build_model(config: DictConfig, weights: Optional[Path]) -> Any:
     """The model of ``config.model``, filled from ``weights`` (built on the meta device: no random init of a
     billion parameters that are overwritten anyway), or with random weights when there are none."""
-    from ldm.checkpoint import load_model_from_config
     from ldm.util import instantiate_from_config
+    from ldm.weights.load import load_model_from_config
     if weights is None:
         print("No --actual_resume: training starts from random weights (pretraining, or the tiny test models)")
         model = instantiate_from_config(config.model)
         if getattr(model, "vae_path", None):  # pretraining a diffusion model on a trained first stage
-            from ldm.vae_file import load_vae
+            from ldm.weights.vae import load_vae
             load_vae(model.first_stage_model, model.vae_path)
         return model
     return load_model_from_config(config, weights)
@@ -419,7 +419,7 @@ def maybe_generate_class_images(config: DictConfig, model: Any, devices: dict[st
     """Fill every class folder up to the number of images asked for with samples of its class prompt (rank 0)."""
     import torch
 
-    from ldm.class_images import generate_class_images
+    from ldm.training.class_images import generate_class_images
     jobs = class_image_jobs(config)
     if not jobs or int(os.environ.get("LOCAL_RANK", 0)) != 0 or int(os.environ.get("NODE_RANK", 0)) != 0:
         return
@@ -460,7 +460,7 @@ def build_callbacks(config: DictConfig, run_folder: Path, now: str, resume: bool
     """Lightning callbacks (run folder, checkpoints, exports, caches, progress, the config's own) and loggers."""
     import pytorch_lightning as pl
 
-    from ldm.callbacks import CacheFrozenInputs, ExportWeights, ReleaseFreedMemory, SaveOnInterrupt, SetupCallback
+    from ldm.training.callbacks import CacheFrozenInputs, ExportWeights, ReleaseFreedMemory, SaveOnInterrupt, SetupCallback
     from ldm.util import instantiate_from_config
     ckptdir = run_folder / "checkpoints"
     checkpoint_params = OmegaConf.to_container(config.lightning.get("modelcheckpoint", {}).get("params", {}) or {},
@@ -476,7 +476,7 @@ def build_callbacks(config: DictConfig, run_folder: Path, now: str, resume: bool
     for cb in (config.lightning.get("callbacks") or {}).values():
         callbacks.append(instantiate_from_config(OmegaConf.to_container(cb, resolve=True)))
     if config.lightning.get("validation"):
-        from ldm.validation import ValidationMetrics
+        from ldm.training.validation import ValidationMetrics
         callbacks.append(ValidationMetrics(**OmegaConf.to_container(config.lightning.validation, resolve=True)))
     loggers = [pl.loggers.TensorBoardLogger(save_dir=str(run_folder), name="", version="tensorboard"),
                # Lightning's CSV logger deletes an existing metrics file, so a resumed run writes a new one.
@@ -490,7 +490,7 @@ def check_resume(model: Any, ckpt: Path) -> None:
     check reads is paged in); its one-line refusal names the file."""
     import torch
 
-    from ldm.checkpoint import CheckpointError
+    from ldm.weights.checkpoint import CheckpointError
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
     try:
         model.check_resumable(checkpoint)
@@ -524,11 +524,11 @@ def _run_folder_for(plan: Plan, options: TrainOptions) -> Path:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean bad input (or a full disk): the command line prints them as one line."""
-    from ldm.checkpoint import CheckpointError
     from ldm.data.image_loading import ImageError
     from ldm.files import DiskFullError, OutputError
-    from ldm.models.diffusion.samplers import NonFiniteSample
+    from ldm.sampling.samplers import NonFiniteSample
     from ldm.util import TargetNotAllowed
+    from ldm.weights.checkpoint import CheckpointError
     return ConfigError, CheckpointError, ImageError, TargetNotAllowed, OutputError, DiskFullError, NonFiniteSample
 
 
@@ -537,7 +537,7 @@ def run(options: TrainOptions) -> int:
     import pytorch_lightning as pl
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from ldm.callbacks import AtomicCheckpointIO
+    from ldm.training.callbacks import AtomicCheckpointIO
     from ldm.util import instantiate_from_config
     plan = prepare(options)
     config = plan.config

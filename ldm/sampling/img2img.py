@@ -29,9 +29,9 @@ from typing import Any, Optional
 import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.k_samplers import KSampler
-from ldm.models.diffusion.k_schedules import init_noise_sigma
 from ldm.models.diffusion.plms import PLMSSampler
+from ldm.sampling.k_samplers import KSampler
+from ldm.sampling.k_schedules import init_noise_sigma
 
 
 def encode_images(model: Any, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""Export a SD v1 checkpoint as a diffusers ``StableDiffusionPipeline`` folder (SDXL: ``export_diffusers_sdxl``).
+"""Export a checkpoint as a diffusers pipeline folder: the parts every family's writer shares, and
+:func:`export_diffusers`, which hands the folder to the writer of the checkpoint's family
+(``ldm/families/<package>/diffusers.py``: a ``StableDiffusionPipeline`` for SD v1, ...XLPipeline for SDXL).
 
 The diffusers configs are derived from our OmegaConf model config, so the tiny test config and v1 both work:
 the UNet and VAE weights go through diffusers' own converters (``convert_ldm_unet_checkpoint``,
@@ -19,11 +21,12 @@ from typing import Any, Callable, Collection, Mapping
 import torch
 from omegaconf import OmegaConf
 
-from ldm.checkpoint import ema_key, load_model_from_config
 from ldm.files import (DiskFullError, atomic_folder, clean_partial_outputs, default_dir_mode, default_file_mode,
                        disk_full_message, is_disk_full, is_within)
 from ldm.modules.encoders.tokenizer import END_OF_TEXT, START_OF_TEXT, build_vocab, default_bpe_path, read_merges
 from ldm.util import get_obj_from_str
+from ldm.weights.checkpoint import ema_key
+from ldm.weights.load import load_model_from_config
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -170,20 +173,6 @@ def tokenizer_files(bpe_path: str | Path | None = None, max_length: int = 77,
     }
 
 
-def model_index(inpainting: bool = False) -> dict[str, Any]:
-    """``model_index.json``: a ``StableDiffusionPipeline``, or its inpainting variant for a 9-channel UNet (so
-    ``DiffusionPipeline.from_pretrained`` builds the right pipeline)."""
-    import diffusers
-    return {
-        "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None], "image_encoder": [None, None], "safety_checker": [None, None],
-        "requires_safety_checker": False, "scheduler": ["diffusers", "PNDMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-    }
-
-
 def inference_weights(model: torch.nn.Module, prefer_ema: bool = True,
                       prefixes: tuple[str, ...] = (UNET, VAE, TEXT_MODEL)) -> dict[str, torch.Tensor]:
     """The model's UNet/VAE/text-encoder tensors (those under ``prefixes``); a model with its own EMA
@@ -283,18 +272,15 @@ def export_diffusers(config: Mapping[str, Any], ckpt: str | os.PathLike, outdir:
 
 
 def pipeline_writer(config: Mapping[str, Any]) -> tuple[Callable, Callable]:
-    """``(make_configs(params), write(folder, configs, model, dtype, safetensors, prefer_ema))`` for the family
-    ``config`` builds: SDXL's in ``ldm.export_diffusers_sdxl``, SD v1's (also the fallback) here."""
-    from ldm.families import config_family
-    if config_family(config) == "sdxl-base":
-        from ldm.export_diffusers_sdxl import sdxl_configs, write_sdxl
-        return sdxl_configs, write_sdxl
-    return sd_v1_configs, write_sd_v1
+    """``(pipeline_configs(params), write_pipeline(folder, configs, model, dtype, safetensors, prefer_ema))`` of the
+    family ``config`` builds, from its folder (``ldm/families/<package>/diffusers.py``); SD v1's for a config of no
+    known family (the tiny test models)."""
+    import importlib
 
-
-def sd_v1_configs(params: Mapping[str, Any]) -> dict[str, Any]:
-    return {"unet": unet_config(params), "vae": vae_config(params), "text": text_encoder_config(params),
-            "scheduler": scheduler_config(params), "clip": _with_defaults(params["cond_stage_config"])}
+    from ldm.families import FAMILIES, config_family
+    family = FAMILIES[config_family(config) or "sd-v1"]
+    writer = importlib.import_module(family.diffusers_module)  # a family's part, found by its record
+    return writer.pipeline_configs, writer.write_pipeline
 
 
 def write_unet_vae(folder: Path, weights: Mapping[str, torch.Tensor], configs: Mapping[str, Any],
@@ -314,19 +300,6 @@ def write_tokenizer(folder: Path, bpe_path: str | Path | None, max_length: int, 
     folder.mkdir()
     for name, text in tokenizer_files(bpe_path, max_length, pad_token).items():
         (folder / name).write_text(text, encoding="utf-8")
-
-
-def write_sd_v1(folder: Path, configs: Mapping[str, Any], model: torch.nn.Module, dtype: torch.dtype,
-                safetensors: bool, prefer_ema: bool) -> None:
-    """The components of a ``StableDiffusionPipeline`` folder."""
-    from diffusers import PNDMScheduler
-    weights = inference_weights(model, prefer_ema)
-    write_unet_vae(folder, weights, configs, dtype, safetensors)
-    write_text_encoder(weights, configs["text"], folder / "text_encoder", dtype, safetensors)
-    write_tokenizer(folder / "tokenizer", configs["clip"]["bpe_path"], configs["clip"]["max_length"])
-    PNDMScheduler.from_config(configs["scheduler"]).save_pretrained(folder / "scheduler")
-    inpainting = configs["unet"]["in_channels"] == 9
-    (folder / "model_index.json").write_text(json.dumps(model_index(inpainting), indent=2) + "\n")
 
 
 def make_public(folder: Path) -> None:

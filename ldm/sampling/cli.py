@@ -127,8 +127,8 @@ def load_model_config(opt: argparse.Namespace) -> DictConfig:
 
 def config_for_checkpoint(ckpt: str | Path) -> Path:
     """The inference config of the family ``ckpt`` belongs to (recognised from its keys and shapes)."""
-    from ldm.checkpoint import checkpoint_shapes
     from ldm.families import FAMILIES, detect_family, family_config
+    from ldm.weights.checkpoint import checkpoint_shapes
     if not Path(ckpt).exists():
         raise ConfigError(f"--ckpt {ckpt}: file not found")
     family = detect_family(checkpoint_shapes(ckpt))
@@ -189,7 +189,7 @@ def check_sampling_args(opt: argparse.Namespace, config: DictConfig, sizes: bool
     if opt.vae and not Path(opt.vae).is_file():
         raise ConfigError(f"--vae {opt.vae}: file not found")
     if opt.lora:
-        from ldm.lora import parse_lora_spec
+        from ldm.weights.lora import parse_lora_spec
         try:
             path = parse_lora_spec(opt.lora)[0]
         except ValueError as e:
@@ -224,8 +224,9 @@ def check_strength(opt: argparse.Namespace) -> None:
 
 def load_sampling_model(opt: argparse.Namespace, config: DictConfig, device: torch.device) -> Any:
     """The checkpoint's model on ``device``, with ``--lora`` applied; problems raise ``CheckpointError``."""
-    from ldm.checkpoint import CheckpointError, load_model_from_config
-    from ldm.lora import load_lora, read_lora
+    from ldm.weights.checkpoint import CheckpointError
+    from ldm.weights.load import load_model_from_config
+    from ldm.weights.lora import load_lora, read_lora
     model = load_model_from_config(config, opt.ckpt, prefer_ema=not opt.no_ema, vae=opt.vae).to(device)
     if opt.lora:
         path, strength, sd = read_lora(opt.lora)
@@ -255,11 +256,11 @@ def precision_context(device: torch.device, precision: str):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions a sampling script reports as one line (exit code 2)."""
-    from ldm.checkpoint import CheckpointError
     from ldm.data.image_loading import ImageError
     from ldm.files import DiskFullError, OutputError
-    from ldm.models.diffusion.samplers import NonFiniteSample
+    from ldm.sampling.samplers import NonFiniteSample
     from ldm.util import TargetNotAllowed
+    from ldm.weights.checkpoint import CheckpointError
     return ConfigError, CheckpointError, ImageError, TargetNotAllowed, OutputError, DiskFullError, NonFiniteSample
 
 

@@ -82,8 +82,8 @@ class CacheFrozenInputs(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not getattr(pl_module, "cache_latents", False):
             return
+        from ldm.data.cache import LatentCache, TextCache
         from ldm.data.image_loading import uint8_to_tensor
-        from ldm.models.diffusion.cache import LatentCache, TextCache
         dataset = trainer.datamodule.train_dataset
         by_role = dataset.images_by_role()
         wanted = pl_module.first_stage_key
@@ -153,7 +153,7 @@ class ImageLogger(pl.Callback):
     @torch.no_grad()
     def sample_grid(self, model: Any) -> torch.Tensor:
         from ldm.models.diffusion.ddim import DDIMSampler
-        from ldm.models.diffusion.samplers import guided_images
+        from ldm.sampling.samplers import guided_images
         prompts = [p for p in self.prompts for _ in range(self.n_per_prompt)][: self.max_images]
         latent = model.image_size
         f = model.vae_factor
@@ -184,7 +184,7 @@ class ImageLogger(pl.Callback):
             self.log_grid(trainer, pl_module, step)
 
     def log_grid(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> Optional[Path]:
-        from ldm.models.diffusion.samplers import NonFiniteSample
+        from ldm.sampling.samplers import NonFiniteSample
         try:
             grid = self.sample_grid(pl_module)
         except NonFiniteSample as e:  # said, and never saved as a black grid; the training goes on
@@ -259,15 +259,15 @@ class ExportWeights(pl.Callback):
         self.export(trainer, pl_module, "last")
 
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> list[Path]:
-        from ldm.checkpoint import save_checkpoint
+        from ldm.weights.checkpoint import save_checkpoint
         written = []
         if trainer.is_global_zero and getattr(pl_module, "lora_settings", None):
-            from ldm.lora import lora_state_dict
+            from ldm.weights.lora import lora_state_dict
             written.append(save_checkpoint(self.ckptdir / f"lora-{tag}.safetensors", lora_state_dict(pl_module),
                                            global_step=trainer.global_step))
         if trainer.is_global_zero and self.pruned:
-            from ldm.lora import plain_keys
-            from ldm.prune import prune_state_dict
+            from ldm.export.prune import prune_state_dict
+            from ldm.weights.lora import plain_keys
             sd = pl_module.state_dict()
             if hasattr(pl_module, "saved_layout"):  # bf16-stored weights are written as fp32 (or self.dtype)
                 sd = pl_module.saved_layout(sd)

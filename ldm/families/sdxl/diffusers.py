@@ -1,7 +1,7 @@
 """Export a Stable Diffusion XL base checkpoint as a diffusers ``StableDiffusionXLPipeline`` folder.
 
 The shared parts (UNet and VAE through diffusers' converters, the CLIP-L text encoder under transformers' names,
-tokenizer files, the atomic folder) are ``ldm.export_diffusers``'s. SDXL adds: the UNet's ``text_time`` added
+tokenizer files, the atomic folder) are ``ldm.export.diffusers``'s. SDXL adds: the UNet's ``text_time`` added
 conditioning (``label_emb`` -> ``add_embedding``), a VAE config with SDXL's scaling factor and
 ``force_upcast`` (the released VAE overflows in float16), the OpenCLIP bigG tower as transformers'
 ``CLIPTextModelWithProjection`` (diffusers' own ``convert_open_clip_checkpoint``: packed q/k/v split,
@@ -14,7 +14,7 @@ becomes id 0 in ``tokenizer_2`` where OpenCLIP's tokenizer (and ours) gives ``!<
 prompts with ``!`` encode slightly differently in diffusers.
 
 diffusers' pipeline takes the penultimate hidden state of both text encoders and bigG's projected pooled output,
-and embeds (original size, crop, target size) with ``addition_time_embed_dim`` channels each: ``sdxl_configs``
+and embeds (original size, crop, target size) with ``addition_time_embed_dim`` channels each: ``pipeline_configs``
 refuses (``UnsupportedModel``) a conditioner that differs from that, since the folder would then sample another
 model.
 """
@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ldm.export_diffusers import (TEXT_MODEL, UNET, VAE, UnsupportedModel, _build, _with_defaults,
+from ldm.export.diffusers import (TEXT_MODEL, UNET, VAE, UnsupportedModel, _build, _with_defaults,
                                   clip_text_config, inference_weights, save_text_model, scheduler_config,
                                   unet_config, vae_config, write_text_encoder, write_tokenizer, write_unet_vae)
 from ldm.modules.encoders.conditioner import SIZE_KEYS
@@ -49,9 +49,9 @@ def _embedder(section: Mapping[str, Any], index: int, target: str, **expected: A
     return params
 
 
-def sdxl_configs(params: Mapping[str, Any]) -> dict[str, Any]:
+def pipeline_configs(params: Mapping[str, Any]) -> dict[str, Any]:
     """The diffusers/transformers configs of an SDXL model config (the second text encoder's comes from the
-    loaded model, in ``write_sdxl``); ``UnsupportedModel`` for a conditioner diffusers' pipeline does not
+    loaded model, in ``write_pipeline``); ``UnsupportedModel`` for a conditioner diffusers' pipeline does not
     reproduce."""
     embedders = params["conditioner_config"]["params"]["emb_models"]
     if len(embedders) != 2 + len(SIZE_KEYS):
@@ -129,7 +129,7 @@ def sdxl_model_index() -> dict[str, Any]:
     }
 
 
-def write_sdxl(folder: Path, configs: Mapping[str, Any], model: torch.nn.Module, dtype: torch.dtype,
+def write_pipeline(folder: Path, configs: Mapping[str, Any], model: torch.nn.Module, dtype: torch.dtype,
                safetensors: bool, prefer_ema: bool) -> None:
     """The components of a ``StableDiffusionXLPipeline`` folder."""
     from diffusers import EulerDiscreteScheduler

@@ -13,7 +13,7 @@ Precision of a pruned half file: every floating tensor of the three sub-models i
 prune scripts of the v1 era halved those too, but they are 48 KB in all, the DDIM/PLMS coefficients are read
 from them (``alphas_cumprod``), and fp16 rounds ``alphas_cumprod`` by up to 5e-4 relative: keeping them exact
 makes the only difference between the fp32 and the fp16 file the network weights themselves. Our loader
-(``ldm.checkpoint.load_checkpoint``) casts every tensor to the model's dtype, so it reads files either way.
+(``ldm.weights.checkpoint.load_checkpoint``) casts every tensor to the model's dtype, so it reads files either way.
 """
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ from typing import Mapping, Optional
 
 import torch
 
-from ldm.checkpoint import GROUPS, CheckpointError, ema_key, guess_kind, read_checkpoint, refuse_nonfinite, \
-    save_checkpoint, select_weights
 from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS
 from ldm.reference import LAYOUT_DIR, SD_V1, SD_V1_EMA, read_layout
 from ldm.util import fmt_bytes
+from ldm.weights.checkpoint import GROUPS, CheckpointError, ema_key, guess_kind, read_checkpoint, refuse_nonfinite, \
+    save_checkpoint, select_weights
 
 UNET = "model.diffusion_model."
 #: The sub-models sampling needs, by key prefix; every other prefix (``model_ema.``...) is dropped.
@@ -42,13 +42,13 @@ GB = 1e9
 
 @dataclass(frozen=True)
 class InferenceLayout:
-    """What a family's sampling model holds: its sub-models' key prefixes, and whether the schedule buffers."""
+    """What a family's sampling model holds: its sub-models' key prefixes, and whether the schedule buffers (from
+    the family's record, ``ldm.families``)."""
     prefixes: tuple[str, ...]
     schedule: bool
 
 
 SD_V1_LAYOUT = InferenceLayout(INFERENCE_PREFIXES, schedule=True)
-SDXL_LAYOUT = InferenceLayout((UNET, "first_stage_model.", "conditioner."), schedule=False)
 
 
 #: A measured latent scale (``scale_by_std``, the toy model): kept whatever the layout.
@@ -63,16 +63,18 @@ def is_inference_key(key: str, layout: InferenceLayout = SD_V1_LAYOUT) -> bool:
 
 
 def inference_layout(sd: Mapping[str, torch.Tensor]) -> InferenceLayout:
-    """The layout to prune ``sd`` to: SDXL's for an SDXL state dict, else SD v1's (after ``check_sd_v1``);
+    """The layout to prune ``sd`` to: its family's (``Family.inference_prefixes``), SD v1's after ``check_sd_v1``;
     ``CheckpointError`` (one line, no path) when a sub-model is missing or the file is of another family."""
-    from ldm.families import detect_family
-    if detect_family({k: tuple(v.shape) for k, v in sd.items()}) != "sdxl-base":
-        check_sd_v1(sd)
+    from ldm.families import FAMILIES, detect_family
+    family = FAMILIES.get(detect_family({k: tuple(v.shape) for k, v in sd.items()}))
+    if family is None or family.inference_prefixes == INFERENCE_PREFIXES:
+        check_sd_v1(sd)  # SD v1, or a file that is not: said in one line
         return SD_V1_LAYOUT
-    absent = [GROUPS[prefix] for prefix in SDXL_LAYOUT.prefixes if not any(k.startswith(prefix) for k in sd)]
+    layout = InferenceLayout(family.inference_prefixes, family.schedule_in_file)
+    absent = [GROUPS[prefix] for prefix in layout.prefixes if not any(k.startswith(prefix) for k in sd)]
     if absent:
-        raise CheckpointError(f"a Stable Diffusion XL checkpoint without sub-models: no {', no '.join(absent)} keys")
-    return SDXL_LAYOUT
+        raise CheckpointError(f"a {family.label} checkpoint without sub-models: no {', no '.join(absent)} keys")
+    return layout
 
 
 def ema_coverage(sd: Mapping[str, torch.Tensor]) -> tuple[int, int]:

@@ -1,0 +1,42 @@
+"""The model families this project reads and writes, and what each one adds: one folder per family.
+
+A family is recognised from a checkpoint's keys and shapes (and a model config from its settings), names its
+inference config (what ``--config`` defaults to), the ``modelspec.architecture`` string saved ``.safetensors``
+files carry, the key prefixes its LoRA files use for each sub-model (sd-scripts' names), and what a pruned file
+keeps. Everything a family adds lives in ``ldm/families/<package>/``: its record (the folder's ``__init__``, here
+in the registry), and its other parts, each in the layer its file name says (``diffusers.py``: the diffusers
+export, ``ldm.export``'s layer). The generic code asks the registry and never tests a family's name.
+
+This package's records are plain data: they import nothing from the rest of ``ldm``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Optional
+
+from ldm.families import sd_v1, sdxl
+from ldm.families.base import Family, Shapes
+
+REPO = Path(__file__).resolve().parents[2]
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (*sd_v1.FAMILIES, *sdxl.FAMILIES)}
+
+
+def detect_family(shapes: Shapes) -> Optional[str]:
+    """The family of a state dict given as ``key -> shape``, or None when it is none of ours (SD 2.x, a LoRA, a
+    diffusers file...)."""
+    return next((name for name, f in FAMILIES.items() if f.matches_keys(shapes)), None)
+
+
+def family_config(name: str) -> Path:
+    return REPO / "configs" / FAMILIES[name].config
+
+
+def config_family(config: Mapping) -> Optional[str]:
+    """The family a model config builds (the same rules, applied to the config's ``model.params``)."""
+    return next((name for name, f in FAMILIES.items() if f.matches_config(config["model"]["params"])), None)
+
+
+def lora_prefixes() -> dict[str, str]:
+    """Every family's LoRA prefixes together (sub-model prefix -> sd-scripts' key prefix)."""
+    return {prefix: kohya for f in FAMILIES.values() for prefix, kohya in f.lora_prefixes.items()}
