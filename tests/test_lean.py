@@ -322,16 +322,17 @@ def test_deepspeed_offload_optimizer_is_adamw():
     assert torch.allclose(weights[0], weights[1], atol=1e-6)
 
 
-def test_compile_runs_and_keeps_the_loss(tiny_model):
-    """(Compiling the tiny UNet's forward and backward takes about 3 minutes on 2 CPU cores the first time.)
-    With a C++ compiler, model.params.compile compiles the UNet in place (the checkpoint keys keep their
-    names) and the loss is the eager one up to the compiler's reordering of float operations."""
+def test_compile_compiles_the_unet_in_place(tiny_model):
+    """With a C++ compiler, model.params.compile compiles the UNet in place: the checkpoint keys keep their names.
+    That the compiled training step computes the eager loss is tested once, against diffusers' eager UNet, by
+    tests/test_benchmark.py::test_compiled_training_step_keeps_the_loss (compiling the tiny UNet's forward and
+    backward takes minutes on 2 CPU cores the first time)."""
     compiled = copy.deepcopy(tiny_model)
     compiled.compile_unet = True
     compiled.configure_model()
     assert compiled.model.diffusion_model._compiled_call_impl is not None
+    assert tiny_model.model.diffusion_model._compiled_call_impl is None
     assert compiled.state_dict().keys() == tiny_model.state_dict().keys()
-    assert one_loss(tiny_model, compile_unet=True) == pytest.approx(one_loss(tiny_model), rel=1e-5)
 
 
 def folder_state(folder: Path) -> dict[str, bytes]:

@@ -1,0 +1,69 @@
+"""The shortened DreamBooth fine-tune of the shipped toy model and its scoring, shared by tests/test_toy_model.py and
+tests/test_toy_controls.py (two files, so that a parallel test run can take them on two workers)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import main as main_module
+from conftest import REPO
+
+TOY = REPO / "assets" / "toy"
+MANIFEST = json.loads((TOY / "manifest.json").read_text())
+STEPS = 300  # the shortened fine-tune (the demo runs the config's 400)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_judge():
+    from ldm.eval.toy import load_classifier
+    return load_classifier(TOY / MANIFEST["classifier"])
+
+
+def finetune(tmp_path: Path, *extra: str, prior: bool = True, data_root: Path = REPO / "assets/demo/subject"
+             ) -> Path:
+    from ldm.eval.toy_model import TOY_MODEL
+    args = ["--base", str(REPO / "configs/toy/dreambooth.yaml"), "-t", "--actual_resume", str(TOY_MODEL),
+            "-n", "ft", "--logdir", str(tmp_path / "logs"), "--data_root", str(data_root),
+            "--class_word", "robot", "--max_steps", str(STEPS), "--seed", "0",
+            "lightning.callbacks.image_logger.params.batch_frequency=1000", *extra]
+    if prior:
+        args += ["--reg_data_root", str(tmp_path / "class"), "--num_class_images", "32"]
+    assert main_module.main(args) == 0
+    (ckpt,) = (tmp_path / "logs").glob("*_ft/checkpoints/last.ckpt")
+    return ckpt
+
+
+def scores(ckpt, judge):
+    from ldm.eval.toy_model import dreambooth_scores, load_toy_model
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the measured numbers above were taken with one thread
+    try:
+        return dreambooth_scores(load_toy_model(ckpt) if ckpt else load_toy_model(), judge, per_place=6)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def dreambooth_effect(before: dict, after: dict) -> bool:
+    """What DreamBooth is for, in numbers: the subject appears (well above the base model), in the held-out places
+    asked for, while the bare class prompt does not turn into the subject."""
+    return (after["subject_fidelity"] > before["subject_fidelity"] + 0.04 and after["prompt_fidelity"] >= 0.4
+            and after["prior_drift"] < 0.1)
+
+
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return load_judge()
+
+
+@pytest.fixture(scope="module")
+def base_scores(judge):
+    return scores(None, judge)
