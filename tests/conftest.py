@@ -123,3 +123,14 @@ def diffusers_unet(ldm_model, config=None):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
+
+
+#: The test files that take minutes, slowest first: run first, so that a parallel run (pytest -n auto --dist
+#: loadfile) ends with short files on every worker instead of one long file on one.
+SLOW_FILES = ("test_toy_controls.py", "test_toy_model.py", "test_benchmark.py", "test_webui_browser.py",
+              "test_toy_world.py", "test_lean.py", "test_train.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: k for k, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

@@ -48,16 +48,16 @@ import pytest  # noqa: E402
 
 #: ldm/'s layers, lowest first: a module may import its own layer and those below, never one above. A family's
 #: folder (ldm/families/<name>/) holds its record (the folder's __init__) in the families layer and each other
-#: part in the layer its file name says (README, "Layout").
+#: part in the layer its name says: modules/ (networks), model.py, sampling.py, diffusers.py (README, "Layout").
 LAYERS = [
     ("core", r"ldm|ldm\.(util|files|images|config)|ldm\.reference"),
     ("families", r"ldm\.families(\.\w+)?"),
-    ("modules", r"ldm\.modules(\..+)?"),
+    ("modules", r"ldm\.modules(\..+)?|ldm\.families\.\w+\.modules(\..+)?"),
     ("data", r"ldm\.data(\..+)?"),
     ("optim", r"ldm\.optim(\..+)?"),
     ("weights", r"ldm\.weights(\..+)?"),
-    ("models", r"ldm\.models(\..+)?"),
-    ("sampling", r"ldm\.sampling(\..+)?"),
+    ("models", r"ldm\.models(\..+)?|ldm\.families\.\w+\.model"),
+    ("sampling", r"ldm\.sampling(\..+)?|ldm\.families\.\w+\.sampling"),
     ("export", r"ldm\.export(\..+)?|ldm\.families\.\w+\.diffusers"),
     ("eval", r"ldm\.eval(\..+)?"),
     ("training", r"ldm\.training(\..+)?"),
