@@ -116,6 +116,8 @@ def spatial_factor(config: DictConfig) -> int:
     """Pixels per latent cell times the UNet's total downsampling: image sides must be multiples of this, or the
     UNet's decoder cannot concatenate its skip connections (an odd side halves to a size that doubles back wrong)."""
     vae = OmegaConf.select(config, "model.params.first_stage_config.params.ddconfig.ch_mult", default=[1, 2, 4, 4])
+    if OmegaConf.select(config, "model.params.conditioning_key") == "flux":
+        return 2 ** (len(vae) - 1) * 2  # FLUX.1's transformer: one token per 2x2 patch of latents
     unet = OmegaConf.select(config, "model.params.unet_config.params.channel_mult", default=[1, 2, 4, 4])
     return 2 ** (len(vae) - 1) * 2 ** (len(unet) - 1)
 

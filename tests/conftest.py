@@ -134,3 +134,32 @@ SLOW_FILES = ("test_toy_controls.py", "test_toy_model.py", "test_benchmark.py", 
 def pytest_collection_modifyitems(config, items):
     rank = {name: k for k, name in enumerate(SLOW_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+TINY_FLUX_CONFIG = REPO / "configs/flux/tiny-flux-inference.yaml"
+
+
+@pytest.fixture(scope="session")
+def t5_tokenizer(tmp_path_factory) -> Path:
+    """A 300-piece SentencePiece model with T5's special ids (the real spiece.model is not shipped)."""
+    from helpers import train_spiece
+    return train_spiece(tmp_path_factory.mktemp("t5-tokenizer"))
+
+
+def tiny_flux_config(tokenizer: Path, config: Path = TINY_FLUX_CONFIG):
+    """The tiny FLUX config with the test tokenizer as its T5 tokenizer."""
+    cfg = load_config(config)
+    cfg.model.params.conditioner_config.params.emb_models[1].params.tokenizer_path = str(tokenizer)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_model(t5_tokenizer):
+    """The tiny FLUX model with seeded random weights everywhere (norm scales included)."""
+    from ldm.util import instantiate_from_config
+    torch.manual_seed(0)
+    model = instantiate_from_config(tiny_flux_config(t5_tokenizer).model)
+    randomize_(model.model, seed=1)
+    randomize_(model.first_stage_model, seed=2, std=0.1)
+    randomize_(model.conditioner, seed=3)
+    return model.eval()

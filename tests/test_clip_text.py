@@ -200,6 +200,9 @@ def test_pooled_layer_and_options(tokenizer: CLIPTokenizer) -> None:
         expected = reference(input_ids=tokenizer(PROMPTS[:3])).pooler_output
         got = ours.encode(PROMPTS[:3])
     assert got.shape == (3, 1, 32) and rel_err(got[:, 0], expected) < 1e-4
+    ours.layer = "pooler_output"  # FLUX.1's vector input: the same numbers, [B, width]
+    with torch.no_grad():
+        assert torch.equal(ours.encode(PROMPTS[:3]), got[:, 0])
     with pytest.raises(ValueError, match="layer_idx"):
         FrozenCLIPEmbedder(width=32, layers=2, heads=2, mlp_dim=64, layer="hidden")
     with pytest.raises(ValueError, match="layer_idx"):

@@ -92,11 +92,11 @@ def generate_for_subject(model: Any, subject: Subject, out_dir: str | Path, toke
     the same device (a batch of another size may round differently).
     """
     from ldm.images import save_png, to_pil
-    from ldm.models.diffusion.ddim import DDIMSampler
 
     out_dir, device = Path(out_dir), model.betas.device
     shape = (model.channels, settings.size // model.vae_factor, settings.size // model.vae_factor)
-    sampler, written = DDIMSampler(model), []
+    name = default_sampler(model)
+    sampler, written = make_sampler(name, model), []
     model.eval()
     with model.ema_scope(), torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
         for prompt, folder, seed, count in sample_jobs(subject, token, settings):
@@ -121,7 +121,7 @@ def generate_for_subject(model: Any, subject: Subject, out_dir: str | Path, toke
                     if paths[k].is_file():
                         continue
                     meta = {"prompt": prompt, "seed": seed, "index": k, "steps": settings.ddim_steps,
-                            "scale": settings.scale, "sampler": "ddim", "size": f"{settings.size}x{settings.size}"}
+                            "scale": settings.scale, "sampler": name, "size": f"{settings.size}x{settings.size}"}
                     written.append(save_png(to_pil(img), paths[k], meta))
     return written
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Optional
 
-from ldm.families import sd_v1, sdxl
+from ldm.families import flux, sd_v1, sdxl
 from ldm.families.base import Family, Shapes
 
 REPO = Path(__file__).resolve().parents[2]
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (*sd_v1.FAMILIES, *sdxl.FAMILIES)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (*sd_v1.FAMILIES, *sdxl.FAMILIES, *flux.FAMILIES)}
 
 
 def detect_family(shapes: Shapes) -> Optional[str]:

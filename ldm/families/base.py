@@ -27,11 +27,25 @@ class Family:
     #: What a pruned (sampling-only) file keeps: the sub-models' key prefixes, and whether the schedule buffers.
     inference_prefixes: tuple[str, ...] = ()
     schedule_in_file: bool = True
+    #: Released as separate files (FLUX.1: the transformer, ``ae``, ``t5``, ``clip``): the prefix each part's keys
+    #: take in the model, by the name of its command-line flag (``--ae``, ``--t5``, ``--clip``), and the prefix a
+    #: file of the network alone leaves out (``model.diffusion_model.``); empty for one-file families.
+    components: Mapping[str, str] = field(default_factory=dict)
+    bare_prefix: str = ""
+    #: The sampling scripts' defaults for this family, where they differ from the scripts' own (FLUX.1: steps,
+    #: ``scale`` 1 (no classifier-free guidance), the distilled ``guidance``).
+    sampling_defaults: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def diffusers_module(self) -> str:
         """The module that writes the family's diffusers pipeline folder (``pipeline_configs``, ``write_pipeline``)."""
         return f"ldm.families.{self.package}.diffusers"
+
+
+def strip_prefix(shapes: Shapes, prefix: str) -> Shapes:
+    """``shapes`` with ``prefix`` taken off the keys that have it (the others kept): a network saved alone and the
+    same network inside a whole model look alike."""
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in shapes.items()}
 
 
 def unet_in_channels(shapes: Shapes) -> int:

@@ -21,8 +21,6 @@ from ldm.util import instantiate_from_config
 
 
 class AutoencoderKL(pl.LightningModule):
-    UNREAD_PARAMS = ("monitor",)
-
     """Encoder -> ``quant_conv`` -> q(z|x); z -> ``post_quant_conv`` -> Decoder.
 
     Args:
@@ -36,6 +34,8 @@ class AutoencoderKL(pl.LightningModule):
         colorize_nlabels: segmentation-map first stages only; not supported.
         monitor: the metric name the original logged for checkpointing; accepted (original configs carry it)
             and ignored.
+        use_quant_conv: False for autoencoders without the two 1x1 convolutions (FLUX.1's ``ae.safetensors``:
+            16 latent channels straight from the encoder); ``embed_dim`` must then equal ``z_channels``.
     """
 
     UNREAD_PARAMS = ("monitor",)  # accepted for the original configs (see ldm.training.config.unread_keys)
@@ -50,6 +50,7 @@ class AutoencoderKL(pl.LightningModule):
         image_key: str = "image",
         colorize_nlabels: int | None = None,
         monitor: str | None = None,
+        use_quant_conv: bool = True,
     ) -> None:
         super().__init__()
         if ckpt_path is not None:
@@ -77,8 +78,11 @@ class AutoencoderKL(pl.LightningModule):
             )
         self.learning_rate = 4.5e-6  # training: main.py sets model.base_learning_rate (scaled) here
         z_channels = ddconfig["z_channels"]
-        self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, kernel_size=1)
-        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, kernel_size=1)
+        if not use_quant_conv and embed_dim != z_channels:
+            raise ValueError(f"AutoencoderKL(use_quant_conv=False) needs embed_dim == ddconfig.z_channels "
+                             f"({embed_dim} != {z_channels}): nothing maps one onto the other")
+        self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, kernel_size=1) if use_quant_conv else nn.Identity()
+        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, kernel_size=1) if use_quant_conv else nn.Identity()
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """Image in [-1, 1], (B, 3, H, W) -> q(z|x) over (B, embed_dim, H/f, W/f)."""

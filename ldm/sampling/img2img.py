@@ -10,6 +10,8 @@
 * Euler and DPM++ 2M, as diffusers' img2img pipelines: the last ``int(S * strength)`` steps of the S-step
   schedule, from ``x0 + sigmas[start] * noise`` (``KSampler.start_sigma`` / ``denoise_from``).
 * PLMS cannot start part-way (nor could the original's): only strength 1.
+* Flow Euler (FLUX.1), as diffusers' FLUX img2img pipeline: the steps from ``int(S - S * strength)`` on, from
+  ``t noise + (1 - t) x0`` at that step's time t (``FlowEulerSampler.start`` / ``noised``).
 
 Strength 0 (or any strength that leaves no whole step) returns the encoded latent unchanged. At strength 1 the
 k-samplers start from pure noise and run all S steps, as txt2img does; so does DDIM wherever ``t_enc`` reaches the
@@ -19,8 +21,9 @@ see ``make_ddim_timesteps``) ``t_enc = S`` stays inside it and the original's be
 
 With ``keep`` (a ``[1, 1, h, w]`` latent mask, 1 = known) the known region is put back after every step: the
 original DDIMSampler's ``mask``/``x0`` (before each DDIM step, x0 noised to that step), or, for the k-samplers,
-``x0 + sigma_next * noise`` with the starting noise (diffusers' inpainting pipeline for 4-channel models). After
-the last step the known region is ``x0`` exactly.
+``x0 + sigma_next * noise`` with the starting noise (diffusers' inpainting pipeline for 4-channel models), for flow
+Euler ``t_next noise + (1 - t_next) x0`` (diffusers' FLUX inpainting pipeline). After the last step the known
+region is ``x0`` exactly.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
+from ldm.sampling.flow import FlowEulerSampler
 from ldm.sampling.k_samplers import KSampler
 from ldm.sampling.k_schedules import init_noise_sigma
 
@@ -48,6 +52,8 @@ def steps_run(sampler: Any, steps: int, strength: float) -> int:
     """How many of the ``steps`` are run at ``strength`` (0: the encoded image comes back unchanged)."""
     if isinstance(sampler, KSampler):
         return min(int(steps * strength), steps)
+    if isinstance(sampler, FlowEulerSampler):
+        return steps - sampler.start(steps, strength)
     return steps if isinstance(sampler, PLMSSampler) and strength == 1 else ddim_start(steps, strength)
 
 
@@ -66,6 +72,8 @@ def denoise_part_way(sampler: Any, x0: torch.Tensor, steps: int, strength: float
         return x0  # strength 0: nothing to denoise, so the encoded latent itself (the input up to the VAE)
     if isinstance(sampler, KSampler):
         out = _k_sampler(sampler, x0, steps, strength, cond, uncond, scale, noise, keep, disable_progress)
+    elif isinstance(sampler, FlowEulerSampler):
+        out = _flow(sampler, x0, steps, strength, cond, uncond, scale, noise, keep, disable_progress)
     elif isinstance(sampler, PLMSSampler):
         out, _ = sampler.sample(steps, x0.shape[0], x0.shape[1:], cond, unconditional_guidance_scale=scale,
                                 unconditional_conditioning=uncond, x_T=noise, generator=generator, verbose=False,
@@ -95,3 +103,14 @@ def _k_sampler(sampler: KSampler, x0: torch.Tensor, steps: int, strength: float,
     out, _ = sampler.denoise_from(x, steps, start, cond, scale, uncond, callback=None if keep is None else paste,
                                   disable_progress=disable_progress)
     return out
+
+
+def _flow(sampler: FlowEulerSampler, x0: torch.Tensor, steps: int, strength: float, cond: Any, uncond: Any,
+          scale: float, noise: torch.Tensor, keep: Optional[torch.Tensor], disable_progress: bool) -> torch.Tensor:
+    start = sampler.start(steps, strength)
+
+    def paste(i: int, x: torch.Tensor, t_next: float) -> torch.Tensor:
+        return keep * (t_next * noise + (1 - t_next) * x0) + (1 - keep) * x
+
+    return sampler.denoise_from(sampler.noised(x0, noise, steps, start), steps, start, cond, scale, uncond,
+                                callback=None if keep is None else paste, disable_progress=disable_progress)

@@ -14,12 +14,15 @@ import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
+from ldm.sampling.flow import FlowEulerSampler
 from ldm.sampling.k_samplers import DPMPP2MSampler, EulerSampler
 
-SamplerName = Literal["ddim", "plms", "euler", "dpmpp_2m"]
+SamplerName = Literal["ddim", "plms", "euler", "dpmpp_2m", "flow_euler"]
 
 SAMPLERS: dict[str, type] = {"ddim": DDIMSampler, "plms": PLMSSampler, "euler": EulerSampler,
-                             "dpmpp_2m": DPMPP2MSampler}
+                             "dpmpp_2m": DPMPP2MSampler, "flow_euler": FlowEulerSampler}
+#: The samplers of each parameterization (``LatentDiffusion.parameterization``): the first is the default.
+FOR_PARAMETERIZATION = {"eps": ("ddim", "plms", "euler", "dpmpp_2m"), "flow": ("flow_euler",)}
 
 
 class NonFiniteSample(ValueError):
@@ -41,16 +44,28 @@ def make_sampler(name: SamplerName, model: Any) -> Any:
     """The sampler called ``name`` for ``model`` (anything with ``apply_model`` and ``alphas_cumprod``)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r} (expected one of {', '.join(SAMPLERS)})")
+    fits = FOR_PARAMETERIZATION[getattr(model, "parameterization", "eps")]
+    if name not in fits:
+        raise ValueError(f"sampler {name!r} cannot sample this model (it predicts "
+                         f"{getattr(model, 'parameterization', 'eps')}): use {', '.join(fits)}")
     return SAMPLERS[name](model)
+
+
+def default_sampler(model: Any) -> str:
+    return FOR_PARAMETERIZATION[getattr(model, "parameterization", "eps")][0]
 
 
 def guided_images(model: Any, sampler: Any, prompts: Sequence[str], shape: Sequence[int], steps: int, scale: float,
                   generator: torch.Generator, sizes: Any = None) -> torch.Tensor:
     """``prompts`` sampled with classifier-free guidance against the empty prompt (``scale``), ``steps`` steps of
     ``sampler`` from noise drawn with ``generator``, then decoded: ``[N, 3, H, W]`` float in [-1, 1] on the CPU.
-    ``sizes``: SDXL's size inputs (``model.default_sizes``); None for the model's native ones."""
+    ``sizes``: SDXL's size inputs (``model.default_sizes``); None for the model's native ones. A guidance-distilled
+    model (FLUX.1-dev) takes ``scale`` as its guidance input and runs one pass per step, no unconditional branch."""
     c = model.get_learned_conditioning(list(prompts), sizes)
-    uc = model.get_unconditional_conditioning(len(prompts) * [""], sizes)
+    if getattr(model, "guidance_distilled", False):
+        c, uc, scale = model.with_guidance(c, scale), None, 1.0
+    else:
+        uc = model.get_unconditional_conditioning(len(prompts) * [""], sizes)
     z, _ = sampler.sample(steps, len(prompts), shape, conditioning=c, unconditional_conditioning=uc,
                           unconditional_guidance_scale=scale, generator=generator, verbose=False,
                           disable_progress=True)

@@ -152,8 +152,7 @@ class ImageLogger(pl.Callback):
 
     @torch.no_grad()
     def sample_grid(self, model: Any) -> torch.Tensor:
-        from ldm.models.diffusion.ddim import DDIMSampler
-        from ldm.sampling.samplers import guided_images
+        from ldm.sampling.samplers import default_sampler, guided_images, make_sampler
         prompts = [p for p in self.prompts for _ in range(self.n_per_prompt)][: self.max_images]
         latent = model.image_size
         f = model.vae_factor
@@ -164,8 +163,8 @@ class ImageLogger(pl.Callback):
         try:
             with model.ema_scope():
                 sizes = model.default_sizes(len(prompts), self.height, self.width)
-                images = guided_images(model, DDIMSampler(model), prompts, shape, self.ddim_steps, self.scale,
-                                       generator, sizes)
+                sampler = make_sampler(default_sampler(model), model)
+                images = guided_images(model, sampler, prompts, shape, self.ddim_steps, self.scale, generator, sizes)
         finally:
             model.train(was_training)
         return make_grid(images, nrow=self.n_per_prompt, pad_value=-1.0)

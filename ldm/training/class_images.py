@@ -8,8 +8,7 @@ import torch
 from tqdm import tqdm
 
 from ldm.images import save_numbered_png, to_pil
-from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.sampling.samplers import guided_images
+from ldm.sampling.samplers import default_sampler, guided_images, make_sampler
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".mpo")
 
@@ -31,7 +30,7 @@ def generate_class_images(model, folder: str | Path, prompt: str, num: int, size
     folder.mkdir(parents=True, exist_ok=True)
     print(f"Generating {missing} class images for {prompt!r} into {folder} ({ddim_steps} DDIM steps, "
           f"scale {scale})")
-    sampler = DDIMSampler(model)
+    sampler = make_sampler(default_sampler(model), model)
     generator = torch.Generator(model.device).manual_seed(seed + count_images(folder))
     shape = (model.channels, size // model.vae_factor, size // model.vae_factor)
     written = []

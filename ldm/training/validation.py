@@ -161,9 +161,8 @@ class ValidationMetrics(pl.Callback):
     @torch.no_grad()
     def sample(self, model: Any, data: Any) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
         """Decoded pictures per row, ``num_images`` each, every row from its own fixed seed."""
-        from ldm.models.diffusion.ddim import DDIMSampler
-        from ldm.sampling.samplers import guided_images
-        sampler = DDIMSampler(model)
+        from ldm.sampling.samplers import default_sampler, guided_images, make_sampler
+        sampler = make_sampler(default_sampler(model), model)
         h, w = data.targets[len(data.targets) // 2][::-1]  # the square bucket (or the fixed size)
         shape = (model.channels, h // model.vae_factor, w // model.vae_factor)
         rows, images = self.prompts_for(data), {}
@@ -192,11 +191,13 @@ class ValidationMetrics(pl.Callback):
                 x = uint8_to_tensor(images[k])[None].to(model.device)
                 z = model.get_first_stage_encoding(model.encode_first_stage(x).mode())
                 c = model.conditioning.condition(model.encode_text([captions[k]]), model.default_sizes(1, *x.shape[-2:]))
+                c = model.with_guidance(c, model.train_guidance)
                 g = torch.Generator(model.device).manual_seed(self.seed + 1000 + k)
-                for t_value in torch.linspace(50, model.num_timesteps - 50, self.loss_timesteps).long().tolist():
-                    t = torch.full((1,), t_value, device=model.device, dtype=torch.long)
+                objective = model.objective
+                for t in objective.fixed_timesteps(model, self.loss_timesteps, model.device).split(1):
                     noise = torch.randn(z.shape, generator=g, device=z.device, dtype=z.dtype)
-                    losses.append(float(per_example_loss(model.apply_model(model.q_sample(z, t, noise), t, c), noise)))
+                    pred = model.apply_model(objective.noised(model, z, t, noise), t, c)
+                    losses.append(float(per_example_loss(pred, objective.target(z, noise))))
             out[f"loss_{name}_fixed"] = sum(losses) / len(losses)
         return out
 

@@ -21,7 +21,9 @@ def _keys(shapes) -> bool:
 
 
 def _config(params) -> bool:
-    return "conditioner_config" in params and params["unet_config"]["params"].get("in_channels", 4) == 4
+    unet = params["unet_config"]
+    return "conditioner_config" in params and str(unet["target"]).endswith("UNetModel") and \
+        unet.get("params", {}).get("in_channels", 4) == 4
 
 
 FAMILIES = (

@@ -48,15 +48,17 @@ class TextConditioning:
 
 
 class MicroConditioning:
-    """SDXL (Podell et al. 2023, sec. 2.2): two text encoders' hidden states concatenated for cross-attention,
-    and a vector of the pooled text embedding plus embeddings of the original size, the crop's top-left corner and
-    the target size, added to the UNet's timestep embedding (``y``).
+    """sgm's conditioner (``GeneralConditioner``): its embedders' sequence outputs concatenated for the network's
+    tokens (``c_crossattn``) and their vectors for ``y``. SDXL (Podell et al. 2023, sec. 2.2): two text encoders'
+    hidden states for cross-attention, and a vector of the pooled text embedding plus embeddings of the original
+    size, the crop's top-left corner and the target size; FLUX.1: T5's tokens and CLIP's pooled vector.
 
-    With an empty negative prompt the text parts of the unconditional input are zeros, as diffusers' SDXL
-    pipeline does for the base model (``force_zeros_for_empty_prompt``); the size parts stay real."""
+    With an empty negative prompt the text parts of the unconditional input are zeros when the conditioner says so
+    (``zero_empty_prompt``: SDXL base, as diffusers' ``force_zeros_for_empty_prompt``); the size parts stay real."""
 
     def __init__(self, conditioner: GeneralConditioner):
         self.module = conditioner
+        self.size_keys = [k for k in SIZE_KEYS if any(k in e.input_keys for e in conditioner.embedders)]
 
     def text_encoders(self) -> dict[str, nn.Module]:
         """State-dict prefix -> transformer of each text embedder (CLIP-L's ``transformer``, bigG's ``model``)."""
@@ -71,18 +73,18 @@ class MicroConditioning:
         return self.module.embed_text(prompts)
 
     def condition(self, text: list, sizes: Optional[Sizes] = None) -> dict[str, Any]:
-        if sizes is None:
+        if sizes is None and self.size_keys:
             raise ValueError("an SDXL model needs the image size and crop (original_size_as_tuple, ...)")
-        out = self.module({k: sizes[k] for k in SIZE_KEYS}, precomputed=text)
+        out = self.module({k: sizes[k] for k in self.size_keys}, precomputed=text)
         return {"c_crossattn": [out["crossattn"]], "y": out["vector"]}
 
     def learned(self, text: list, sizes: Optional[Sizes] = None) -> dict[str, Any]:
         return self.condition(text, sizes)
 
     def unconditional(self, negatives: Sequence[str], sizes: Optional[Sizes] = None) -> dict[str, Any]:
-        if any(negatives):
+        if any(negatives) or not self.module.zero_empty_prompt:
             return self.condition(self.text(negatives), sizes)
-        batch = {TEXT_KEY: list(negatives), **{k: sizes[k] for k in SIZE_KEYS}}
+        batch = {TEXT_KEY: list(negatives), **{k: sizes[k] for k in self.size_keys}}
         out = self.module(batch, force_zero_embeddings=[TEXT_KEY])
         return {"c_crossattn": [out["crossattn"]], "y": out["vector"]}
 

@@ -19,6 +19,7 @@ from torch import nn
 from ldm.data.cache import LatentCache, TextCache
 from ldm.models.diffusion.conditioning import MicroConditioning, TextConditioning
 from ldm.models.diffusion.dreambooth import DreamBoothTraining
+from ldm.models.diffusion.objectives import EpsObjective, FlowObjective, TimestepSampling
 from ldm.models.diffusion.schedule import BetaSchedule, extract_into_tensor, predict_x0, q_sample, register_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -58,17 +59,22 @@ class DiffusionWrapper(nn.Module):
 
     ``conditioning_key``: ``crossattn`` (SD v1, SDXL) cross-attends to ``c_crossattn``; ``hybrid`` (inpainting
     models) also concatenates ``c_concat`` (mask and masked-image latent) to the input channels. A vector ``y``
-    (SDXL's pooled text and size embeddings) goes to the UNet's label embedding whenever it is given."""
+    (SDXL's pooled text and size embeddings) goes to the UNet's label embedding whenever it is given. ``flux``:
+    the network is FLUX.1's transformer, which takes the text tokens, the pooled vector and (dev) the guidance
+    strength, and returns the flow's velocity (``Flux.velocity``)."""
 
     def __init__(self, diff_model_config: Mapping[str, Any], conditioning_key: Optional[str]):
         super().__init__()
-        if conditioning_key not in ("crossattn", "hybrid", None):
-            raise NotImplementedError(f"conditioning_key {conditioning_key!r}: expected crossattn or hybrid")
+        if conditioning_key not in ("crossattn", "hybrid", "flux", None):
+            raise NotImplementedError(f"conditioning_key {conditioning_key!r}: expected crossattn, hybrid or flux")
         self.diffusion_model = instantiate_from_config(diff_model_config)
         self.conditioning_key = conditioning_key
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c_crossattn: Optional[Sequence[torch.Tensor]] = None,
-                c_concat: Optional[Sequence[torch.Tensor]] = None, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+                c_concat: Optional[Sequence[torch.Tensor]] = None, y: Optional[torch.Tensor] = None,
+                guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.conditioning_key == "flux":
+            return self.diffusion_model.velocity(x, t, torch.cat(list(c_crossattn), 1), y, guidance)
         if self.conditioning_key is None:
             return self.diffusion_model(x, t, y=y)
         if self.conditioning_key == "hybrid":
@@ -76,6 +82,13 @@ class DiffusionWrapper(nn.Module):
                 raise ValueError("an inpainting (hybrid) model needs c_concat: the mask and the masked image's latent")
             x = torch.cat([x, *c_concat], dim=1)
         return self.diffusion_model(x, t, context=torch.cat(list(c_crossattn), 1), y=y)
+
+
+def _batch_size(cond: Any) -> int:
+    """The batch size of a conditioning (a context tensor, a list of them, or the keyword dict)."""
+    if isinstance(cond, Mapping):
+        cond = cond["c_crossattn"]
+    return (cond[0] if isinstance(cond, (list, tuple)) else cond).shape[0]
 
 
 class LatentDiffusion(DreamBoothTraining, pl.LightningModule):
@@ -107,7 +120,7 @@ class LatentDiffusion(DreamBoothTraining, pl.LightningModule):
                  channels: int = 4,
                  use_ema: bool = True,
                  ema_decay: float = 0.9999,
-                 parameterization: Literal["eps"] = "eps",
+                 parameterization: Literal["eps", "flow"] = "eps",
                  loss_type: Literal["l2", "l1"] = "l2",
                  scheduler_config: Optional[Mapping[str, Any]] = None,
                  reg_weight: float = 1.0,
@@ -127,15 +140,39 @@ class LatentDiffusion(DreamBoothTraining, pl.LightningModule):
                  ckpt_path: Optional[str] = None,
                  vae_path: Optional[str] = None,
                  persist_schedule: bool = True,
+                 shift_factor: float = 0.0,
+                 timestep_sampling: TimestepSampling = "flux_shift",
+                 sigmoid_scale: float = 1.0,
+                 discrete_flow_shift: float = 3.0,
+                 time_shift: bool = True,
+                 base_shift: float = 0.5,
+                 max_shift: float = 1.15,
+                 train_guidance: float = 1.0,
                  log_every_t: Optional[int] = None,
                  monitor: Optional[str] = None):
-        """``log_every_t`` and ``monitor`` are accepted, and ignored, only because the original configs (and
+        """``parameterization``: ``eps`` (SD v1/XL) or ``flow`` (FLUX.1's rectified flow; ``objectives.py``), whose
+        training draws t by ``timestep_sampling`` (``sigmoid_scale``, ``discrete_flow_shift``, ``base_shift`` and
+        ``max_shift``), whose samplers shift their schedule by resolution when ``time_shift`` (FLUX.1-dev; schnell
+        does not), and whose guidance-distilled network (dev) trains at guidance ``train_guidance``. ``shift_factor``
+        moves the latents before scaling (FLUX's autoencoder: 0.1159; 0 for SD).
+
+        ``log_every_t`` and ``monitor`` are accepted, and ignored, only because the original configs (and
         users' copies of them) carry them: the first sized the original's progressive-denoising plots, the
         second named a validation metric of the original trainer; nothing here reads either."""
         super().__init__()
         del log_every_t, monitor
-        if parameterization != "eps":
-            raise NotImplementedError(f"parameterization {parameterization!r}: SD v1 predicts 'eps'")
+        if parameterization == "eps":
+            self.objective = EpsObjective(min_snr_gamma)
+        elif parameterization == "flow":
+            if min_snr_gamma:
+                raise ValueError("min_snr_gamma weights eps-prediction's timesteps; a flow model has none")
+            self.objective = FlowObjective(timestep_sampling, sigmoid_scale, discrete_flow_shift, base_shift,
+                                           max_shift)
+        else:
+            raise NotImplementedError(f"parameterization {parameterization!r}: expected eps or flow")
+        self.parameterization = parameterization
+        self.time_shift, self.base_shift, self.max_shift = time_shift, base_shift, max_shift
+        self.train_guidance, self.shift_factor = train_guidance, shift_factor
         if num_timesteps_cond != 1:
             raise NotImplementedError("num_timesteps_cond other than 1 is not used by SD v1")
         self.loss_type = loss_type
@@ -250,19 +287,19 @@ class LatentDiffusion(DreamBoothTraining, pl.LightningModule):
 
     def get_first_stage_encoding(self, encoder_posterior: DiagonalGaussianDistribution | torch.Tensor,
                                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Sample the posterior and scale it to unit variance (the 0.18215 of SD v1)."""
+        """Sample the posterior and scale it to unit variance (the 0.18215 of SD v1; FLUX also shifts it first)."""
         if isinstance(encoder_posterior, DiagonalGaussianDistribution):
             z = encoder_posterior.sample(generator=generator)
         elif isinstance(encoder_posterior, torch.Tensor):
             z = encoder_posterior
         else:
             raise TypeError(f"encoder_posterior of type {type(encoder_posterior)} not supported")
-        return self.scale_factor * z
+        return self.scale_factor * (z - self.shift_factor)
 
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         with borrowed(self.first_stage_model, z.device):
-            return self.first_stage_model.decode(z / self.scale_factor)
+            return self.first_stage_model.decode(z / self.scale_factor + self.shift_factor)
 
     @property
     def vae_factor(self) -> int:
@@ -315,6 +352,19 @@ class LatentDiffusion(DreamBoothTraining, pl.LightningModule):
         if self.channels_last:
             x_noisy = x_noisy.contiguous(memory_format=torch.channels_last)
         return self.model(x_noisy, t, **cond)
+
+    @property
+    def guidance_distilled(self) -> bool:
+        """Whether the network takes the guidance strength as an input (FLUX.1-dev's guidance embedding)."""
+        return bool(getattr(self.model.diffusion_model, "guidance_in", None) is not None)
+
+    def with_guidance(self, cond: Any, guidance: float) -> Any:
+        """``cond`` with the distilled guidance strength a guidance-embedded network reads (``guidance``, one per
+        sample); unchanged for every other network."""
+        if not self.guidance_distilled:
+            return cond
+        batch = _batch_size(cond)
+        return {**cond, "guidance": torch.full((batch,), float(guidance), device=self.betas.device)}
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor,
                  noise: Optional[torch.Tensor] = None) -> torch.Tensor:

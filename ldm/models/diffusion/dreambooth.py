@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ldm.models.diffusion.conditioning import batch_sizes
-from ldm.models.diffusion.losses import combine, mask_weights, min_snr_weights, offset_noise_, per_example_loss
+from ldm.models.diffusion.losses import combine, mask_weights, offset_noise_, per_example_loss
 
 
 class DreamBoothTraining:
@@ -53,7 +53,8 @@ class DreamBoothTraining:
 
     def shared_step(self, batch: Mapping[str, Any], generator: Optional[torch.Generator] = None,
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One DreamBooth loss evaluation: encode, noise at a random t, predict eps, subject + prior terms.
+        """One DreamBooth loss evaluation: encode, noise at a random t, predict (eps, or a flow model's velocity:
+        ``self.objective``), subject + prior terms.
 
         Subject and class examples go through the UNet in one pass when they have one shape, else in one pass
         each (aspect-ratio buckets). With a loss mask in the batch the subject terms weight latent pixels by it
@@ -67,26 +68,26 @@ class DreamBoothTraining:
             captions = ["" if d < self.caption_dropout else c for c, d in zip(captions, drop.tolist())]
         roles = [""] + (["reg_"] if len(captions) > n_subject else [])
         device = zs[0].device
-        t = torch.randint(0, self.num_timesteps, (len(captions),), device=device, generator=generator).long()
+        t = self.objective.sample_t(self, len(captions), tuple(zs[0].shape), device, generator)
         same_shape = len({z.shape[1:] for z in zs}) == 1
         parts = [(torch.cat(zs), roles, 0, len(captions))] if same_shape else [
             (z, [role], start, start + len(z)) for z, role, start in zip(zs, roles, (0, n_subject))]
-        preds, noises = [], []
+        preds, targets = [], []
         for z, group, lo, hi in parts:
             text = self.text_cache(captions[lo:hi]) if self.text_cache is not None else self.encode_text(captions[lo:hi])
-            c = self.conditioning.condition(text, batch_sizes(batch, group))
+            c = self.with_guidance(self.conditioning.condition(text, batch_sizes(batch, group)), self.train_guidance)
             noise = offset_noise_(torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator),
                                   self.offset_noise, generator)
-            preds.append(self.apply_model(self.q_sample(z, t[lo:hi], noise), t[lo:hi], c))
-            noises.append(noise)
-        weights = min_snr_weights(self.alphas_cumprod[t], self.min_snr_gamma) if self.min_snr_gamma else None
-        losses = torch.cat([per_example_loss(p, n, self.loss_type) for p, n in zip(preds, noises)])
+            preds.append(self.apply_model(self.objective.noised(self, z, t[lo:hi], noise), t[lo:hi], c))
+            targets.append(self.objective.target(z, noise))
+        weights = self.objective.weights(self, t)
+        losses = torch.cat([per_example_loss(p, y, self.loss_type) for p, y in zip(preds, targets)])
         mask_key = f"{self.first_stage_key}_mask"
         if mask_key not in batch:
             return combine(losses, n_subject, self.reg_weight, weights)
         # Masked loss: the subject rows are the first n_subject rows of the first part.
         spatial = mask_weights(batch[mask_key], tuple(zs[0].shape[-2:]), self.mask_floor)
-        masked = per_example_loss(preds[0][:n_subject], noises[0][:n_subject], self.loss_type, spatial)
+        masked = per_example_loss(preds[0][:n_subject], targets[0][:n_subject], self.loss_type, spatial)
         loss, logs = combine(torch.cat([masked, losses[n_subject:]]), n_subject, self.reg_weight, weights)
         unmasked = losses[:n_subject] * (weights[:n_subject] if weights is not None else 1)
         logs["loss_subject_unmasked"] = unmasked.mean().detach()

@@ -66,10 +66,13 @@ class GeneralConditioner(nn.Module):
     gradients unless adapters added to it train) and ``ucg_rate`` (default 0: the probability, in training mode
     only, that a sample's condition is replaced by zeros, for classifier-free guidance). These settings become
     attributes of the embedder (``input_key``, ``input_keys``, ``is_trainable``, ``ucg_rate``), as in sgm.
+    ``zero_empty_prompt``: the unconditional input of an empty negative prompt is zeros (SDXL base, diffusers'
+    ``force_zeros_for_empty_prompt``), not the encoded empty prompt (FLUX.1: false).
     """
 
-    def __init__(self, emb_models: Sequence[Mapping[str, Any]]) -> None:
+    def __init__(self, emb_models: Sequence[Mapping[str, Any]], zero_empty_prompt: bool = True) -> None:
         super().__init__()
+        self.zero_empty_prompt = zero_empty_prompt
         embedders = []
         for config in emb_models:
             embedder = instantiate_from_config(config)

@@ -155,8 +155,10 @@ class FrozenCLIPEmbedder(nn.Module):
     ``layer`` picks the output (sgm's options): ``"last"`` the last hidden state after ``final_layer_norm``
     (SD v1), ``"hidden"`` the hidden state after the first ``layer_idx`` blocks, without the final norm (SDXL:
     ``layer_idx=11`` of 12; indexed like transformers' ``hidden_states``: 0 is the embeddings, negative counts
-    from the end), ``"pooled"`` the normed state at the EOS token as ``[B, 1, width]``. ``always_return_pooled``
-    returns ``(z, pooled)`` with pooled ``[B, width]`` (CLIP-L has no text projection in this checkpoint).
+    from the end), ``"pooled"`` the normed state at the EOS token as ``[B, 1, width]``, ``"pooler_output"`` the same
+    as ``[B, width]`` (transformers' ``pooler_output``: FLUX.1's vector input, which sgm's conditioner files under
+    ``vector`` by its rank). ``always_return_pooled`` returns ``(z, pooled)`` with pooled ``[B, width]`` (CLIP-L
+    has no text projection in this checkpoint).
 
     ``version`` and ``device`` are accepted so original configs instantiate unchanged, and are otherwise unused:
     only the architecture given by the size arguments (ViT-L/14 by default) is built, nothing is downloaded, and
@@ -178,13 +180,13 @@ class FrozenCLIPEmbedder(nn.Module):
         layer_norm_eps: float = 1e-5,
         freeze: bool = True,
         bpe_path: str | Path | None = None,
-        layer: Literal["last", "pooled", "hidden"] = "last",
+        layer: Literal["last", "pooled", "pooler_output", "hidden"] = "last",
         layer_idx: int | None = None,
         always_return_pooled: bool = False,
     ) -> None:
         super().__init__()
-        if layer not in ("last", "pooled", "hidden"):
-            raise ValueError(f"layer must be 'last', 'pooled' or 'hidden', got {layer!r}")
+        if layer not in ("last", "pooled", "pooler_output", "hidden"):
+            raise ValueError(f"layer must be 'last', 'pooled', 'pooler_output' or 'hidden', got {layer!r}")
         if layer == "hidden" and (layer_idx is None or not -layers - 1 <= layer_idx <= layers):
             raise ValueError(f"layer 'hidden' needs layer_idx in [{-layers - 1}, {layers}], got {layer_idx}")
         if layer != "hidden" and layer_idx is not None:
@@ -229,7 +231,7 @@ class FrozenCLIPEmbedder(nn.Module):
             return z
         last = model.final_layer_norm(model.encoder(z, start=self.num_blocks))
         pooled = last[torch.arange(last.shape[0], device=last.device), eos_positions(ids)]
-        z = {"last": last, "pooled": pooled[:, None], "hidden": z}[self.layer]
+        z = {"last": last, "pooled": pooled[:, None], "pooler_output": pooled, "hidden": z}[self.layer]
         return (z, pooled) if self.return_pooled else z
 
     def encode(self, text: str | Sequence[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
