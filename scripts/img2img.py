@@ -28,7 +28,7 @@ from ldm.config import ConfigError, spatial_factor  # noqa: E402
 from ldm.data.image_loading import ImageError, open_image, to_rgb, to_tensor  # noqa: E402
 from ldm.images import save_numbered_png, save_sampling_grid, to_pil  # noqa: E402
 from ldm.sampling.cli import (add_model_flags, add_sampling_flags, check_sampling_args, check_strength,  # noqa: E402
-                     guidance_conditioning, is_inpainting_config, load_model_config, load_sampling_model,
+                     guidance_conditioning, guidance_meta, is_inpainting_config, load_model_config, load_sampling_model,
                      output_folder, pick_device, precision_context, report_samples, run_script, sampler_name)
 from ldm.sampling.img2img import denoise_part_way  # noqa: E402
 from ldm.sampling.inpaint import encode_inputs, with_concat  # noqa: E402
@@ -95,7 +95,7 @@ def sample(opt: argparse.Namespace) -> list[Path]:
     all_samples = []
     common = {"negative_prompt": opt.negative_prompt, "seed": opt.seed, "steps": opt.ddim_steps, "scale": opt.scale,
               "eta": opt.ddim_eta, "sampler": name, "size": f"{width}x{height}", "init_image": Path(opt.init_img).name,
-              "strength": opt.strength, "checkpoint": Path(opt.ckpt).name}
+              "strength": opt.strength, "checkpoint": Path(opt.ckpt).name, **guidance_meta(opt)}
     tic = time.time()
     with torch.no_grad(), precision_context(device, opt.precision), model.ema_scope():
         for n in range(opt.n_iter):
@@ -103,7 +103,7 @@ def sample(opt: argparse.Namespace) -> list[Path]:
                 encoded = encode_inputs(model, pixels, None, len(prompts), generator)
                 # SDXL's size conditioning: the processed image's size, no crop.
                 c, uc = guidance_conditioning(model, prompts, opt.negative_prompt, opt.scale,
-                                              model.default_sizes(len(prompts), height, width))
+                                              model.default_sizes(len(prompts), height, width), opt.guidance)
                 noise = fixed[:len(prompts)] if fixed is not None else torch.randn(
                     encoded.x0.shape, generator=generator, device=device)
                 z = denoise_part_way(sampler, encoded.x0, opt.ddim_steps, opt.strength,

@@ -36,7 +36,7 @@ from PIL import Image  # noqa: E402
 from ldm.config import ConfigError, spatial_factor  # noqa: E402
 from ldm.images import save_numbered_png, save_sampling_grid, to_pil  # noqa: E402
 from ldm.sampling.cli import (add_model_flags, add_sampling_flags, check_sampling_args, check_strength,  # noqa: E402
-                     guidance_conditioning, is_inpainting_config, load_model_config, load_sampling_model,
+                     guidance_conditioning, guidance_meta, is_inpainting_config, load_model_config, load_sampling_model,
                      native_size, output_folder, pick_device, precision_context, report_samples, run_script,
                      sampler_name)
 from ldm.sampling.img2img import denoise_part_way  # noqa: E402
@@ -119,7 +119,7 @@ def sample(opt: argparse.Namespace) -> list[Path]:
               "eta": opt.ddim_eta, "sampler": name, "size": f"{image.width}x{image.height}",
               "init_image": Path(opt.image).name, "mask": Path(opt.mask).name if opt.mask else "alpha",
               "strength": opt.strength, "mask_blur": opt.mask_blur, "only_masked": opt.only_masked,
-              "padding": opt.padding, "checkpoint": Path(opt.ckpt).name}
+              "padding": opt.padding, "checkpoint": Path(opt.ckpt).name, **guidance_meta(opt)}
     tic = time.time()
     with torch.no_grad(), precision_context(device, opt.precision), model.ema_scope():
         for n in range(opt.n_iter):
@@ -127,7 +127,7 @@ def sample(opt: argparse.Namespace) -> list[Path]:
                 encoded = encode_inputs(model, pixels, repaint, len(prompts), generator)
                 # SDXL's size conditioning: the region's size in the source, generated at ``region.size``, no crop.
                 sizes = model.default_sizes(len(prompts), height, width, original=region.source_size)
-                c, uc = guidance_conditioning(model, prompts, opt.negative_prompt, opt.scale, sizes)
+                c, uc = guidance_conditioning(model, prompts, opt.negative_prompt, opt.scale, sizes, opt.guidance)
                 noise = fixed[:len(prompts)] if fixed is not None else torch.randn(
                     encoded.x0.shape, generator=generator, device=device)
                 z = denoise_part_way(sampler, encoded.x0, opt.ddim_steps, opt.strength,

@@ -20,9 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from ldm.images import save_numbered_png, save_sampling_grid, to_pil  # noqa: E402
-from ldm.sampling.cli import (add_model_flags, add_sampling_flags, check_sampling_args, load_model_config,  # noqa: E402
-                     load_sampling_model, output_folder, pick_device, precision_context, report_samples,
-                     run_script, sampler_name)
+from ldm.sampling.cli import (add_model_flags, add_sampling_flags, check_sampling_args,  # noqa: E402
+                              guidance_conditioning, load_model_config, load_sampling_model, output_folder,
+                              guidance_meta, pick_device, precision_context, report_samples, run_script,
+                              sampler_name)
 from ldm.sampling.samplers import check_finite, make_sampler  # noqa: E402
 
 
@@ -67,10 +68,7 @@ def sample(opt: argparse.Namespace) -> list[Path]:
             for prompts in batches:
                 # SDXL's size conditioning: original and target size = the output size, no crop.
                 sizes = model.default_sizes(len(prompts), opt.H, opt.W)
-                uc = None
-                if opt.scale != 1.0:
-                    uc = model.get_unconditional_conditioning(len(prompts) * [opt.negative_prompt], sizes)
-                c = model.get_learned_conditioning(prompts, sizes)
+                c, uc = guidance_conditioning(model, prompts, opt.negative_prompt, opt.scale, sizes, opt.guidance)
                 x_T = start_code[:len(prompts)] if start_code is not None else None  # the last batch may be short
                 samples, _ = sampler.sample(S=opt.ddim_steps, conditioning=c, batch_size=len(prompts),
                                             shape=shape, verbose=False, unconditional_guidance_scale=opt.scale,
@@ -81,7 +79,7 @@ def sample(opt: argparse.Namespace) -> list[Path]:
                     meta = {"prompt": prompt, "negative_prompt": opt.negative_prompt, "seed": opt.seed,
                             "iteration": n, "index_in_batch": k, "steps": opt.ddim_steps, "scale": opt.scale,
                             "eta": opt.ddim_eta, "sampler": name, "size": f"{opt.W}x{opt.H}",
-                            "checkpoint": Path(opt.ckpt).name}
+                            "checkpoint": Path(opt.ckpt).name, **guidance_meta(opt)}
                     if not opt.skip_save:
                         written.append(save_numbered_png(to_pil(img), sample_path, "{:05}.png", meta))
                 all_samples.append(x.cpu())

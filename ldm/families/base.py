@@ -32,6 +32,10 @@ class Family:
     #: file of the network alone leaves out (``model.diffusion_model.``); empty for one-file families.
     components: Mapping[str, str] = field(default_factory=dict)
     bare_prefix: str = ""
+    #: Keys that are one tensor saved under two names, either of which a file may hold (T5's tied embedding).
+    tied_keys: Mapping[str, str] = field(default_factory=dict)
+    #: Command-line settings of the family's parts -> the config key they set (``--t5_tokenizer``).
+    config_flags: Mapping[str, str] = field(default_factory=dict)
     #: The sampling scripts' defaults for this family, where they differ from the scripts' own (FLUX.1: steps,
     #: ``scale`` 1 (no classifier-free guidance), the distilled ``guidance``).
     sampling_defaults: Mapping[str, float] = field(default_factory=dict)

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.config import MAX_SEED, ConfigError, load_configs, spatial_factor
 
-SAMPLER_NAMES = ("ddim", "plms", "euler", "dpmpp_2m")
+SAMPLER_NAMES = ("ddim", "plms", "euler", "dpmpp_2m", "flow_euler")
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -42,21 +42,34 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                         "a.safetensors:0.8 (to combine several, bake them in with scripts/merge_lora.py)")
     p.add_argument("--allow_any_target", action="store_true",
                    help="let --config's target: strings import any module (only for configs you trust)")
+    flux = p.add_argument_group("FLUX.1 (released as separate files; --ckpt is the transformer)")
+    flux.add_argument("--ae", type=str, default=None, help="the autoencoder, ae.safetensors")
+    flux.add_argument("--t5", type=str, default=None, help="the T5 v1.1 XXL text encoder (transformers' layout)")
+    flux.add_argument("--clip", type=str, default=None, help="the CLIP ViT-L text model (transformers' layout)")
+    flux.add_argument("--t5_tokenizer", type=str, default=None, help="T5's SentencePiece model, spiece.model")
+    flux.add_argument("--guidance", type=float, default=None,
+                      help="FLUX.1 [dev]'s distilled guidance strength, an input of the network (default 3.5); "
+                           "--scale above 1 adds classifier-free guidance on top")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, steps: int = 50, scale: float = 7.5, n_samples: int = 3,
                        n_iter: int = 2) -> None:
-    """The original scripts' sampling flags (their defaults differ per script: passed in)."""
+    """The original scripts' sampling flags (their defaults differ per script: passed in). A model family may
+    have its own defaults for steps and scale (``Family.sampling_defaults``: FLUX.1): ``check_sampling_args``
+    settles them once the model's family is known."""
+    p.set_defaults(script_defaults={"ddim_steps": steps, "scale": scale})
     p.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
                    help="the prompt to render")
     p.add_argument("--negative_prompt", type=str, default="",
                    help="what to steer away from: replaces the empty unconditional prompt of guidance")
     p.add_argument("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
     p.add_argument("--skip_save", action="store_true", help="do not save individual samples")
-    p.add_argument("--ddim_steps", type=int, default=steps, help="number of sampling steps")
+    p.add_argument("--ddim_steps", type=int, default=None, help=f"number of sampling steps (default {steps}; "
+                   f"FLUX.1: 28 dev, 4 schnell)")
     p.add_argument("--plms", action="store_true", help="use plms sampling (same as --sampler plms)")
     p.add_argument("--sampler", type=str, choices=SAMPLER_NAMES, default=None,
-                   help="ddim (default), plms, euler, or dpmpp_2m (DPM-Solver++ 2M with Karras sigmas)")
+                   help="ddim (default), plms, euler, or dpmpp_2m (DPM-Solver++ 2M with Karras sigmas); flow_euler "
+                        "(the only one, and the default, for FLUX.1)")
     p.add_argument("--fixed_code", action="store_true",
                    help="use the same starting code for every iteration (n_iter)")
     p.add_argument("--ddim_eta", type=float, default=0.0,
@@ -65,8 +78,9 @@ def add_sampling_flags(p: argparse.ArgumentParser, steps: int = 50, scale: float
     p.add_argument("--n_samples", type=int, default=n_samples,
                    help="how many samples to produce for each given prompt (the batch size)")
     p.add_argument("--n_rows", type=int, default=0, help="rows in the grid (default: n_samples)")
-    p.add_argument("--scale", type=float, default=scale,
-                   help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty))")
+    p.add_argument("--scale", type=float, default=None,
+                   help=f"unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty)) "
+                        f"(default {scale}; FLUX.1: 1, no unconditional pass)")
     p.add_argument("--from-file", type=str, help="if specified, load prompts from this file, one per line")
     p.add_argument("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
 
@@ -117,12 +131,65 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def load_model_config(opt: argparse.Namespace) -> DictConfig:
-    """``--config``, or the config of the checkpoint's family when it is not given (sets ``opt.config``)."""
+    """``--config``, or the config of the checkpoint's family when it is not given (sets ``opt.config``), with
+    the settings of the family's parts given on the command line (FLUX.1's ``--t5_tokenizer``)."""
+    from ldm.families import FAMILIES, config_family
     from ldm.util import allow_any_target
     allow_any_target(getattr(opt, "allow_any_target", False))
     if opt.config is None:
         opt.config = str(config_for_checkpoint(opt.ckpt))
-    return load_configs([opt.config], flag="--config")
+    config = load_configs([opt.config], flag="--config")
+    family = FAMILIES.get(config_family(config) or "")
+    for flag, key in (family.config_flags if family else {}).items():
+        if getattr(opt, flag, None) is not None:
+            OmegaConf.update(config, key, getattr(opt, flag), force_add=True)
+    return config
+
+
+def family_of(config: DictConfig) -> Any:
+    """The ``Family`` record ``config`` builds, or None (a config of no known family: the tiny test models)."""
+    from ldm.families import FAMILIES, config_family
+    return FAMILIES.get(config_family(config) or "")
+
+
+def check_parts(opt: argparse.Namespace, config: DictConfig) -> dict[str, str]:
+    """The files of the model's other parts (``--ae``, ``--t5``, ``--clip``: ``Family.components``) and their
+    settings (``--t5_tokenizer``): each given one must be one of the family's and exist; the T5 tokenizer must be
+    a SentencePiece model whose ids fit the encoder. Returns the components, flag -> file."""
+    family = family_of(config)
+    parts = {name: getattr(opt, name) for name in ("ae", "t5", "clip") if getattr(opt, name, None)}
+    settings = [name for name in ("t5_tokenizer",) if getattr(opt, name, None)]
+    for name in list(parts) + settings:
+        owns = family is not None and (name in family.components or name in family.config_flags)
+        if not owns:
+            what = family.label if family else "this model"
+            raise ConfigError(f"--{name}: {what} has no such part (--ae, --t5, --clip and --t5_tokenizer are "
+                              f"FLUX.1's)")
+    for name, path in parts.items():
+        if not Path(path).is_file():
+            raise ConfigError(f"--{name} {path}: file not found")
+    if family is not None and "t5_tokenizer" in family.config_flags:
+        key = family.config_flags["t5_tokenizer"]
+        check_t5_tokenizer(OmegaConf.select(config, key), config, key)
+    return parts
+
+
+def check_t5_tokenizer(path: Any, config: DictConfig, key: str) -> None:
+    """A T5 tokenizer file given, readable as SentencePiece with T5's ids, and no larger than the encoder's
+    vocabulary (one line each, before a model is built)."""
+    from ldm.families.flux.modules.t5 import T5Tokenizer
+    if not path:
+        raise ConfigError("--t5_tokenizer: missing: FLUX.1's T5 needs its SentencePiece model (spiece.model, beside "
+                          "the T5 weights in their release), which this project does not ship")
+    try:
+        tokenizer = T5Tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--t5_tokenizer: {' '.join(str(e).split())}") from None
+    params = OmegaConf.select(config, key.rsplit(".", 1)[0]) or {}
+    vocab = int(params.get("vocab_size", 32128))
+    if tokenizer.vocab_size > vocab:
+        raise ConfigError(f"--t5_tokenizer {path}: {tokenizer.vocab_size} tokens, but the T5 encoder has {vocab}: "
+                          f"the tokenizer of another model")
 
 
 def config_for_checkpoint(ckpt: str | Path) -> Path:
@@ -145,8 +212,36 @@ def native_size(config: DictConfig) -> int:
     return int(OmegaConf.select(config, "model.params.image_size", default=64)) * 2 ** (len(ch_mult) - 1)
 
 
+def settle_defaults(opt: argparse.Namespace, config: DictConfig) -> None:
+    """Steps, scale, sampler and guidance not given on the command line: the model family's defaults
+    (``Family.sampling_defaults``), else the script's. A flow model samples with ``flow_euler`` only, and only a
+    guidance-distilled network takes ``--guidance``."""
+    family = family_of(config)
+    defaults = {**opt.script_defaults, **(family.sampling_defaults if family else {})}
+    for flag in ("ddim_steps", "scale"):
+        if getattr(opt, flag) is None:
+            setattr(opt, flag, defaults[flag])
+    flow = OmegaConf.select(config, "model.params.parameterization", default="eps") == "flow"
+    label = family.label if family else "this model"
+    if flow and (opt.plms or opt.sampler not in (None, "flow_euler")):
+        given = "--plms" if opt.plms else f"--sampler {opt.sampler}"
+        raise ConfigError(f"{given}: {label} is a rectified flow; it samples with flow_euler")
+    if not flow and opt.sampler == "flow_euler":
+        raise ConfigError("--sampler flow_euler: samples rectified-flow models (FLUX.1); this model predicts eps")
+    opt.sampler = "flow_euler" if flow else opt.sampler
+    distilled = OmegaConf.select(config, "model.params.unet_config.params.guidance_embed", default=False)
+    if opt.guidance is not None and not distilled:
+        raise ConfigError(f"--guidance {opt.guidance}: {label} has no guidance "
+                          f"input (only FLUX.1 [dev] is guidance-distilled; use --scale for classifier-free guidance)")
+    opt.guidance = defaults.get("guidance") if opt.guidance is None and distilled else opt.guidance
+    if opt.guidance is not None:
+        _finite("--guidance", opt.guidance)
+
+
 def check_sampling_args(opt: argparse.Namespace, config: DictConfig, sizes: bool = True) -> list[list[str]]:
     """Check every sampling flag against ``config`` (one ``ConfigError`` line each); returns the prompt batches."""
+    settle_defaults(opt, config)
+    opt.components = check_parts(opt, config)
     timesteps = int(OmegaConf.select(config, "model.params.timesteps", default=1000))
     if sizes:
         factor = spatial_factor(config)
@@ -227,7 +322,8 @@ def load_sampling_model(opt: argparse.Namespace, config: DictConfig, device: tor
     from ldm.weights.checkpoint import CheckpointError
     from ldm.weights.load import load_model_from_config
     from ldm.weights.lora import load_lora, read_lora
-    model = load_model_from_config(config, opt.ckpt, prefer_ema=not opt.no_ema, vae=opt.vae).to(device)
+    model = load_model_from_config(config, opt.ckpt, prefer_ema=not opt.no_ema, vae=opt.vae,
+                                   components=getattr(opt, "components", None)).to(device)
     if opt.lora:
         path, strength, sd = read_lora(opt.lora)
         try:
@@ -239,12 +335,20 @@ def load_sampling_model(opt: argparse.Namespace, config: DictConfig, device: tor
 
 
 def guidance_conditioning(model: Any, prompts: list[str], negative_prompt: str, scale: float,
-                          sizes: Any = None) -> tuple[Any, Any]:
-    """(conditional, unconditional) inputs for classifier-free guidance; no unconditional one at scale 1."""
+                          sizes: Any = None, guidance: Optional[float] = None) -> tuple[Any, Any]:
+    """(conditional, unconditional) inputs for classifier-free guidance; no unconditional one at scale 1. A
+    guidance-distilled network (FLUX.1 [dev]) gets ``guidance`` as an input in both."""
     uc = None
     if scale != 1.0:
         uc = model.get_unconditional_conditioning(len(prompts) * [negative_prompt], sizes)
-    return model.get_learned_conditioning(prompts, sizes), uc
+        uc = model.with_guidance(uc, guidance) if guidance is not None else uc
+    c = model.get_learned_conditioning(prompts, sizes)
+    return (model.with_guidance(c, guidance) if guidance is not None else c), uc
+
+
+def guidance_meta(opt: argparse.Namespace) -> dict[str, float]:
+    """The distilled guidance for a PNG's metadata, when the model took one."""
+    return {"guidance": opt.guidance} if getattr(opt, "guidance", None) is not None else {}
 
 
 def precision_context(device: torch.device, precision: str):

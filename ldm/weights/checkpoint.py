@@ -28,8 +28,9 @@ GROUPS = {
     "conditioner.": "text encoders (conditioner.*)",
     "model_ema.": "EMA (model_ema.*)",
 }
-#: Keys a file may lack without harm: transformers releases after 4.x stopped saving ``position_ids``.
-OPTIONAL_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
+#: Keys a file may lack without harm: transformers releases after 4.x stopped saving CLIP's ``position_ids``
+#: (SD v1's text encoder, and every CLIP text model other families hold).
+OPTIONAL_SUFFIXES = ("text_model.embeddings.position_ids",)
 EMA_COUNTERS = ("model_ema.decay", "model_ema.num_updates")
 MAX_STUBS = 32
 
@@ -203,7 +204,7 @@ def audit(expected: Mapping[str, torch.Size], found: Mapping[str, torch.Tensor])
     wrong: dict[str, list[str]] = {}
     for k, shape in expected.items():
         if k not in found:
-            if k not in OPTIONAL_KEYS:
+            if not k.endswith(OPTIONAL_SUFFIXES):
                 missing.setdefault(_group(k), []).append(k)
         elif tuple(found[k].shape) != tuple(shape):
             wrong.setdefault(_group(k), []).append(k)
@@ -236,12 +237,15 @@ def select_weights(model_keys: Mapping[str, torch.Size], sd: Mapping[str, torch.
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, prefer_ema: bool = True,
-                    assign: bool = False, verbose: bool = True) -> dict[str, Any]:
-    """Load a SD v1 checkpoint into ``model`` after auditing it; returns the file's meta (``global_step``...).
+                    assign: bool = False, verbose: bool = True,
+                    state: Optional[tuple[Mapping[str, torch.Tensor], dict[str, Any]]] = None) -> dict[str, Any]:
+    """Load a checkpoint into ``model`` after auditing it; returns the file's meta (``global_step``...).
 
-    ``assign=True`` lets a model built on the meta device take the file's tensors without a copy.
+    ``assign=True`` lets a model built on the meta device take the file's tensors without a copy. ``state``: the
+    ``(state_dict, meta)`` to load instead of reading ``path`` (a model assembled from several files, which
+    ``path`` then names in messages).
     """
-    sd, meta = read_checkpoint(path)
+    sd, meta = state if state is not None else read_checkpoint(path)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     use_ema = bool(getattr(model, "use_ema", False))
     chosen, used_ema = select_weights(expected, sd, use_ema=use_ema, prefer_ema=prefer_ema)

@@ -41,7 +41,9 @@ def _config(guidance: bool):
 COMMON = dict(package="flux", lora_prefixes={UNET: "lora_unet_", CLIP: "lora_te1_", T5: "lora_te3_"},
               lora_unet_names="original", inference_prefixes=(UNET, "first_stage_model.", "conditioner."),
               schedule_in_file=False, components={"ae": "first_stage_model.", "t5": T5, "clip": CLIP},
-              bare_prefix=UNET)
+              bare_prefix=UNET, tied_keys={T5 + "shared.weight": T5 + "encoder.embed_tokens.weight"},
+              config_flags={"t5_tokenizer": "model.params.conditioner_config.params.emb_models.1.params."
+                                            "tokenizer_path"})
 FAMILIES = (
     Family("flux-dev", "FLUX.1 [dev]", "flux/flux1-dev-inference.yaml", "flux-1-dev",
            matches_keys=_keys(True), matches_config=_config(True),

@@ -139,6 +139,7 @@ class LatentDiffusion(DreamBoothTraining, pl.LightningModule):
                  channels_last: bool = False,
                  ckpt_path: Optional[str] = None,
                  vae_path: Optional[str] = None,
+                 component_paths: Optional[Mapping[str, str]] = None,
                  persist_schedule: bool = True,
                  shift_factor: float = 0.0,
                  timestep_sampling: TimestepSampling = "flux_shift",
@@ -229,8 +230,10 @@ class LatentDiffusion(DreamBoothTraining, pl.LightningModule):
 
         self.first_stage_model = instantiate_from_config(first_stage_config)
         freeze(self.first_stage_model)
-        # A separate VAE file (e.g. SDXL's float16-safe VAE) that the loader puts in after the main weights.
+        # A separate VAE file (e.g. SDXL's float16-safe VAE) that the loader puts in after the main weights, and
+        # the files of a family released in parts (FLUX.1's ae, t5, clip), by the name of their flag.
         self.vae_path = vae_path
+        self.component_paths = dict(component_paths or {})
         if (cond_stage_config is None) == (conditioner_config is None):
             raise ValueError("give one of cond_stage_config (SD v1) and conditioner_config (SDXL)")
         if conditioner_config is not None:
