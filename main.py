@@ -51,6 +51,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", type=str, default=None,
                    help="a separate VAE file to use instead of the checkpoint's own (original or diffusers layout, "
                         "e.g. sdxl-vae-fp16-fix); sets model.params.vae_path")
+    flux = p.add_argument_group("FLUX.1 (released as separate files; --actual_resume is the transformer)")
+    flux.add_argument("--ae", type=str, default=None, help="the autoencoder, ae.safetensors")
+    flux.add_argument("--t5", type=str, default=None, help="the T5 v1.1 XXL text encoder (transformers' layout)")
+    flux.add_argument("--clip", type=str, default=None, help="the CLIP ViT-L text model (transformers' layout)")
+    flux.add_argument("--t5_tokenizer", type=str, default=None, help="T5's SentencePiece model, spiece.model")
     p.add_argument("--data_root", type=str, default=None, help="folder with the subject's photos (5-30)")
     p.add_argument("--reg_data_root", type=str, default=None,
                    help="folder with class (regularization) images for the prior-preservation loss")

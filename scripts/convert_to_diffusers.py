@@ -70,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         parser.exit(2, f"{parser.prog}: error: {opt.ckpt}: checkpoint file not found\n")
     try:
         config = load_model_config(opt)  # --config or the checkpoint family's, with --t5_tokenizer put in
-        parts = check_parts(opt, config)  # --ae, --t5, --clip: the files load_model_from_config assembles
+        parts = check_parts(vars(opt), config)  # --ae, --t5, --clip: the files load_model_from_config assembles
         if parts:
             OmegaConf.update(config, "model.params.component_paths", parts, force_add=True)
         out = export_diffusers(config, opt.ckpt, opt.outdir, half=opt.half, safetensors=opt.safetensors,

@@ -337,7 +337,8 @@ def test_missing_t5_tokenizer_is_one_line(exported, tmp_path, capsys):
 
 
 def test_unreproducible_model_is_refused():
-    """diffusers' transformer hard-codes an MLP ratio of 4 and CLIP's pooled output: a model that differs is named."""
+    """diffusers' transformer hard-codes an MLP ratio of 4, its pipeline CLIP's pooled output: a model that differs
+    is named."""
     from ldm.export.diffusers import UnsupportedModel, model_params
     from ldm.families.flux.diffusers import pipeline_configs
     config = tiny_flux_config(Path(__file__))  # any existing file: the tokenizer is not read here
@@ -348,3 +349,26 @@ def test_unreproducible_model_is_refused():
     config.model.params.conditioner_config.params.emb_models[0].params.layer = "last"
     with pytest.raises(UnsupportedModel, match="pooler_output"):
         pipeline_configs(model_params(config))
+    # Called as a library (export_diffusers), a model without its T5 tokenizer file is refused in one line too.
+    with pytest.raises(UnsupportedModel, match="no T5 tokenizer file") as e:
+        pipeline_configs(model_params(load_config(TINY_FLUX_CONFIG)))
+    assert "\n" not in str(e.value)
+
+
+def test_half_pickle_export_loads_in_float16(tiny_flux_model, t5_tokenizer, tmp_path):
+    """``--half --no-safetensors``: float16 .bin files that load as float16 (T5's ``wo`` kept in float32 by
+    transformers), holding our tensors rounded to float16; T5's token embedding stays one tensor."""
+    from ldm.weights.checkpoint import save_checkpoint
+    ckpt = save_checkpoint(tmp_path / "tiny-flux.ckpt", tiny_flux_model.state_dict(), global_step=3)
+    out = convert.main([str(ckpt), str(tmp_path / "half"), "--config", str(TINY_FLUX_CONFIG), "--t5_tokenizer",
+                        str(t5_tokenizer), "--half", "--no-safetensors"])
+    assert not list(out.rglob("*.safetensors")) and list(out.rglob("*.bin"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        pipe = FluxPipeline.from_pretrained(out, local_files_only=True, torch_dtype=torch.float16)
+    flux = tiny_flux_model.model.diffusion_model
+    assert pipe.transformer.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float16
+    assert torch.equal(pipe.transformer.x_embedder.weight, flux.img_in.weight.half())
+    t5 = pipe.text_encoder_2
+    assert t5.shared.weight.dtype == torch.float16 and t5.shared.weight is t5.encoder.embed_tokens.weight
+    assert torch.equal(t5.shared.weight, tiny_flux_model.conditioner.embedders[1].transformer.shared.weight.half())

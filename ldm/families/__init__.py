@@ -12,7 +12,7 @@ This package's records are plain data: they import nothing from the rest of ``ld
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from ldm.families import flux, sd_v1, sdxl
 from ldm.families.base import Family, Shapes
@@ -40,3 +40,14 @@ def config_family(config: Mapping) -> Optional[str]:
 def lora_prefixes() -> dict[str, str]:
     """Every family's LoRA prefixes together (sub-model prefix -> sd-scripts' key prefix)."""
     return {prefix: kohya for f in FAMILIES.values() for prefix, kohya in f.lora_prefixes.items()}
+
+
+def apply_part_settings(config: Any, values: Mapping[str, Optional[str]]) -> Any:
+    """Write the settings of the family's parts that were given (``--t5_tokenizer``: ``Family.config_flags``) into
+    the config ``config`` builds; the others are left alone. Returns ``config``."""
+    from omegaconf import OmegaConf
+    family = FAMILIES.get(config_family(config) or "")
+    for flag, key in (family.config_flags if family else {}).items():
+        if values.get(flag) is not None:
+            OmegaConf.update(config, key, values[flag], force_add=True)
+    return config

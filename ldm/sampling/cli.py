@@ -14,7 +14,7 @@ import argparse
 import math
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -133,17 +133,12 @@ def read_prompts(path: str | Path) -> list[str]:
 def load_model_config(opt: argparse.Namespace) -> DictConfig:
     """``--config``, or the config of the checkpoint's family when it is not given (sets ``opt.config``), with
     the settings of the family's parts given on the command line (FLUX.1's ``--t5_tokenizer``)."""
-    from ldm.families import FAMILIES, config_family
+    from ldm.families import apply_part_settings
     from ldm.util import allow_any_target
     allow_any_target(getattr(opt, "allow_any_target", False))
     if opt.config is None:
         opt.config = str(config_for_checkpoint(opt.ckpt))
-    config = load_configs([opt.config], flag="--config")
-    family = FAMILIES.get(config_family(config) or "")
-    for flag, key in (family.config_flags if family else {}).items():
-        if getattr(opt, flag, None) is not None:
-            OmegaConf.update(config, key, getattr(opt, flag), force_add=True)
-    return config
+    return apply_part_settings(load_configs([opt.config], flag="--config"), vars(opt))
 
 
 def family_of(config: DictConfig) -> Any:
@@ -152,13 +147,18 @@ def family_of(config: DictConfig) -> Any:
     return FAMILIES.get(config_family(config) or "")
 
 
-def check_parts(opt: argparse.Namespace, config: DictConfig) -> dict[str, str]:
+#: The flags that name a family's separate files, and those that set its parts (FLUX.1's).
+PART_FLAGS, PART_SETTINGS = ("ae", "t5", "clip"), ("t5_tokenizer",)
+
+
+def check_parts(values: Mapping[str, Any], config: DictConfig) -> dict[str, str]:
     """The files of the model's other parts (``--ae``, ``--t5``, ``--clip``: ``Family.components``) and their
-    settings (``--t5_tokenizer``): each given one must be one of the family's and exist; the T5 tokenizer must be
-    a SentencePiece model whose ids fit the encoder. Returns the components, flag -> file."""
+    settings (``--t5_tokenizer``) in ``values`` (flag -> value): each given one must be one of the family's and
+    exist; the T5 tokenizer must be a SentencePiece model whose ids fit the encoder. Returns the components given,
+    flag -> file."""
     family = family_of(config)
-    parts = {name: getattr(opt, name) for name in ("ae", "t5", "clip") if getattr(opt, name, None)}
-    settings = [name for name in ("t5_tokenizer",) if getattr(opt, name, None)]
+    parts = {name: values[name] for name in PART_FLAGS if values.get(name)}
+    settings = [name for name in PART_SETTINGS if values.get(name)]
     for name in list(parts) + settings:
         owns = family is not None and (name in family.components or name in family.config_flags)
         if not owns:
@@ -241,7 +241,7 @@ def settle_defaults(opt: argparse.Namespace, config: DictConfig) -> None:
 def check_sampling_args(opt: argparse.Namespace, config: DictConfig, sizes: bool = True) -> list[list[str]]:
     """Check every sampling flag against ``config`` (one ``ConfigError`` line each); returns the prompt batches."""
     settle_defaults(opt, config)
-    opt.components = check_parts(opt, config)
+    opt.components = check_parts(vars(opt), config)
     timesteps = int(OmegaConf.select(config, "model.params.timesteps", default=1000))
     if sizes:
         factor = spatial_factor(config)

@@ -91,7 +91,7 @@ class CacheFrozenInputs(pl.Callback):
             raise ValueError(f"model.params.first_stage_key {wanted!r}: the data serves its images as "
                              f"{', '.join(by_role)}")
         pl_module.latent_cache = LatentCache()
-        pl_module.latent_cache.build(pl_module.first_stage_model.encode, by_role, uint8_to_tensor,
+        pl_module.latent_cache.build(pl_module.encode_first_stage, by_role, uint8_to_tensor,
                                      flips=dataset.flip_p > 0, device=pl_module.device)
         if not any(p.requires_grad for p in pl_module.text_model.parameters()):
             pl_module.text_cache = TextCache()

@@ -28,6 +28,10 @@ FLAG_KEYS = {
     "num_class_images": "class_images.num",
     "lora_rank": "model.params.lora_config.rank",
     "vae": "model.params.vae_path",
+    # FLUX.1's separate files (Family.components); --t5_tokenizer is a setting of its T5 (Family.config_flags)
+    "ae": "model.params.component_paths.ae",
+    "t5": "model.params.component_paths.t5",
+    "clip": "model.params.component_paths.clip",
 }
 
 # ---- the DreamBooth flags --------------------------------------------------------------------------------------
@@ -163,6 +167,10 @@ def _ranges(timesteps: int) -> dict[str, Range]:
         "model.params.caption_dropout": UNIT,
         "model.params.mask_floor": UNIT,
         "model.params.min_snr_gamma": Range(0, lo_open=True, optional=True),
+        "model.params.blocks_to_swap": Range(0, integer=True),
+        "model.params.sigmoid_scale": POSITIVE,
+        "model.params.discrete_flow_shift": POSITIVE,
+        "model.params.train_guidance": NON_NEGATIVE,
         "model.params.lora_config.rank": COUNT,
         "model.params.lora_config.alpha": Range(0, lo_open=True, optional=True),
         "model.params.lora_config.dropout": Range(0, 1, hi_open=True),
@@ -220,6 +228,9 @@ def check_values(config: DictConfig) -> None:
                "model.params.optimizer_config.name": ("adamw", "adamw8bit"),
                "model.params.optimizer_config.fused_backward": (False, True),
                "model.params.weights_dtype": ("fp32", "bf16"),
+               "model.params.frozen_dtype": ("fp32", "bf16", "fp8"),
+               "model.params.parameterization": ("eps", "flow"),
+               "model.params.timestep_sampling": ("flux_shift", "sigmoid", "shift", "uniform"),
                "model.params.compile": (False, True), "model.params.channels_last": (False, True),
                "lightning.export.dtype": (None, "fp32", "fp16", "bf16")}
     for key, allowed in choices.items():
@@ -276,6 +287,25 @@ def check_lean_training(config: DictConfig) -> None:
     if bf16 and precision.startswith("16"):
         raise ConfigError(f"model.params.weights_dtype=bf16 with lightning.trainer.precision={precision}: fp16 "
                           f"arithmetic on bf16 weights loses their range; use bf16-mixed, 32-true or auto")
+    frozen = OmegaConf.select(config, "model.params.frozen_dtype", default="fp32")
+    if frozen == "fp8" or OmegaConf.select(config, "model.params.text_encoder_fp8", default=False):
+        from ldm.modules.lowmem import fp8_supported
+        if not fp8_supported():
+            raise ConfigError(f"model.params.frozen_dtype=fp8 / text_encoder_fp8: this torch has no usable "
+                              f"float8_e4m3fn (torch >= 2.1 has it); use frozen_dtype: bf16")
+    swap = OmegaConf.select(config, "model.params.blocks_to_swap", default=0) or 0
+    if swap:
+        net = OmegaConf.select(config, "model.params.unet_config.params") or {}
+        if OmegaConf.select(config, "model.params.conditioning_key") != "flux":
+            raise ConfigError(f"model.params.blocks_to_swap={swap}: swaps a transformer's blocks (FLUX.1's); this "
+                              f"network is a UNet")
+        blocks = int(net.get("depth", 19)) + int(net.get("depth_single_blocks", 38))
+        if not 0 < swap < blocks:
+            raise ConfigError(f"model.params.blocks_to_swap={swap}: must be between 1 and {blocks - 1} (the network "
+                              f"has {blocks} blocks; at least one runs where it lives)")
+        if not net.get("use_checkpoint", False):
+            raise ConfigError(f"model.params.blocks_to_swap={swap} needs unet_config.params.use_checkpoint: true (a "
+                              f"swapped block's weights must not wait in accelerator memory for backward)")
     if strategy.startswith("deepspeed"):
         for on, what in ((fused, fused_key), (bf16, "model.params.weights_dtype=bf16")):
             if on:

@@ -23,6 +23,8 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.config import MAX_SEED, ConfigError, Range, apply_overrides, load_configs
+from ldm.families import apply_part_settings
+from ldm.sampling.cli import PART_SETTINGS, check_parts
 from ldm.files import is_within
 from ldm.training.config import apply_flags, check_training_config
 
@@ -53,6 +55,10 @@ class TrainOptions:
     max_steps: Optional[int] = None
     lora_rank: Optional[int] = None
     vae: Optional[str] = None
+    ae: Optional[str] = None
+    t5: Optional[str] = None
+    clip: Optional[str] = None
+    t5_tokenizer: Optional[str] = None
     concepts: Optional[str] = None
     gpus: Optional[str] = None
     allow_any_target: bool = False
@@ -97,13 +103,16 @@ def prepare(options: TrainOptions) -> Plan:
     else:
         check_run_name(options.name or Path(base[0]).stem, options.postfix)
     config = apply_overrides(apply_flags(load_configs(base), options), options.overrides)
+    apply_part_settings(config, vars(options))
     if options.resume:
         if options.actual_resume:
             print("--actual_resume is ignored with -r: the run continues from its own checkpoint")
-        # The weights (VAE included) are in the checkpoint: the original files are not needed any more.
+        # The weights (VAE and a family's other files included) are in the checkpoint: the original files are not
+        # needed any more.
         config.pop("actual_resume", None)
-        if OmegaConf.select(config, "model.params.vae_path") is not None:
-            OmegaConf.update(config, "model.params.vae_path", None)
+        for key in ("model.params.vae_path", "model.params.component_paths"):
+            if OmegaConf.select(config, key) is not None:
+                OmegaConf.update(config, key, None)
     elif options.actual_resume:
         OmegaConf.update(config, "actual_resume", options.actual_resume, force_add=True)
     if options.concepts:
@@ -118,6 +127,8 @@ def prepare(options: TrainOptions) -> Plan:
     vae = OmegaConf.select(config, "model.params.vae_path")
     if vae is not None and not Path(vae).is_file():
         raise ConfigError(f"--vae {vae}: file not found")
+    check_parts({**(OmegaConf.select(config, "model.params.component_paths") or {}),
+                 **{k: getattr(options, k) for k in PART_SETTINGS}}, config)
     return Plan(config, now, run_folder, resume_ckpt, Path(weights) if weights else None)
 
 
@@ -357,6 +368,11 @@ def check_lean_devices(config: DictConfig, devices: dict[str, Any], n_devices: i
             and str(devices["precision"]).startswith("16"):
         raise ConfigError("model.params.weights_dtype=bf16: this GPU has no bf16 arithmetic (precision auto is "
                           "16-mixed); use weights_dtype: fp32")
+    frozen = OmegaConf.select(config, "model.params.frozen_dtype", default="fp32")
+    if frozen != "fp32" and not str(devices["precision"]).startswith("bf16"):
+        raise ConfigError(f"model.params.frozen_dtype={frozen}: the frozen weights are bf16 (fp8: dequantized to "
+                          f"bf16) and need bf16 autocast, but precision is {devices['precision']}; set "
+                          f"lightning.trainer.precision=bf16-mixed (it also runs on a CPU), or frozen_dtype: fp32")
     if strategy.startswith("deepspeed"):
         missing = []
         if not torch.cuda.is_available():

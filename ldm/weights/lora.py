@@ -110,7 +110,10 @@ def add_lora(model: nn.Module, settings: LoraSettings) -> list[nn.Parameter]:
             for attn in [m for m in roots[prefix].modules() if isinstance(m, MultiheadSelfAttention)]:
                 _attach(attn, FusedQKVLoRA(attn.out_proj.in_features, {p: settings.rank for p in parts},
                                            {p: alpha for p in parts}, settings.dropout))
-    return [p for n, p in model.named_parameters() if ".lora_" in n and p.requires_grad]
+    adapters = [p for n, p in model.named_parameters() if ".lora_" in n and p.requires_grad]
+    for p in adapters:  # float32 whatever the frozen weights are stored in (bf16, fp8): updates this small are
+        p.data = p.data.float()  # lost in bf16 (weights_dtype: bf16 stores them so on purpose, rounding stochastically)
+    return adapters
 
 
 def _attach(attn: MultiheadSelfAttention, adapter: FusedQKVLoRA) -> FusedQKVLoRA:
@@ -176,7 +179,8 @@ def unet_names(model: nn.Module) -> UnetNames:
 def lora_pairs(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, float]]:
     """(kohya name, down, up, alpha) of every adapter of the model: peft's layers and the packed q/k/v parts."""
     from peft.tuners.lora import LoraLayer
-    names, per_block = unet_names(model), model.model.diffusion_model.num_res_blocks
+    # diffusers' block names count a UNet's res blocks per level; a transformer (FLUX.1) is named by its own paths
+    names, per_block = unet_names(model), getattr(model.model.diffusion_model, "num_res_blocks", 2)
     for prefix, root in _roots(model).items():
         for path, module in root.named_modules():
             if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:

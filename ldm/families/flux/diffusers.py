@@ -17,6 +17,10 @@ atomic folder) are ``ldm.export.diffusers``'s. FLUX.1 adds:
 diffusers' pipeline hard-codes parts of the architecture (MLP ratio 4, rotary theta 10000, biased q/k/v; CLIP's
 pooled vector, T5's unmasked last hidden state): ``pipeline_configs`` refuses (``UnsupportedModel``) a model that
 differs, since the folder would then sample another model.
+
+One setting cannot travel in the folder: ``FluxPipeline`` takes T5's length per call (``max_sequence_length``,
+default 512), and without a mask the padding changes every token's state. Sample a schnell folder with
+``max_sequence_length=256`` (its embedder's ``max_length``, also written as ``tokenizer_2``'s ``model_max_length``).
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ training step, optimizer and checkpoint hooks in ``training.py``.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
 
 import pytorch_lightning as pl
@@ -135,6 +135,9 @@ class LatentDiffusion(DreamBoothTraining, pl.LightningModule):
                  mask_floor: float = 0.1,
                  set_grads_to_none: bool = True,
                  weights_dtype: Literal["fp32", "bf16"] = "fp32",
+                 frozen_dtype: Literal["fp32", "bf16", "fp8"] = "fp32",
+                 text_encoder_fp8: bool = False,
+                 blocks_to_swap: int = 0,
                  compile: bool = False,
                  channels_last: bool = False,
                  ckpt_path: Optional[str] = None,
@@ -205,6 +208,12 @@ class LatentDiffusion(DreamBoothTraining, pl.LightningModule):
         if weights_dtype not in ("fp32", "bf16"):
             raise ValueError(f"weights_dtype {weights_dtype!r}: expected fp32 or bf16")
         self.weights_dtype = weights_dtype
+        # The big-transformer switches (ldm/modules/lowmem.py): frozen weights in bf16 (or, for the network's
+        # linear layers, float8 with a per-tensor scale), the text encoders' in float8, and the first
+        # ``blocks_to_swap`` blocks kept in host memory until they run.
+        if frozen_dtype not in ("fp32", "bf16", "fp8"):
+            raise ValueError(f"frozen_dtype {frozen_dtype!r}: expected fp32, bf16 or fp8")
+        self.frozen_dtype, self.text_encoder_fp8, self.blocks_to_swap = frozen_dtype, text_encoder_fp8, blocks_to_swap
         self.compile_unet, self.channels_last = compile, channels_last
         self.automatic_optimization = not self.optimizer_config.get("fused_backward", False)
         # Pretraining from scratch: the probability that a caption is replaced by "" (Ho & Salimans 2022), so the
@@ -247,6 +256,9 @@ class LatentDiffusion(DreamBoothTraining, pl.LightningModule):
                 freeze(self.cond_stage_model)
             self.conditioning = TextConditioning(self.cond_stage_model)
 
+        if frozen_dtype != "fp32":  # before the weights arrive, so a model built on the meta device loads them so
+            for part in self.frozen_parts():
+                part.to(torch.bfloat16)
         if ckpt_path is not None:
             from ldm.weights.checkpoint import load_checkpoint  # local: the loader imports this module's names
             load_checkpoint(self, ckpt_path)
@@ -286,7 +298,8 @@ class LatentDiffusion(DreamBoothTraining, pl.LightningModule):
     # ---- first stage (VAE) -----------------------------------------------------------------------------
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
-        return self.first_stage_model.encode(x)
+        with self.frozen_autocast(x.device):
+            return self.first_stage_model.encode(x)
 
     def get_first_stage_encoding(self, encoder_posterior: DiagonalGaussianDistribution | torch.Tensor,
                                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -301,8 +314,8 @@ class LatentDiffusion(DreamBoothTraining, pl.LightningModule):
 
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
-        with borrowed(self.first_stage_model, z.device):
-            return self.first_stage_model.decode(z / self.scale_factor + self.shift_factor)
+        with borrowed(self.first_stage_model, z.device), self.frozen_autocast(z.device):
+            return self.first_stage_model.decode(z / self.scale_factor + self.shift_factor).float()
 
     @property
     def vae_factor(self) -> int:
@@ -317,7 +330,7 @@ class LatentDiffusion(DreamBoothTraining, pl.LightningModule):
 
     def encode_text(self, prompts: Sequence[str]) -> Any:
         """The text parts of the conditioning (what a text cache stores per caption)."""
-        with borrowed(self.text_model, self.betas.device):
+        with borrowed(self.text_model, self.betas.device), self.frozen_autocast(self.betas.device):
             return self.conditioning.text(list(prompts))
 
     def default_sizes(self, n: int, height: Optional[int] = None, width: Optional[int] = None,
@@ -340,7 +353,7 @@ class LatentDiffusion(DreamBoothTraining, pl.LightningModule):
                                        sizes: Optional[Mapping[str, torch.Tensor]] = None) -> Any:
         """The unconditional input of classifier-free guidance for these negative prompts ("" for none)."""
         sizes = sizes if sizes is not None else self.default_sizes(len(negatives))
-        with borrowed(self.text_model, self.betas.device):
+        with borrowed(self.text_model, self.betas.device), self.frozen_autocast(self.betas.device):
             return self.conditioning.unconditional(list(negatives), sizes)
 
     # ---- denoiser --------------------------------------------------------------------------------------
@@ -354,7 +367,16 @@ class LatentDiffusion(DreamBoothTraining, pl.LightningModule):
             cond = {"c_crossattn": cond if isinstance(cond, (list, tuple)) else [cond]}
         if self.channels_last:
             x_noisy = x_noisy.contiguous(memory_format=torch.channels_last)
-        return self.model(x_noisy, t, **cond)
+        with self.frozen_autocast(x_noisy.device):
+            return self.model(x_noisy, t, **cond)
+
+    def frozen_autocast(self, device: torch.device) -> Any:
+        """bf16 autocast around every use of frozen weights stored in bf16 or float8 (``frozen_dtype``): the
+        training step has Lightning's, but latent and text caching, class images and validation grids run outside
+        it. Nothing for an fp32 model."""
+        if self.frozen_dtype == "fp32":
+            return nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16)
 
     @property
     def guidance_distilled(self) -> bool:

@@ -202,21 +202,53 @@ class DreamBoothTraining:
         return isinstance(zero, Mapping) and bool((zero.get("zero_optimization") or {}).get("offload_optimizer"))
 
     # ---- lean training: bf16 weights, compile, channels-last ---------------------------------------------
+    def frozen_parts(self) -> list[nn.Module]:
+        """The sub-models that never train: the autoencoder, the frozen text encoders, and the network itself when
+        only adapters train (LoRA)."""
+        parts = [self.first_stage_model]
+        if not self.cond_stage_trainable:
+            parts += [m for m in self.conditioning.text_encoders().values()
+                      if not any(p.requires_grad for p in m.parameters())]
+        return parts + ([self.model.diffusion_model] if self.lora_settings else [])
+
     def configure_model(self) -> None:
         """Lightning's hook before the optimizer is built (and before the model moves to its device): store the
-        trainable weights in bf16, put the UNet in channels-last format, compile it. Idempotent."""
+        trainable weights in bf16, the frozen network's and text encoders' linear weights in float8, swap the
+        network's first blocks to host memory, put the UNet in channels-last format, compile it. Idempotent."""
         if getattr(self, "_lean_applied", False):
             return
         self._lean_applied = True
         if self.weights_dtype == "bf16":
             for p in self.trainable_parameters():
                 p.data = p.data.to(torch.bfloat16)
+        self.apply_low_memory()
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.compile_unet:
             from ldm.modules.speed import compile_or_eager
             device = getattr(getattr(self._trainer, "strategy", None), "root_device", self.device)
             compile_or_eager(self.model.diffusion_model, device)
+
+    def apply_low_memory(self) -> None:
+        """``frozen_dtype: fp8``, ``text_encoder_fp8`` and ``blocks_to_swap`` (ldm/modules/lowmem.py)."""
+        from ldm.modules.lowmem import BlockSwap, quantize_fp8_
+        if self.frozen_dtype == "fp8":
+            n = quantize_fp8_(self.model.diffusion_model)
+            print(f"frozen_dtype fp8: {n} linear layers of the network stored in float8_e4m3fn")
+        if self.text_encoder_fp8:
+            n = sum(quantize_fp8_(m) for m in self.conditioning.text_encoders().values())
+            print(f"text_encoder_fp8: {n} linear layers of the text encoders stored in float8_e4m3fn")
+        if self.blocks_to_swap:
+            net = self.model.diffusion_model
+            blocks = [*net.double_blocks, *net.single_blocks]
+            device = getattr(getattr(self._trainer, "strategy", None), "root_device", self.device)
+            if device.type != "cuda":
+                print(f"blocks_to_swap {self.blocks_to_swap}: training on {device.type}, no accelerator memory to "
+                      f"spare: every block stays where the model is")
+                return
+            self.block_swap = BlockSwap(blocks, resident=len(blocks) - self.blocks_to_swap, device=device,
+                                        checkpointed=bool(net.params.use_checkpoint))
+            print(f"blocks_to_swap: {self.blocks_to_swap} of {len(blocks)} blocks kept in host memory")
 
     def saved_layout(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``state_dict`` in the layout of the model's files: weights stored in bf16 for training are written in

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
+from ldm.modules.diffusionmodules.util import checkpoint
+
 
 @dataclass
 class FluxParams:
@@ -42,6 +44,8 @@ class FluxParams:
     theta: int = 10_000
     qkv_bias: bool = True
     guidance_embed: bool = True
+    #: Gradient checkpointing of every block (Chen et al. 2016): activations recomputed in backward. Not a weight.
+    use_checkpoint: bool = False
 
     @classmethod
     def dev(cls) -> FluxParams:
@@ -365,11 +369,12 @@ class Flux(nn.Module):
         txt = self.txt_in(txt)
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
 
+        grad_ckpt = self.params.use_checkpoint
         for block in self.double_blocks:
-            img, txt = block(img=img, txt=txt, vec=vec, pe=pe)
+            img, txt = checkpoint(block, (img, txt, vec, pe), (), grad_ckpt)
         img = torch.cat((txt, img), 1)
         for block in self.single_blocks:
-            img = block(img, vec=vec, pe=pe)
+            img = checkpoint(block, (img, vec, pe), (), grad_ckpt)
         return self.final_layer(img[:, txt.shape[1]:, ...], vec)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
