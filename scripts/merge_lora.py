@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Bake LoRA adapters into a full Stable Diffusion checkpoint (v1 or SDXL): W += strength * alpha / rank * up @ down.
+"""Bake LoRA adapters into a full Stable Diffusion checkpoint (v1 or SDXL) or a FLUX.1 transformer file:
+W += strength * alpha / rank * up @ down.
 
     python scripts/merge_lora.py sd-v1-4.ckpt lora-last.safetensors[:0.8] merged.safetensors [--fp16]
     python scripts/merge_lora.py sd_xl_base_1.0.safetensors sdxl-lora.safetensors merged-xl.safetensors
+    python scripts/merge_lora.py flux1-dev.safetensors flux-lora.safetensors flux1-dev-sks.safetensors
 
 The result loads anywhere the base checkpoint does, with no adapter support needed. Several adapters may be
 given; they are added one after the other. SDXL's second text encoder keeps q, k and v in one packed
@@ -24,9 +26,18 @@ from ldm.weights.checkpoint import CheckpointError, read_checkpoint, refuse_nonf
 from ldm.weights.lora import merge_lora, parse_lora_spec, read_lora  # noqa: E402
 
 
+def released_network(sd: dict) -> str:
+    """The prefix to put before ``sd``'s keys when it is a network file as a family releases it alone (FLUX.1's
+    transformer: ``model.diffusion_model.``), else ""."""
+    from ldm.families import FAMILIES, detect_family
+    family = FAMILIES.get(detect_family({k: tuple(v.shape) for k, v in sd.items()}))
+    bare = family.bare_prefix if family else ""
+    return bare if bare and not any(k.startswith(bare) for k in sd) else ""
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("base", help="full SD v1 or SDXL checkpoint (.ckpt or .safetensors)")
+    p.add_argument("base", help="full SD v1 or SDXL checkpoint, or a FLUX.1 transformer (.ckpt or .safetensors)")
     p.add_argument("lora", nargs="+", help="adapter file(s), each FILE[:STRENGTH]")
     p.add_argument("out", help="output checkpoint (.ckpt or .safetensors)")
     p.add_argument("--fp16", action="store_true", help="write half-precision weights")
@@ -36,9 +47,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         inputs = [args.base] + [parse_lora_spec(spec)[0] for spec in args.lora]
         check_output(args.out, inputs, "out", overwrite=args.overwrite)
         sd, meta = read_checkpoint(args.base)
+        bare = released_network(sd)  # FLUX.1's transformer file: its keys without the model's prefix
+        sd = {bare + k: v for k, v in sd.items()} if bare else sd
         if not any(k.startswith("model.diffusion_model.") for k in sd):
             raise CheckpointError(f"{args.base}: not a full Stable Diffusion checkpoint (no model.diffusion_model.* "
-                                      f"keys)")
+                                  f"keys), nor a FLUX.1 transformer")
         for spec in args.lora:
             path, strength, lora = read_lora(spec)
             try:
@@ -46,6 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
             except ValueError as e:
                 raise CheckpointError(f"{path}: {e}") from None
             print(f"merged {path} at strength {strength}")
+        sd = {k[len(bare):]: v for k, v in sd.items()} if bare else sd  # written back in the base's layout
         if args.fp16:
             sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
         refuse_nonfinite(sd, f"{args.base} merged with {', '.join(args.lora)}" + " in float16" * args.fp16)

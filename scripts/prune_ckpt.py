@@ -5,6 +5,7 @@ buffers).
     python scripts/prune_ckpt.py logs/.../last.ckpt sks-dog.ckpt --fp16           # ~2.1 GB instead of ~12 GB
     python scripts/prune_ckpt.py last.ckpt sks-dog.safetensors --fp16 --no-ema    # live weights, safetensors
     python scripts/prune_ckpt.py sdxl-last.ckpt sks-dog-xl.safetensors --fp16     # SDXL: conditioner.* kept
+    python scripts/prune_ckpt.py flux-last.ckpt sks-dog-flux.safetensors --bf16   # FLUX.1: the transformer alone
     python scripts/prune_ckpt.py --report                                         # sizes of the v1 files
 
 Optimizer, LR-scheduler, callback and loop states and ``model_ema.*`` are dropped; ``global_step`` is kept.
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--safetensors", action="store_true",
                    help="write safetensors (the output's suffix becomes .safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never the input)")
+    p.add_argument("--whole", action="store_true",
+                   help="FLUX.1: keep every part (transformer, ae, T5, CLIP) in one file instead of the transformer "
+                        "alone in its released layout (what --ckpt takes beside --ae, --t5 and --clip)")
     p.add_argument("--report", action="store_true",
                    help="print the sizes of the full-size SD v1 files (full EMA, training, pruned) and exit "
                         "(SD v1 only)")
@@ -75,7 +79,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
         out = out.with_suffix(".safetensors")
     dtype = torch.float16 if opt.fp16 else torch.bfloat16 if opt.bf16 else None
     try:
-        result = prune_file(opt.input, out, dtype=dtype, use_ema=opt.use_ema, overwrite=opt.overwrite)
+        result = prune_file(opt.input, out, dtype=dtype, use_ema=opt.use_ema, overwrite=opt.overwrite,
+                            whole=opt.whole)
     except (CheckpointError, OutputError, DiskFullError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     stored = f"floating weights stored as {str(dtype).replace('torch.', '')}" if dtype else "dtypes unchanged"

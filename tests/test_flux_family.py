@@ -147,3 +147,34 @@ def test_a_comfyui_scaled_fp8_file_is_read_as_its_weights(tiny_flux_model, parts
     assert got[key].dtype == torch.bfloat16 and not any(k.endswith("scale_weight") for k in got)
     err = (got[key].float() - sd["double_blocks.0.img_attn.qkv.weight"]).abs().max()
     assert err <= 0.07 * sd["double_blocks.0.img_attn.qkv.weight"].abs().max()  # e4m3's 3 mantissa bits
+
+
+def test_merge_prune_and_lora_flag_on_flux_files(tiny_flux_model, parts, t5_tokenizer, tmp_path):
+    """A FLUX LoRA file baked into the released transformer file gives the pictures the adapter gives at sampling
+    time (--lora), the merged file keeps the released layout; a training checkpoint prunes to the transformer alone,
+    which samples beside the other files."""
+    import copy
+
+    from ldm.weights.checkpoint import read_checkpoint, save_checkpoint
+    from ldm.weights.lora import LoraSettings, add_lora, lora_state_dict
+    model = copy.deepcopy(tiny_flux_model)
+    add_lora(model, LoraSettings(rank=2, unet_targets=("img_attn.qkv", "linear1", "linear2")))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data = torch.randn_like(p)  # peft starts B at zero: an adapter that changes the pictures visibly
+    lora = save_checkpoint(tmp_path / "adapter.safetensors", lora_state_dict(model))
+    merged = load_script("merge_lora").main([str(parts["ckpt"]), str(lora), str(tmp_path / "merged.safetensors")])
+    sd, _ = read_checkpoint(merged)
+    assert set(sd) == set(read_checkpoint(parts["ckpt"])[0])  # Black Forest Labs' names, no prefix
+    txt2img = load_script("stable_txt2img").main
+    (with_lora, _) = txt2img(flags(parts, t5_tokenizer, tmp_path / "a", "--lora", str(lora)))
+    (baked, _) = txt2img(flags({**parts, "ckpt": merged}, t5_tokenizer, tmp_path / "b"))
+    a, b = (np.asarray(Image.open(p)).astype(int) for p in (with_lora, baked))
+    (plain, _) = txt2img(flags(parts, t5_tokenizer, tmp_path / "c"))
+    assert np.abs(a - b).max() <= 2 and np.abs(a - np.asarray(Image.open(plain)).astype(int)).max() > 10
+    whole = save_checkpoint(tmp_path / "last.ckpt", tiny_flux_model.state_dict(), global_step=5)
+    pruned = load_script("prune_ckpt").main([str(whole), str(tmp_path / "pruned.safetensors"), "--bf16"])
+    sd, meta = read_checkpoint(pruned)
+    assert set(sd) == set(read_checkpoint(parts["ckpt"])[0]) and meta["modelspec.architecture"] == "flux-1-dev"
+    assert all(v.dtype == torch.bfloat16 for v in sd.values())
+    assert txt2img(flags({**parts, "ckpt": pruned}, t5_tokenizer, tmp_path / "d"))

@@ -225,15 +225,24 @@ def test_progress_losses_and_external_runs(roots):
 # ---- the commands the UI builds ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("recipe", list(rc.recipes()))
-def test_the_training_command_passes_main_py_checks(roots, recipe):
+def test_the_training_command_passes_main_py_checks(roots, recipe, t5_tokenizer):
     """Each recipe's command line goes through main.py's parser and the training module's checks of every
-    config key and value (``prepare``: no model is loaded)."""
+    config key and value (``prepare``: no model is loaded). FLUX.1's takes its other files from the model folder,
+    and says which one is missing."""
+    import shutil
+
     import main as main_py
     from ldm.training.run import TrainOptions, prepare
     photos = make_folder(roots.data_dir / "uploads" / "dog", 5)
     ckpt = roots.model_dir / "base.safetensors"
     ckpt.write_bytes(b"weights")
     request = rc.TrainRequest(recipe, str(photos), "stuffed animal", "sks", str(ckpt), 30, 2e-6, True, 8, 10, 5)
+    if "FLUX" in recipe:
+        with pytest.raises(rc.RequestError, match="FLUX.1 \\[dev\\] needs its ae file beside it: put ae.safetensors"):
+            rc.training_argv(request, roots, cuda=False)
+        for name in ("ae.safetensors", "t5xxl_fp16.safetensors", "clip_l.safetensors"):
+            (roots.model_dir / name).write_bytes(b"weights")
+        shutil.copy(t5_tokenizer, roots.model_dir / "spiece.model")
     argv, name, r = rc.training_argv(request, roots, cuda=False)
     assert argv[:2] == [sys.executable, str(REPO / "main.py")] and name == "sks_stuffed_animal"
     opt, overrides = main_py.get_parser().parse_known_args(argv[2:])
@@ -243,8 +252,14 @@ def test_the_training_command_passes_main_py_checks(roots, recipe):
     assert cfg.data.params.class_word == "stuffed animal" and cfg.class_images.num == 8
     assert cfg.lightning.callbacks.webui_progress.target == "ldm.webui.progress.LiveProgress"
     assert cfg.lightning.callbacks.image_logger.params.batch_frequency == 10
-    assert (cfg.model.params.get("lora_config") or {}).get("rank") == (4 if "LoRA" in recipe else None)
+    assert (cfg.model.params.get("lora_config") or {}).get("rank") == (16 if "FLUX" in recipe else 4 if "LoRA" in recipe else None)
     assert Path(cfg.data.params.reg_data_root).parent == roots.class_images
+    if "FLUX" in recipe:
+        assert cfg.model.params.component_paths == {"ae": str(roots.model_dir / "ae.safetensors"),
+                                                     "t5": str(roots.model_dir / "t5xxl_fp16.safetensors"),
+                                                     "clip": str(roots.model_dir / "clip_l.safetensors")}
+        t5 = cfg.model.params.conditioner_config.params.emb_models[1].params
+        assert t5.tokenizer_path == str(roots.model_dir / "spiece.model")
     with pytest.raises(PathRefused):
         rc.training_argv(rc.TrainRequest(recipe, "/tmp", "dog", "sks", str(ckpt), 30, 2e-6, False, 8), roots, False)
     with pytest.raises(rc.RequestError, match="may not contain"):
@@ -377,3 +392,33 @@ def test_a_script_that_wants_to_exit_or_hangs_never_holds_the_server(ui, tmp_pat
         with ui.jobs.device("inpainting"):
             tools.run_script("hang", [], timeout_s=2)
     assert time.time() - tic < 30 and ui.jobs.busy() is None
+
+
+def test_generate_with_flux_files_from_the_model_folder(ui, roots, tiny_flux_model, t5_tokenizer):
+    """A FLUX.1 transformer file in the model folder samples from the Generate tab with its other files found
+    beside it; the page's guidance scale becomes dev's distilled guidance (no classifier-free pass), and a missing
+    part is named in one line."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from ldm.webui import generate_tab
+    sd = tiny_flux_model.state_dict()
+
+    def part(prefix: str, name: str) -> None:  # T5's tied embedding saved once, as some releases hold it
+        save_file({k[len(prefix):]: v.contiguous() for k, v in sd.items() if k.startswith(prefix)
+                   and not k.endswith("encoder.embed_tokens.weight")}, str(roots.model_dir / name))
+    part("model.diffusion_model.", "flux1-tiny.safetensors")
+    part("first_stage_model.", "ae.safetensors")
+    part("conditioner.embedders.0.transformer.", "clip_l.safetensors")
+    tiny = str(REPO / "configs/flux/tiny-flux-inference.yaml")
+    args = (ui, str(roots.model_dir / "flux1-tiny.safetensors"), "", 1.0, "a sks toy", "", 4, 2, 3.5, "auto",
+            "64 x 64", 1)
+    _, status = generate_tab.generate(*args, config=tiny)
+    assert status.startswith("⚠ FLUX.1 [dev] needs its t5 file beside it: put t5xxl*.safetensors in "), status
+    part("conditioner.embedders.1.transformer.", "t5xxl_tiny.safetensors")
+    shutil.copy(t5_tokenizer, roots.model_dir / "spiece.model")
+    gallery, status = generate_tab.generate(*args, config=tiny)
+    assert status.startswith("1 image in "), status
+    meta = Image.open(gallery[0]).text
+    assert (meta["sampler"], meta["guidance"], meta["scale"], meta["steps"]) == ("flow_euler", "3.5", "1.0", "2")

@@ -140,12 +140,24 @@ class PruneResult:
                 f"UNet: {weights}")
 
 
+def network_alone(sd: Mapping[str, torch.Tensor]) -> Optional[dict[str, torch.Tensor]]:
+    """For a family released as separate files (FLUX.1), the network alone in its released layout (the keys under
+    ``Family.bare_prefix``, without it): what such a family's users share and load with ``--ae``/``--t5``/``--clip``;
+    None for every other family."""
+    from ldm.families import FAMILIES, detect_family
+    family = FAMILIES.get(detect_family({k: tuple(v.shape) for k, v in sd.items()}))
+    if family is None or not family.components:
+        return None
+    return {k[len(family.bare_prefix):]: v for k, v in sd.items() if k.startswith(family.bare_prefix)}
+
+
 def prune_file(src: str | Path, dst: str | Path, dtype: Optional[torch.dtype] = None,
-               use_ema: Optional[bool] = None, overwrite: bool = False) -> PruneResult:
+               use_ema: Optional[bool] = None, overwrite: bool = False, whole: bool = False) -> PruneResult:
     """Read ``src`` (.ckpt or .safetensors), prune it, write ``dst`` atomically (format by its extension).
 
     Only the state dict's tensors and ``global_step`` are carried over; optimizer, scheduler, callback and loop
-    states never leave ``src``. Errors are ``CheckpointError`` with one line naming the file; an output that is
+    states never leave ``src``. A family released as separate files (FLUX.1) is written as its network alone, in
+    the released layout (:func:`network_alone`), unless ``whole``. Errors are ``CheckpointError`` with one line naming the file; an output that is
     the input, or (without ``overwrite``) exists, is an ``OutputError``.
     """
     from ldm.files import check_output
@@ -160,6 +172,8 @@ def prune_file(src: str | Path, dst: str | Path, dtype: Optional[torch.dtype] = 
     if dtype is not None:  # finite in the file, beyond the range of the smaller type
         refuse_nonfinite(pruned, src, why=f"they become Inf in {str(dtype).removeprefix('torch.')} (values beyond its "
                                           f"range); write fp32 (without --fp16), or --bf16")
+    alone = None if whole else network_alone(pruned)
+    pruned = alone if alone is not None else pruned
     covered, total = ema_coverage(sd)
     step = meta.get("global_step")
     save_checkpoint(dst, pruned, global_step=step)

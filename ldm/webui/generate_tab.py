@@ -37,8 +37,8 @@ def options(ui: WebUI, prompt: str, negative: str, seed: float, steps: float, sc
             n: float, lora: Optional[str] = None, strength: float = 1.0) -> tools.SampleOptions:
     if not prompt or not prompt.strip():
         raise RequestError("prompt: empty")
-    if sampler not in SAMPLER_NAMES:
-        raise RequestError(f"sampler {sampler!r}: one of {', '.join(SAMPLER_NAMES)}")
+    if sampler not in ("auto", *SAMPLER_NAMES):
+        raise RequestError(f"sampler {sampler!r}: auto or one of {', '.join(SAMPLER_NAMES)}")
     if seed is None or not 0 <= seed <= MAX_SEED or int(seed) != seed:
         raise RequestError(f"seed {seed}: a whole number between 0 and {MAX_SEED}")
     if not 1 <= int(n) <= MAX_IMAGES:
@@ -55,6 +55,7 @@ def generate(ui: WebUI, ckpt: str, lora: str, strength: float, prompt: str, nega
         path = ui.readable_weights(ckpt, "checkpoint")
         opts = options(ui, prompt, negative, seed, steps, scale, sampler, n, lora, strength)
         opts.config = tools.model_config(config, path)
+        opts = tools.for_checkpoint(opts, path, ui.roots.model_dir, opts.config)
         tic = time.time()
         with ui.jobs.device("image generation"):
             written = tools.txt2img(path, opts, ui.roots.outputs / "txt2img", parse_size(size))
@@ -128,6 +129,7 @@ def run_inpaint(ui: WebUI, editor: Optional[dict], ckpt: str, prompt: str, negat
         path = ui.readable_weights(ckpt, "checkpoint")
         opts = options(ui, prompt, negative, seed, steps, scale, sampler, n)
         opts.config = tools.model_config(config, path)
+        opts = tools.for_checkpoint(opts, path, ui.roots.model_dir, opts.config)
         image_path, mask_path = save_inputs(ui, image, mask)
         tic = time.time()
         with ui.jobs.device("inpainting"):
@@ -156,9 +158,11 @@ def _sampling_fields(prefix: str) -> tuple:
         dice = gr.Button("⚄ random", elem_id=f"{prefix}-dice", scale=1, min_width=40)
     with gr.Row():
         steps = gr.Slider(1, 150, 30, step=1, label="steps", elem_id=f"{prefix}-steps")
-        scale = gr.Slider(1, 20, 7.5, step=0.5, label="guidance scale", elem_id=f"{prefix}-scale")
+        scale = gr.Slider(1, 20, 7.5, step=0.5, label="guidance scale (FLUX.1 [dev]: its distilled guidance, "
+                          "e.g. 3.5)", elem_id=f"{prefix}-scale")
     with gr.Row():
-        sampler = gr.Dropdown(list(SAMPLER_NAMES), value="ddim", label="sampler", elem_id=f"{prefix}-sampler")
+        sampler = gr.Dropdown(["auto", *SAMPLER_NAMES], value="auto", label="sampler (auto: the model's own)",
+                              elem_id=f"{prefix}-sampler")
         n = gr.Slider(1, MAX_IMAGES, 2, step=1, label="images", elem_id=f"{prefix}-n")
     dice.click(lambda: random.randint(0, MAX_SEED), None, seed)
     return seed, steps, scale, sampler, n

@@ -68,6 +68,7 @@ def recipes() -> dict[str, Recipe]:
     listed = [Recipe("SD v1 full fine-tune", v1, None),
               Recipe("SD v1 LoRA (rank 4)", v1, None, lora_rank=4, learning_rate=1e-4),
               Recipe("SDXL LoRA", REPO / "configs/stable-diffusion/sdxl-dreambooth-lora.yaml", None),
+              Recipe("FLUX.1 [dev] LoRA (rank 16)", REPO / "configs/flux/flux1-dev-dreambooth-lora.yaml", None),
               _tiny_recipe()]
     return {r.label: r for r in listed}
 
@@ -130,6 +131,7 @@ def training_argv(request: TrainRequest, roots: Roots, cuda: bool) -> tuple[list
             f"--token={token}", f"--max_steps={steps}", f"--seed={seed}", "--scale_lr=false"]
     if start is not None:
         argv.append(f"--actual_resume={start}")
+        argv += family_parts(recipe, start, roots)
     if request.prior:
         count = _int("class images", request.num_class_images, 1, 10_000)
         reg = roots.class_images / safe_name(f"{'_'.join(words)}-{start.stem if start else 'random'}-"
@@ -144,6 +146,21 @@ def training_argv(request: TrainRequest, roots: Roots, cuda: bool) -> tuple[list
         every = _int("validation grid every", request.grid_every, 1, 1_000_000)
         argv.append(f"lightning.callbacks.image_logger.params.batch_frequency={every}")
     return argv, name, recipe
+
+
+def family_parts(recipe: Recipe, start: Path, roots: Roots) -> list[str]:
+    """The flags of the recipe's family's other files (FLUX.1: ``--ae``, ``--t5``, ``--clip``, ``--t5_tokenizer``),
+    found in the model folder beside the starting checkpoint; none for a one-file family."""
+    from ldm.families import FAMILIES, config_family
+    from ldm.webui.tools import ToolError, find_parts
+    family = FAMILIES.get(config_family(OmegaConf.load(recipe.config)) or "")
+    if family is None or not family.components:
+        return []
+    try:
+        parts = find_parts(family, roots.model_dir, exclude=start)
+    except ToolError as e:
+        raise RequestError(str(e)) from None
+    return [f"--{flag}={path}" for flag, path in parts.items()]
 
 
 def _starting_checkpoint(checkpoint: Optional[str], recipe: Recipe, roots: Roots) -> Optional[Path]:

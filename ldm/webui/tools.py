@@ -17,10 +17,10 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from omegaconf import OmegaConf
 
@@ -55,19 +55,62 @@ class SampleOptions:
     config: Optional[Path] = None
     lora: Optional[Path] = None
     lora_strength: float = 1.0
+    guidance: Optional[float] = None  # a guidance-distilled model's (FLUX.1 [dev]) guidance input
+    parts: dict[str, Path] = field(default_factory=dict)  # a family's other files (FLUX.1: --ae, --t5, ...)
 
     def argv(self) -> list[str]:
         """The scripts' flags. Every value is joined to its flag (``--prompt=TEXT``): argparse takes what follows
         ``=`` as the value whatever it looks like, so a prompt such as ``--from-file=/etc/passwd`` or ``--help``
-        reaches the script as a prompt, never as a flag."""
+        reaches the script as a prompt, never as a flag. Sampler "auto" leaves the choice to the script (the
+        model family's default)."""
         args = [f"--prompt={self.prompt}", f"--negative_prompt={self.negative_prompt}", f"--seed={self.seed}",
-                f"--ddim_steps={self.ddim_steps}", f"--scale={self.scale}", f"--sampler={self.sampler}",
-                f"--n_samples={self.n_samples}", "--n_iter=1"]
+                f"--ddim_steps={self.ddim_steps}", f"--scale={self.scale}", f"--n_samples={self.n_samples}",
+                "--n_iter=1"]
+        if self.sampler != "auto":
+            args.append(f"--sampler={self.sampler}")
+        if self.guidance is not None:
+            args.append(f"--guidance={self.guidance}")
+        args += [f"--{flag}={path}" for flag, path in self.parts.items()]
         if self.config is not None:
             args.append(f"--config={self.config}")
         if self.lora is not None:
             args.append(f"--lora={self.lora}:{self.lora_strength}")
         return args
+
+
+#: Where a family's other files are looked for in the model folder, by flag (FLUX.1's releases' names first).
+PART_FILES = {"ae": ("ae.safetensors", "*ae*.safetensors"), "t5": ("t5xxl*.safetensors", "*t5*.safetensors"),
+              "clip": ("clip_l*.safetensors", "*clip*.safetensors"), "t5_tokenizer": ("spiece.model", "*.model")}
+
+
+def for_checkpoint(options: SampleOptions, ckpt: Path, model_dir: Path, config: Optional[Path] = None
+                   ) -> SampleOptions:
+    """``options`` fitted to the checkpoint's family: a guidance-distilled model (FLUX.1 [dev]) takes the page's
+    guidance scale as its guidance input and runs without classifier-free guidance (scale 1), as does schnell; a
+    family released as separate files gets them from the model folder (:data:`PART_FILES`), or a one-line error
+    naming the file to put there."""
+    from ldm.families import FAMILIES, config_family, detect_family
+    from ldm.weights.checkpoint import checkpoint_shapes
+    name = config_family(OmegaConf.load(config)) if config is not None else detect_family(checkpoint_shapes(ckpt))
+    family = FAMILIES.get(name or "")
+    if family is None or not family.components:
+        return options
+    guidance = options.scale if "guidance" in family.sampling_defaults else None
+    return replace(options, scale=1.0, guidance=guidance, parts=find_parts(family, model_dir, exclude=ckpt))
+
+
+def find_parts(family: Any, model_dir: Path, exclude: Optional[Path] = None) -> dict[str, Path]:
+    """The family's other files (and its tokenizer) in the model folder, flag -> file (:data:`PART_FILES`); a
+    one-line ``ToolError`` naming the first one missing."""
+    parts = {}
+    for flag in [*family.components, *family.config_flags]:
+        found = next((p for pattern in PART_FILES[flag] for p in sorted(model_dir.rglob(pattern))
+                      if p.is_file() and p != exclude), None)
+        if found is None:
+            raise ToolError(f"{family.label} needs its {flag} file beside it: put {PART_FILES[flag][0]} in "
+                            f"{model_dir}")
+        parts[flag] = found
+    return parts
 
 
 # ---- which files are what ------------------------------------------------------------------------------------
