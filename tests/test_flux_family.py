@@ -178,3 +178,67 @@ def test_merge_prune_and_lora_flag_on_flux_files(tiny_flux_model, parts, t5_toke
     assert set(sd) == set(read_checkpoint(parts["ckpt"])[0]) and meta["modelspec.architecture"] == "flux-1-dev"
     assert all(v.dtype == torch.bfloat16 for v in sd.values())
     assert txt2img(flags({**parts, "ckpt": pruned}, t5_tokenizer, tmp_path / "d"))
+
+
+@pytest.mark.parametrize("variant, transformer", [("dev", "flux1-dev-state-dict.tsv"),
+                                                  ("schnell", "flux1-schnell-state-dict.tsv")])
+def test_the_inference_config_holds_each_released_file_key_for_key(variant, transformer):
+    """The whole FLUX.1 model, built on the meta device from its inference config: under each prefix, the keys and
+    shapes of the file released for that part (../shared/reference)."""
+    from conftest import reference_layout
+    from ldm.families import config_family
+    from ldm.util import instantiate_from_config
+    config = OmegaConf.load(f"configs/flux/flux1-{variant}-inference.yaml")
+    assert config_family(config) == f"flux-{variant}"
+    with torch.device("meta"):
+        model = instantiate_from_config(config.model)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for prefix, layout in (("model.diffusion_model.", transformer), ("first_stage_model.", "flux-ae-state-dict.tsv"),
+                           (T5, "t5xxl-encoder-state-dict.tsv")):
+        ref = {k: shape for k, (shape, _) in reference_layout(layout).items()}
+        assert {k[len(prefix):]: s for k, s in ours.items() if k.startswith(prefix)} == ref, prefix
+    clip = {k for k in ours if k.startswith(CLIP)}
+    assert {k[len(CLIP):] for k in clip} == {k[len("cond_stage_model.transformer."):] for k in reference_layout()
+                                             if k.startswith("cond_stage_model.transformer.")}  # SD v1's CLIP-L
+    assert set(ours) == set().union(*[{k for k in ours if k.startswith(p)} for p in (
+        "model.diffusion_model.", "first_stage_model.", T5, CLIP)])  # nothing else (no schedule buffers)
+
+
+def test_text_encoder_adapters_take_sd_scripts_names(tiny_flux_model):
+    """With text_encoder adapters, CLIP's are lora_te1_ and T5's lora_te3_ (on T5's q, k, v, o)."""
+    import copy
+
+    from ldm.weights.lora import LoraSettings, add_lora, lora_state_dict
+    model = copy.deepcopy(tiny_flux_model)
+    add_lora(model, LoraSettings(rank=2, text_encoder=True, unet_targets=("img_attn.qkv",)))
+    keys = set(lora_state_dict(model))
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
+    assert "lora_te3_encoder_block_1_layer_0_SelfAttention_o.lora_up.weight" in keys
+    assert "lora_unet_double_blocks_0_img_attn_qkv.alpha" in keys
+
+
+def test_a_lora_of_another_family_and_fp8_without_float8_are_one_line(parts, t5_tokenizer, tiny_ckpt, tmp_path,
+                                                                       capsys, monkeypatch):
+    import copy
+
+    from ldm.weights.checkpoint import save_checkpoint
+    from ldm.weights.lora import LoraSettings, add_lora, lora_state_dict
+    from conftest import tiny_flux_config
+    from ldm.util import instantiate_from_config
+    model = instantiate_from_config(tiny_flux_config(t5_tokenizer).model)
+    add_lora(model, LoraSettings(rank=2, unet_targets=("img_attn.qkv",)))
+    lora = save_checkpoint(tmp_path / "flux-lora.safetensors", lora_state_dict(model))
+    line = one_line(capsys, load_script("stable_txt2img").main,
+                    ["--config", str(TINY_CONFIG), "--ckpt", str(tiny_ckpt), "--lora", str(lora), "--outdir",
+                     str(tmp_path / "o"), "--ddim_steps", "2", "--n_samples", "1", "--n_iter", "1"])
+    assert "no such module in this model (a LoRA for another model?)" in line
+    import ldm.modules.lowmem
+    monkeypatch.setattr(ldm.modules.lowmem, "fp8_supported", lambda: False)
+    import main as main_module
+    from helpers import make_folder
+    with pytest.raises(SystemExit) as info:
+        main_module.main(["--base", "configs/flux/tiny-flux-finetune.yaml", "-t", "--logdir", str(tmp_path / "l"),
+                          "--data_root", str(make_folder(tmp_path / "s", 2)), "--class_word", "toy",
+                          "--t5_tokenizer", str(t5_tokenizer), "model.params.frozen_dtype=fp8"])
+    assert info.value.code == 2
+    assert "no usable float8_e4m3fn" in capsys.readouterr().err and not (tmp_path / "l").exists()

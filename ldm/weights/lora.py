@@ -36,6 +36,8 @@ UNET = "model.diffusion_model."
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 #: transformers' CLIP module names; ``fc1``/``fc2`` (the MLP) may be added in ``text_targets``.
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+#: transformers' T5 module names; ``wi_0``, ``wi_1``, ``wo`` (the gated MLP) may be added in ``t5_targets``.
+T5_TARGETS = ("q", "k", "v", "o")
 #: state-dict prefix of each adapted sub-model -> kohya key prefix (every family's, from its record)
 PREFIXES = lora_prefixes()
 #: transformers' CLIP names of the OpenCLIP modules peft wraps (q/k/v_proj are rows of the packed in_proj)
@@ -57,12 +59,15 @@ class LoraSettings:
     unet_targets: tuple[str, ...] = UNET_TARGETS
     text_encoder: bool = False
     text_targets: tuple[str, ...] = TEXT_TARGETS
+    #: A T5 encoder's modules (FLUX.1's second text encoder, transformers' names): its attention projections.
+    t5_targets: tuple[str, ...] = T5_TARGETS
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ValueError(f"lora rank must be at least 1, got {self.rank}")
         self.unet_targets, self.text_targets = tuple(self.unet_targets), tuple(self.text_targets)
+        self.t5_targets = tuple(self.t5_targets)
 
 
 def _target_regex(targets: tuple[str, ...]) -> str:
@@ -78,8 +83,12 @@ def _is_open_clip(root: nn.Module) -> bool:
     return any(isinstance(m, MultiheadSelfAttention) for m in root.modules())
 
 
-def _text_plan(root: nn.Module, targets: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """``text_targets`` (transformers' CLIP names) -> (module names peft wraps in ``root``, packed q/k/v parts)."""
+def _text_plan(root: nn.Module, settings: LoraSettings) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The settings' text targets (transformers' CLIP names; a T5 encoder's own, ``t5_targets``) -> (module names
+    peft wraps in ``root``, packed q/k/v parts)."""
+    targets = settings.text_targets
+    if hasattr(root, "shared") and hasattr(root, "encoder"):  # a T5 encoder (transformers' layout)
+        return settings.t5_targets, ()
     if not _is_open_clip(root):
         return targets, ()
     parts = tuple(p for p in QKV if f"{p}_proj" in targets)
@@ -100,7 +109,7 @@ def add_lora(model: nn.Module, settings: LoraSettings) -> list[nn.Parameter]:
     alpha = settings.alpha if settings.alpha is not None else settings.rank
     plan = {UNET: (settings.unet_targets, ())}
     if settings.text_encoder:
-        plan.update({prefix: _text_plan(roots[prefix], settings.text_targets) for prefix in roots if prefix != UNET})
+        plan.update({prefix: _text_plan(roots[prefix], settings) for prefix in roots if prefix != UNET})
     for prefix, (names, parts) in plan.items():
         if names:
             config = LoraConfig(r=settings.rank, lora_alpha=alpha, lora_dropout=settings.dropout,
