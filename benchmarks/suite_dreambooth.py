@@ -19,14 +19,19 @@ memory report the same first-step loss: the tests hold them to it.
 
 Variant names are ``+``-joined switches (``Variant.parse``), so any combination can be asked for with
 ``--variants``; the lean-training switches (README: "Training on small GPUs") are ``fused`` (fused backward), ``bf16w``
-(weights stored in bf16), ``compile`` and ``cl`` (channels-last). SDXL (``--config sdxl`` / ``tiny-sdxl``): the
-LoRA recipe of sdxl-dreambooth-lora.yaml and a full UNet fine-tune, each plain and lean. ``--peer diffusers``
-adds, per row, diffusers' train_dreambooth.py step with the options it has (benchmarks/peer_dreambooth.py) and a
+(weights stored in bf16), ``compile`` and ``cl`` (channels-last); the big-transformer ones ``bf16`` / ``fp8`` (frozen
+weights in bf16 / float8), ``fp8t5`` (text encoders in float8) and ``swapN`` (block swap). SDXL (``--config sdxl`` /
+``tiny-sdxl``): the LoRA recipe of sdxl-dreambooth-lora.yaml and a full UNet fine-tune, each plain and lean. FLUX.1
+(``--config flux-dev`` / ``tiny-flux``, ``--width``): the LoRA recipe of flux1-dev-dreambooth-lora.yaml with each
+memory switch, and a full fine-tune (benchmarks/dreambooth_flux.py). ``--peer diffusers`` adds, per row, the
+diffusers script a user would otherwise run with the options it has (SD v1: train_dreambooth.py,
+benchmarks/peer_dreambooth.py; FLUX.1: train_dreambooth_lora_flux.py, benchmarks/peer_dreambooth_flux.py) and a
 table of ours / peer ratios.
 """
 from __future__ import annotations
 
 import argparse
+import re
 import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -34,6 +39,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Mapping, Optional
 
+from benchmarks.dreambooth_flux import FLUX_RECIPE, block_count, flux_notes, flux_variants
 from benchmarks.harness import (REPO, Cell, Meter, Result, comparison_header, comparison_rows, fill_zero_parameters_,
                                 fmt_peak, format_table, resolve_config, summary_line)
 from ldm.util import fmt_bytes
@@ -44,7 +50,13 @@ MIXED_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}  # str(autocas
 
 
 FLAGS = {"ckpt": "checkpointing", "8bit": "optimizer", "mixed": "mixed", "cached": "cached", "fused": "fused",
-         "bf16w": "bf16_weights", "compile": "compile", "cl": "channels_last"}
+         "bf16w": "bf16_weights", "compile": "compile", "cl": "channels_last", "bf16": "frozen_dtype",
+         "fp8": "frozen_dtype", "fp8t5": "text_encoder_fp8"}
+#: Switches that set a value other than True.
+VALUES = {"8bit": "adamw8bit", "bf16": "bf16", "fp8": "fp8"}
+SWAP = re.compile(r"swap([1-9][0-9]*)")  # swapN: blocks_to_swap N
+#: The families the suite tells apart by their config; the peer scripts of each (README names).
+PEERS = {"sd": "train_dreambooth.py", "flux": "train_dreambooth_lora_flux.py"}
 
 
 @dataclass(frozen=True)
@@ -53,7 +65,9 @@ class Variant:
     adapters on the frozen UNet's attention), +ckpt (UNet gradient checkpointing), +8bit (AdamW8bit),
     +mixed (autocast), +cached (VAE latents and text embeddings computed once, before the steps), +fused (fused
     backward), +bf16w (trainable weights stored in bf16), +compile (torch.compile of the UNet), +cl
-    (channels-last)."""
+    (channels-last), +bf16 / +fp8 (``frozen_dtype``: frozen weights in bf16, or the frozen network's linear
+    weights in float8; both run under bf16 autocast), +fp8t5 (``text_encoder_fp8``), +swapN (``blocks_to_swap``;
+    FLUX only). "unet" is the denoising network, FLUX's transformer included."""
     text_encoder: bool
     checkpointing: bool
     optimizer: str = "adamw"
@@ -64,30 +78,53 @@ class Variant:
     bf16_weights: bool = False
     compile: bool = False
     channels_last: bool = False
+    frozen_dtype: str = "fp32"
+    text_encoder_fp8: bool = False
+    blocks_to_swap: int = 0
 
     @classmethod
     def parse(cls, name: str) -> "Variant":
-        """``full+ckpt+8bit+fused``: a kind (full, unet, loraR), then switches; ValueError for an unknown part."""
+        """``full+ckpt+8bit+fused``: a kind (full, unet, loraR), then switches; ValueError for an unknown part
+        (or for both bf16 and fp8)."""
         kind, *flags = name.split("+")
-        unknown = [f for f in flags if f not in FLAGS]
+        unknown = [f for f in flags if f not in FLAGS and not SWAP.fullmatch(f)]
         lora = kind[4:].isdigit() and kind.startswith("lora") and int(kind[4:]) > 0
         if unknown or not (kind in ("full", "unet") or lora):
             raise ValueError(str(unknown or [kind]))
-        switches = {FLAGS[f]: ("adamw8bit" if f == "8bit" else True) for f in flags}
+        if {"bf16", "fp8"} <= set(flags):
+            raise ValueError("['bf16' with 'fp8']")
+        switches = {FLAGS[f]: VALUES.get(f, True) for f in flags if f in FLAGS}
+        switches.update(blocks_to_swap=int(m[1]) for m in map(SWAP.fullmatch, flags) if m)
         return cls(text_encoder=kind == "full", lora_rank=int(kind[4:]) if lora else None, **{
             "checkpointing": False, **switches})
 
-    def peer_name(self) -> Optional[str]:
-        """The row of diffusers' train_dreambooth.py with the options it has (no caches, none of the lean
-        switches); None for LoRA (that is another script)."""
-        if self.lora_rank:
+    @property
+    def autocast(self) -> bool:
+        """Whether the step runs under autocast: +mixed, and frozen weights in bf16 or float8 (main.py refuses
+        them without bf16-mixed: their arithmetic is bf16)."""
+        return self.mixed or self.frozen_dtype != "fp32"
+
+    def peer_name(self, family: str = "sd") -> Optional[str]:
+        """The row of the family's diffusers script (``PEERS``) with the options it has, or None where it has no
+        such run. SD v1's train_dreambooth.py: full / unet with ckpt, 8bit, mixed (no caches, none of the lean
+        switches; LoRA is another script). FLUX.1's train_dreambooth_lora_flux.py: loraR with ckpt, 8bit, bf16 (its
+        --mixed_precision bf16 stores every frozen part in bf16: our bf16 and fp8 rows) and cached
+        (--cache_latents); no float8, no block swap, no full fine-tune (another script)."""
+        if family == "flux":
+            if not self.lora_rank:
+                return None
+            flags = [f for f, on in (("ckpt", self.checkpointing), ("8bit", self.optimizer == "adamw8bit"),
+                                     ("bf16", self.frozen_dtype != "fp32"), ("cached", self.cached)) if on]
+            return "+".join([f"lora{self.lora_rank}", *flags])
+        if self.lora_rank or family not in PEERS:
             return None
         flags = [f for f, on in (("ckpt", self.checkpointing), ("8bit", self.optimizer == "adamw8bit"),
                                  ("mixed", self.mixed)) if on]
         return "+".join(["full" if self.text_encoder else "unet", *flags])
 
     def overrides(self) -> dict[str, Any]:
-        """Dotted config keys -> values; everything else comes from the fine-tuning config."""
+        """Dotted config keys -> values; everything else comes from the fine-tuning config (a LoRA rank merges into
+        the config's ``lora_config``: FLUX's keep their alpha and target projections)."""
         return {"model.params.cond_stage_trainable": self.text_encoder,
                 "model.params.unet_config.params.use_checkpoint": self.checkpointing,
                 "model.params.optimizer_config.name": self.optimizer,
@@ -96,6 +133,9 @@ class Variant:
                 "model.params.compile": self.compile,
                 "model.params.channels_last": self.channels_last,
                 "model.params.cache_latents": self.cached,
+                "model.params.frozen_dtype": self.frozen_dtype,
+                "model.params.text_encoder_fp8": self.text_encoder_fp8,
+                "model.params.blocks_to_swap": self.blocks_to_swap,
                 "model.params.lora_config": {"rank": self.lora_rank} if self.lora_rank else None}
 
 

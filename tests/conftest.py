@@ -128,7 +128,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 #: The test files that take minutes, slowest first: run first, so that a parallel run (pytest -n auto --dist
 #: loadfile) ends with short files on every worker instead of one long file on one.
 SLOW_FILES = ("test_toy_controls.py", "test_toy_model.py", "test_benchmark.py", "test_webui_browser.py",
-              "test_toy_world.py", "test_lean.py", "test_train.py")
+              "test_flux_training.py", "test_toy_world.py", "test_lean.py", "test_train.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -153,13 +153,17 @@ def tiny_flux_config(tokenizer: Path, config: Path = TINY_FLUX_CONFIG):
     return cfg
 
 
-@pytest.fixture(scope="session")
-def tiny_flux_model(t5_tokenizer):
-    """The tiny FLUX model with seeded random weights everywhere (norm scales included)."""
+def seeded_flux_model(config):
+    """The model of a (tiny) FLUX config with seeded random weights everywhere (norm scales included)."""
     from ldm.util import instantiate_from_config
     torch.manual_seed(0)
-    model = instantiate_from_config(tiny_flux_config(t5_tokenizer).model)
+    model = instantiate_from_config(config.model)
     randomize_(model.model, seed=1)
     randomize_(model.first_stage_model, seed=2, std=0.1)
     randomize_(model.conditioner, seed=3)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_model(t5_tokenizer):
+    return seeded_flux_model(tiny_flux_config(t5_tokenizer))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import TINY_FLUX_CONFIG, load_config, load_script, randomize_, rel_err, tiny_flux_config
+from conftest import TINY_FLUX_CONFIG, load_config, load_script, rel_err, seeded_flux_model, tiny_flux_config
 from test_flux_transformer import diffusers_flux
 
 import diffusers  # noqa: E402 - test-only reference, installed with .[test]
@@ -46,13 +46,7 @@ def schnell_config(tokenizer: Path):
 @pytest.fixture(scope="module")
 def tiny_schnell_model(t5_tokenizer):
     """As conftest's ``tiny_flux_model``, from the schnell variant of its config."""
-    from ldm.util import instantiate_from_config
-    torch.manual_seed(0)
-    model = instantiate_from_config(schnell_config(t5_tokenizer).model)
-    randomize_(model.model, seed=1)
-    randomize_(model.first_stage_model, seed=2, std=0.1)
-    randomize_(model.conditioner, seed=3)
-    return model.eval()
+    return seeded_flux_model(schnell_config(t5_tokenizer))
 
 
 @pytest.fixture(scope="module")
