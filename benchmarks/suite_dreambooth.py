@@ -39,7 +39,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Mapping, Optional
 
-from benchmarks.dreambooth_flux import FLUX_RECIPE, block_count, flux_notes, flux_variants
+from benchmarks.dreambooth_flux import (FLUX_RECIPE, block_count, flux_notes, flux_variants, prepare_config,
+                                        quick_random_init)
 from benchmarks.harness import (REPO, Cell, Meter, Result, comparison_header, comparison_rows, fill_zero_parameters_,
                                 fmt_peak, format_table, resolve_config, summary_line)
 from ldm.util import fmt_bytes
@@ -94,7 +95,7 @@ class Variant:
         if {"bf16", "fp8"} <= set(flags):
             raise ValueError("['bf16' with 'fp8']")
         switches = {FLAGS[f]: VALUES.get(f, True) for f in flags if f in FLAGS}
-        switches.update(blocks_to_swap=int(m[1]) for m in map(SWAP.fullmatch, flags) if m)
+        switches.update({"blocks_to_swap": int(m[1]) for m in map(SWAP.fullmatch, flags) if m})
         return cls(text_encoder=kind == "full", lora_rank=int(kind[4:]) if lora else None, **{
             "checkpointing": False, **switches})
 
@@ -162,9 +163,39 @@ def variant_config(path: Path, variant: Variant) -> Any:
     return config
 
 
-def is_sdxl_config(path: Path) -> bool:
+def config_family(path: Path) -> str:
+    """``flux`` (a FLUX.1 transformer: ``conditioning_key: flux``), ``sdxl`` (sgm's conditioner) or ``sd``."""
     from omegaconf import OmegaConf
-    return "conditioner_config" in (OmegaConf.load(path).model.get("params") or {})
+    params = OmegaConf.load(path).model.get("params") or {}
+    if params.get("conditioning_key") == "flux":
+        return "flux"
+    return "sdxl" if "conditioner_config" in params else "sd"
+
+
+def check_variant(name: str, variant: Variant, family: str, config: Any) -> None:
+    """``SystemExit`` (one line, before any worker) for a row the family cannot train: SDXL's and FLUX's text
+    encoders are frozen here; block swap moves a FLUX transformer's blocks, at least one of which stays."""
+    title = {"sdxl": "SDXL", "flux": "FLUX.1"}.get(family)
+    if title and variant.text_encoder:
+        raise SystemExit(f"--variants {name}: {title}'s text encoders are frozen here; use unet+... or loraR+...")
+    if variant.blocks_to_swap and family != "flux":
+        raise SystemExit(f"--variants {name}: block swap moves a transformer's blocks (FLUX.1's); this network is a "
+                         f"UNet")
+    if variant.blocks_to_swap and variant.blocks_to_swap >= block_count(config):
+        raise SystemExit(f"--variants {name}: at most {block_count(config) - 1} of the transformer's "
+                         f"{block_count(config)} blocks can be swapped (one runs where it lives)")
+
+
+def import_peer_modules(family: str) -> None:
+    """Import what the family's rows and its peer's use, in every cell alike before the memory baseline is read,
+    so that "after build" compares like with like."""
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: F401 (the SD peer's)
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+    if family == "flux":
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel  # noqa: F401
+        from transformers import T5EncoderModel, T5TokenizerFast  # noqa: F401
 
 
 def make_dataset(data: Mapping[str, Any], size: int, folder: Path) -> Any:
@@ -184,10 +215,13 @@ def make_dataset(data: Mapping[str, Any], size: int, folder: Path) -> Any:
 
 @dataclass
 class StandInTrainer:
-    """What the module's hooks read from a Lightning Trainer: ``max_steps`` (``configure_optimizers``) and
-    ``datamodule.train_dataset`` (``on_fit_start`` builds the latent and text caches from it)."""
+    """What the module's hooks read from a Lightning Trainer: ``max_steps`` (``configure_optimizers``),
+    ``datamodule.train_dataset`` (``on_fit_start`` builds the latent and text caches from it) and
+    ``strategy.root_device`` (``configure_model``, which runs before the model moves there: block swap and compile
+    need the device it will train on)."""
     max_steps: int
     datamodule: Any
+    strategy: Any
 
 
 def mixed_dtype(device: str) -> Any:
@@ -261,27 +295,44 @@ class DreamBoothSuite:
     configs = {"tiny": REPO / "configs/stable-diffusion/tiny-finetune.yaml",
                "v1": REPO / "configs/stable-diffusion/v1-finetune_unfrozen.yaml",
                "tiny-sdxl": REPO / "configs/stable-diffusion/tiny-sdxl-finetune.yaml",
-               "sdxl": REPO / "configs/stable-diffusion/sdxl-dreambooth-lora.yaml"}
+               "sdxl": REPO / "configs/stable-diffusion/sdxl-dreambooth-lora.yaml",
+               "tiny-flux": REPO / "configs/flux/tiny-flux-finetune.yaml",
+               "flux-dev": REPO / "configs/flux/flux1-dev-dreambooth-lora.yaml"}
     header = ["variant", "s/step", "it/s", "peak (+over model)", "after build", "trainable params",
               "optimizer state", f"time, peak vs {REFERENCE}"]
+    #: FLUX rows also show what the frozen-weight switches shrink and the loss they start from.
+    flux_header = header[:5] + ["frozen weights"] + header[5:7] + ["first loss", header[7]]
+    family = "sd"
 
     def add_arguments(self, group: argparse._ArgumentGroup) -> None:
         group.add_argument("--size", type=int, default=None,
-                           help="image side in px (default: the config's data.params.size: 64 tiny, 512 v1, "
-                                "1024 sdxl)")
+                           help="image side in px (default: the config's data.params.size: 64 tiny, tiny-sdxl and "
+                                "tiny-flux, 512 v1, 1024 sdxl and flux-dev)")
         group.add_argument("--variants", default="all",
                            help=f"comma-separated +-joined switches (e.g. full+ckpt+8bit+fused; kinds full, unet, "
-                                f"loraR; switches {', '.join(FLAGS)}), or all: SD v1 {', '.join(V1_VARIANTS + V1_LEAN)}; "
-                                f"SDXL {', '.join(SDXL_VARIANTS)}")
+                                f"loraR; switches {', '.join(FLAGS)}, swapN), or all: SD v1 "
+                                f"{', '.join(V1_VARIANTS + V1_LEAN)}; SDXL {', '.join(SDXL_VARIANTS)}; FLUX.1 "
+                                f"{FLUX_RECIPE} alone and with each of bf16, fp8, fp8t5, cached, swap(blocks - 1), "
+                                f"and unet+ckpt+8bit")
         group.add_argument("--peer", choices=("none", "diffusers"), default="none",
-                           help="diffusers: also run diffusers' train_dreambooth.py step with each row's options "
-                                "(SD v1 only) and print ours / peer ratios")
+                           help="diffusers: also run the diffusers script a user would otherwise run with each row's "
+                                "options (SD v1: train_dreambooth.py; FLUX.1: train_dreambooth_lora_flux.py) and "
+                                "print ours / peer ratios")
+        group.add_argument("--width", type=int, default=None,
+                           help="FLUX.1 only: the transformer's hidden size (its heads keep the config's head width; "
+                                "default: the config's), e.g. 1024 on a CPU, where the tiny model's weights are too "
+                                "small to show in peak RSS")
 
     def cells(self, args: argparse.Namespace) -> list[Cell]:
         """``--variants``: ``all`` or comma-separated names, in the order given; then the peer's rows."""
-        sdxl = is_sdxl_config(resolve_config(args.config, self.configs))
-        names = list(SDXL_VARIANTS if sdxl else V1_VARIANTS + V1_LEAN) if args.variants == "all" else \
-            [v for v in args.variants.split(",") if v]
+        from omegaconf import OmegaConf
+        path = resolve_config(args.config, self.configs)
+        self.family = family = config_family(path)
+        config = OmegaConf.load(path)
+        if args.variants != "all":
+            names = [v for v in args.variants.split(",") if v]
+        else:
+            names = list({"sd": V1_VARIANTS + V1_LEAN, "sdxl": SDXL_VARIANTS}.get(family) or flux_variants(config))
         unknown = []
         for v in names:
             try:
@@ -289,19 +340,22 @@ class DreamBoothSuite:
             except ValueError:
                 unknown.append(v)
                 continue
-            if sdxl and variant.text_encoder:
-                raise SystemExit(f"--variants {v}: SDXL's text encoders are frozen here; use unet+... or loraR+...")
+            check_variant(v, variant, family, config)
         if unknown or not names:
             raise SystemExit(f"--variants: unknown {unknown or args.variants!r}; name a kind (full, unet, loraR) and "
-                             f"switches ({', '.join(FLAGS)}) joined by +, or all")
-        # The ratio column's reference: v1's recipe, SDXL's, else the first row asked for.
-        self.reference = next((r for r in (REFERENCE, SDXL_RECIPE) if r in names), names[0])
-        self.header = self.header[:-1] + [f"time, peak vs {self.reference}"]
+                             f"switches ({', '.join(FLAGS)}, swapN) joined by +, or all")
+        if args.width and family != "flux":
+            raise SystemExit(f"--width: narrows FLUX.1's transformer; {args.config} is not a FLUX config")
+        # The ratio column's reference: v1's recipe, SDXL's, FLUX's, else the first row asked for.
+        self.reference = next((r for r in (REFERENCE, SDXL_RECIPE, FLUX_RECIPE) if r in names), names[0])
+        header = self.flux_header if family == "flux" else self.header
+        self.header = header[:-1] + [f"time, peak vs {self.reference}"]
         cells = [dict(variant=v) for v in names]
         if args.peer == "diffusers":
-            if sdxl:
-                raise SystemExit("--peer diffusers: the peer is diffusers' SD v1 train_dreambooth.py step; SDXL has none")
-            peers = dict.fromkeys(p for p in (Variant.parse(v).peer_name() for v in names) if p)
+            if family not in PEERS:
+                raise SystemExit("--peer diffusers: the peers are diffusers' SD v1 train_dreambooth.py and FLUX.1 "
+                                 "train_dreambooth_lora_flux.py steps; SDXL has none")
+            peers = dict.fromkeys(p for p in (Variant.parse(v).peer_name(family) for v in names) if p)
             cells += [dict(variant=p, impl="diffusers") for p in peers]
         return cells
 
@@ -312,77 +366,94 @@ class DreamBoothSuite:
         return {} if cell.get("impl") == "diffusers" else dict(TRAINING_ENVIRONMENT)
 
     def run_cell(self, args: argparse.Namespace, config_path: Path, cell: Cell, meter: Meter) -> Result:
-        """Build the variant's model, run ``warmup + repeat`` steps; seconds, parameters, optimizer state, loss."""
+        """Build the variant's model (or the peer's from its weights), run ``warmup + repeat`` steps; seconds,
+        parameters, optimizer state, loss."""
         import torch
-        # Every variant imports the same modules before the baseline is read, so "after build" compares like
-        # with like.
-        import bitsandbytes  # noqa: F401
-        import peft  # noqa: F401
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: F401 (the peer's)
-        from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
-        from omegaconf import OmegaConf
         from pytorch_lightning.utilities import move_data_to_device
         from torch.utils.data import default_collate
-        from ldm.training.callbacks import CacheFrozenInputs
         from ldm.util import instantiate_from_config
+        family = config_family(config_path)
+        import_peer_modules(family)
         variant = Variant.parse(cell["variant"])
         config = variant_config(config_path, variant)
         size = args.size or int(config.data.params.size)
-        mixed = mixed_dtype(args.device) if variant.mixed else None
-        if mixed == torch.float16 and (variant.fused or variant.bf16_weights):
-            raise RuntimeError("fused backward and bf16 weights need bf16 (this GPU's mixed precision is fp16)")
-        torch.manual_seed(0)
-        with tempfile.TemporaryDirectory() as tmp:
+        mixed = mixed_dtype(args.device) if variant.autocast else None
+        if mixed == torch.float16 and (variant.fused or variant.bf16_weights or variant.frozen_dtype != "fp32"):
+            raise RuntimeError("fused backward, bf16 weights and bf16/fp8 frozen weights need bf16 (this GPU's mixed "
+                               "precision is fp16)")
+        with tempfile.TemporaryDirectory() as tmp:  # the pictures and a stand-in T5 tokenizer, read while building
+            if family == "flux":
+                prepare_config(config, args.width, Path(tmp))
+            torch.manual_seed(0)
             dataset = make_dataset(config.data.params, size, Path(tmp))  # decoded into memory in __init__
-        batch = default_collate([dataset[0]])
+            batch = default_collate([dataset[0]])
+            torch.manual_seed(0)  # the same base weights in every variant, standing in for a pretrained model
+            with quick_random_init() if family == "flux" else nullcontext():
+                model = instantiate_from_config(config.model)
+            fill_zero_parameters_(model.model)
+            model.learning_rate = float(config.model.base_learning_rate)
+            if cell.get("impl") == "diffusers":
+                batch = move_data_to_device(batch, args.device)
+                return self.run_peer(args, config, model, variant, batch, mixed, meter, size, family)
+        return self.run_ours(args, config, model, dataset, batch, mixed, meter, size)
 
-        torch.manual_seed(0)  # the same base weights in every variant, standing in for a pretrained model
-        model = instantiate_from_config(config.model)
-        fill_zero_parameters_(model.model)
-        model.learning_rate = float(config.model.base_learning_rate)
-        if cell.get("impl") == "diffusers":
-            return self.run_peer(args, config, model, variant, move_data_to_device(batch, args.device), mixed,
-                                 meter, size)
+    def run_ours(self, args: argparse.Namespace, config: Any, model: Any, dataset: Any, batch: Any, mixed: Any,
+                 meter: Meter, size: int) -> Result:
+        """Our step, set up as ``Trainer.fit`` sets it up, in its order: the module in train mode (frozen parts
+        stay in eval), ``configure_model`` (bf16 weights, float8, block swap, channels-last, compile) before the
+        model moves to its device, then ``configure_optimizers`` and ``CacheFrozenInputs.on_fit_start`` (the
+        caches; on CUDA it then moves the frozen parts to the CPU)."""
+        import torch
+        from omegaconf import OmegaConf
+        from pytorch_lightning.utilities import move_data_to_device
+        from ldm.modules.lowmem import parameters_bytes
+        from ldm.training.callbacks import CacheFrozenInputs
         if model.lora_settings:
             model.add_lora()  # as main.py does, after the (here random) base weights
-        model.to(args.device)
-        meter.model_built()
-
-        # What Trainer.fit does before the first batch: the module in train mode (frozen parts stay in eval),
-        # configure_model (bf16 weights, channels-last, compile), configure_optimizers,
-        # CacheFrozenInputs.on_fit_start (the caches; on CUDA it then moves the frozen parts to the CPU).
         torch.backends.cudnn.benchmark = bool(OmegaConf.select(config, "lightning.trainer.benchmark",
                                                                default=False))
+        device = torch.device(args.device)
         model.trainer = StandInTrainer(max_steps=args.warmup + args.repeat,
-                                       datamodule=SimpleNamespace(train_dataset=dataset))
+                                       datamodule=SimpleNamespace(train_dataset=dataset),
+                                       strategy=SimpleNamespace(root_device=device))
         model.train()
         model.configure_model()
-        step = TrainStep(model, move_data_to_device(batch, model.device), mixed)
+        model.to(device)
+        meter.model_built()
+        step = TrainStep(model, move_data_to_device(batch, device), mixed)
         CacheFrozenInputs().on_fit_start(model.trainer, model)
         seconds = meter.time(step)
         trainable = model.trainable_parameters()
+        swap = getattr(model, "block_swap", None)
         return dict(seconds=seconds, trainable_params=sum(p.numel() for p in trainable),
                     trainable_tensors=len(trainable), optimizer_state_bytes=optimizer_state_bytes(step.optimizer),
                     optimizer=optimizer_name(step.optimizer), mixed=MIXED_NAMES.get(str(step.mixed)),
                     cached=model.latent_cache is not None, first_loss=step.first_loss, size=size,
                     weights_dtype=str(trainable[0].dtype).removeprefix("torch."),
-                    per_tensor=hasattr(step.optimizer, "inner"))
+                    per_tensor=hasattr(step.optimizer, "inner"), frozen_bytes=parameters_bytes(model.frozen_parts()),
+                    frozen_dtype=model.frozen_dtype, text_encoder_fp8=model.text_encoder_fp8,
+                    blocks_to_swap=model.blocks_to_swap, swapped_blocks=len(swap.swapped) if swap else 0)
 
     def run_peer(self, args: argparse.Namespace, config: Any, model: Any, variant: Variant, batch: Any, mixed: Any,
-                 meter: Meter, size: int) -> Result:
-        """diffusers' train_dreambooth.py step on ``model``'s weights (which it takes over; ours is dropped)."""
+                 meter: Meter, size: int, family: str) -> Result:
+        """The family's diffusers script's step on ``model``'s weights (which it takes over; ours is dropped)."""
         import gc
         from omegaconf import OmegaConf
-        from benchmarks.peer_dreambooth import PeerStep
         from ldm.export.diffusers import model_params
         from ldm.optim.build import ADAMW_DEFAULTS
         params = model_params(config)
         settings = {**ADAMW_DEFAULTS, **{k: v for k, v in (params.get("optimizer_config") or {}).items()
                                          if k in ADAMW_DEFAULTS}}
         settings["betas"] = tuple(settings["betas"])
-        step = PeerStep(model.to(args.device), params, batch, variant.text_encoder, variant.checkpointing,
-                        variant.optimizer, float(OmegaConf.select(config, "model.base_learning_rate")), settings,
-                        mixed)
+        lr = float(OmegaConf.select(config, "model.base_learning_rate"))
+        if family == "flux":
+            from benchmarks.peer_dreambooth_flux import FluxPeerStep
+            step = FluxPeerStep(model.to(args.device), params, batch, variant.lora_rank, variant.checkpointing,
+                                variant.optimizer, lr, settings, mixed, variant.cached)
+        else:
+            from benchmarks.peer_dreambooth import PeerStep
+            step = PeerStep(model.to(args.device), params, batch, variant.text_encoder, variant.checkpointing,
+                            variant.optimizer, lr, settings, mixed)
         del model
         gc.collect()
         meter.model_built()
@@ -390,12 +461,15 @@ class DreamBoothSuite:
         return dict(seconds=seconds, trainable_params=sum(p.numel() for p in step.params),
                     trainable_tensors=len(step.params),
                     optimizer_state_bytes=optimizer_state_bytes(step.optimizer),
-                    optimizer=type(step.optimizer).__name__, mixed=MIXED_NAMES.get(str(mixed)), cached=False,
-                    first_loss=step.first_loss, size=size, weights_dtype="float32")
+                    optimizer=type(step.optimizer).__name__, mixed=MIXED_NAMES.get(str(mixed)),
+                    cached=variant.cached, first_loss=step.first_loss, size=size,
+                    weights_dtype=str(step.params[0].dtype).removeprefix("torch."))
 
     def rows(self, results: list[Result]) -> list[list[str]]:
-        """One row per variant of ours; the last column is time and peak relative to the reference recipe."""
+        """One row per variant of ours; the last column is time and peak relative to the reference recipe. A
+        swapN row where no block moved (no accelerator) says so in its label."""
         reference = getattr(self, "reference", REFERENCE)
+        flux = self.family == "flux"
         ours = [r for r in results if "impl" not in r]
         ref = next((r for r in ours if r.get("variant") == reference and "median_s" in r), None)
         rows = []
@@ -404,9 +478,13 @@ class DreamBoothSuite:
                 rows.append([r["variant"], "failed"] + ["-"] * (len(self.header) - 2))
                 continue
             vs = f"{r['median_s'] / ref['median_s']:.2f}, {r['peak_bytes'] / ref['peak_bytes']:.2f}" if ref else "-"
-            rows.append([r["variant"], f"{r['median_s']:.4g}", f"{1 / r['median_s']:.3g}", fmt_peak(r),
-                         fmt_bytes(r["model_bytes"]), fmt_count(r["trainable_params"]),
-                         fmt_bytes(r["optimizer_state_bytes"]), vs])
+            label = r["variant"] + (" (no accelerator: nothing swapped)"
+                                    if r.get("blocks_to_swap") and not r.get("swapped_blocks") else "")
+            frozen = [fmt_bytes(r["frozen_bytes"])] if flux else []
+            loss = [f"{r['first_loss']:.6g}"] if flux else []
+            rows.append([label, f"{r['median_s']:.4g}", f"{1 / r['median_s']:.3g}", fmt_peak(r),
+                         fmt_bytes(r["model_bytes"]), *frozen, fmt_count(r["trainable_params"]),
+                         fmt_bytes(r["optimizer_state_bytes"]), *loss, vs])
         return rows
 
     def after_table(self, args: argparse.Namespace, results: list[Result]) -> str:
@@ -416,15 +494,22 @@ class DreamBoothSuite:
             return ""
         pairs, labels = [], {}
         for r in (r for r in results if "impl" not in r):
-            base = Variant.parse(r["variant"]).peer_name()
+            base = Variant.parse(r["variant"]).peer_name(self.family)
             if base in peers:
                 labels[r["variant"]] = f"{r['variant']} (peer: {base})"
                 pairs += [dict(r, impl="ours", measurement=r["variant"]),
                           dict(peers[base], impl="diffusers", measurement=r["variant"])]
-        return ("Ours beside diffusers' train_dreambooth.py step (benchmarks/peer_dreambooth.py) with the options it "
-                "has (no caches, no lean switches; clip_grad_norm 1.0 as the script does); s/step; ratios ours / "
-                "diffusers:\n" + format_table(comparison_header("ours", "diffusers"),
-                                               comparison_rows(pairs, labels, "ours", "diffusers"), args.markdown))
+        if self.family == "flux":
+            intro = ("Ours beside diffusers' train_dreambooth_lora_flux.py step (benchmarks/peer_dreambooth_flux.py) "
+                     "with the options it has (its default LoRA targets, text embeddings computed once and the text "
+                     "encoders deleted, clip_grad_norm 1.0; no float8, no block swap); s/step; ratios ours / "
+                     "diffusers:\n")
+        else:
+            intro = ("Ours beside diffusers' train_dreambooth.py step (benchmarks/peer_dreambooth.py) with the options "
+                     "it has (no caches, no lean switches; clip_grad_norm 1.0 as the script does); s/step; ratios ours "
+                     "/ diffusers:\n")
+        return intro + format_table(comparison_header("ours", "diffusers"),
+                                    comparison_rows(pairs, labels, "ours", "diffusers"), args.markdown)
 
     def describe(self, args: argparse.Namespace, results: list[Result]) -> str:
         """The header: machine, versions, settings, what one step holds and what the memory columns mean."""
@@ -436,9 +521,16 @@ class DreamBoothSuite:
         memory = ("peak allocated CUDA memory from the built model on (caching included)" if args.device == "cuda"
                   else "peak RSS of a fresh process per variant (everything: interpreter, frozen VAE and text "
                        "encoder, building, caching)")
+        settings = [f"{size} px", "batch 1 subject + 1 class image"]
+        if self.family == "flux":
+            width = args.width or "the config's"
+            return "\n".join([summary_line(args, results, ["bitsandbytes", "peft", "diffusers"],
+                                            [*settings, f"transformer width {width}"]),
+                              *flux_notes(args.device == "cuda"),
+                              f"Memory: {memory}; (+x) = above the memory held right after building the model "
+                              f"(\"after build\")."])
         return "\n".join([
-            summary_line(args, results, ["bitsandbytes", "peft"],
-                         [f"{size} px", "batch 1 subject + 1 class image"]),
+            summary_line(args, results, ["bitsandbytes", "peft"], settings),
             "Step (Lightning 2's order): shared_step (VAE encode, text encoder, UNet, prior-preservation loss) "
             "under autocast for +mixed, zero_grad(set_to_none), backward, optimizer step, LR scheduler step; on a CPU "
             "our rows return freed memory to the OS as training's ReleaseFreedMemory callback does, in the "

@@ -97,10 +97,12 @@ def one_line(capsys, entry, argv) -> str:
     ("flux_file_for_sd", "it is a FLUX.1 [dev] checkpoint, but the config builds another model (use --config "
                          "configs/flux/flux1-dev-inference.yaml)"),
     ("full_size_config", "it is a FLUX.1 [dev] checkpoint, but of another size than the config builds"),
+    ("sd_file_for_flux", "it is a Stable Diffusion v1 checkpoint, but the config builds FLUX.1 [dev] (use --config "
+                         "configs/stable-diffusion/v1-inference.yaml)"),
 ])
-def test_each_mistake_is_one_line(parts, t5_tokenizer, tmp_path, capsys, monkeypatch, case, needle):
+def test_each_mistake_is_one_line(parts, t5_tokenizer, tiny_ckpt, tmp_path, capsys, monkeypatch, case, needle):
     txt2img = load_script("stable_txt2img")
-    if case not in ("no_t5", "flux_file_for_sd", "full_size_config"):  # refused before any model is built
+    if case not in ("no_t5", "flux_file_for_sd", "full_size_config", "sd_file_for_flux"):  # before any model
         monkeypatch.setattr(txt2img, "load_sampling_model", lambda *a: pytest.fail("a model was loaded"))
     out = tmp_path / "out"
     argv = {
@@ -113,6 +115,7 @@ def test_each_mistake_is_one_line(parts, t5_tokenizer, tmp_path, capsys, monkeyp
         "flux_file_for_sd": ["--config", str(TINY_CONFIG), "--ckpt", str(parts["ckpt"]), "--outdir", str(out),
                              "--ddim_steps", "2", "--n_samples", "1", "--n_iter", "1"],
         "full_size_config": flags(parts, t5_tokenizer, out, config=Path("configs/flux/flux1-dev-inference.yaml")),
+        "sd_file_for_flux": flags({**parts, "ckpt": tiny_ckpt}, t5_tokenizer, out),
     }[case]
     assert needle in one_line(capsys, txt2img.main, argv)
     assert not out.exists()

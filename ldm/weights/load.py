@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from ldm.families import FAMILIES, config_family
+from ldm.families import FAMILIES, config_family, detect_family
 from ldm.families.base import Family
 from ldm.weights.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from ldm.weights.vae import load_vae
@@ -52,6 +52,11 @@ def assemble(family: Family, ckpt: str | os.PathLike, components: Components, ve
     the audit that follows, with the flag that would give it."""
     sd, meta = read_checkpoint(ckpt)
     sd = dequantize_scaled_fp8(sd, ckpt, verbose)
+    found = detect_family({k: tuple(v.shape) for k, v in sd.items()})
+    if found is not None and FAMILIES[found].package != family.package:
+        f = FAMILIES[found]
+        raise CheckpointError(f"{ckpt}: it is a {f.label} checkpoint, but the config builds {family.label} (use "
+                              f"--config configs/{f.config})")
     if family.bare_prefix and not any(k.startswith(family.bare_prefix) for k in sd):
         sd = {family.bare_prefix + k: v for k, v in sd.items()}  # the network alone, as released
     unknown = sorted(set(components) - set(family.components))
