@@ -222,8 +222,6 @@ def test_text_encoder_adapters_take_sd_scripts_names(tiny_flux_model):
 
 def test_a_lora_of_another_family_and_fp8_without_float8_are_one_line(parts, t5_tokenizer, tiny_ckpt, tmp_path,
                                                                        capsys, monkeypatch):
-    import copy
-
     from ldm.weights.checkpoint import save_checkpoint
     from ldm.weights.lora import LoraSettings, add_lora, lora_state_dict
     from conftest import tiny_flux_config

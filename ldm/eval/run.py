@@ -92,6 +92,7 @@ def generate_for_subject(model: Any, subject: Subject, out_dir: str | Path, toke
     the same device (a batch of another size may round differently).
     """
     from ldm.images import save_png, to_pil
+    from ldm.sampling.samplers import default_sampler, make_sampler
 
     out_dir, device = Path(out_dir), model.betas.device
     shape = (model.channels, settings.size // model.vae_factor, settings.size // model.vae_factor)
