@@ -143,7 +143,7 @@ def flux_notes(cuda: bool) -> list[str]:
         f"weights in float8_e4m3fn with a per-tensor scale (bf16 elsewhere, bf16 autocast); fp8t5: T5's and CLIP's "
         f"linear weights in float8; cached: latents and T5/CLIP outputs computed once before the steps; {swap}; "
         f"unet: the transformer fully trained.",
-        "frozen weights: bytes of the frozen parts' parameters and buffers (autoencoder, text encoders, and the "
-        "transformer under LoRA), wherever they are; first loss: the first step's loss (same seeded weights and "
-        "draws in every row).",
+        "frozen weights: bytes of the frozen parameters and buffers (autoencoder, text encoders, and the "
+        "transformer under LoRA, its adapters not counted), wherever they are; first loss: the first step's loss "
+        "(same seeded weights and draws in every row).",
     ]

@@ -26,13 +26,14 @@ scheme ``none``, the prediction chunked into instance and class halves, mean((pr
 
 Departures, each a flag of the script or the draws: ``--guidance_scale`` is the config's ``train_guidance`` (the
 recipe's 1.0; the script's default 3.5), ``--max_sequence_length`` our T5 ``max_length``, the learning rate and AdamW
-settings ours; and the text ids are one prompt's (the transformer shares them across the batch), where the script
+settings ours; the text ids are one prompt's (the transformer shares them across the batch), where the script
 concatenates the instance and class prompts' ids with prior preservation, which its transformer call then refuses
-(diffusers issue #10722; the fix of pull request #13949). The latent sample, sigma and noise come from a generator seeded per step, drawn in our order (latent,
-t, noise) and with our density (the recipe's ``flux_shift``): the script draws u ~ U(0, 1), takes timesteps =
-``scheduler.timesteps[int(1000 u)]`` and its table's sigma there, which on FLUX.1-dev's table (dynamic shifting
-leaves it unshifted for training) is timestep / 1000; here the timestep is 1000 t, so sigma = t. That changes the
-numbers, not the work: with the same weights both steps compute the same loss (the tests check it).
+(diffusers issue #10722; the fix of pull request #13949). The latent sample, sigma and noise come from a generator
+seeded per step, drawn in our order (latent, t, noise) and with our density (the recipe's ``flux_shift``): the
+script draws u ~ U(0, 1), takes timesteps = ``scheduler.timesteps[int(1000 u)]`` and its table's sigma there, which
+on FLUX.1-dev's table (dynamic shifting leaves it unshifted for training) is timestep / 1000; here the timestep is
+1000 t, so sigma = t. That changes the numbers, not the work: with the same weights both steps compute the same
+loss (the tests check it).
 """
 from __future__ import annotations
 

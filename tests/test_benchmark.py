@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
+from benchmarks.suite_dreambooth import fmt_count
 from conftest import REPO, diffusers_unet_config
 from ldm.util import fmt_bytes
 
@@ -78,6 +79,19 @@ def peer_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
     out = tmp_path_factory.mktemp("bench") / "peer.json"
     proc, data = run_benchmark("--suite", "dreambooth", *COMMON, "--variants", "full,full+ckpt+8bit+fused",
                                "--peer", "diffusers", json_path=out)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout, data
+
+
+@pytest.fixture(scope="module")
+def flux_dreambooth_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
+    """tiny-flux's rows (--variants all: the LoRA recipe, + bf16, fp8, fp8t5, cached, swap3, the full fine-tune) and
+    diffusers' train_dreambooth_lora_flux.py step beside the recipe: eight cells, two at a time, one warm-up and
+    one timed step each."""
+    out = tmp_path_factory.mktemp("bench") / "dreambooth-flux.json"
+    proc, data = run_benchmark("--suite", "dreambooth", "--config", "tiny-flux", "--size", "64", "--repeat", "1",
+                               "--warmup", "1", "--threads", "1", "--jobs", "2", "--markdown", "--peer", "diffusers",
+                               "--peer-rows", "reference", json_path=out)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc.stdout, data
 
@@ -341,6 +355,149 @@ def test_sdxl_dreambooth_rows_run_and_agree_with_json(sdxl_dreambooth_run: tuple
     assert lean["weights_dtype"] == "bfloat16" and math.isclose(lean["first_loss"], ref["first_loss"], rel_tol=1e-2)
 
 
+# ---- FLUX.1 ------------------------------------------------------------------------------------------------------
+TINY_FLUX_FT = REPO / "configs/flux/tiny-flux-finetune.yaml"
+#: The first-step loss of the rows whose frozen weights (or text encoders) are stored in bf16 or float8, relative to
+#: the fp32 recipe's. Measured on the tiny model (2 torch threads and 1, 2-core AMD EPYC): bf16 2.6e-4, fp8 8.7e-4,
+#: fp8t5 4.1e-5; held to 5e-3 (five times the largest).
+FLUX_ROUNDING = 5e-3
+
+
+def flux_cells(run: tuple[str, dict]) -> tuple[dict, dict]:
+    results = run[1]["results"]
+    return ({r["variant"]: r for r in results if "impl" not in r},
+            {r["variant"]: r for r in results if r.get("impl") == "diffusers"})
+
+
+def tiny_flux_counts() -> dict[str, int]:
+    """From the tiny FLUX model itself (built from its config, weights irrelevant) and diffusers' transformer of the
+    same config: the elements and count of the transformer's and the text encoders' ``nn.Linear`` weights (what
+    float8 stores in one byte plus a 4-byte scale each), the frozen parts' integer buffers (which no dtype switch
+    touches) and the transformer's parameters by diffusers' count."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from ldm.families.flux.diffusers import transformer_config
+    from ldm.util import instantiate_from_config
+    config = OmegaConf.load(TINY_FLUX_FT)
+    model = instantiate_from_config(config.model)
+
+    def linears(module: torch.nn.Module) -> list[torch.Tensor]:
+        return [m.weight for m in module.modules() if type(m) is torch.nn.Linear]
+    text = [w for e in model.conditioner.embedders for w in linears(e)]
+    net = linears(model.model.diffusion_model)
+    frozen = [model.first_stage_model, model.conditioner, model.model.diffusion_model]
+    with torch.device("meta"):
+        theirs = FluxTransformer2DModel(**transformer_config(OmegaConf.to_container(config.model.params)))
+    return {"net_linear": sum(w.numel() for w in net), "net_layers": len(net),
+            "text_linear": sum(w.numel() for w in text), "text_layers": len(text),
+            "int_buffers": sum(b.numel() * b.element_size() for m in frozen for b in m.buffers()
+                               if not b.is_floating_point()),
+            "transformer": sum(p.numel() for p in theirs.parameters())}
+
+
+def test_flux_rows_run_and_the_table_agrees_with_json(flux_dreambooth_run: tuple[str, dict]) -> None:
+    """--variants all on tiny-flux: every row ran in its own process, in flux_variants' order, against the recipe;
+    the table shows the JSON's numbers (frozen weights and first loss included); the block-swap row says that on a
+    CPU nothing was swapped, and nothing was."""
+    from benchmarks.dreambooth_flux import FLUX_RECIPE, flux_variants
+    stdout, data = flux_dreambooth_run
+    ours, _ = flux_cells(flux_dreambooth_run)
+    assert list(ours) == list(flux_variants(OmegaConf.load(TINY_FLUX_FT)))
+    assert list(ours)[5] == FLUX_RECIPE + "+swap3" and list(ours)[-1] == "unet+ckpt+8bit"
+    assert data["complete"] and "config tiny-flux" in stdout and "64 px" in stdout
+    ref = ours[FLUX_RECIPE]
+    rows = table(stdout.split("\n\n")[0])  # our table; the peer's follows
+    assert [row[0].split(" (")[0] for row in rows] == list(ours)
+    for row in rows:
+        r = ours[row[0].split(" (")[0]]
+        assert row[1:] == [f"{r['median_s']:.4g}", f"{1 / r['median_s']:.3g}", peak_text(r),
+                           fmt_bytes(r["model_bytes"]), fmt_bytes(r["frozen_bytes"]), fmt_count(r["trainable_params"]),
+                           fmt_bytes(r["optimizer_state_bytes"]), f"{r['first_loss']:.6g}",
+                           f"{r['median_s'] / ref['median_s']:.2f}, {r['peak_bytes'] / ref['peak_bytes']:.2f}"], row[0]
+    swap = ours[FLUX_RECIPE + "+swap3"]
+    assert (swap["blocks_to_swap"], swap["swapped_blocks"]) == (3, 0)
+    assert rows[5][0] == FLUX_RECIPE + "+swap3 (no accelerator: nothing swapped)"
+    assert all(r["optimizer"] == "AdamW8bit" and len(r["seconds"]) == 1 for r in ours.values())
+    assert len({r["pid"] for r in data["results"]}) == len(data["results"]) == len(ours) + 1
+
+
+def test_flux_memory_switches_change_memory_not_the_loss(flux_dreambooth_run: tuple[str, dict]) -> None:
+    """The same seeded weights and draws in every row. Block swap (which moves nothing on a CPU) and the full
+    fine-tune (zero-initialised adapters leave the function as it is) start from the recipe's loss bit for bit,
+    cached latents and T5/CLIP outputs to float rounding; bf16 and float8 storage move it within ``FLUX_ROUNDING``,
+    and do move it. What they save, in bytes of frozen weights, is the closed form of their formats: bf16 halves
+    every floating tensor; fp8 stores each of the transformer's linear weights in 1 byte (from bf16's 2) plus a
+    4-byte scale, fp8t5 each of the text encoders' (from fp32's 4)."""
+    from benchmarks.dreambooth_flux import FLUX_RECIPE as R
+    ours, _ = flux_cells(flux_dreambooth_run)
+    loss = {v: r["first_loss"] for v, r in ours.items()}
+    assert loss[R + "+swap3"] == loss["unet+ckpt+8bit"] == loss[R] and 0 < loss[R] < float("inf")
+    assert math.isclose(loss[R + "+cached"], loss[R], rel_tol=1e-6) and ours[R + "+cached"]["cached"]
+    for switch in ("bf16", "fp8", "fp8t5"):
+        assert math.isclose(loss[f"{R}+{switch}"], loss[R], rel_tol=FLUX_ROUNDING) and loss[f"{R}+{switch}"] != loss[R]
+    assert [ours[R + "+" + s]["mixed"] for s in ("bf16", "fp8", "fp8t5")] == ["bf16", "bf16", None]
+    n = tiny_flux_counts()
+    frozen = {v: r["frozen_bytes"] for v, r in ours.items()}
+    assert frozen[R + "+bf16"] == (frozen[R] - n["int_buffers"]) // 2 + n["int_buffers"]
+    assert frozen[R + "+fp8"] == frozen[R + "+bf16"] - n["net_linear"] + 4 * n["net_layers"]
+    assert frozen[R + "+fp8t5"] == frozen[R] - 3 * n["text_linear"] + 4 * n["text_layers"]
+    assert frozen[R + "+cached"] == frozen[R + "+swap3"] == frozen[R] > frozen["unet+ckpt+8bit"]
+    assert [ours[R + "+" + s]["frozen_dtype"] for s in ("bf16", "fp8", "fp8t5")] == ["bf16", "fp8", "fp32"]
+
+
+def test_flux_trainable_parameters_match_closed_forms(flux_dreambooth_run: tuple[str, dict]) -> None:
+    """Rank r = 16 at width w = 64, D = 2 double and S = 2 single blocks. Ours (sd-scripts' targets): per double
+    block both streams' qkv (w -> 3w), proj (w -> w), mlp.0 (w -> 4w) and mlp.2 (4w -> w), r (in + out) each, 32 r w;
+    per single block linear1 (w -> 7w) and linear2 (5w -> w), 14 r w. diffusers' script (its default targets): per
+    double block 8 attention projections (w -> w) and 4 feed-forward layers (w <-> 4w), 36 r w; per single block
+    to_q, to_k, to_v, 6 r w. The full fine-tune trains what diffusers' FluxTransformer2DModel of the config has."""
+    from benchmarks.dreambooth_flux import FLUX_RECIPE
+    ours, peer = flux_cells(flux_dreambooth_run)
+    r, w, d, s = 16, 64, 2, 2
+    for name, row in ours.items():
+        expected = ((r * w * (32 * d + 14 * s), 2 * (8 * d + 2 * s)) if name.startswith("lora16") else
+                    (tiny_flux_counts()["transformer"], row["trainable_tensors"]))
+        assert (row["trainable_params"], row["trainable_tensors"]) == expected, name
+    assert (peer[FLUX_RECIPE]["trainable_params"], peer[FLUX_RECIPE]["trainable_tensors"]) == (
+        r * w * (36 * d + 6 * s), 2 * (12 * d + 3 * s))
+
+
+def test_flux_peer_step_computes_our_loss(flux_dreambooth_run: tuple[str, dict]) -> None:
+    """diffusers' train_dreambooth_lora_flux.py step (its FluxTransformer2DModel with peft LoRA, AutoencoderKL,
+    CLIPTextModel, T5EncoderModel, holding our weights), in its own process, computes the loss ours does from the
+    same latents, noise, t and text embeddings (the same seeded draws; the text encoded by transformers' models and
+    tokenizers), to 1e-5; the table sets the two steps side by side."""
+    from benchmarks.dreambooth_flux import FLUX_RECIPE
+    stdout, _ = flux_dreambooth_run
+    ours, peer = flux_cells(flux_dreambooth_run)
+    assert list(peer) == [FLUX_RECIPE]
+    o, d = ours[FLUX_RECIPE], peer[FLUX_RECIPE]
+    assert math.isclose(d["first_loss"], o["first_loss"], rel_tol=1e-5)
+    assert d["optimizer"] == "AdamW8bit" and d["weights_dtype"] == "float32" and not d["cached"]
+    # Every row whose options the script has beside it: the recipe, and the rows whose switch it lacks.
+    body = [row for row in table(stdout) if "(peer: " in row[0]]
+    assert [row[0] for row in body] == [f"{v} (peer: {FLUX_RECIPE})" for v in (FLUX_RECIPE, FLUX_RECIPE + "+fp8t5",
+                                                                               FLUX_RECIPE + "+swap3")]
+    assert body[0][1:] == [f"{o['median_s']:.4g}", f"{d['median_s']:.4g}", f"{o['median_s'] / d['median_s']:.2f}",
+                           peak_text(o), peak_text(d), f"{o['peak_bytes'] / d['peak_bytes']:.2f}",
+                           f"{(o['peak_bytes'] - o['model_bytes']) / (d['peak_bytes'] - d['model_bytes']):.2f}"]
+    assert "train_dreambooth_lora_flux.py" in stdout
+
+
+def test_flux_peer_sigma_is_the_schedulers_at_its_timestep() -> None:
+    """The peer takes sigma = t and timestep = 1000 t: on the FlowMatchEulerDiscreteScheduler of FLUX.1-dev's release
+    (dynamic shifting, so its training table is unshifted), the sigma the script looks up at each timestep is
+    exactly timestep / 1000."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from ldm.export.diffusers import model_params
+    from ldm.families.flux.diffusers import flow_scheduler_config
+    params = model_params(OmegaConf.load(REPO / "configs/flux/flux1-dev-dreambooth-lora.yaml"))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(flow_scheduler_config(params))
+    assert scheduler.config.use_dynamic_shifting and scheduler.config.num_train_timesteps == 1000
+    assert len(scheduler.timesteps) == 1000 and torch.equal(scheduler.sigmas, scheduler.timesteps / 1000)
+
+
 # ---- the harness -------------------------------------------------------------------------------------------------
 def test_every_cell_ran_in_a_fresh_process(unet_run: tuple[str, dict], dreambooth_run: tuple[str, dict]) -> None:
     pids = [r["pid"] for run in (unet_run, dreambooth_run) for r in run[1]["results"]]
@@ -393,6 +550,13 @@ def test_compiled_training_step_keeps_the_loss(tmp_path: Path) -> None:
     (["--config", "nowhere.yaml"], "--config: 'nowhere.yaml' is neither tiny, v1, tiny-sdxl, sdxl nor an existing file"),
     (["--suite", "dreambooth", "--config", "tiny-sdxl", "--peer", "diffusers"], "SDXL has none"),
     (["--suite", "dreambooth", "--config", "tiny-sdxl", "--variants", "full+ckpt"], "SDXL's text encoders are frozen"),
+    (["--suite", "dreambooth", "--config", "tiny-flux", "--variants", "full+ckpt"],
+     "FLUX.1's text encoders are frozen"),
+    (["--suite", "dreambooth", "--config", "tiny-flux", "--variants", "lora4+ckpt+swap4"],
+     "at most 3 of the transformer's 4 blocks"),
+    (["--suite", "dreambooth", "--variants", "lora4+ckpt+swap2"], "this network is a UNet"),
+    (["--suite", "dreambooth", "--config", "tiny-flux", "--variants", "lora4+bf16+fp8"], "unknown ['lora4+bf16+fp8']"),
+    (["--suite", "dreambooth", "--width", "256"], "--width: narrows FLUX.1's transformer"),
 ])
 def test_bad_selections_are_refused_before_any_worker(flags: list[str], message: str) -> None:
     proc = subprocess.run([sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, cwd=REPO,
