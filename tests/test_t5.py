@@ -103,6 +103,24 @@ def test_embedder_from_config_matches_transformers_without_mask(tiny_pair, spiec
     assert rel_err(got, expected) <= 1e-4
 
 
+def test_fp8_encoder_equals_transformers_on_its_dequantized_weights(tiny_pair, hf_tokenizer):
+    """text_encoder_fp8: every linear weight in float8 with a per-tensor scale. The encoder then computes what
+    transformers' T5EncoderModel computes with those weights (float8 times scale) loaded in float32."""
+    import copy
+
+    from ldm.modules.lowmem import quantize_fp8_
+    ours, theirs = tiny_pair
+    fp8 = copy.deepcopy(ours).requires_grad_(False)
+    assert quantize_fp8_(fp8) == 4 * 3 + 3 * 3  # q, k, v, o and wi_0, wi_1, wo in each of the 3 blocks
+    reference = copy.deepcopy(theirs)
+    reference.load_state_dict(fp8.state_dict(), strict=True)  # the state dict holds the dequantized weights
+    ids = hf_ids(hf_tokenizer, LENGTH).input_ids
+    with torch.no_grad():
+        got, expected, exact = fp8(ids), reference(input_ids=ids).last_hidden_state, ours(ids)
+    assert rel_err(got, expected) <= 1e-4
+    assert rel_err(got, exact) > 1e-4  # float8 rounding moved it (the random weights amplify it)
+
+
 def test_xxl_layout_on_meta():
     layout = reference_layout("t5xxl-encoder-state-dict.tsv")
     with torch.device("meta"):

@@ -129,8 +129,8 @@ class T5DenseGatedActDense(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)
         # transformers keeps ``wo`` in float32 when it loads T5 in float16 (its output overflows there); a model
-        # loaded the same way runs as it does.
-        return self.wo(h.to(self.wo.weight.dtype))
+        # loaded the same way runs as it does. A float8 ``wo`` (text_encoder_fp8) computes in its stored dtype.
+        return self.wo(h.to(getattr(self.wo, "stored_dtype", self.wo.weight.dtype)))
 
 
 class T5LayerFF(nn.Module):
