@@ -579,3 +579,28 @@ def test_gpu_benchmark_script_stops_at_once_without_cuda() -> None:
         "gpu_benchmark.sh: needs a CUDA GPU and a CUDA build of torch (torch.cuda.is_available() is False here); "
         "nothing was run"]
     assert not (REPO / "no-such-output").exists()
+
+
+def test_gpu_benchmark_script_asks_only_for_rows_the_suite_accepts(tmp_path: Path) -> None:
+    """Every benchmark call of scripts/gpu_benchmark.sh (run here with a stand-in python that says CUDA is there and
+    records each call) names a config and rows that the suite's own selection accepts: a row it would refuse on
+    the GPU (an unknown switch, more blocks swapped than FLUX.1 has, a frozen text encoder trained) fails here."""
+    from benchmarks.cli import SUITES, parse_args
+    calls = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\n[ "$1" = scripts/benchmark.py ] && printf "%s\\0" "$@" >> {calls} '
+                    f'&& printf "\\n" >> {calls}\nexit 0\n')
+    fake.chmod(0o755)
+    proc = subprocess.run(["bash", str(REPO / "scripts/gpu_benchmark.sh")], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, PYTHON=str(fake), OUT=str(tmp_path / "out")))
+    assert proc.returncode == 0, proc.stderr
+    argvs = [line.strip("\0").split("\0")[1:] for line in calls.read_text().splitlines() if line]
+    configs = [argv[argv.index("--config") + 1] for argv in argvs]
+    assert configs == ["v1", "v1", "sdxl", "sdxl", "flux-dev", "flux-dev"]
+    for argv in argvs:
+        args = parse_args(argv)
+        cells = SUITES[args.suite].cells(args)
+        assert [c["variant"] for c in cells] == args.variants.split(","), argv
+    bad = subprocess.run(["bash", str(REPO / "scripts/gpu_benchmark.sh"), "sdx"], capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ, PYTHON=str(fake), OUT=str(tmp_path / "out")))
+    assert bad.returncode == 2 and "part 'sdx' is none of sd, flux, all" in bad.stderr
