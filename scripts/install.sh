@@ -20,4 +20,8 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
         echo "install chromium and chromedriver (the web UI's browser test needs them)" >&2
     fi
 fi
+# DeepSpeed's CPU AdamW (ZeRO-Offload, tests/test_lean.py) is a C++ op compiled on first use: compile it now, into
+# the environment, so that no training run or test waits minutes for it.
+python -c "from ldm.optim.build import build_cpu_adam; build_cpu_adam()" ||
+    echo "DeepSpeed's CPU AdamW op did not compile (a C++ compiler is needed for ZeRO-Offload); continuing" >&2
 python -c "import torch, pytorch_lightning; print(f'installed: torch {torch.__version__}, lightning {pytorch_lightning.__version__}')"

@@ -1,7 +1,10 @@
 """Optimizer and learning-rate schedule for fine-tuning, built from the model's config keys."""
 from __future__ import annotations
 
+import os
+import sys
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
@@ -20,6 +23,7 @@ def optimizer_class(name: str, cpu_offload: bool = False) -> Callable[..., torch
     if cpu_offload:
         if name != "adamw":
             raise ValueError(f"optimizer {name!r} with DeepSpeed's optimizer offload: use adamw (DeepSpeedCPUAdam)")
+        use_venv_extensions()
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         return partial(DeepSpeedCPUAdam, adamw_mode=True)
     if name == "adamw8bit":
@@ -33,6 +37,22 @@ def optimizer_class(name: str, cpu_offload: bool = False) -> Callable[..., torch
     elif name != "adamw":
         raise ValueError(f"model.params.optimizer_config.name {name!r}: expected adamw or adamw8bit")
     return torch.optim.AdamW
+
+
+def use_venv_extensions() -> None:
+    """Inside a virtual environment, compile torch C++ extensions (DeepSpeed's CPU AdamW op) into
+    ``<venv>/torch_extensions`` unless ``TORCH_EXTENSIONS_DIR`` says otherwise: the shared ``~/.cache`` folder holds
+    one build per op, so two environments (another torch, another checkout) would rebuild it for each other, minutes
+    each time."""
+    if sys.prefix != sys.base_prefix:
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+
+def build_cpu_adam() -> None:
+    """Compile DeepSpeed's CPU AdamW op now (scripts/install.sh), not at the first ZeRO-Offload step."""
+    use_venv_extensions()
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+    CPUAdamBuilder().load(verbose=False)
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, config: Mapping[str, Any],
