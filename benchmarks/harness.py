@@ -2,8 +2,9 @@
 process, the memory and time readings, ``--json`` and the table.
 
 A *cell* is one row's measurement, a small dict of strings (``{"impl": "ours", "measurement": "train"}``,
-``{"variant": "lora4+ckpt"}``). The parent never imports torch: it spawns ``python -m benchmarks ... --_worker
-CELL`` per cell, so each peak belongs to that one measurement, and reads back one tagged JSON line.
+``{"variant": "lora4+ckpt"}``). The parent never imports torch: it runs ``python -m benchmarks ... --_worker
+CELL`` per cell in a new interpreter (or, with ``--fork``, forked from a zygote that has done the imports:
+``benchmarks/zygote.py``), so each peak belongs to that one measurement, and reads back one tagged JSON line.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from importlib.metadata import PackageNotFoundError, version
@@ -145,15 +148,83 @@ def run_worker(suite: Suite, args: argparse.Namespace, cell: Cell) -> Result:
                 pid=os.getpid())
 
 
+class Zygote:
+    """``benchmarks/zygote.py``: one process with the suite's imports done, forking a fresh child per cell."""
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.zygote", *argv], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, cwd=REPO, env=dict(env))
+        if self.answer("ready") is None:
+            raise RuntimeError(f"benchmark zygote did not start (exit {self.proc.wait()})")
+
+    def answer(self, key: str) -> Any:
+        """The value of ``key`` in the zygote's next JSON line that has it (what a library prints is skipped);
+        None if it exited."""
+        for line in self.proc.stdout:
+            if line.startswith(f'{{"{key}": '):
+                return json.loads(line)[key]
+        return None
+
+    def run(self, cmd: Sequence[str]) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            self.proc.stdin.write(json.dumps({"argv": list(cmd), "out": str(out), "err": str(err)}) + "\n")
+            self.proc.stdin.flush()
+            code = self.answer("returncode")
+            if code is None:
+                raise RuntimeError(f"benchmark zygote exited ({self.proc.wait()})")
+            read = lambda p: p.read_text(errors="replace") if p.exists() else ""  # noqa: E731
+            return subprocess.CompletedProcess(cmd, code, read(out), read(err))
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+_zygotes = threading.local()  # each job slot (a pool thread) has its own zygote per environment
+_all_zygotes: list[Zygote] = []
+
+
+def cell_process(argv: Sequence[str], cell: Cell, env: Mapping[str, str],
+                 fork: bool) -> subprocess.CompletedProcess:
+    """Run ``python -m benchmarks ARGV --_worker CELL`` in a new interpreter, or with ``fork`` (on Linux) forked
+    from this job slot's zygote for ``env`` (made on first use)."""
+    cmd = [*argv, "--_worker", json.dumps(cell)]
+    if not fork or sys.platform != "linux":
+        return subprocess.run([sys.executable, "-m", "benchmarks", *cmd], capture_output=True, text=True, cwd=REPO,
+                              env=dict(env))
+    pool = _zygotes.__dict__.setdefault("by_env", {})
+    key = tuple(sorted(env.items()))
+    if key not in pool:
+        pool[key] = Zygote(argv, env)
+        _all_zygotes.append(pool[key])
+    return pool[key].run(cmd)
+
+
+def process_words(args: argparse.Namespace) -> str:
+    """How the table's text names a cell's process: a new interpreter, or forked after the imports (``--fork``)."""
+    if getattr(args, "fork", False) and sys.platform == "linux":
+        return "a process forked after the imports (shared libraries count the pages it touches)"
+    return "a fresh process"
+
+
+def close_zygotes() -> None:
+    while _all_zygotes:
+        _all_zygotes.pop().close()
+
+
 def spawn(suite_name: str, cell: Cell, argv: Sequence[str], threads: int = 0,
-          extra_env: Optional[Mapping[str, str]] = None) -> Result:
-    """Run one cell in a fresh interpreter, so its peak RSS is its own; the result, or ``cell`` with an
-    ``error``. ``extra_env``: variables the cell's program would have set (ours: what ``main.py`` sets)."""
+          extra_env: Optional[Mapping[str, str]] = None, fork: bool = False) -> Result:
+    """Run one cell in a process of its own (``cell_process``), so its peak RSS is its own; the result, or
+    ``cell`` with an ``error``. ``extra_env``: variables the cell's program would have set (ours: what ``main.py``
+    sets)."""
     print(f"[benchmark] {suite_name}: {' '.join(cell.values())} ...", file=sys.stderr, flush=True)
-    cmd = [sys.executable, "-m", "benchmarks", *argv, "--_worker", json.dumps(cell)]
     # Native libraries with their own OpenMP team (bitsandbytes' CPU kernels) honour only the environment.
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}), **(extra_env or {})}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    try:
+        proc = cell_process(argv, cell, env, fork)
+    except RuntimeError as e:  # the zygote could not start or died (its stderr is the caller's)
+        return dict(cell, error=str(e))
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])
@@ -177,13 +248,17 @@ def run_cells(cells: list[Cell], argv: Sequence[str], args: argparse.Namespace,
     rounds = max(1, getattr(args, "rounds", 1))
     order = [i for r in range(rounds) for i in (range(len(cells)) if r % 2 == 0 else reversed(range(len(cells))))]
     runs: list[list[Result]] = [[] for _ in cells]
-    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        futures = {pool.submit(spawn, args.suite, cells[i], argv, args.threads,
-                               cell_env(cells[i]) if cell_env else None): i for i in order}
-        for future in as_completed(futures):
-            runs[futures[future]].append(future.result())
-            if args.json:
-                write_json(args, [merge_rounds(r) for r in runs if r], complete=False)
+    fork = getattr(args, "fork", False)
+    try:
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            futures = {pool.submit(spawn, args.suite, cells[i], argv, args.threads,
+                                   cell_env(cells[i]) if cell_env else None, fork): i for i in order}
+            for future in as_completed(futures):
+                runs[futures[future]].append(future.result())
+                if args.json:
+                    write_json(args, [merge_rounds(r) for r in runs if r], complete=False)
+    finally:
+        close_zygotes()
     return [merge_rounds(r) for r in runs if r]
 
 

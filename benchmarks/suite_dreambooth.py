@@ -42,7 +42,7 @@ from benchmarks.dreambooth_flux import FLUX_RECIPE, flux_notes, flux_variants, p
 from benchmarks.dreambooth_variants import (FLAGS, PEERS, SDXL_RECIPE, SDXL_VARIANTS, V1_LEAN, V1_VARIANTS, Variant,
                                             check_variant, config_family, variant_config)
 from benchmarks.harness import (REPO, Cell, Meter, Result, comparison_header, comparison_rows, fill_zero_parameters_,
-                                fmt_peak, format_table, resolve_config, summary_line)
+                                fmt_peak, format_table, process_words, resolve_config, summary_line)
 from ldm.util import fmt_bytes
 
 CLASS_WORD = "dog"  # captions "photo of a sks dog" / "photo of a dog" with the configs' token and templates
@@ -243,6 +243,13 @@ class DreamBoothSuite:
         from ldm.util import TRAINING_ENVIRONMENT
         return {} if cell.get("impl") == "diffusers" else dict(TRAINING_ENVIRONMENT)
 
+    def preload(self, args: argparse.Namespace) -> None:
+        """What every cell imports before its memory baseline (``benchmarks/zygote.py`` does it once)."""
+        import pytorch_lightning  # noqa: F401
+        import torch  # noqa: F401
+        import ldm.models.diffusion.ddpm  # noqa: F401
+        import_peer_modules(config_family(resolve_config(args.config, self.configs)))
+
     def run_cell(self, args: argparse.Namespace, config_path: Path, cell: Cell, meter: Meter) -> Result:
         """Build the variant's model (or the peer's from its weights), run ``warmup + repeat`` steps; seconds,
         parameters, optimizer state, loss."""
@@ -396,8 +403,8 @@ class DreamBoothSuite:
         mixed = (f"{'/'.join(names)} autocast" if names else
                  "autocast (CPU: bf16; CUDA: bf16, else fp16 + GradScaler)")
         memory = ("peak allocated CUDA memory from the built model on (caching included)" if args.device == "cuda"
-                  else "peak RSS of a fresh process per variant (everything: interpreter, frozen VAE and text "
-                       "encoder, building, caching)")
+                  else f"peak RSS of {process_words(args)} per variant (everything: interpreter, frozen VAE and "
+                       "text encoder, building, caching)")
         settings = [f"{size} px", "batch 1 subject + 1 class image"]
         if self.family == "flux":
             width = args.width or "the config's"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from benchmarks.harness import (REPO, Cell, Meter, Result, comparison_header, comparison_rows, fill_zero_parameters_,
-                                summary_line)
+                                process_words, summary_line)
 from benchmarks.profile import backward_profile, format_profiles
 
 IMPLS = ("ours", "diffusers")
@@ -264,16 +264,21 @@ class UNetSuite:
             raise SystemExit(f"unknown --only/--impl entries: {sorted(bad)}")
         return [dict(impl=impl, measurement=m) for m in measurements for impl in impls]
 
-    def run_cell(self, args: argparse.Namespace, config: Path, cell: Cell, meter: Meter) -> Result:
-        """Build one model, run one measurement ``warmup + repeat`` times."""
-        # Both workers import the same modules before the baseline is read: diffusers' import pulls in much of
-        # torch (torch._dynamo among others) that our worker would otherwise load lazily in its first optimizer
-        # step, which showed up as ~70 MiB of phantom "activation" memory on our side.
+    def preload(self, args: argparse.Namespace) -> None:
+        """What every cell imports before its memory baseline (``benchmarks/zygote.py`` does it once). Both sides
+        import the same modules: diffusers' import pulls in much of torch (torch._dynamo among others) that our
+        worker would otherwise load lazily in its first optimizer step, which showed up as ~70 MiB of phantom
+        "activation" memory on our side."""
         from diffusers import DDIMScheduler, UNet2DConditionModel  # noqa: F401
         from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # noqa: F401
+        from ldm.export.diffusers import model_params  # noqa: F401
+        from ldm.models.diffusion.ddim import DDIMSampler  # noqa: F401
+
+    def run_cell(self, args: argparse.Namespace, config: Path, cell: Cell, meter: Meter) -> Result:
+        """Build one model, run one measurement ``warmup + repeat`` times."""
         from omegaconf import OmegaConf
         from ldm.export.diffusers import model_params
-        from ldm.models.diffusion.ddim import DDIMSampler  # noqa: F401
+        self.preload(args)
         params = model_params(OmegaConf.load(config))
         unet = build_unet(cell["impl"], params).to(args.device)
         meter.model_built()
@@ -304,7 +309,7 @@ class UNetSuite:
         if any(r.get("sdxl") for r in results):
             lines.append(f"SDXL: pooled text embedding and size/crop numbers {SIZE_NUMBERS} as diffusers' "
                          f"added_cond_kwargs; ours takes them as y (pooled ++ their sinusoidal embeddings).")
-        memory = "peak allocated CUDA memory" if args.device == "cuda" else "peak RSS of a fresh process per cell"
+        memory = "peak allocated CUDA memory" if args.device == "cuda" else f"peak RSS of {process_words(args)} per cell"
         lines.append(f"Memory: {memory}; (+x) = above the memory held after building the model. "
                      f"Ratios: ours/diffusers.")
         return "\n".join(lines)

@@ -35,7 +35,10 @@ ROUNDING = ("mixed", "bf16w", "cl")
 CLIP_VOCAB = 49408  # CLIP's BPE vocabulary: 256 bytes x 2 (with and without </w>), 48,894 merges, 2 specials
 # One torch thread per cell (a multi-thread OpenMP team stalls behind other jobs on a shared machine), two cells at
 # once: start-up (importing torch, diffusers, Lightning: ~5 s) dominates the tiny cells.
-COMMON = ("--config", "tiny", "--repeat", "1", "--warmup", "0", "--threads", "1", "--jobs", "2", "--markdown")
+# --fork: each cell forked from a process that has done the imports (benchmarks/zygote.py), ~11 s less per cell;
+# peer_run's cells are new interpreters (test_fork_and_new_interpreters_measure_the_same_step compares).
+COMMON = ("--config", "tiny", "--repeat", "1", "--warmup", "0", "--threads", "1", "--jobs", "2", "--markdown",
+          "--fork")
 
 
 def run_benchmark(*flags: str, json_path: Path, timeout: int = 600) -> tuple[subprocess.CompletedProcess, dict]:
@@ -77,8 +80,8 @@ def dreambooth_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]
 def peer_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
     """Two of our rows and diffusers' train_dreambooth.py step with the options each has."""
     out = tmp_path_factory.mktemp("bench") / "peer.json"
-    proc, data = run_benchmark("--suite", "dreambooth", *COMMON, "--variants", "full,full+ckpt+8bit+fused",
-                               "--peer", "diffusers", json_path=out)
+    proc, data = run_benchmark("--suite", "dreambooth", *COMMON[:-1], "--variants", "full,full+ckpt+8bit+fused",
+                               "--peer", "diffusers", json_path=out)  # new interpreters (no --fork)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc.stdout, data
 
@@ -91,7 +94,7 @@ def flux_dreambooth_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, 
     out = tmp_path_factory.mktemp("bench") / "dreambooth-flux.json"
     proc, data = run_benchmark("--suite", "dreambooth", "--config", "tiny-flux", "--size", "64", "--repeat", "1",
                                "--warmup", "1", "--threads", "1", "--jobs", "2", "--markdown", "--peer", "diffusers",
-                               "--peer-rows", "reference", json_path=out)
+                               "--peer-rows", "reference", "--fork", json_path=out)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc.stdout, data
 
@@ -504,12 +507,28 @@ def test_every_cell_ran_in_a_fresh_process(unet_run: tuple[str, dict], dreamboot
     assert len(set(pids)) == len(pids) == 2 * len(UNET_ROWS) + len(VARIANTS) and os.getpid() not in pids
 
 
-def test_a_failing_cell_is_reported(tmp_path: Path) -> None:
-    """A worker that raises gives a "failed" row, its exception in the output and the JSON, and exit status 1."""
+def test_fork_and_new_interpreters_measure_the_same_step(dreambooth_run: tuple[str, dict],
+                                                        peer_run: tuple[str, dict]) -> None:
+    """The row "full" forked from the zygote (dreambooth_run) and in a new interpreter (peer_run): the same loss
+    bit for bit, parameters and optimizer state; the fork's memory after building is no more than the new
+    interpreter's (shared libraries count only the pages the cell touches), and both ran in processes of their
+    own."""
+    forked = next(r for r in dreambooth_run[1]["results"] if r["variant"] == "full")
+    new = next(r for r in peer_run[1]["results"] if r["variant"] == "full" and "impl" not in r)
+    for key in ("first_loss", "trainable_params", "trainable_tensors", "optimizer_state_bytes"):
+        assert forked[key] == new[key], key
+    assert 0 < forked["model_bytes"] <= new["model_bytes"] and forked["pid"] != new["pid"]
+
+
+@pytest.mark.parametrize("fork", [False, True])
+def test_a_failing_cell_is_reported(tmp_path: Path, fork: bool) -> None:
+    """A worker that raises gives a "failed" row, its exception in the output and the JSON, and exit status 1,
+    in a new interpreter as in a forked one."""
     config = tmp_path / "no-unet.yaml"
     config.write_text("model:\n  params:\n    image_size: 8\n")
     proc, data = run_benchmark("--config", str(config), "--only", "forward", "--impl", "ours", "--markdown",
-                               "--threads", "1", json_path=tmp_path / "out.json", timeout=300)
+                               "--threads", "1", *(["--fork"] if fork else []), json_path=tmp_path / "out.json",
+                               timeout=300)
     assert proc.returncode == 1
     assert table(proc.stdout)[0][:3] == ["UNet forward (s/call)", "failed", "-"]
     [result] = data["results"]
@@ -522,7 +541,7 @@ def test_rounds_alternate_the_order_and_pool_the_timings(tmp_path: Path) -> None
     timed calls and its peak the largest of its workers'."""
     import statistics
     proc, data = run_benchmark("--only", "forward", "--latent", "8", "--batch", "1", "--repeat", "2", "--warmup",
-                               "0", "--threads", "1", "--rounds", "2", json_path=tmp_path / "out.json", timeout=300)
+                               "0", "--threads", "1", "--rounds", "2", "--fork", json_path=tmp_path / "out.json", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     started = [line.split()[2] for line in proc.stderr.splitlines() if line.startswith("[benchmark] unet:")]
     assert started == ["ours", "diffusers", "diffusers", "ours"]
@@ -536,7 +555,8 @@ def test_compiled_training_step_keeps_the_loss(tmp_path: Path) -> None:
     """``--only train_compile``: ours compiled (what ``compile: true`` runs) computes the loss diffusers' eager
     UNet does on the same weights and inputs."""
     proc, data = run_benchmark("--only", "train_compile", "--latent", "8", "--batch", "1", "--repeat", "1",
-                               "--warmup", "1", "--threads", "1", json_path=tmp_path / "out.json", timeout=900)
+                               "--warmup", "1", "--threads", "1", "--fork", json_path=tmp_path / "out.json",
+                               timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     by = {r["impl"]: r for r in data["results"]}
     assert by["ours"]["compiled"] and not by["diffusers"]["compiled"]
