@@ -29,6 +29,19 @@ from typing import Any, Mapping, Optional
 MAX_GRAD_NORM = 1.0  # train_dreambooth.py's --max_grad_norm default
 
 
+
+def script_optimizer(name: str, params: list, lr: float, kwargs: Mapping[str, Any]) -> tuple[Any, Any]:
+    """What diffusers' DreamBooth scripts build: ``--use_8bit_adam`` (bitsandbytes' AdamW8bit) or torch's AdamW,
+    and ``--lr_scheduler constant``."""
+    import torch
+    from diffusers.optimization import get_scheduler
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+        optimizer = bnb.optim.AdamW8bit(params, lr=lr, **kwargs)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=lr, **kwargs)
+    return optimizer, get_scheduler("constant", optimizer=optimizer)
+
 class PeerStep:
     """diffusers' DreamBooth step over our model's weights (see the module docstring)."""
 
@@ -37,7 +50,6 @@ class PeerStep:
                  mixed: Any) -> None:
         import torch
         from diffusers import DDPMScheduler
-        from diffusers.optimization import get_scheduler
         from ldm.export.diffusers import scheduler_config
         device = model.device
         self.device, self.mixed, self.train_text_encoder = device, mixed, text_encoder
@@ -56,13 +68,7 @@ class PeerStep:
                 self.text_encoder.gradient_checkpointing_enable()
         self.text_encoder.train(text_encoder)
         self.params = list(self.unet.parameters()) + (list(self.text_encoder.parameters()) if text_encoder else [])
-        if optimizer == "adamw8bit":
-            import bitsandbytes as bnb
-            optimizer_class = bnb.optim.AdamW8bit
-        else:
-            optimizer_class = torch.optim.AdamW
-        self.optimizer = optimizer_class(self.params, lr=lr, **optimizer_kwargs)
-        self.lr_scheduler = get_scheduler("constant", optimizer=self.optimizer)
+        self.optimizer, self.lr_scheduler = script_optimizer(optimizer, self.params, lr, optimizer_kwargs)
         self.scaler = torch.amp.GradScaler(device.type) if mixed == torch.float16 else None
         # The script's dataset: pixel values in [-1, 1], instance then class; token ids padded to 77.
         self.pixel_values = torch.cat([batch["image"], batch["reg_image"]]).to(device)

@@ -42,6 +42,8 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from benchmarks.peer_dreambooth import script_optimizer
+
 MAX_GRAD_NORM = 1.0  # the script's --max_grad_norm default
 #: The script's ``target_modules`` when ``--lora_layers`` is not given.
 LORA_TARGETS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
@@ -57,7 +59,6 @@ class FluxPeerStep:
                  cache_latents: bool) -> None:
         import torch
         from diffusers import FlowMatchEulerDiscreteScheduler
-        from diffusers.optimization import get_scheduler
         from peft import LoraConfig
         from ldm.families.flux.diffusers import pipeline_configs
         from ldm.models.diffusion.objectives import FlowObjective
@@ -79,13 +80,7 @@ class FluxPeerStep:
         self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                                 target_modules=list(LORA_TARGETS)))
         self.params = [p for p in self.transformer.parameters() if p.requires_grad]
-        if optimizer == "adamw8bit":
-            import bitsandbytes as bnb
-            optimizer_class = bnb.optim.AdamW8bit
-        else:
-            optimizer_class = torch.optim.AdamW
-        self.optimizer = optimizer_class(self.params, lr=lr, **optimizer_kwargs)
-        self.lr_scheduler = get_scheduler("constant", optimizer=self.optimizer)
+        self.optimizer, self.lr_scheduler = script_optimizer(optimizer, self.params, lr, optimizer_kwargs)
         # compute_text_embeddings for the instance and the class prompt, concatenated; then the encoders go.
         prompts = [batch["caption"][0], batch["reg_caption"][0]]
         self.prompt_embeds, self.pooled_prompt_embeds, self.text_ids = encode_prompts(

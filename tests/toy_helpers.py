@@ -45,7 +45,7 @@ def class_images(tmp_path: Path) -> Path:
         if count_images(folder) < CLASS_IMAGES:
             config = OmegaConf.load(REPO / "configs/toy/dreambooth.yaml")
             cfg = config.class_images
-            generate_class_images(load_toy_model(), folder, "photo of a robot", CLASS_IMAGES,
+            generate_class_images(load_toy_model().to("cpu"), folder, "photo of a robot", CLASS_IMAGES,
                                   size=int(config.data.params.size), ddim_steps=int(cfg.ddim_steps),
                                   scale=float(cfg.scale), batch_size=int(cfg.batch_size), seed=int(cfg.seed))
     return folder

@@ -291,8 +291,8 @@ def check_lean_training(config: DictConfig) -> None:
     if frozen == "fp8" or OmegaConf.select(config, "model.params.text_encoder_fp8", default=False):
         from ldm.modules.lowmem import fp8_supported
         if not fp8_supported():
-            raise ConfigError(f"model.params.frozen_dtype=fp8 / text_encoder_fp8: this torch has no usable "
-                              f"float8_e4m3fn (torch >= 2.1 has it); use frozen_dtype: bf16")
+            raise ConfigError("model.params.frozen_dtype=fp8 / text_encoder_fp8: this torch has no usable "
+                              "float8_e4m3fn (torch >= 2.1 has it); use frozen_dtype: bf16")
     swap = OmegaConf.select(config, "model.params.blocks_to_swap", default=0) or 0
     if swap:
         net = OmegaConf.select(config, "model.params.unet_config.params") or {}

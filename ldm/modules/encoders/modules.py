@@ -149,7 +149,18 @@ def eos_positions(input_ids: torch.Tensor) -> torch.Tensor:
     return input_ids.argmax(dim=-1)
 
 
-class FrozenCLIPEmbedder(nn.Module):
+class FrozenTextEncoder(nn.Module):
+    """A text encoder that stays fixed unless it is trained (``cond_stage_trainable``; SDXL's and FLUX.1's are
+    always fixed here): ``freeze`` puts its networks in eval mode, without gradients."""
+
+    def freeze(self) -> None:
+        for network in self.children():
+            network.eval()
+        for param in self.parameters():
+            param.requires_grad = False
+
+
+class FrozenCLIPEmbedder(FrozenTextEncoder):
     """SD v1 ``cond_stage_model`` and SDXL's first embedder: tokenize prompts and run CLIP's text tower.
 
     ``layer`` picks the output (sgm's options): ``"last"`` the last hidden state after ``final_layer_norm``
@@ -209,12 +220,6 @@ class FrozenCLIPEmbedder(nn.Module):
         )
         if freeze:
             self.freeze()
-
-    def freeze(self) -> None:
-        """Eval mode and no gradients: SD v1 keeps the text encoder fixed (``cond_stage_trainable: false``)."""
-        self.transformer = self.transformer.eval()
-        for param in self.parameters():
-            param.requires_grad = False
 
     def tokenize(self, text: str | Sequence[str]) -> torch.LongTensor:
         """``[B, max_length]`` token ids on the CPU."""

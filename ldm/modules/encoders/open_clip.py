@@ -21,7 +21,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ldm.modules.encoders.modules import eos_positions
+from ldm.modules.encoders.modules import FrozenTextEncoder, eos_positions
 from ldm.modules.encoders.tokenizer import CLIPTokenizer
 
 
@@ -154,7 +154,7 @@ class OpenCLIPTextModel(nn.Module):
         return out
 
 
-class FrozenOpenCLIPEmbedder2(nn.Module):
+class FrozenOpenCLIPEmbedder2(FrozenTextEncoder):
     """SDXL's second text encoder (sgm's class of the same name): OpenCLIP ViT-bigG/14 over prompts.
 
     ``layer`` ``"penultimate"`` (SDXL) or ``"last"`` picks the hidden state. ``legacy=True`` (SD 2.x style) applies
@@ -211,11 +211,6 @@ class FrozenOpenCLIPEmbedder2(nn.Module):
         )
         if freeze:
             self.freeze()
-
-    def freeze(self) -> None:
-        self.model = self.model.eval()
-        for param in self.parameters():
-            param.requires_grad = False
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.transformer.grad_checkpointing = enable

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ldm.modules.encoders.modules import FrozenTextEncoder
+
 
 @dataclass(frozen=True)
 class T5Config:
@@ -284,7 +286,7 @@ class T5Tokenizer:
         return torch.tensor(rows, dtype=torch.long).reshape(len(texts), max_length)
 
 
-class FrozenT5Embedder(nn.Module):
+class FrozenT5Embedder(FrozenTextEncoder):
     """FLUX.1's T5 embedder for sgm's conditioner: prompts -> T5's last hidden state ``[B, max_length, d_model]``.
 
     No attention mask is passed: padding tokens attend to and are attended by the prompt, as in Black Forest Labs'
@@ -307,12 +309,6 @@ class FrozenT5Embedder(nn.Module):
                              f"embedding only {rows}: a tokenizer of another model")
         if freeze:
             self.freeze()
-
-    def freeze(self) -> None:
-        """Eval mode and no gradients: FLUX.1 keeps its text encoders fixed."""
-        self.transformer = self.transformer.eval()
-        for param in self.parameters():
-            param.requires_grad = False
 
     def tokenize(self, texts: str | Sequence[str]) -> torch.LongTensor:
         """``[B, max_length]`` token ids on the CPU."""
