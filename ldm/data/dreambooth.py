@@ -27,6 +27,7 @@ from ldm.data.loader import ResumableBatchSampler, ResumableLoader, batches_done
 #: examples carry the same keys with ``REG_PREFIX`` (``reg_image``); ``<image key>_id`` / ``_flip`` name the exact
 #: pixels for the latent cache.
 IMAGE_KEY, CAPTION_KEY, REG_PREFIX = "image", "caption", "reg_"
+PRIOR_PREFIX = "prior_"  # prior_caption: the class prompt of prior_preservation: base_model
 DEFAULT_SUBJECT_TEMPLATE = "photo of a {token} {class_word}"
 DEFAULT_CLASS_TEMPLATE = "photo of a {class_word}"
 # CLIP's ids are BPE merge ranks: the lower the id, the earlier (more frequent) the merge. Below this the
@@ -204,6 +205,7 @@ class DreamBoothDataset(Dataset):
         concepts: Sequence[Concept | Mapping[str, Any]] | None = None,
         buckets: bool = False,
         masks: bool = False,
+        prior_captions: bool = False,
     ) -> None:
         if not 0.0 <= flip_p <= 1.0:
             raise ValueError(f"flip_p={flip_p} must be in [0, 1]")
@@ -240,6 +242,10 @@ class DreamBoothDataset(Dataset):
             check_masks(self.subjects)
         self.concept_of = [k for k, s in enumerate(subjects) for _ in range(len(s))]
         self.masks = masks
+        # prior_preservation: base_model (no class images): each subject example carries its class prompt, which
+        # the model answers with and without its adapters.
+        self.prior_captions = ([_format(class_template, "class_template", c.token, c.class_word)
+                                for c in self.concepts] if prior_captions else None)
         class_sets = [cs for _, cs in classes.values()]
         self.classes: ImageSet | None = _concat(class_sets) if class_sets else None
         offsets = np.cumsum([0] + [len(cs) for cs in class_sets])
@@ -299,7 +305,7 @@ class DreamBoothDataset(Dataset):
         return out
 
     def all_captions(self) -> list[str]:
-        return list(self.captions) + list(self.reg_captions)
+        return list(self.captions) + list(self.reg_captions) + list(self.prior_captions or [])
 
     def _flip(self, generator: torch.Generator | None) -> bool:
         return self.flip_p > 0 and torch.rand((), generator=generator).item() < self.flip_p
@@ -314,6 +320,8 @@ class DreamBoothDataset(Dataset):
         s = i % self.num_subject
         item = self._role("", self.subjects, s, self._flip(generator))
         item["concept"] = self.concept_of[s]
+        if self.prior_captions is not None:
+            item[PRIOR_PREFIX + CAPTION_KEY] = self.prior_captions[self.concept_of[s]]
         if self.masks:
             mask = self.subjects.masks[s]
             mask = torch.ones(item[IMAGE_KEY].shape[1:]) if mask is None else torch.from_numpy(mask.copy())
@@ -389,6 +397,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         concepts: Sequence[Mapping[str, Any]] | None = None,
         buckets: bool = False,
         masked_loss: bool = False,
+        prior_captions: bool = False,
         seed: int = 23,
     ) -> None:
         super().__init__()
@@ -398,6 +407,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         self.subject_template, self.class_template, self.min_size = subject_template, class_template, min_size
         self.concepts = make_concepts(concepts, data_root, token, class_word, reg_data_root)
         self.buckets, self.masked_loss, self.seed = buckets, masked_loss, seed
+        self.prior_captions = prior_captions  # set by the training run for prior_preservation: base_model
         self.train_dataset: DreamBoothDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -407,7 +417,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         self.train_dataset = DreamBoothDataset(
             size=self.size, repeats=self.repeats, reg_repeats=self.reg_repeats, flip_p=self.flip_p,
             subject_template=self.subject_template, class_template=self.class_template, min_size=self.min_size,
-            concepts=self.concepts, buckets=self.buckets, masks=self.masked_loss)
+            concepts=self.concepts, buckets=self.buckets, masks=self.masked_loss, prior_captions=self.prior_captions)
         ds = self.train_dataset
         per_concept = ", ".join(f"'{c.token} {c.class_word}': {ds.concept_of.count(k)}"
                                 for k, c in enumerate(ds.concepts))

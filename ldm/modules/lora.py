@@ -37,10 +37,13 @@ class FusedQKVLoRA(nn.Module):
         self.lora_B = nn.ParameterDict({p: nn.Parameter(torch.zeros(width, r)) for p, r in ranks.items()})
         self.scaling = {p: float(alphas[p]) / r for p, r in ranks.items()}
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False  # adds nothing while set (ldm.weights.lora.adapters_disabled)
         for a in self.lora_A.values():
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return x.new_zeros(*x.shape[:-1], 3 * self.width)
         h = self.dropout(x)
         blocks = []
         for p in QKV:

@@ -232,12 +232,14 @@ def check_values(config: DictConfig) -> None:
                "model.params.parameterization": ("eps", "flow"),
                "model.params.timestep_sampling": ("flux_shift", "sigmoid", "shift", "uniform"),
                "model.params.compile": (False, True), "model.params.channels_last": (False, True),
+               "model.params.prior_preservation": ("class_images", "base_model"),
                "lightning.export.dtype": (None, "fp32", "fp16", "bf16")}
     for key, allowed in choices.items():
         value = OmegaConf.select(config, key, default=allowed[0])
         check_choice(key, value, allowed)
     _check_steps(config)
     check_lean_training(config)
+    check_base_model_prior(config)
     factor = spatial_factor(config)
     check_image_side("data.params.size", OmegaConf.select(config, "data.params.size", default=512), factor)
     for side in ("height", "width"):
@@ -315,6 +317,26 @@ def check_lean_training(config: DictConfig) -> None:
         if "offload" in strategy and name != "adamw":
             raise ConfigError(f"model.params.optimizer_config.name={name} with lightning.trainer.strategy="
                               f"{strategy}: the offloaded optimizer is DeepSpeed's CPU AdamW; use name: adamw")
+
+
+def check_base_model_prior(config: DictConfig) -> None:
+    """``prior_preservation: base_model``: a LoRA run without class images (the base model's prediction is the
+    prior's target); the data then serves each subject example's class prompt (``data.params.prior_captions``)."""
+    if OmegaConf.select(config, "model.params.prior_preservation", default="class_images") != "base_model":
+        return
+    key = "model.params.prior_preservation=base_model"
+    if not OmegaConf.select(config, "model.params.lora_config"):
+        raise ConfigError(f"{key} needs LoRA (--lora_rank or model.params.lora_config): the base model's "
+                          f"prediction is the model with its adapters switched off; use class images for a full "
+                          f"fine-tune")
+    concepts = OmegaConf.select(config, "data.params.concepts") or []
+    with_images = [f"concepts entry {k + 1}" for k, c in enumerate(concepts) if c.get("reg_data_root")]
+    if OmegaConf.select(config, "data.params.reg_data_root"):
+        with_images.insert(0, "--reg_data_root")
+    if with_images or int(OmegaConf.select(config, "class_images.num", default=0) or 0) > 0:
+        raise ConfigError(f"{key} takes no class images (the base model's own prediction is the prior): drop "
+                          f"{', '.join(with_images) or 'class_images.num / --num_class_images'}")
+    OmegaConf.update(config, "data.params.prior_captions", True, force_add=True)
 
 
 def check_training_config(config: DictConfig) -> DictConfig:

@@ -12,7 +12,7 @@ import gradio as gr
 from ldm.webui import runs as run_files
 from ldm.webui.context import WebUI, refusal, user_errors
 from ldm.webui.paths import image_folders, inside
-from ldm.webui.recipes import TrainRequest, recipes, resume_argv, training_argv
+from ldm.webui.recipes import PRIOR_SOURCES, TrainRequest, recipes, resume_argv, training_argv
 from ldm.webui.uploads import save_photos
 
 REFRESH_S = 1.5
@@ -77,10 +77,11 @@ def checkpoint_choices(ui: WebUI, recipe: str) -> list[tuple[str, str]]:
 
 
 def start(ui: WebUI, recipe: str, photos: str, class_word: str, token: str, checkpoint: str, steps: float,
-          lr: float, prior: bool, n_class: float, grid_every: float, seed: float) -> tuple[str, Any]:
+          lr: float, prior: bool, n_class: float, grid_every: float, seed: float,
+          prior_source: str = PRIOR_SOURCES[0]) -> tuple[str, Any]:
     try:
         request = TrainRequest(recipe, photos, class_word, token, checkpoint or None, steps, lr, prior, n_class,
-                               grid_every, seed)
+                               grid_every, seed, prior_source)
         argv, name, r = training_argv(request, ui.roots, ui.cuda)
         record = ui.jobs.start(argv, name, r.label, str(r.inference) if r.inference else None)
     except user_errors() as e:
@@ -214,6 +215,8 @@ def _form(ui: WebUI) -> SimpleNamespace:
             with gr.Row():
                 c.prior = gr.Checkbox(True, label="prior preservation", elem_id="prior")
                 c.n_class = gr.Number(50, label="class images", precision=0, minimum=1, elem_id="class-images")
+                c.prior_source = gr.Dropdown(choices=list(PRIOR_SOURCES), value=PRIOR_SOURCES[0], label="prior from",
+                                             elem_id="prior-source")
             with gr.Row():
                 c.grid_every = gr.Number(d["grid_every"], label="validation grid every (steps)", precision=0,
                                          elem_id="grid-every")
@@ -250,7 +253,8 @@ def build(ui: WebUI) -> None:
         box.change(identifier_warnings, [f.token, f.class_word], f.token_info, show_progress="hidden")
     f.recipe.change(lambda r: recipe_defaults(ui, r), f.recipe, [f.steps, f.lr, f.grid_every, f.checkpoint])
     f.start.click(lambda *a: start(ui, *a), [f.recipe, f.folder, f.class_word, f.token, f.checkpoint, f.steps, f.lr,
-                                             f.prior, f.n_class, f.grid_every, f.seed], [f.status, v.picker])
+                                             f.prior, f.n_class, f.grid_every, f.seed, f.prior_source],
+                  [f.status, v.picker])
     v.stop.click(lambda k: stop(ui, k), v.picker, f.status)
     v.resume.click(lambda k: resume(ui, k), v.picker, [f.status, v.picker])
     outputs = [v.picker, v.progress, v.plot, v.grids, v.log, v.stop, v.resume, v.shown]

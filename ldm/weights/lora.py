@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Mapping, Optional
@@ -123,6 +124,29 @@ def add_lora(model: nn.Module, settings: LoraSettings) -> list[nn.Parameter]:
     for p in adapters:  # float32 whatever the frozen weights are stored in (bf16, fp8): updates this small are
         p.data = p.data.float()  # lost in bf16 (weights_dtype: bf16 stores them so on purpose, rounding stochastically)
     return adapters
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside the block, every adapter of ``model`` (peft's layers and the packed q/k/v parts) adds nothing: the
+    model computes what its base weights do, the frozen model the adapters were added to. Nothing else changes
+    (which tensors require gradients, the optimizer's view), so a training step can ask both in one step."""
+    from peft.tuners.lora import LoraLayer
+    layers = [m for m in model.modules() if isinstance(m, (LoraLayer, FusedQKVLoRA))]
+    before = [m.disabled if isinstance(m, FusedQKVLoRA) else m._disable_adapters for m in layers]
+    for m in layers:
+        if isinstance(m, FusedQKVLoRA):
+            m.disabled = True
+        else:
+            m._disable_adapters = True
+    try:
+        yield
+    finally:
+        for m, was in zip(layers, before):
+            if isinstance(m, FusedQKVLoRA):
+                m.disabled = was
+            else:
+                m._disable_adapters = was
 
 
 def _attach(attn: MultiheadSelfAttention, adapter: FusedQKVLoRA) -> FusedQKVLoRA:

@@ -72,16 +72,20 @@ class DreamBoothTraining:
         same_shape = len({z.shape[1:] for z in zs}) == 1
         parts = [(torch.cat(zs), roles, 0, len(captions))] if same_shape else [
             (z, [role], start, start + len(z)) for z, role, start in zip(zs, roles, (0, n_subject))]
-        preds, targets = [], []
+        preds, targets, noisy = [], [], []
         for z, group, lo, hi in parts:
-            text = self.text_cache(captions[lo:hi]) if self.text_cache is not None else self.encode_text(captions[lo:hi])
-            c = self.with_guidance(self.conditioning.condition(text, batch_sizes(batch, group)), self.train_guidance)
+            c = self.condition_on(captions[lo:hi], batch, group)
             noise = offset_noise_(torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator),
                                   self.offset_noise, generator)
-            preds.append(self.apply_model(self.objective.noised(self, z, t[lo:hi], noise), t[lo:hi], c))
+            noisy.append(self.objective.noised(self, z, t[lo:hi], noise))
+            preds.append(self.apply_model(noisy[-1], t[lo:hi], c))
             targets.append(self.objective.target(z, noise))
         weights = self.objective.weights(self, t)
         losses = torch.cat([per_example_loss(p, y, self.loss_type) for p, y in zip(preds, targets)])
+        if self.prior_preservation == "base_model":  # the prior rows: the subject's noisy latents, class prompts
+            prior = self.base_prior_losses(noisy[0][:n_subject], t[:n_subject], batch)
+            losses = torch.cat([losses, prior])
+            weights = None if weights is None else torch.cat([weights, weights[:n_subject]])
         mask_key = f"{self.first_stage_key}_mask"
         if mask_key not in batch:
             return combine(losses, n_subject, self.reg_weight, weights)
@@ -92,6 +96,24 @@ class DreamBoothTraining:
         unmasked = losses[:n_subject] * (weights[:n_subject] if weights is not None else 1)
         logs["loss_subject_unmasked"] = unmasked.mean().detach()
         return loss, logs
+
+    def condition_on(self, captions: list[str], batch: Mapping[str, Any], roles: list[str]) -> Any:
+        """The network's conditioning for ``captions`` (the text cache's embeddings where it has them) with the
+        batch's size numbers of ``roles`` and the training guidance."""
+        text = self.text_cache(captions) if self.text_cache is not None else self.encode_text(captions)
+        return self.with_guidance(self.conditioning.condition(text, batch_sizes(batch, roles)), self.train_guidance)
+
+    def base_prior_losses(self, x_noisy: torch.Tensor, t: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        """``prior_preservation: base_model``: per subject example, the loss between the trained model's prediction
+        for its class prompt (``prior_caption``, "photo of a dog") and the base model's (adapters off, no
+        gradient) on the same noisy latent and t. No class images are needed: the base model's answer is the
+        prior, as ai-toolkit's "differential output preservation" and OneTrainer's prior prediction use it."""
+        from ldm.weights.lora import adapters_disabled
+        captions = list(batch["prior_caption"])
+        with torch.no_grad(), adapters_disabled(self):
+            target = self.apply_model(x_noisy, t, self.condition_on(captions, batch, [""]))
+        pred = self.apply_model(x_noisy, t, self.condition_on(captions, batch, [""]))
+        return per_example_loss(pred, target, self.loss_type)
 
     def step_generator(self) -> Optional[torch.Generator]:
         """The generator of the next training batch, from (noise_seed, batches trained so far, rank); None without

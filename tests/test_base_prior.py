@@ -1,0 +1,159 @@
+"""Prior preservation without class images (``model.params.prior_preservation: base_model``): the prior term's
+target is the base model's own prediction for the class prompt, the trained LoRA model switched back to its base
+weights. Checked against an independent copy of the base model (built before any adapter was added), on SD v1's and
+SDXL's and FLUX.1's tiny LoRA recipes, and through main.py."""
+from __future__ import annotations
+
+import copy
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+import main as main_module
+from conftest import REPO, load_config, tiny_flux_config
+from helpers import make_folder
+from ldm.data.dreambooth import DreamBoothDataset
+from ldm.util import instantiate_from_config
+from ldm.weights.checkpoint import read_checkpoint
+
+TINY_FT = REPO / "configs/stable-diffusion/tiny-finetune.yaml"
+TINY_SDXL_FT = REPO / "configs/stable-diffusion/tiny-sdxl-finetune.yaml"
+TINY_FLUX_FT = REPO / "configs/flux/tiny-flux-finetune.yaml"
+
+
+def lora_model(config_path: Path, base_state: dict, tokenizer: Path | None = None
+               ) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the fine-tune config's model with base_model prior and LoRA, an independent base copy), both holding the
+    seeded tiny weights; the LoRA model's adapters are then given random up weights, so that they change its
+    answers."""
+    config = tiny_flux_config(tokenizer, config_path) if tokenizer else load_config(config_path)
+    params = config.model.params
+    if not params.get("lora_config"):
+        params.lora_config = {"rank": 4, "alpha": 4}
+    params.lora_config.text_encoder = True  # the class prompt is encoded through trained adapters too
+    params.use_ema = False
+    params.prior_preservation = "base_model"
+    model = instantiate_from_config(config.model)
+    model.load_state_dict(base_state, strict=False)
+    base = copy.deepcopy(model).eval()
+    model.add_lora()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model.eval(), base
+
+
+def batch_of(tmp_path: Path, size: int) -> dict:
+    dataset = DreamBoothDataset(make_folder(tmp_path / "subject", 2), "sks", "toy", size=size, flip_p=0.0,
+                                prior_captions=True)
+    return default_collate([dataset[0], dataset[1]])
+
+
+@pytest.fixture(params=["sd_v1", "sdxl", "flux"])
+def family(request, tmp_path):
+    if request.param == "sd_v1":
+        return (*lora_model(TINY_FT, request.getfixturevalue("tiny_model").state_dict()), batch_of(tmp_path, 64))
+    if request.param == "sdxl":
+        return (*lora_model(TINY_SDXL_FT, request.getfixturevalue("tiny_sdxl_model").state_dict()),
+                batch_of(tmp_path, 64))
+    return (*lora_model(TINY_FLUX_FT, request.getfixturevalue("tiny_flux_model").state_dict(),
+                        request.getfixturevalue("t5_tokenizer")), batch_of(tmp_path, 64))
+
+
+def base_answer(base, x_noisy, t, captions, batch):
+    """The independent copy's prediction for the class prompts (FLUX.1 [dev]: at the training guidance)."""
+    from ldm.models.diffusion.conditioning import batch_sizes
+    c = base.conditioning.condition(base.encode_text(captions), batch_sizes(batch, [""]))
+    return base.apply_model(x_noisy, t, base.with_guidance(c, base.train_guidance))
+
+
+def test_the_prior_target_is_the_base_models_prediction_for_the_class_prompt(family):
+    """In a training step, the prior rows are the subject's noisy latents at the subject's t: their loss is
+    mean((trained model's prediction - base model's prediction)^2) for "photo of a toy", with the base model's
+    answer computed here by a copy that never had adapters."""
+    model, base, batch = family
+    assert list(batch["prior_caption"]) == ["photo of a toy"] * 2
+    seen = {}
+    losses_of = model.base_prior_losses
+
+    def recording(x_noisy, t, b):
+        seen.update(x=x_noisy.detach().clone(), t=t.clone())
+        return losses_of(x_noisy, t, b)
+    model.base_prior_losses = recording
+    with torch.no_grad():
+        loss, logs = model.shared_step(batch, torch.Generator().manual_seed(3))
+        x, t = seen["x"], seen["t"]
+        assert x.shape[0] == 2 and t.shape == (2,)
+        target = base_answer(base, x, t, list(batch["prior_caption"]), batch)
+        c = model.condition_on(list(batch["prior_caption"]), batch, [""])
+        pred = model.apply_model(x, t, c)
+    expected = ((pred - target) ** 2).flatten(1).mean(dim=1).mean()
+    assert float(logs["loss_prior"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(logs["loss_prior"]) > 1e-4  # the random adapters moved the answer: the test sees the term
+    assert float(loss) == pytest.approx(float(logs["loss_subject"]) + model.reg_weight * float(expected), rel=1e-5)
+
+
+def test_the_prior_term_is_zero_before_training_and_trains_only_adapters(tiny_model, tmp_path):
+    """Fresh adapters (lora_up zero) leave the model equal to its base: the prior term starts at exactly 0. With
+    moved adapters its gradient reaches the adapters (the target carries none) and no base weight."""
+    model, _ = lora_model(TINY_FT, tiny_model.state_dict())
+    batch = batch_of(tmp_path, 64)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([100, 700])
+    model.train()
+    losses = model.base_prior_losses(x, t, batch)
+    losses.mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(".lora_" in n for n in grads)
+    assert any(g is not None and g.abs().max() > 0 for n, g in grads.items() if "lora_A" in n)
+    fresh, _ = lora_model(TINY_FT, tiny_model.state_dict())
+    with torch.no_grad():
+        for name, p in fresh.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+        assert torch.equal(fresh.base_prior_losses(x, t, batch), torch.zeros(2))
+
+
+def test_a_lora_run_without_class_images_trains_and_keeps_the_layout(tiny_ckpt, tmp_path):
+    """main.py with prior_preservation=base_model and no --reg_data_root: no class image is made, the logged prior
+    term is 0 at the first step and then positive (the adapters moved), and the checkpoint holds the base weights
+    unchanged under their names plus the adapters."""
+    args = ["--base", str(TINY_FT), "-t", "--logdir", str(tmp_path / "logs"), "-n", "self", "--actual_resume",
+            str(tiny_ckpt), "--data_root", str(make_folder(tmp_path / "subject", 3)), "--class_word", "toy",
+            "--max_steps", "4", "--lora_rank", "4", "model.params.prior_preservation=base_model",
+            "lightning.trainer.log_every_n_steps=1"]
+    assert main_module.main(args) == 0
+    (run,) = (tmp_path / "logs").iterdir()
+    with open(next(run.rglob("metrics.csv"))) as f:
+        prior = [float(r["train/loss_prior"]) for r in csv.DictReader(f) if r.get("train/loss_prior")]
+    assert len(prior) == 4 and prior[0] == 0.0 and all(p > 0 for p in prior[1:]), prior
+    last, _ = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    base, _ = read_checkpoint(tiny_ckpt)
+    assert all(torch.equal(last[k], v) for k, v in base.items())
+    assert set(last) - set(base) and all("lora_" in k for k in set(last) - set(base))
+    assert not any((tmp_path / "logs").rglob("class-*.png"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["model.params.prior_preservation=base_model"], "needs LoRA (--lora_rank or model.params.lora_config)"),
+    (["--lora_rank", "4", "model.params.prior_preservation=base_model", "--reg_data_root", "REG"],
+     "takes no class images (the base model's own prediction is the prior): drop --reg_data_root"),
+    (["--lora_rank", "4", "model.params.prior_preservation=frozen"],
+     "model.params.prior_preservation='frozen': expected one of class_images, base_model"),
+])
+def test_mistakes_are_one_line_before_any_model_loads(tiny_ckpt, tmp_path, capsys, extra, message):
+    reg = make_folder(tmp_path / "reg", 1)
+    args = ["--base", str(TINY_FT), "-t", "--logdir", str(tmp_path / "logs"), "-n", "bad", "--actual_resume",
+            str(tiny_ckpt), "--data_root", str(make_folder(tmp_path / "subject", 1)), "--class_word", "toy",
+            "--max_steps", "1", *[str(reg) if a == "REG" else a for a in extra]]
+    with pytest.raises(SystemExit) as info:
+        main_module.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "logs").exists()
+
