@@ -111,9 +111,11 @@ class DreamBoothTraining:
         from ldm.weights.lora import adapters_disabled
         captions = list(batch["prior_caption"])
         with torch.no_grad(), adapters_disabled(self):
-            target = self.apply_model(x_noisy, t, self.condition_on(captions, batch, [""]))
-        pred = self.apply_model(x_noisy, t, self.condition_on(captions, batch, [""]))
-        return per_example_loss(pred, target, self.loss_type)
+            base_c = self.condition_on(captions, batch, [""])
+            target = self.apply_model(x_noisy, t, base_c)
+        # Frozen text encoders answer alike with the adapters on: their encoding is the base's.
+        c = self.condition_on(captions, batch, [""]) if self.lora_settings.text_encoder else base_c
+        return per_example_loss(self.apply_model(x_noisy, t, c), target, self.loss_type)
 
     def step_generator(self) -> Optional[torch.Generator]:
         """The generator of the next training batch, from (noise_seed, batches trained so far, rank); None without
