@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 from ldm.files import DiskFullError, OutputError, check_output  # noqa: E402
-from ldm.weights.checkpoint import CheckpointError, read_checkpoint, refuse_nonfinite, save_checkpoint  # noqa: E402
+from ldm.weights.checkpoint import CheckpointError, bake_adapters, read_checkpoint, refuse_nonfinite, save_checkpoint  # noqa: E402,E501
 from ldm.weights.lora import merge_lora, parse_lora_spec, read_lora  # noqa: E402
 
 
@@ -47,6 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         inputs = [args.base] + [parse_lora_spec(spec)[0] for spec in args.lora]
         check_output(args.out, inputs, "out", overwrite=args.overwrite)
         sd, meta = read_checkpoint(args.base)
+        sd, _ = bake_adapters(sd, meta, args.base)  # a LoRA run's last.ckpt: its own adapters first
         bare = released_network(sd)  # FLUX.1's transformer file: its keys without the model's prefix
         sd = {bare + k: v for k, v in sd.items()} if bare else sd
         if not any(k.startswith("model.diffusion_model.") for k in sd):

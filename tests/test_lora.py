@@ -20,13 +20,14 @@ TINY_FT = REPO / "configs/stable-diffusion/tiny-finetune.yaml"
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_ckpt, tmp_path_factory):
-    """A 6-step LoRA run from the tiny checkpoint (a stand-in for sd-v1-4.ckpt)."""
+    """A 6-step LoRA run from the tiny checkpoint (a stand-in for sd-v1-4.ckpt), alpha 2 on rank 4 (a scale of
+    0.5, so a loader that forgets the alpha samples something else)."""
     tmp = tmp_path_factory.mktemp("lora")
     args = ["--base", str(TINY_FT), "-t", "--logdir", str(tmp / "logs"), "-n", "lora", "--actual_resume",
             str(tiny_ckpt), "--data_root", str(make_folder(tmp / "subject", 3)), "--reg_data_root",
             str(make_folder(tmp / "reg", 3, offset=40)), "--class_word", "toy", "--max_steps", "6",
-            "--lora_rank", "4", "model.params.lora_config.text_encoder=true",
-            "lightning.modelcheckpoint.params.every_n_train_steps=3"]
+            "--lora_rank", "4", "model.params.lora_config.text_encoder=true", "model.params.lora_config.alpha=2",
+            "model.base_learning_rate=1e-3", "lightning.modelcheckpoint.params.every_n_train_steps=3"]
     assert main_module.main(args) == 0
     (run,) = (tmp / "logs").iterdir()
     return run / "checkpoints"
@@ -47,7 +48,7 @@ def test_only_adapters_train_and_the_file_is_kohya(lora_run, tiny_ckpt):
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in parsed
     assert "lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn2_to_out_0" in parsed  # output block 5
     down, up, alpha = parsed["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"]
-    assert down.shape == (4, 32) and up.shape == (32, 4) and alpha == 4.0
+    assert down.shape == (4, 32) and up.shape == (32, 4) and alpha == 2.0
     assert up.abs().max() > 0  # lora_up starts at zero: it moved, so the adapter trained
 
     # The base weights did not move: last.ckpt holds them under their original names.
@@ -86,6 +87,58 @@ def test_merged_checkpoint_equals_adapter_applied(lora_run, tiny_ckpt, tmp_path)
     m = txt2img.main(common + ["--ckpt", str(merged_path), "--outdir", str(tmp_path / "m")])[0]
     diff = np.abs(np.asarray(Image.open(a), dtype=int) - np.asarray(Image.open(m), dtype=int))
     assert diff.max() <= 1
+
+
+def test_the_runs_last_ckpt_samples_prunes_and_merges_with_its_adapters(lora_run, tiny_ckpt, tmp_path):
+    """A LoRA run's last.ckpt holds the base weights and the adapters: sampling, pruning and merging it use the
+    adapters, with the run's alpha (the file records it; an older file's run config beside it says it), exactly as
+    the base checkpoint with the run's kohya file does. Without either, one line points to --lora."""
+    from ldm.weights.checkpoint import CheckpointError
+    last, kohya = lora_run / "last.ckpt", lora_run / "lora-last.safetensors"
+    config = load_config(TINY_CONFIG)
+    applied = load_model_from_config(config, tiny_ckpt, verbose=False)
+    load_lora(applied, read_checkpoint(kohya)[0])
+    base = load_model_from_config(config, tiny_ckpt, verbose=False)
+    g = torch.Generator().manual_seed(0)
+    x, t, prompts = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]), ["photo of a sks toy", "a toy"]
+
+    @torch.no_grad()
+    def eps(model):
+        return model.apply_model(x, t, model.get_learned_conditioning(prompts))
+
+    e_applied = eps(applied)
+    effect = rel_err(eps(base), e_applied)
+    assert effect > 3e-4  # the adapters change the prediction; a wrong alpha (x2) would be off by as much
+    assert rel_err(eps(load_model_from_config(config, last, verbose=False)), e_applied) < effect / 100
+
+    txt2img = load_script("stable_txt2img")
+    common = ["--config", str(TINY_CONFIG), "--H", "64", "--W", "64", "--ddim_steps", "3", "--n_samples", "1",
+              "--n_iter", "1", "--skip_grid", "--prompt", "photo of a sks toy", "--seed", "2"]
+    a = txt2img.main(common + ["--ckpt", str(tiny_ckpt), "--lora", str(kohya), "--outdir", str(tmp_path / "a")])[0]
+    r = txt2img.main(common + ["--ckpt", str(last), "--outdir", str(tmp_path / "r")])[0]
+    assert np.abs(np.asarray(Image.open(r), dtype=int) - np.asarray(Image.open(a), dtype=int)).max() <= 1
+
+    base_sd = read_checkpoint(tiny_ckpt)[0]
+    expected = merge_lora(base_sd, read_checkpoint(kohya)[0])
+    moved = [k for k in expected if not torch.equal(expected[k], base_sd[k])]
+    assert len(moved) == 56
+    pruned = read_checkpoint(load_script("prune_ckpt").main([str(last), str(tmp_path / "pruned.ckpt")]))[0]
+    merged = read_checkpoint(load_script("merge_lora").main([str(last), f"{kohya}:0",
+                                                             str(tmp_path / "merged.safetensors")]))[0]
+    for out in (pruned, merged):
+        assert not [k for k in out if "lora_" in k]
+        for k in moved:
+            assert rel_err(out[k] - base_sd[k], expected[k] - base_sd[k]) < 1e-4, k
+
+    # An older file without the recorded alpha: the run's config beside it says 2; elsewhere nothing does.
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    del ckpt["lora_alpha"]
+    torch.save(ckpt, lora_run / "older.ckpt")
+    assert rel_err(eps(load_model_from_config(config, lora_run / "older.ckpt", verbose=False)), e_applied) < \
+        effect / 100
+    (lora_run / "older.ckpt").rename(tmp_path / "alone.ckpt")
+    with pytest.raises(CheckpointError, match=r"alone\.ckpt: a LoRA training checkpoint .* --lora"):
+        load_model_from_config(config, tmp_path / "alone.ckpt")
 
 
 def test_block_names_map_to_diffusers():

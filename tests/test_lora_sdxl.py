@@ -195,6 +195,21 @@ def test_txt2img_lora_changes_the_pictures_as_merging_does(lora_file, tiny_sdxl_
     assert np.abs(_pixels(applied) - _pixels(base)).mean() > 1.0
 
 
+def test_the_runs_last_ckpt_bakes_as_its_kohya_file_merges(lora_file, tiny_sdxl_ckpt):
+    """The run's last.ckpt (base weights + peft adapters + the packed q/k/v parts of bigG's in_proj) baked for
+    sampling equals the base merged with the run's kohya file: every adapted weight, each q/k/v third included."""
+    from ldm.weights.checkpoint import bake_adapters
+    sd, meta = read_checkpoint(lora_file.parent / "last.ckpt")
+    baked, n = bake_adapters(sd, meta, lora_file.parent / "last.ckpt")
+    base = read_checkpoint(tiny_sdxl_ckpt)[0]
+    expected = merge_lora(base, read_checkpoint(lora_file)[0])
+    moved = [k for k in expected if not torch.equal(expected[k], base[k])]
+    assert n == len(parse_lora(read_checkpoint(lora_file)[0])) and TE2_IN_PROJ.format(1) in moved
+    assert set(baked) == set(base)
+    for k in moved:
+        assert rel_err(baked[k] - base[k], expected[k] - base[k]) < 1e-4, k
+
+
 def test_packed_qkv_adapter_is_one_fused_low_rank_update():
     """Three adapters of ranks 2, 3, 1 on the rows of a packed projection = the rank-6 update with down
     cat(A_q, A_k, A_v) and block-diagonal up (scaled per block), computed here by hand."""

@@ -27,7 +27,8 @@ import torch
 from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS
 from ldm.reference import LAYOUT_DIR, SD_V1, SD_V1_EMA, read_layout
 from ldm.util import fmt_bytes
-from ldm.weights.checkpoint import GROUPS, CheckpointError, ema_key, guess_kind, read_checkpoint, refuse_nonfinite, \
+from ldm.weights.checkpoint import GROUPS, CheckpointError, bake_adapters, ema_key, guess_kind, read_checkpoint, \
+    refuse_nonfinite, \
     save_checkpoint, select_weights
 
 UNET = "model.diffusion_model."
@@ -163,6 +164,7 @@ def prune_file(src: str | Path, dst: str | Path, dtype: Optional[torch.dtype] = 
     from ldm.files import check_output
     src, dst = Path(src), check_output(dst, [src], "output", overwrite=overwrite)
     sd, meta = read_checkpoint(src)
+    sd, _ = bake_adapters(sd, meta, src)  # a LoRA run's last.ckpt: its adapters go into the written weights
     try:
         kept, _ = prune_state_dict(sd, use_ema=use_ema)  # the file's own tensors, not copies
         pruned, used_ema = prune_state_dict(sd, dtype=dtype, use_ema=use_ema)

@@ -132,7 +132,80 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         keys = ", ".join(map(str, list(obj)[:5]))
         raise CheckpointError(f"{path}: holds no tensors, so no state dict (top-level keys: {keys or 'none'})")
     meta = {k: obj[k] for k in ("global_step", "epoch") if k in obj and isinstance(obj[k], int)}
+    if isinstance(obj.get("lora_alpha"), (int, float)):
+        meta["lora_alpha"] = float(obj["lora_alpha"])
     return tensors, meta
+
+
+#: A LoRA training checkpoint's adapter tensors (peft's names; the packed q/k/v parts of OpenCLIP's in_proj).
+_PEFT_ADAPTER = re.compile(r"^(?P<module>.+)\.lora_A\.(?P<adapter>[^.]+)\.weight$")
+_PACKED_ADAPTER = re.compile(r"^(?P<attn>.+)\.in_proj_lora\.lora_A\.(?P<part>[qkv])$")
+
+
+def adapter_keys(sd: Mapping[str, torch.Tensor]) -> list[str]:
+    """The keys of LoRA adapters a training checkpoint carries beside its base weights (a LoRA run's last.ckpt)."""
+    return [k for k in sd if ".lora_A." in k or ".lora_B." in k]
+
+
+def run_lora_alpha(path: Path, meta: Mapping[str, Any]) -> Optional[float]:
+    """The adapters' alpha for a LoRA run's checkpoint: recorded in the file (``lora_alpha``), else read from the
+    run's own config beside it (``<run>/configs/*-project.yaml``, ``model.params.lora_config``: its alpha, else its
+    rank, the default). None when neither says."""
+    if "lora_alpha" in meta:
+        return float(meta["lora_alpha"])
+    configs = sorted(path.resolve().parent.parent.glob("configs/*-project.yaml"))
+    if not configs:
+        return None
+    from omegaconf import OmegaConf
+    lora = OmegaConf.select(OmegaConf.load(configs[-1]), "model.params.lora_config")
+    if lora is None:
+        return None
+    alpha = lora.get("alpha")
+    return float(alpha if alpha is not None else lora.get("rank", 4))
+
+
+def bake_adapters(sd: Mapping[str, torch.Tensor], meta: Mapping[str, Any], path: str | os.PathLike
+                  ) -> tuple[dict[str, torch.Tensor], int]:
+    """A LoRA run's checkpoint as plain weights: each adapter added into the weight it adapts,
+    ``W + alpha / rank * B @ A`` (float32, stored back in W's dtype; a packed q/k/v part into its third of
+    ``in_proj_weight``), the adapter tensors dropped. Returns ``(state_dict, adapters baked)``; a file without
+    adapters comes back as it is. ``CheckpointError`` when the alpha cannot be found or a tensor does not fit."""
+    keys = adapter_keys(sd)
+    if not keys:
+        return dict(sd), 0
+    path = Path(path)
+    alpha = run_lora_alpha(path, meta)
+    if alpha is None:
+        raise CheckpointError(f"{path}: a LoRA training checkpoint ({len(keys) // 2} adapters) whose alpha is "
+                              f"neither in the file nor in a run config beside it; sample the base model with "
+                              f"--lora <run>/checkpoints/lora-last.safetensors instead")
+    out = {k: v for k, v in sd.items() if k not in set(keys)}
+    baked = 0
+    for key in keys:
+        m, packed = _PEFT_ADAPTER.match(key), _PACKED_ADAPTER.match(key)
+        if m:
+            target, up_key, rows = f"{m['module']}.weight", f"{m['module']}.lora_B.{m['adapter']}.weight", None
+        elif packed:
+            attn = packed["attn"]
+            target, up_key = f"{attn}.in_proj_weight", f"{attn}.in_proj_lora.lora_B.{packed['part']}"
+            rows = "qkv".index(packed["part"])
+        else:
+            continue  # a lora_B: handled with its lora_A
+        down, up, w = sd[key], sd.get(up_key), out.get(target)
+        if up is None or w is None:
+            raise CheckpointError(f"{path}: adapter {key} has no {'up weight' if up is None else 'base weight'} "
+                                  f"({up_key if up is None else target}): not a complete LoRA run checkpoint")
+        rank = down.shape[0]
+        delta = (up.float().flatten(1) @ down.float().flatten(1)) * (alpha / rank)
+        new = w.float().clone()
+        block = new if rows is None else new[rows * new.shape[0] // 3:(rows + 1) * new.shape[0] // 3]
+        if block.flatten(1).shape != delta.shape:
+            raise CheckpointError(f"{path}: adapter {key} is {list(delta.shape)} as a weight update, but {target} "
+                                  f"is {list(block.shape)}")
+        block += delta.reshape(block.shape)
+        out[target] = new.to(w.dtype)
+        baked += 1
+    return out, baked
 
 
 def nonfinite_tensors(sd: Mapping[str, torch.Tensor]) -> list[str]:
@@ -247,6 +320,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, prefer_ema: bool 
     """
     sd, meta = state if state is not None else read_checkpoint(path)
     expected = {k: v.shape for k, v in model.state_dict().items()}
+    baked = 0
+    if not adapter_keys(expected):  # a LoRA run's checkpoint loaded for use: its adapters go into the weights
+        sd, baked = bake_adapters(sd, meta, path)
     use_ema = bool(getattr(model, "use_ema", False))
     chosen, used_ema = select_weights(expected, sd, use_ema=use_ema, prefer_ema=prefer_ema)
     # The EMA step counters may be absent (then the EMA starts afresh); everything else must be there.
@@ -265,6 +341,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, prefer_ema: bool 
     if verbose:
         step = f" (global_step {meta['global_step']})" if "global_step" in meta else ""
         print(f"Loaded {path}{step}" + ("; sampling with its EMA weights" if used_ema else "")
+              + (f"; its {baked} LoRA adapters baked into the weights" if baked else "")
               + (f"; ignored {len(ignored)} unused keys (e.g. {ignored[0]})" if ignored else ""))
     return meta
 

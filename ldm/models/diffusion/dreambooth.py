@@ -172,6 +172,9 @@ class DreamBoothTraining:
         if self.lora_settings:  # keep the original key layout; adapters ride along as extra keys
             from ldm.weights.lora import plain_keys
             checkpoint["state_dict"] = plain_keys(checkpoint["state_dict"])
+            # what sampling needs to bake the adapters into the weights (ldm.weights.checkpoint.bake_adapters)
+            checkpoint["lora_alpha"] = float(self.lora_settings.alpha if self.lora_settings.alpha is not None
+                                             else self.lora_settings.rank)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_resumable(checkpoint)
