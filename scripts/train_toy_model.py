@@ -2,8 +2,12 @@
 """Rebuild the shipped toy model (assets/toy/): draw the toy world, train both stages through main.py, pack the
 result into one safetensors file with a manifest.
 
-    python scripts/train_toy_model.py                 # about an hour on a 2-core CPU
+    python scripts/train_toy_model.py                 # hours on a 2-core CPU; stop it any time, run it again
     python scripts/train_toy_model.py --workdir toy-build --ae_steps 1500 --ldm_steps 4000
+
+Resumable: run again with the same ``--workdir``, it continues each unfinished stage from its newest checkpoint
+(``main.py -r``; the stages save every 500 steps) and skips a finished one; the wall time of each part adds up in
+``<workdir>/seconds.json``.
 
 1. ``scripts/make_toy_world.py``: 6000 captioned 64 px scenes from seed 0 (the data hash goes into the manifest);
 2. ``main.py --base configs/toy/autoencoder.yaml``: the first stage (our AutoencoderKL, factor 4);
@@ -57,6 +61,21 @@ def last_checkpoint(logdir: Path, name: str) -> Path:
     return run_dir / "checkpoints" / "last.ckpt"
 
 
+def stage_state(logdir: Path, name: str) -> tuple[Optional[Path], int]:
+    """(the stage's run folder, the step of its newest checkpoint) from an earlier start; (None, 0) if none."""
+    runs = sorted(logdir.glob(f"*_{name}"))
+    if not runs or not (runs[-1] / "checkpoints" / "last.ckpt").is_file():
+        return (runs[-1] if runs else None), 0
+    import torch
+    ckpt = torch.load(runs[-1] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True, mmap=True)
+    return runs[-1], int(ckpt.get("global_step", 0))
+
+
+def config_steps(config: str) -> int:
+    from omegaconf import OmegaConf
+    return int(OmegaConf.load(REPO / config).lightning.trainer.max_steps)
+
+
 def run_seconds(ckpt: Path) -> int:
     """Wall time of the run that wrote ``ckpt``: from its first saved config to the checkpoint (a resumed run
     counts the pause between its parts too)."""
@@ -102,21 +121,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ae_cmd = [sys.executable, "main.py", "--base", "configs/toy/autoencoder.yaml", "-t", "-n", "toy_ae", "--seed",
               str(TRAIN_SEED), "--logdir", str(logs), f"data.params.root={world}"]
     ae_cmd += ["--max_steps", str(opt.ae_steps)] if opt.ae_steps else []
-    seconds = {}
+    seconds_file = opt.workdir / "seconds.json"
+    seconds = json.loads(seconds_file.read_text()) if seconds_file.is_file() and not opt.pack else {}
 
-    def stage(key: str, cmd: list[str], name: str, packed: Optional[Path]) -> Path:
-        """Train one stage (or take its finished checkpoint from --pack); its wall time goes to ``seconds``."""
+    def stage(key: str, cmd: list[str], name: str, steps: int, packed: Optional[Path]) -> Path:
+        """Train one stage, or continue it from its newest checkpoint, or take it as finished (or from --pack);
+        its wall time adds to ``seconds`` (kept in the workdir, so a stopped rebuild counts every part)."""
         if packed is not None:
             seconds[key] = run_seconds(packed)
             return packed
-        seconds[key] = round(run(cmd, env))
+        run_dir, done = stage_state(logs, name)
+        if run_dir is not None and done >= steps:
+            print(f"{name}: finished earlier ({run_dir}, step {done})")
+            return run_dir / "checkpoints" / "last.ckpt"
+        if run_dir is not None and done > 0:
+            print(f"{name}: continuing {run_dir} from step {done} of {steps}")
+            cmd = [sys.executable, "main.py", "-r", str(run_dir), "--max_steps", str(steps)]
+        seconds[key] = seconds.get(key, 0) + round(run(cmd, env))
+        seconds_file.write_text(json.dumps(seconds))
         return last_checkpoint(logs, name)
 
-    ae = stage("autoencoder", ae_cmd, "toy_ae", opt.pack and opt.pack[0])
+    ae = stage("autoencoder", ae_cmd, "toy_ae", opt.ae_steps or config_steps("configs/toy/autoencoder.yaml"),
+               opt.pack and opt.pack[0])
     ldm_cmd = [sys.executable, "main.py", "--base", "configs/toy/ldm.yaml", "-t", "-n", "toy_ldm", "--seed",
                str(TRAIN_SEED), "--logdir", str(logs), "--vae", str(ae), f"data.params.root={world}"]
     ldm_cmd += ["--max_steps", str(opt.ldm_steps)] if opt.ldm_steps else []
-    ldm = stage("ldm", ldm_cmd, "toy_ldm", opt.pack and opt.pack[1])
+    ldm = stage("ldm", ldm_cmd, "toy_ldm", opt.ldm_steps or config_steps("configs/toy/ldm.yaml"),
+                opt.pack and opt.pack[1])
     opt.out.mkdir(parents=True, exist_ok=True)
     model = pack(ldm, opt.out / "toy-ldm.safetensors")
 

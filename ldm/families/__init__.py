@@ -33,7 +33,10 @@ def family_config(name: str) -> Path:
 
 
 def config_family(config: Mapping) -> Optional[str]:
-    """The family a model config builds (the same rules, applied to the config's ``model.params``)."""
+    """The family a model config builds (the same rules, applied to the config's ``model.params``); None for a
+    model without a denoiser (a first stage trained on its own: ``configs/toy/autoencoder.yaml``)."""
+    if "unet_config" not in config["model"]["params"]:
+        return None
     return next((name for name, f in FAMILIES.items() if f.matches_config(config["model"]["params"])), None)
 
 
