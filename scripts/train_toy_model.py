@@ -62,13 +62,15 @@ def last_checkpoint(logdir: Path, name: str) -> Path:
 
 
 def stage_state(logdir: Path, name: str) -> tuple[Optional[Path], int]:
-    """(the stage's run folder, the step of its newest checkpoint) from an earlier start; (None, 0) if none."""
-    runs = sorted(logdir.glob(f"*_{name}"))
-    if not runs or not (runs[-1] / "checkpoints" / "last.ckpt").is_file():
-        return (runs[-1] if runs else None), 0
+    """(the stage's run folder, the step of its newest checkpoint: ``last.ckpt`` or a periodic ``step=N.ckpt``)
+    from an earlier start; (None, 0) if none."""
     import torch
-    ckpt = torch.load(runs[-1] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True, mmap=True)
-    return runs[-1], int(ckpt.get("global_step", 0))
+    runs = sorted(logdir.glob(f"*_{name}"))
+    if not runs:
+        return None, 0
+    steps = [int(torch.load(p, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
+             for p in (runs[-1] / "checkpoints").glob("*.ckpt")]
+    return runs[-1], max(steps, default=0)
 
 
 def config_steps(config: str) -> int:

@@ -63,19 +63,31 @@ def progress(p: Page) -> dict:
 
 def test_train_generate_inpaint_in_a_browser(page: Page):
     p, tic = page, time.time()
-    # 1. Photos: a broken file gets the training loader's own message; the six demo pictures are checked and kept
-    # in a new folder of the data folder.
+    # 1. Photos, as a careless user adds them: a broken file (the training loader's own message, said once), one
+    # photo, then all six (that one again among them). The folder holds exactly the six listed, each once;
+    # removing one from the list removes it from the folder, adding it back brings it back.
     bad = p.root / "holiday.png"
     bad.write_bytes(b"not a picture")
     with pytest.raises(ValueError) as loader_error:
         load_image(bad, 64)
-    p.el("photos-upload", "input[type=file]").send_keys(str(bad))
+    photos = sorted(SUBJECT.glob("*.png"))
+    upload_files(p, [bad])
     p.wait(lambda: str(loader_error.value).replace(str(bad), "holiday.png") in p.text("upload-report"),
            "the loader's error for the broken file")
-    p.el("photos-upload", "input[type=file]").send_keys("\n".join(str(f) for f in sorted(SUBJECT.glob("*.png"))))
-    p.wait(lambda: "6 photos saved" in p.text("upload-report"), "the upload report")
-    folder = next((p.dirs["data"] / "uploads").iterdir())
-    assert sorted(f.name for f in folder.iterdir()) == sorted(f.name for f in SUBJECT.glob("*.png"))
+    upload_files(p, photos[:1])
+    p.wait(lambda: "✓ 1 photo in" in p.text("upload-report"), "the one photo")
+    upload_files(p, photos)
+    p.wait(lambda: "✓ 6 photos in" in p.text("upload-report"), "the upload report")
+    assert "holiday" not in p.text("upload-report") and "robot-00.png twice: kept once" in p.text("upload-report")
+    (folder,) = (p.dirs["data"] / "uploads").iterdir()
+    assert sorted(f.name for f in folder.iterdir()) == [f.name for f in photos] == listed_files(p)
+    p.d.execute_script("arguments[0].click();", p.els("photos-upload", "td[aria-label='robot-03.png'] ~ td button")[0])
+    p.wait(lambda: "✓ 5 photos in" in p.text("upload-report"), "the removal")
+    assert sorted(f.name for f in folder.iterdir()) == [f.name for f in photos if f.name != "robot-03.png"]
+    upload_files(p, [photos[3]])
+    p.wait(lambda: "✓ 6 photos in" in p.text("upload-report"), "the photo back")
+    assert sorted(f.name for f in folder.iterdir()) == [f.name for f in photos] == sorted(listed_files(p))
+    assert p.el("photo-folder", "input").get_attribute("value").endswith(folder.name)
 
     # 2. Subject: the identifier's warnings follow the typing.
     p.fill("class-word", "robot")
@@ -160,6 +172,15 @@ def test_train_generate_inpaint_in_a_browser(page: Page):
     p.wait(lambda: progress(p)["state"] == "finished" and run.name in p.text("train-progress"),
            "the run after a reload")
     print(f"browser test: {time.time() - tic:.0f} s")
+
+
+def upload_files(p: Page, files) -> None:
+    p.el("photos-upload", "input[type=file]").send_keys("\n".join(str(f) for f in files))
+
+
+def listed_files(p: Page) -> list[str]:
+    """The file names the upload list shows."""
+    return [td.get_attribute("aria-label") for td in p.els("photos-upload", "td.filename")]
 
 
 def plotted_lines(p: Page) -> int:

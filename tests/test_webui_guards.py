@@ -10,8 +10,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import REPO
@@ -21,7 +23,7 @@ from ldm.webui import recipes as rc
 from ldm.webui import runs
 from ldm.webui.jobs import DeviceBusy, JobManager, JobRecord, outcome_from_output
 from ldm.webui.paths import PathRefused, Roots, inside, safe_name
-from ldm.webui.uploads import MAX_FILES, UploadError, save_photos
+from ldm.webui.uploads import MAX_FILES, UploadError, sync_photos
 
 
 @pytest.fixture
@@ -122,31 +124,103 @@ def test_a_bad_upload_shows_the_loaders_error(ui, tmp_path):
     Image.new("RGB", (8, 8)).save(small)
     files = sorted(str(p) for p in (browser / "a").iterdir()) + [str(bad), str(small)]
     recipe = list(rc.recipes())[-1]  # the tiny model trains at 64 px
-    report, folder = train_tab.upload(ui, files, recipe, "dog")
+    report, kept, folder, _ = train_tab.upload(ui, files, recipe, "dog")
     expected = []
     for path in (bad, small):  # the loader's own one-line messages, with the name the user gave the file
         with pytest.raises(ValueError) as e:
             load_image(path, 64)
         expected.append("⚠ " + str(e.value).replace(str(path), path.name))
     assert report.splitlines()[1:] == ["", expected[0], "", expected[1]]
-    assert report.startswith("✓ 5 photos saved to ")
+    assert report.startswith("✓ 5 photos in data/uploads/")
     saved = Path(folder.value)
     assert sorted(p.name for p in saved.iterdir()) == [f"{i:02d}.png" for i in range(5)]
     assert saved.parent == ui.roots.uploads
+    assert kept == [str(saved / f"{i:02d}.png") for i in range(5)]  # the list shows what was kept, and only that
+
+
+def test_the_upload_folder_holds_exactly_the_photos_listed(ui, tmp_path, monkeypatch):
+    """A broken file, one photo, then six (the one again among them) as the page's list grows: six photos, each
+    once, the broken one's error said once; removing one from the list removes it from the folder; a folder a run
+    trained from is left as it was (a new one takes the change)."""
+    from ldm.webui import train_tab
+    make_folder(tmp_path / "six", 6)
+    six = sorted(str(p) for p in (tmp_path / "six").iterdir())
+    bad = tmp_path / "holiday.png"
+    bad.write_bytes(b"not a picture")
+    recipe = list(rc.recipes())[-1]
+    report, kept, picker, folder = train_tab.upload(ui, [str(bad)], recipe, "robot", None)
+    assert report.startswith("⚠ holiday.png: ") and kept is None and folder is None
+    report, kept, picker, folder = train_tab.upload(ui, [six[0]], recipe, "robot", folder)
+    assert report.splitlines()[0] == f"✓ 1 photo in {ui.label(Path(folder))}" and "holiday" not in report
+    report, kept, picker, folder2 = train_tab.upload(ui, kept + six, recipe, "robot", folder)
+    assert folder2 == folder == picker.value
+    assert sorted(p.name for p in Path(folder).iterdir()) == [f"{i:02d}.png" for i in range(6)]
+    assert report.splitlines()[0] == f"✓ 6 photos in {ui.label(Path(folder))}"
+    assert "00.png twice: kept once" in report and "holiday" not in report
+    assert len(kept) == 6
+    report, kept, _, folder = train_tab.upload(ui, kept[:2] + kept[3:], recipe, "robot", folder)
+    assert sorted(p.name for p in Path(folder).iterdir()) == ["00.png", "01.png", "03.png", "04.png", "05.png"]
+    monkeypatch.setattr(ui.jobs, "records", lambda: [SimpleNamespace(argv=["main.py", f"--data_root={folder}"])])
+    _, kept2, _, folder3 = train_tab.upload(ui, kept[:4], recipe, "robot", folder)
+    assert folder3 != folder and len(list(Path(folder).iterdir())) == 5 and len(list(Path(folder3).iterdir())) == 4
+    _, kept, picker, gone = train_tab.upload(ui, [], recipe, "robot", folder3)
+    assert gone is None and kept is None and picker.value is None and not list(Path(folder3).iterdir())
 
 
 def test_upload_names_and_limits(roots, tmp_path):
     make_folder(tmp_path / "x", 2)
-    make_folder(tmp_path / "y", 1)
+    make_folder(tmp_path / "y", 1, offset=3)
     odd = tmp_path / "y" / "My Dog (1).PNG"
     (tmp_path / "y" / "00.png").rename(odd)
-    result = save_photos([tmp_path / "x" / "00.png", tmp_path / "x" / "01.png", odd, tmp_path / "x" / "00.png"],
-                         roots.uploads, "../../dog", 64)
-    assert result.accepted == ["00.png", "01.png", "My_Dog_1.PNG", "00_2.png"]
+    make_folder(tmp_path / "z", 2, offset=7)
+    (tmp_path / "z" / "01.png").rename(tmp_path / "z" / "00 copy.png")
+    result = sync_photos([tmp_path / "x" / "00.png", tmp_path / "x" / "01.png", odd, tmp_path / "z" / "00.png",
+                          tmp_path / "z" / "00 copy.png"], roots.uploads, "../../dog", 64)
+    assert result.accepted == ["00.png", "01.png", "My_Dog_1.PNG", "00_2.png", "00_copy.png"]
     assert result.folder.parent == roots.uploads and result.folder.name.endswith("-dog")
-    assert result.warnings == ["only 4 usable photos: DreamBooth works best with 5-30"]
+    assert result.warnings == []
+    result = sync_photos([odd], roots.uploads, "dog", 64)
+    assert result.warnings == ["only 1 usable photo: DreamBooth works best with 5-30"]
     with pytest.raises(UploadError, match=f"31 files: at most {MAX_FILES} photos"):
-        save_photos([tmp_path / "x" / "00.png"] * 31, roots.uploads, "dog", 64)
+        sync_photos([tmp_path / "x" / "00.png"] * 31, roots.uploads, "dog", 64)
+
+
+def test_class_images_are_a_phase_with_its_own_progress(tiny_ckpt, tmp_path, capsys):
+    """Before the run folder exists, the run's output says how many class images are made: the page shows them
+    (12/50 style) with their time left, read from what generate_class_images prints."""
+    from conftest import TINY_CONFIG, load_config
+    from ldm.training.class_images import generate_class_images
+    from ldm.weights.load import load_model_from_config
+    model = load_model_from_config(load_config(TINY_CONFIG), tiny_ckpt, verbose=False).to("cpu")  # as main.py
+    capsys.readouterr()
+    generate_class_images(model, tmp_path / "class", "photo of a toy", 3, size=64, ddim_steps=2, batch_size=2)
+    output = capsys.readouterr().out
+    first = output[:output.index("\n", output.index("Class images 2/3")) + 1]
+    progress = runs.output_progress(first)
+    assert (progress.phase, progress.step, progress.max_steps) == ("class images", 2, 3)
+    assert re.fullmatch(r"class images 2 / 3 · [\d.]+ (images/s|s/image) · .+ left, then training", progress.text())
+    assert (runs.output_progress(output).step, runs.output_progress(output).max_steps) == (3, 3)
+    assert runs.output_progress("Loading model ...\n").text() == "preparing: loading the model"
+
+
+def test_pickers_offer_the_shipped_model_and_tell_checkpoints_apart(ui):
+    """Every checkpoint picker offers the shipped toy model (to compare before and after training), and names a
+    run's files by run, file, step and size, so last.ckpt and best.ckpt differ at a glance."""
+    from ldm.weights.checkpoint import save_checkpoint
+    run = ui.roots.log_dir / "2026-12-03T10-14-54_sks_robot" / "checkpoints"
+    save_checkpoint(run / "last.ckpt", {"w": torch.zeros(300_000)}, global_step=400)
+    save_checkpoint(run / "best.ckpt", {"w": torch.zeros(10)}, global_step=300)
+    ckpts, _ = ui.weights()
+    labels = dict((v, k) for k, v in ckpts)
+    assert labels[str(run / "last.ckpt")] == "2026-12-03T10-14-54_sks_robot · last.ckpt · step 400 · " \
+        f"{(run / 'last.ckpt').stat().st_size / 1e6:.1f} MB"
+    assert labels[str(run / "best.ckpt")].startswith("2026-12-03T10-14-54_sks_robot · best.ckpt · step 300 · ")
+    toy = REPO / "assets" / "toy" / "toy-ldm.safetensors"
+    assert ckpts[-1][1] == str(toy)
+    assert re.fullmatch(rf"toy-ldm \(shipped\) · step \d+ · {toy.stat().st_size / 1e6:.1f} MB", ckpts[-1][0])
+    assert ui.readable_weights(str(toy), "checkpoint") == toy
+    from ldm.webui.tools import model_config
+    assert model_config("", toy) == REPO / "configs" / "toy" / "inference.yaml"
 
 
 # ---- jobs ----------------------------------------------------------------------------------------------------
@@ -161,6 +235,10 @@ def test_one_job_at_a_time_stop_and_a_restarted_ui(roots):
     with pytest.raises(DeviceBusy, match="The device is busy: training run first is running"):
         with jobs.device("image generation"):
             pass
+    from ldm.webui import generate_tab
+    busy_ui = SimpleNamespace(jobs=jobs)  # nothing chosen yet: the page says the device is busy, not "none chosen"
+    assert generate_tab.generate(busy_ui, "", "", 1, "a dog", "", 1, 10, 7.5, "ddim", "64 x 64", 1)[1] == \
+        "⚠ The device is busy: training run first is running: stop it or wait until it ends."
     deadline = time.time() + 30
     while "Run folder" not in jobs.output(record) and time.time() < deadline:
         time.sleep(0.1)
@@ -215,6 +293,7 @@ def test_progress_losses_and_external_runs(roots):
     assert runs.external_state(run) == "finished"
     (run / "progress.json").write_text(json.dumps({"step": 10, "max_steps": 40, "steps_per_s": 2.0}))
     assert runs.read_progress(run).text() == "step 10 / 40 · 2.00 steps/s · 15 s left"
+    assert runs.read_progress(run).text(running=False) == "step 10 / 40 · 2.00 steps/s"  # stopped: no time left
     assert runs.external_state(run) == "running"  # a fresh progress file: someone trains it from a shell
     os.utime(run / "progress.json", (time.time() - 3600,) * 2)
     assert runs.external_state(run) == "failed"  # stale, no checkpoint
@@ -308,8 +387,8 @@ def test_generate_with_a_lora_merge_and_convert(ui, roots, tiny_model, tiny_ckpt
     add_lora(with_lora, LoraSettings(rank=2))
     lora = save_checkpoint(roots.model_dir / "adapter.safetensors", lora_state_dict(with_lora))
     ckpts, loras = ui.weights()
-    assert [label for label, _ in loras] == ["models/adapter.safetensors"]
-    assert [label for label, _ in ckpts] == ["models/tiny.ckpt"]
+    assert [label.split(" · ")[0] for label, _ in loras] == ["models/adapter.safetensors"]
+    assert [label.split(" · ")[0] for label, _ in ckpts] == ["models/tiny.ckpt", "toy-ldm (shipped)"]
     tiny = str(REPO / "configs/stable-diffusion/tiny-inference.yaml")
     args = (ui, str(base), str(lora), 0.5, "a toy", "", 3, 2, 3.0, "euler", "64 x 64", 1)
     _, status = generate_tab.generate(*args)  # taken for SD v1 by its keys: the loader's one line says what differs

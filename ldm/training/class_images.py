@@ -2,6 +2,7 @@
 the class prompt alone (Ruiz et al. 2023, sec. 3.3), before fine-tuning begins."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -11,6 +12,8 @@ from ldm.images import save_numbered_png, to_pil
 from ldm.sampling.samplers import default_sampler, guided_images, make_sampler
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".mpo")
+#: The line printed after each batch of class images (done/wanted, prompt, seconds per image so far).
+CLASS_PROGRESS = r"^Class images (\d+)/(\d+) for .* \(([\d.]+) s/image\)$"
 
 
 def count_images(folder: Path) -> int:
@@ -34,6 +37,7 @@ def generate_class_images(model, folder: str | Path, prompt: str, num: int, size
     generator = torch.Generator(model.device).manual_seed(seed + count_images(folder))
     shape = (model.channels, size // model.vae_factor, size // model.vae_factor)
     written = []
+    target, tic = count_images(folder) + missing, time.time()
     was_training = model.training
     model.eval()
     try:
@@ -46,6 +50,9 @@ def generate_class_images(model, folder: str | Path, prompt: str, num: int, size
                     written.append(save_numbered_png(to_pil(img), folder, "class-{:05d}.png",
                                                      {"prompt": prompt, "seed": seed, "steps": ddim_steps,
                                                       "scale": scale}))
+                # one parseable line per batch: the web UI shows this phase's progress from it (CLASS_PROGRESS)
+                tqdm.write(f"Class images {target - missing + len(written)}/{target} for {prompt!r} "
+                           f"({(time.time() - tic) / len(written):.2f} s/image)")
     finally:
         model.train(was_training)
     return written

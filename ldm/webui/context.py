@@ -8,7 +8,7 @@ from typing import Optional
 from ldm.webui.jobs import DeviceBusy, JobManager
 from ldm.webui.paths import PathRefused, Roots, inside
 from ldm.webui.recipes import REPO, RequestError
-from ldm.webui.tools import ToolError, model_files
+from ldm.webui.tools import SHIPPED, ToolError, model_files, weights_label
 from ldm.webui.uploads import UploadError
 
 
@@ -46,12 +46,18 @@ class WebUI:
         return str(path)
 
     def weights(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-        """``(checkpoints, LoRA adapters)`` of the model and log folders, as (label, path) choices."""
+        """``(checkpoints, LoRA adapters)`` of the model and log folders (and the shipped models), as (label,
+        path) choices: run, file, step and size (``tools.weights_label``)."""
         ckpts, loras = model_files(self.roots.model_dir, self.roots.log_dir)
-        return [(self.label(p), str(p)) for p in ckpts], [(self.label(p), str(p)) for p in loras]
+        where = lambda p: f"{p.stem} (shipped)" if p in SHIPPED else self.label(p)  # noqa: E731
+        return [(weights_label(p, where(p)), str(p)) for p in ckpts], [(weights_label(p, where(p)), str(p))
+                                                                      for p in loras]
 
     def readable_weights(self, path: Optional[str], what: str) -> Path:
-        """A checkpoint or adapter the browser named, if it lies in the model or log folder."""
+        """A checkpoint or adapter the browser named, if it lies in the model or log folder (or is a shipped
+        model)."""
+        if path and Path(path).resolve() in SHIPPED:
+            return Path(path).resolve()
         resolved = inside(path, [self.roots.model_dir, self.roots.log_dir], what)
         if not resolved.is_file():
             raise PathRefused(f"{what} {self.label(resolved)}: file not found")

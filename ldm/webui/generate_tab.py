@@ -52,6 +52,7 @@ def generate(ui: WebUI, ckpt: str, lora: str, strength: float, prompt: str, nega
              steps: float, scale: float, sampler: str, size: str, n: float, config: str = "") -> tuple[Any, str]:
     """txt2img into ``<data-dir>/outputs/txt2img``; (gallery, status)."""
     try:
+        ui.jobs.check_free()  # a busy device first: "none chosen" would send the user looking for a model
         path = ui.readable_weights(ckpt, "checkpoint")
         opts = options(ui, prompt, negative, seed, steps, scale, sampler, n, lora, strength)
         opts.config = tools.model_config(config, path)
@@ -121,6 +122,7 @@ def run_inpaint(ui: WebUI, editor: Optional[dict], ckpt: str, prompt: str, negat
     """Inpaint what the brush covered (img2img of the whole picture when nothing is painted); (original, results,
     status)."""
     try:
+        ui.jobs.check_free()
         if not editor or not editor.get("background"):
             raise RequestError("no picture: upload one or send one from Generate")
         allowed = [ui.roots.data_dir, ui.roots.log_dir, gradio_upload_dir()]

@@ -168,6 +168,12 @@ class JobManager:
             return f"{self._in_process} is running: wait until it ends"
         return None
 
+    def check_free(self) -> None:
+        """:class:`DeviceBusy` when something holds the device now."""
+        reason = self.busy()
+        if reason:
+            raise DeviceBusy(f"The device is busy: {reason}.")
+
     @contextmanager
     def device(self, what: str) -> Iterator[None]:
         """Hold the device for in-UI work (sampling); :class:`DeviceBusy` if anything else holds it."""

@@ -23,9 +23,12 @@ STALE_S = 60.0
 
 @dataclass
 class Progress:
+    """Where a run is: its phase (``class images`` before the run folder exists, ``preparing`` while the model
+    loads, ``training``), how far (images or steps), at what speed."""
     step: Optional[int] = None
     max_steps: Optional[int] = None
     steps_per_s: Optional[float] = None
+    phase: str = "training"
 
     @property
     def eta_s(self) -> Optional[float]:
@@ -33,16 +36,32 @@ class Progress:
             return None
         return max(0.0, (self.max_steps - self.step) / self.steps_per_s)
 
-    def text(self) -> str:
-        if self.step is None:
-            return "no step yet"
-        parts = [f"step {self.step}" + (f" / {self.max_steps}" if self.max_steps else "")]
+    def text(self, running: bool = True) -> str:
+        """One line; the time left only while the run runs (a stopped run has no time left)."""
+        if self.phase == "preparing" or (self.step is None and self.phase == "training"):
+            return "preparing: loading the model" if running else "no step yet"
+        unit = "image" if self.phase == "class images" else "step"
+        parts = [(f"class images {self.step}" if unit == "image" else f"step {self.step}")
+                 + (f" / {self.max_steps}" if self.max_steps else "")]
         if self.steps_per_s:
             speed = self.steps_per_s
-            parts.append(f"{speed:.2f} steps/s" if speed >= 1 else f"{1 / speed:.1f} s/step")
-        if self.eta_s is not None and self.step < (self.max_steps or 0):
-            parts.append(f"{format_seconds(self.eta_s)} left")
+            parts.append(f"{speed:.2f} {unit}s/s" if speed >= 1 else f"{1 / speed:.1f} s/{unit}")
+        if running and self.eta_s is not None and self.step < (self.max_steps or 0):
+            parts.append(f"{format_seconds(self.eta_s)} left" + (", then training" if unit == "image" else ""))
         return " · ".join(parts)
+
+
+def output_progress(output: str) -> Progress:
+    """The phase of a run that has no run folder yet, from its output: the last class-image progress line
+    (``ldm.training.class_images.CLASS_PROGRESS``), else preparing."""
+    import re
+
+    from ldm.training.class_images import CLASS_PROGRESS
+    found = re.findall(CLASS_PROGRESS, output, re.M)
+    if not found:
+        return Progress(phase="preparing")
+    done, total, seconds = found[-1]
+    return Progress(int(done), int(total), 1 / float(seconds) if float(seconds) > 0 else None, "class images")
 
 
 def format_seconds(seconds: float) -> str:

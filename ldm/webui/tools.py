@@ -28,6 +28,9 @@ from ldm.webui.paths import WEIGHT_SUFFIXES
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts"
+#: Models the project ships, offered in every checkpoint picker (to compare before and after training), with the
+#: config each is built with.
+SHIPPED = {REPO / "assets" / "toy" / "toy-ldm.safetensors": REPO / "configs" / "toy" / "inference.yaml"}
 SCRIPT_TIMEOUT_S = 6 * 3600
 EXTRA_SCRIPTS_ENV = "DREAMBOOTH_WEBUI_EXTRA_SCRIPTS"
 #: The parts of a model config that decide which inference config builds its checkpoints.
@@ -139,8 +142,10 @@ def _signature(config_path: Path, mtime: float) -> tuple:
 
 def inference_config_for(ckpt: Path) -> Optional[Path]:
     """The inference config of a checkpoint inside a run folder (``<run>/checkpoints/x.ckpt``): the one whose
-    architecture equals the run's saved config. None elsewhere: the scripts then recognise the model's family
-    from its keys."""
+    architecture equals the run's saved config; a shipped model's own (:data:`SHIPPED`). None elsewhere: the
+    scripts then recognise the model's family from its keys."""
+    if ckpt.resolve() in SHIPPED:
+        return SHIPPED[ckpt.resolve()]
     run = ckpt.parent.parent
     saved = sorted((run / "configs").glob("*-project.yaml")) if ckpt.parent.name == "checkpoints" else []
     if not saved:
@@ -166,11 +171,40 @@ def config_choices() -> list[tuple[str, str]]:
 
 
 def model_files(*folders: Path) -> tuple[list[Path], list[Path]]:
-    """``(checkpoints, LoRA adapters)`` below ``folders``."""
+    """``(checkpoints, LoRA adapters)`` below ``folders``; the shipped models (:data:`SHIPPED`) last."""
     from ldm.webui.paths import weight_files
     files = weight_files(*folders)
     loras = [p for p in files if is_lora_file(p)]
-    return [p for p in files if p not in loras], loras
+    return [p for p in files if p not in loras] + [p for p in SHIPPED if p.is_file()], loras
+
+
+@lru_cache(maxsize=256)
+def _step(path: Path, mtime: float, size: int) -> Optional[int]:
+    """The training step a weights file records (Lightning's ``global_step``, or our safetensors metadata)."""
+    from ldm.weights.checkpoint import CheckpointError
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt") as f:
+                step = (f.metadata() or {}).get("global_step")
+        else:
+            import torch
+            step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+        return int(step) if step is not None else None
+    except (OSError, ValueError, RuntimeError, CheckpointError, AttributeError):
+        return None
+
+
+def weights_label(path: Path, where: str) -> str:
+    """What a picker shows for a weights file: the run's name, the file, the step it was saved at and its size
+    (``2026-12-03T10-14-54_sks_robot · last.ckpt · step 400 · 21.7 MB``); elsewhere the file as ``where`` names
+    it (its path in the model folder, or "shipped")."""
+    from ldm.util import fmt_bytes
+    stat = path.stat()
+    step = _step(path, stat.st_mtime, stat.st_size)
+    head = [path.parent.parent.name, path.name] if path.parent.name == "checkpoints" else [where]
+    size = fmt_bytes(stat.st_size, True) if stat.st_size >= 100_000 else f"{stat.st_size / 1000:.0f} kB"
+    return " · ".join(head + ([f"step {step}"] if step is not None else []) + [size])
 
 
 # ---- sampling ------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import html
 from dataclasses import dataclass
 from functools import lru_cache
 from types import SimpleNamespace
+from pathlib import Path
 from typing import Any, Optional
 
 import gradio as gr
@@ -13,7 +14,7 @@ from ldm.webui import runs as run_files
 from ldm.webui.context import WebUI, refusal, user_errors
 from ldm.webui.paths import image_folders, inside
 from ldm.webui.recipes import PRIOR_SOURCES, TrainRequest, recipes, resume_argv, training_argv
-from ldm.webui.uploads import save_photos
+from ldm.webui.uploads import plural, sync_photos
 
 REFRESH_S = 1.5
 LOG_LINES = 14
@@ -45,18 +46,29 @@ def folder_choices(ui: WebUI) -> list[tuple[str, str]]:
     return [(ui.label(p), str(p)) for p in sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True)]
 
 
-def upload(ui: WebUI, files: Optional[list[str]], recipe: str, class_word: str) -> tuple[str, Any]:
-    """Check and keep uploaded photos; select their new folder."""
+def trained_folders(ui: WebUI) -> list[Path]:
+    """Photo folders a run of this page trained from (their photos stay as they were)."""
+    return [Path(arg.split("=", 1)[1]) for record in ui.jobs.records() for arg in record.argv
+            if arg.startswith("--data_root=")]
+
+
+def upload(ui: WebUI, files: Optional[list[str]], recipe: str, class_word: str,
+           folder: Optional[str] = None) -> tuple[str, Any, Any, Optional[str]]:
+    """Bring the upload's folder to the photos the list shows (each picture once, refused files left out of the
+    list); (report, the list as kept, photo folder picker, the upload's folder)."""
     try:
         size = recipes()[recipe].defaults()["size"]
-        result = save_photos(files or [], ui.roots.uploads, class_word or "photos", size)
+        current = inside(folder, [ui.roots.uploads], "upload folder") if folder else None
+        result = sync_photos(files or [], ui.roots.uploads, class_word or "photos", size, current,
+                             frozen=trained_folders(ui))
     except user_errors() as e:
-        return refusal(e), gr.skip()
-    report = "\n\n".join(["✓ " + result.report().splitlines()[0]] * (result.folder is not None)
-                         + [f"⚠ {line}" for line in result.errors + result.warnings])
+        return refusal(e), gr.skip(), gr.skip(), folder
+    lines = ([f"✓ {plural(len(result.photos), 'photo')} in {ui.label(result.folder)}"] if result.folder else [])
+    report = "\n\n".join(lines + [f"⚠ {line}" for line in result.errors + result.warnings])
+    kept = [str(p) for p in result.photos] or None
     if result.folder is None:
-        return report or "⚠ no usable photos", gr.skip()
-    return report, gr.Dropdown(choices=folder_choices(ui), value=str(result.folder))
+        return report or "no photos", kept, gr.Dropdown(choices=folder_choices(ui), value=None), None
+    return report, kept, gr.Dropdown(choices=folder_choices(ui), value=str(result.folder)), str(result.folder)
 
 
 def recipe_defaults(ui: WebUI, recipe: str) -> tuple[Any, Any, Any, Any]:
@@ -143,9 +155,12 @@ def progress_html(view: Optional[run_files.RunView], progress: run_files.Progres
     if view is None:
         return "<div id='train-progress' data-state='none'>No runs yet.</div>"
     step, top = progress.step or 0, progress.max_steps or 0
-    return (f"<div id='train-progress' data-state='{view.state}' data-step='{step}' data-max='{top}'>"
-            f"<b>{html.escape(view.label)}</b><br><progress value='{step}' max='{top or 1}' style='width:100%'>"
-            f"</progress><br>{html.escape(progress.text())}</div>")
+    bar = "" if progress.phase == "preparing" else \
+        f"<progress value='{step}' max='{top or 1}' style='width:100%'></progress>"
+    phase = html.escape(progress.phase)
+    return (f"<div id='train-progress' data-state='{view.state}' data-phase='{phase}' data-step='{step}' "
+            f"data-max='{top}'><b>{html.escape(view.label)}</b><br>{bar}<br>"
+            f"{html.escape(progress.text(view.state == 'running'))}</div>")
 
 
 def loss_frame(losses: list[dict[str, float]]):
@@ -169,6 +184,8 @@ def refresh(ui: WebUI, key: Optional[str], shown: Optional[Shown]) -> tuple:
     selected = view.key if view else None
     if view is None or view.folder is None:
         progress, losses, grids = run_files.Progress(), [], []
+        if view is not None and view.record is not None:  # class images, or the model loading
+            progress = run_files.output_progress(ui.jobs.output(view.record))
     else:
         progress, losses = run_files.read_progress(view.folder), run_files.read_losses(view.folder)
         grids = run_files.grids(view.folder)
@@ -197,6 +214,7 @@ def _form(ui: WebUI) -> SimpleNamespace:
             c.files = gr.File(label="upload 5-30 photos", file_count="multiple", file_types=["image"],
                               type="filepath", elem_id="photos-upload")
             c.upload_report = gr.Markdown(elem_id="upload-report")
+            c.upload_folder = gr.State(None)  # the folder this page's upload list is kept in
             c.folder = gr.Dropdown(choices=folder_choices(ui), label="photo folder (in the data folder)",
                                    elem_id="photo-folder")
         with gr.Column():
@@ -247,8 +265,9 @@ def build(ui: WebUI) -> None:
     """The tab's components and events (call inside ``gr.Tab``)."""
     f, v = _form(ui), _run_view()
     timer = gr.Timer(REFRESH_S)
-    f.files.upload(lambda fs, r, c: upload(ui, fs, r, c), [f.files, f.recipe, f.class_word],
-                   [f.upload_report, f.folder])
+    for event in (f.files.upload, f.files.delete, f.files.clear):  # the user's changes, not the page's own
+        event(lambda fs, r, c, u: upload(ui, fs, r, c, u), [f.files, f.recipe, f.class_word, f.upload_folder],
+              [f.upload_report, f.files, f.folder, f.upload_folder])
     for box in (f.token, f.class_word):
         box.change(identifier_warnings, [f.token, f.class_word], f.token_info, show_progress="hidden")
     f.recipe.change(lambda r: recipe_defaults(ui, r), f.recipe, [f.steps, f.lr, f.grid_every, f.checkpoint])

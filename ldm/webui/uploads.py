@@ -3,17 +3,19 @@
 Every file goes through the training loader (``ldm.data.image_loading.load_image``) at the recipe's size, so a
 photo that would stop ``main.py`` is refused here with the loader's own one-line message (naming the file as the
 user called it, not the browser's temporary copy). Names are made safe, the number and size of files are
-bounded, and the originals' bytes are copied unchanged into ``<data-dir>/uploads/<time>-<label>/``, a new folder
-that nothing else writes to.
+bounded, and the originals' bytes are copied unchanged into ``<data-dir>/uploads/<time>-<label>/``, a folder of
+the upload's own that holds exactly the photos the page lists: the same picture twice is one photo, a photo
+removed from the list leaves the folder, and a folder a run trained from is never changed (a new one is made).
 """
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ldm.webui.paths import safe_name
 
@@ -29,16 +31,25 @@ class UploadError(ValueError):
 
 @dataclass
 class UploadResult:
+    """What :func:`sync_photos` left: the folder and its photos in the order shown, and what it refused."""
     folder: Path | None = None
-    accepted: list[str] = field(default_factory=list)
+    photos: list[Path] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def accepted(self) -> list[str]:
+        return [p.name for p in self.photos]
 
     def report(self) -> str:
         lines = list(self.errors) + list(self.warnings)
         if self.folder is not None:
-            lines.insert(0, f"{len(self.accepted)} photos saved to {self.folder}")
+            lines.insert(0, f"{plural(len(self.photos), 'photo')} in {self.folder}")
         return "\n".join(lines)
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def original_name(path: Path) -> str:
@@ -83,34 +94,71 @@ def _unique(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def save_photos(files: Sequence[str | os.PathLike], parent: Path, label: str, size: int) -> UploadResult:
-    """Check ``files`` (Gradio's temporary copies) at training ``size`` and copy the good ones into a new folder
-    below ``parent``. Nothing is saved when no file is good; bad files are listed, one line each."""
+def digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def folder_photos(folder: Path) -> list[Path]:
+    from ldm.data.image_loading import IMAGE_SUFFIXES
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def sync_photos(files: Sequence[str | os.PathLike], parent: Path, label: str, size: int,
+                folder: Optional[Path] = None, frozen: Sequence[Path] = ()) -> UploadResult:
+    """Make a photo folder hold exactly the good pictures of ``files``, the upload list as the page shows it
+    (Gradio's temporary copies, or the folder's own files shown back), each picture once.
+
+    Every file is checked at training ``size`` (a refused one is listed, one line each, and left out); files with
+    the same bytes are one photo (named once in ``warnings``). ``folder``, the folder an earlier call made, is
+    brought to that set: photos no longer listed are removed, new ones copied in under safe, unique names. A new
+    folder below ``parent`` is made when there is none yet, or when ``folder`` is in ``frozen`` (a run trained from
+    it: its photos stay as they were). With no good photo left, an earlier folder is emptied and ``folder`` is
+    None. Raises :class:`UploadError` for a list over the count or size limits."""
     paths = [Path(f) for f in files or []]
-    if not paths:
-        raise UploadError("no photos: choose 5-30 pictures of the subject")
     if len(paths) > MAX_FILES:
         raise UploadError(f"{len(paths)} files: at most {MAX_FILES} photos per subject (DreamBooth needs 5-30)")
     total = sum(p.stat().st_size for p in paths)
     if total > MAX_TOTAL_BYTES:
         raise UploadError(f"{total / 2 ** 20:.0f} MB in all: the limit is {MAX_TOTAL_BYTES // 2 ** 20} MB per upload")
     result = UploadResult()
-    good: list[tuple[Path, str]] = []
-    taken: set[str] = set()
+    good: dict[str, tuple[Path, str]] = {}  # digest -> (file, the name the user gave it), in the order listed
     for path in paths:
         shown = original_name(path)
+        key = digest(path)
+        if key in good:
+            first = good[key][1]
+            result.warnings.append(f"{shown} twice: kept once" if shown == first else
+                                   f"{shown} is the same picture as {first}: kept once")
+            continue
         error = check_photo(path, shown, size)
         if error:
             result.errors.append(error)
         else:
-            good.append((path, _unique(safe_name(shown, "photo"), taken)))
-    if not good:
+            good[key] = (path, shown)
+    frozen = {Path(f).resolve() for f in frozen}
+    if folder is not None and (not Path(folder).is_dir() or Path(folder).resolve() in frozen):
+        folder = None
+    if folder is None and not good:
         return result
-    folder = _new_folder(parent, label)
-    for path, name in good:
-        shutil.copyfile(path, folder / name)
-        result.accepted.append(name)
+    folder = Path(folder) if folder is not None else _new_folder(parent, label)
+    have = {digest(p): p for p in folder_photos(folder)}
+    for key, path in have.items():
+        if key not in good:
+            path.unlink()
+            path.with_suffix(".txt").unlink(missing_ok=True)  # its caption goes with it
+    taken = {p.name.lower() for k, p in have.items() if k in good}
+    for key, (path, shown) in good.items():
+        if key not in have:
+            have[key] = folder / _unique(safe_name(shown, "photo"), taken)
+            shutil.copyfile(path, have[key])
+    result.photos = [have[key] for key in good]
+    if not result.photos:
+        return result
     result.folder = folder
-    if len(good) < RECOMMENDED_MIN:
-        result.warnings.append(f"only {len(good)} usable photos: DreamBooth works best with 5-30")
+    if len(result.photos) < RECOMMENDED_MIN:
+        result.warnings.append(f"only {plural(len(result.photos), 'usable photo')}: DreamBooth works best with 5-30")
     return result
