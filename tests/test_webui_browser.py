@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -22,7 +23,7 @@ from ldm.data.image_loading import load_image
 from webui_browser import REPO, Page, free_port, start_app, start_browser
 
 SUBJECT = REPO / "assets" / "demo" / "subject"
-STEPS = 40
+STEPS = 60
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def page(tmp_path_factory):
 
 def progress(p: Page) -> dict:
     el = p.el("train-progress")
-    return {k: el.get_attribute(f"data-{k}") for k in ("state", "step", "max")}
+    return {k: el.get_attribute(f"data-{k}") for k in ("state", "step", "max", "phase")}
 
 
 def test_train_generate_inpaint_in_a_browser(page: Page):
@@ -97,12 +98,21 @@ def test_train_generate_inpaint_in_a_browser(page: Page):
     p.wait(lambda: "photo of a sks robot" in p.text("identifier-warnings")
            and "frequent" not in p.text("identifier-warnings"), "the warning to go")
 
-    # 3. A short run with prior preservation; a second Start while it runs is refused.
+    # 3. Before any training, Generate offers the shipped toy model (to compare before and after).
+    p.tab("Generate")
+    p.wait(lambda: "(shipped)" in p.el("gen-ckpt", "input").get_attribute("value"), "the shipped model offered")
+    p.tab("Train")
+
+    # A short run with prior preservation; a second Start while it runs is refused. The class images are a phase
+    # of their own, with their count and time left.
     p.fill("steps", STEPS)
-    p.fill("class-images", 4)
+    p.fill("class-images", 12)
     p.fill("grid-every", 20)
     p.click("start")
     p.wait(lambda: "Started" in p.text("train-status"), "the start message")
+    p.wait(lambda: progress(p)["phase"] == "class images" and re.search(r"class images \d+ / 12",
+                                                                           p.text("train-progress")),
+           "the class-image phase", 90, poll=0.1)
     p.click("start")
     p.wait(lambda: "Not started" in p.text("train-status") and "is running" in p.text("train-status"),
            "the second start to be refused")
@@ -117,27 +127,44 @@ def test_train_generate_inpaint_in_a_browser(page: Page):
            == [143], "main.py's exit code after SIGTERM")
     p.click("resume")
     p.wait(lambda: "Resuming" in p.text("train-status"), "the resume message")
+    # A reload while it runs: the form shows the run's own settings, read-only, and no stale message.
+    p.d.refresh()
+    p.wait(lambda: p.el("start"), "the page again")
+    p.wait(lambda: field(p, "class-word").get_attribute("value") == "robot"
+           and field(p, "steps").get_attribute("value") == str(STEPS) and not field(p, "steps").is_enabled(),
+           "the run's settings, read-only", 30)
+    assert "read-only while it runs" in p.text("form-note") and p.text("train-status") == ""
     p.wait(lambda: progress(p)["state"] == "finished", "the resumed run to finish", 120)
     assert progress(p)["step"] == progress(p)["max"] == str(STEPS)
     assert "steps/s" in p.text("train-progress") or "s/step" in p.text("train-progress")
     p.wait(lambda: plotted_lines(p) == 2, "the loss plot's subject and prior lines", 30)
     p.wait(lambda: len(p.images("grids")) >= 2, "the validation grids")
+    assert "rows: photo of a sks robot" in p.text("grids")  # each grid says its prompts
+    p.wait(lambda: p.el("steps", "input").is_enabled(), "the form to be the user's again", 10)
+    log = p.el("run-log", "textarea").get_attribute("value")  # the project's lines, not Lightning's banners
+    assert "Run folder:" in log and "Done:" in log
+    assert not any(noise in log for noise in ("litlogger", "site-packages", "GPU available", "Epoch 0:"))
+    p.click("raw-log")
+    p.wait(lambda: "`Trainer.fit` stopped" in p.el("run-log", "textarea").get_attribute("value"), "the raw output")
     p.screenshot("train")
 
-    # 5. Generate two images from the run's checkpoint.
+    # 5. Generate two images from the run's checkpoint; the picker names run, file, step and size, and each
+    # result shows its settings.
     p.tab("Generate")
     p.click("gen-refresh")
-    p.wait(lambda: "last.ckpt" in p.el("gen-ckpt", "input").get_attribute("value"), "the checkpoint in the picker")
+    p.wait(lambda: re.search(r"^(last|best)\.ckpt · step \d+ · [\d.]+ MB · .*_sks_robot$",
+                             p.el("gen-ckpt", "input").get_attribute("value")), "the run's checkpoint in the picker")
     p.fill("gen-prompt", "photo of a sks robot")
     p.fill("gen-steps", 10)
     p.click("generate")
     p.wait(lambda: "2 images" in p.text("gen-status"), "generation", 120)
     p.wait(lambda: len(p.images("gen-gallery")) >= 2, "the results in the gallery")
+    p.wait(lambda: "seed 42, image 1 · 10 steps" in p.text("gen-gallery"), "the settings under the results")
+    p.wait(lambda: len(p.els("gen-download", "a")) >= 2, "the download links")
     p.screenshot("generate")
 
-    # 6. Send the first to inpaint, paint a mask over its middle, inpaint.
-    p.images("gen-gallery")[0].click()
-    p.wait(lambda: p.els("gen-gallery", "button[aria-label='Send to inpaint']"), "the gallery's send button")[0].click()
+    # 6. Send the first to inpaint with the button under the results, paint a mask over its middle, inpaint.
+    p.click("send-to-inpaint")
     p.wait(lambda: p.el("inp-editor").is_displayed() and "robot" in p.el("inp-prompt", "textarea").get_attribute(
         "value"), "the inpaint tab with the picture")
     paint_stroke(p)
@@ -147,11 +174,25 @@ def test_train_generate_inpaint_in_a_browser(page: Page):
     p.wait(lambda: p.images("inp-gallery") and p.images("inp-original"), "the result beside the original")
     p.screenshot("inpaint")
 
+    # PNG info reads a result's settings back.
+    p.tab("PNG info")
+    first = sorted((p.dirs["data"] / "outputs" / "txt2img" / "samples").glob("*.png"))[0]
+    p.el("png-info-image", "input[type=file]").send_keys(str(first))
+    p.wait(lambda: "photo of a sks robot" in p.text("png-info") and "seed" in p.text("png-info"), "PNG info")
+
     # 7. Prune the run's checkpoint; the size is shown.
     p.tab("Models")
     p.click("models-refresh")
+    p.wait(lambda: p.el("models-ckpt", "input").get_attribute("value").endswith("_sks_robot"), "the run's checkpoint")
     p.click("prune")
     p.wait(lambda: "wrote" in p.text("models-result") and "MB" in p.text("models-result"), "pruning", 120)
+    p.wait(lambda: p.els("models-download", "a"), "the pruned file's download link")
+    p.click("prune")  # again: the page offers its own choice, not a command-line flag
+    p.wait(lambda: "tick 'replace a file of the same name'" in p.text("models-result"), "the overwrite choice")
+    assert "--overwrite" not in p.text("models-result")
+    p.click("models-overwrite")
+    p.click("prune")
+    p.wait(lambda: "wrote" in p.text("models-result"), "pruning over the old file", 120)
     p.screenshot("models")
 
     # The files, as the scripts write them.
@@ -165,13 +206,18 @@ def test_train_generate_inpaint_in_a_browser(page: Page):
     assert meta["prompt"] == "photo of a sks robot" and meta["mask"] == "00000-mask.png"
     mask = Image.open(p.dirs["data"] / "outputs" / "inpaint-inputs" / "00000-mask.png")
     assert 0 < sum(v > 0 for v in mask.getdata()) < mask.width * mask.height  # the stroke, not all or nothing
-    assert list(p.dirs["models"].glob("*-pruned-fp16.safetensors"))
+    assert list(p.dirs["models"].glob(f"{run.name}-*-pruned-fp16.safetensors"))  # the run's, not the shipped model
 
     # A reload shows the run as it is on disk.
     p.d.refresh()
     p.wait(lambda: progress(p)["state"] == "finished" and run.name in p.text("train-progress"),
            "the run after a reload")
     print(f"browser test: {time.time() - tic:.0f} s")
+
+
+def field(p: Page, elem_id: str):
+    """The text or number field of a component."""
+    return p.d.find_element(p.By.CSS_SELECTOR, f"#{elem_id} input:not([type=checkbox]), #{elem_id} textarea")
 
 
 def upload_files(p: Page, files) -> None:

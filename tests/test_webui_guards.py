@@ -9,9 +9,11 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import gradio as gr
 import pytest
 import torch
 from PIL import Image
@@ -105,7 +107,7 @@ def test_every_field_that_names_a_path_refuses_outside(ui, roots, tmp_path):
     status, _ = train_tab.start(ui, list(rc.recipes())[-1], str(tmp_path), "dog", "sks", "", 10, 1e-4, False, 1,
                                 0, 23)
     assert status.startswith(f"⚠ photo folder {tmp_path}: " + message)
-    assert models_tab.prune(ui, "/etc/passwd", "").startswith("⚠ checkpoint /etc/passwd: " + message)
+    assert models_tab.prune(ui, "/etc/passwd", "")[0].startswith("⚠ checkpoint /etc/passwd: " + message)
     # A name for a new file cannot leave the model folder either.
     assert models_tab._output(ui, "../../evil.safetensors", "x") == roots.model_dir / "evil.safetensors"
 
@@ -201,6 +203,95 @@ def test_class_images_are_a_phase_with_its_own_progress(tiny_ckpt, tmp_path, cap
     assert re.fullmatch(r"class images 2 / 3 · [\d.]+ (images/s|s/image) · .+ left, then training", progress.text())
     assert (runs.output_progress(output).step, runs.output_progress(output).max_steps) == (3, 3)
     assert runs.output_progress("Loading model ...\n").text() == "preparing: loading the model"
+    assert runs.output_progress(output[:output.index("Class images 2/3")]).text() == "class images 0 / 3"
+
+
+RUN_OUTPUT = """Seed set to 0
+Generating 4 class images for 'photo of a robot' into {repo}/data/class-images/robot (25 DDIM steps, scale 4.0)
+class images:   0%|          | 0/1 [00:00<?, ?it/s]
+Class images 4/4 for 'photo of a robot' (0.21 s/image)
+Learning rate 2.00e-04 = 1 (devices) * 1 (batch) * 1 (accumulate) * 2.00e-04 (base)
+GPU available: False, used: False
+TPU available: False, using: 0 TPU cores
+💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger](https://pypi.org/project/litlogger/) to enable LitLogger, which logs metrics and artifacts automatically to the Lightning Experiments platform.
+Run folder: {repo}/logs/2026-12-03T19-54-15_sks_robot (config saved to {repo}/logs/2026-12-03T19-54-15_sks_robot/configs/2026-12-03T19-54-15-project.yaml)
+┏━━━┳━━━━━━━━━━━━━━━━━┳━━━━━━━━━━━━━━━━━━┳━━━━━━━━┳━━━━━━━┳━━━━━━━┓
+┃   ┃ Name            ┃ Type             ┃ Params ┃ Mode  ┃ FLOPs ┃
+│ 0 │ encoder         │ Encoder          │  371 K │ train │     0 │
+└───┴─────────────────┴──────────────────┴────────┴───────┴───────┘
+Trainable params: 961 K
+Non-trainable params: 0
+Total params: 961 K
+Total estimated model params size (MB): 3.847
+Modules in train mode: 133
+Modules in eval mode: 0
+Total FLOPs: 0
+{repo}/.venv/lib/python3.11/site-packages/pytorch_lightning/utilities/_pytree.py:21: `isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and treespec.is_leaf()` instead.
+{repo}/ldm/models/diffusion/ddim.py:109: UserWarning: DDIM with 3 steps selects timestep 1000
+  self.ddim_timesteps = make_ddim_timesteps(ddim_num_steps, self.ddpm_num_timesteps, ddim_discretize)
+
+Epoch 0:   1%|          | 1/187 [00:00<02:29,  1.24it/s, v_num=_csv, train/loss=1.150]
+Saved validation grid images/train/step-000020.png
+`Trainer.fit` stopped: `max_steps=40` reached.
+Done: 40 steps in 61 s; checkpoints in {repo}/logs/2026-12-03T19-54-15_sks_robot/checkpoints
+"""
+
+
+def test_the_log_box_shows_the_projects_lines_and_the_raw_output_on_request(ui):
+    """What main.py printed in a toy run (Lightning's banners, tip, model table and progress bars, a library's
+    deprecation warning with the virtualenv's path, our warning with its source line): by default only the
+    project's own lines, paths relative to the repository; the raw output behind the toggle."""
+    from ldm.webui import train_tab
+    output = RUN_OUTPUT.format(repo=REPO)
+    shown = train_tab.log_text(ui, output, raw=False).splitlines()
+    assert shown == [
+        "Generating 4 class images for 'photo of a robot' into data/class-images/robot (25 DDIM steps, scale 4.0)",
+        "Class images 4/4 for 'photo of a robot' (0.21 s/image)",
+        "Learning rate 2.00e-04 = 1 (devices) * 1 (batch) * 1 (accumulate) * 2.00e-04 (base)",
+        "Run folder: logs/2026-12-03T19-54-15_sks_robot (config saved to logs/2026-12-03T19-54-15_sks_robot/configs/"
+        "2026-12-03T19-54-15-project.yaml)",
+        "Saved validation grid images/train/step-000020.png",
+        "Done: 40 steps in 61 s; checkpoints in logs/2026-12-03T19-54-15_sks_robot/checkpoints"]
+    raw = train_tab.log_text(ui, output, raw=True)
+    assert "site-packages" in raw and "Epoch 0:" in raw and len(raw.splitlines()) == train_tab.LOG_LINES
+    failed = output + "Traceback (most recent call last):\n  File \"x.py\", line 1\n    boom()\nValueError: boom\n"
+    assert train_tab.log_text(ui, failed, raw=False).splitlines()[-1] == "ValueError: boom"
+
+
+def _field(update, name: str):
+    """A value of a Gradio update, given as a dict (gr.update) or a component."""
+    return update[name] if isinstance(update, dict) else getattr(update, name)
+
+
+def test_a_reloaded_page_shows_the_running_runs_settings_read_only(ui):
+    """A fresh page (a reload) selecting a running run gets the settings that run was started with, read-only; the
+    next refreshes leave the form alone (the user may type); when the run ends the form is the user's again and the
+    stale messages go."""
+    from ldm.webui import train_tab
+    settings = {"recipe": list(rc.recipes())[-1], "photos": str(ui.roots.uploads / "x"), "class_word": "robot",
+                "token": "zwx", "checkpoint": None, "steps": 123, "learning_rate": 2e-4, "prior": True,
+                "num_class_images": 7, "grid_every": 20, "seed": 5, "prior_source": rc.PRIOR_SOURCES[0],
+                "few_photos_ok": False}
+    record = ui.jobs.start([sys.executable, "-c", "import time; time.sleep(60)"], "zwx_robot", settings=settings)
+    try:
+        out = train_tab.refresh(ui, None, None)
+        shown, form, note = out[7], out[8:8 + len(train_tab.FORM_FIELDS)], out[-2]
+        assert shown.locked == f"job:{record.id}" and "zwx_robot runs with (read-only" in note
+        assert [_field(u, "value") for u in form] == [settings[k] if k != "checkpoint" else ""
+                                                      for k in train_tab.FORM_FIELDS]
+        assert not any(_field(u, "interactive") for u in form)
+        again = train_tab.refresh(ui, None, shown)
+        assert all(u == gr.skip() for u in again[8:])
+        ui.jobs.stop(record)
+        deadline = time.time() + 20
+        while ui.jobs.state(record) == "running" and time.time() < deadline:
+            time.sleep(0.1)
+        after = train_tab.refresh(ui, None, again[7])
+        assert after[7].locked == "" and after[-2] == "" and after[-1] == ""
+        assert all(_field(u, "interactive") for u in after[8:8 + len(train_tab.FORM_FIELDS)])
+    finally:
+        if ui.jobs.is_running(record):
+            os.kill(record.pid, 9)
 
 
 def test_pickers_offer_the_shipped_model_and_tell_checkpoints_apart(ui):
@@ -212,9 +303,9 @@ def test_pickers_offer_the_shipped_model_and_tell_checkpoints_apart(ui):
     save_checkpoint(run / "best.ckpt", {"w": torch.zeros(10)}, global_step=300)
     ckpts, _ = ui.weights()
     labels = dict((v, k) for k, v in ckpts)
-    assert labels[str(run / "last.ckpt")] == "2026-12-03T10-14-54_sks_robot · last.ckpt · step 400 · " \
-        f"{(run / 'last.ckpt').stat().st_size / 1e6:.1f} MB"
-    assert labels[str(run / "best.ckpt")].startswith("2026-12-03T10-14-54_sks_robot · best.ckpt · step 300 · ")
+    assert labels[str(run / "last.ckpt")] == f"last.ckpt · step 400 · {(run / 'last.ckpt').stat().st_size / 1e6:.1f} " \
+        "MB · 2026-12-03T10-14-54_sks_robot"
+    assert re.fullmatch(r"best\.ckpt · step 300 · \d+ kB · 2026-12-03T10-14-54_sks_robot", labels[str(run / "best.ckpt")])
     toy = REPO / "assets" / "toy" / "toy-ldm.safetensors"
     assert ckpts[-1][1] == str(toy)
     assert re.fullmatch(rf"toy-ldm \(shipped\) · step \d+ · {toy.stat().st_size / 1e6:.1f} MB", ckpts[-1][0])
@@ -302,6 +393,19 @@ def test_progress_losses_and_external_runs(roots):
 
 
 # ---- the commands the UI builds ------------------------------------------------------------------------------
+
+def test_fewer_photos_than_the_recipe_wants_need_a_yes(roots):
+    """One photo is refused in one line naming the folder and the minimum; ticking the confirmation trains."""
+    recipe = list(rc.recipes())[-1]
+    photos = make_folder(roots.data_dir / "uploads" / "robot", 1)
+    request = rc.TrainRequest(recipe, str(photos), "robot", "sks", None, 30, 2e-4, False, 8, 10, 5)
+    with pytest.raises(rc.RequestError, match="^photo folder robot: 1 photo; Tiny demo model .* wants at least 5 "
+                                              r"\(DreamBooth works with 5-30\): add photos, or tick 'train with "
+                                              "fewer photos anyway'$"):
+        rc.training_argv(request, roots, cuda=False)
+    argv, _, _ = rc.training_argv(replace(request, few_photos_ok=True), roots, cuda=False)
+    assert f"--data_root={photos}" in argv
+
 
 @pytest.mark.parametrize("recipe", list(rc.recipes()))
 def test_the_training_command_passes_main_py_checks(roots, recipe, t5_tokenizer):
@@ -395,20 +499,34 @@ def test_generate_with_a_lora_merge_and_convert(ui, roots, tiny_model, tiny_ckpt
     assert status.startswith(f"⚠ {base}: it is a Stable Diffusion v1 checkpoint") and "expected [49408, 768]" in status
     gallery, status = generate_tab.generate(*args, config=tiny)
     assert status.startswith("1 image in ") and status.endswith("saved in data/outputs/txt2img/samples")
-    meta = Image.open(gallery[0]).text
+    (picture, caption), = gallery
+    meta = Image.open(picture).text
     assert (meta["sampler"], meta["size"], meta["seed"], meta["checkpoint"]) == ("euler", "64x64", "3", "tiny.ckpt")
+    assert caption == "seed 3, image 1 · 2 steps · scale 3.0 · euler · 64x64 · tiny.ckpt"  # the settings under it
+    table, settings = generate_tab.png_info(ui, picture)  # PNG info reads them back, and sends them to Generate
+    assert "| prompt | a toy |" in table and "| seed | 3 |" in table and "| sampler | euler |" in table
+    assert generate_tab.use_settings(settings)[:6] == ("a toy", "", 3, 2, 3.0, "euler")
+    (roots.data_dir / "notes.png").write_bytes(b"no picture")
+    assert generate_tab.png_info(ui, str(roots.data_dir / "notes.png"))[0].startswith("⚠ notes.png: not a readable")
+    Image.new("RGB", (4, 4)).save(roots.data_dir / "plain.png")
+    assert generate_tab.png_info(ui, str(roots.data_dir / "plain.png"))[0] == \
+        "⚠ plain.png: carries no generation settings (only pictures saved by this project's scripts and web UI do)"
 
     merged = roots.model_dir / "tiny-adapter-merged.safetensors"
     assert models_tab.merge(ui, str(base), str(lora), 0.5, "") == \
-        f"✓ wrote models/{merged.name}: {fmt_bytes(merged.stat().st_size, decimal=True)}"
+        (f"✓ wrote models/{merged.name}: {fmt_bytes(merged.stat().st_size, decimal=True)}", str(merged))
+    first = merged.stat().st_mtime_ns
     assert models_tab.merge(ui, str(base), str(lora), 0.5, "") == \
-        f"⚠ out {merged}: exists already; choose a new name (or pass --overwrite)"
+        (f"⚠ out {merged}: exists already; choose a new name (or tick 'replace a file of the same name')", None)
+    assert models_tab.merge(ui, str(base), str(lora), 0.7, "", overwrite=True)[1] == str(merged)
+    assert merged.stat().st_mtime_ns != first
+    assert models_tab.download(ui, str(lora), "LoRA") == ("", str(lora))
     assert models_tab.convert(ui, str(base), "", "/etc/passwd") == \
-        "⚠ model config /etc/passwd: not one of the repository's inference configs"
+        ("⚠ model config /etc/passwd: not one of the repository's inference configs", None)
     status = models_tab.convert(ui, str(base), "", tiny)
     folder = roots.model_dir / "tiny-diffusers"
     assert (folder / "model_index.json").is_file() and (folder / "unet").is_dir()
-    assert status == f"✓ wrote models/tiny-diffusers: {fmt_bytes(size_of(folder), decimal=True)}"
+    assert status == (f"✓ wrote models/tiny-diffusers: {fmt_bytes(size_of(folder), decimal=True)}", None)
 
 
 # ---- text fields are data, never flags -----------------------------------------------------------------------
@@ -432,7 +550,7 @@ def test_a_prompt_that_looks_like_a_flag_is_a_prompt(ui, roots, tiny_ckpt, tmp_p
         gallery, status = generate_tab.generate(ui, str(base), "", 1.0, prompt, negative, 1, 2, 3.0, "ddim",
                                                 "64 x 64", 1, config=tiny)
         assert status.startswith("1 image in "), status
-        meta = Image.open(gallery[0]).text
+        meta = Image.open(gallery[0][0]).text
         assert (meta["prompt"], meta["negative_prompt"]) == (prompt, negative)
         assert SECRET not in json.dumps(meta)
     assert ui.jobs.busy() is None
@@ -447,7 +565,7 @@ def test_a_prompt_that_looks_like_a_flag_is_a_prompt(ui, roots, tiny_ckpt, tmp_p
             ui, {"background": str(picture), "layers": layers}, str(base), f"--from-file={secret}", "--help", 0.5, 2,
             False, 0, 1, 2, 3.0, "ddim", 1, config=tiny)
         assert "1 images in" in status, status
-        meta = Image.open(results[0]).text
+        meta = Image.open(results[0][0]).text
         assert (meta["prompt"], meta["negative_prompt"]) == (f"--from-file={secret}", "--help")
         assert SECRET not in json.dumps(meta)
 
@@ -510,5 +628,5 @@ def test_generate_with_flux_files_from_the_model_folder(ui, roots, tiny_flux_mod
     shutil.copy(t5_tokenizer, roots.model_dir / "spiece.model")
     gallery, status = generate_tab.generate(*args, config=tiny)
     assert status.startswith("1 image in "), status
-    meta = Image.open(gallery[0]).text
+    meta = Image.open(gallery[0][0]).text
     assert (meta["sampler"], meta["guidance"], meta["scale"], meta["steps"]) == ("flow_euler", "3.5", "1.0", "2")

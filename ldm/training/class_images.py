@@ -12,8 +12,9 @@ from ldm.images import save_numbered_png, to_pil
 from ldm.sampling.samplers import default_sampler, guided_images, make_sampler
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".mpo")
-#: The line printed after each batch of class images (done/wanted, prompt, seconds per image so far).
-CLASS_PROGRESS = r"^Class images (\d+)/(\d+) for .* \(([\d.]+) s/image\)$"
+#: The line printed before the first batch of class images and after each (done/wanted, prompt, seconds per image
+#: so far).
+CLASS_PROGRESS = r"^Class images (\d+)/(\d+) for .*?(?: \(([\d.]+) s/image\))?$"
 
 
 def count_images(folder: Path) -> int:
@@ -40,6 +41,7 @@ def generate_class_images(model, folder: str | Path, prompt: str, num: int, size
     target, tic = count_images(folder) + missing, time.time()
     was_training = model.training
     model.eval()
+    tqdm.write(f"Class images {target - missing}/{target} for {prompt!r}")
     try:
         with model.ema_scope():
             for start in tqdm(range(0, missing, batch_size), desc="class images"):

@@ -30,10 +30,12 @@ def build(ui: WebUI) -> gr.Blocks:
 
 def launch(ui: WebUI, host: str, port: int, auth: Optional[list[tuple[str, str]]],
            block: bool = True) -> gr.Blocks:
-    """Serve the page. Only the log and data folders are served as files (grids, results, uploads)."""
+    """Serve the page. Only the model, log and data folders are served as files (grids, results, uploads, the
+    download links of models and adapters)."""
     demo = build(ui)
     demo.queue()
-    demo.launch(server_name=host, server_port=port, auth=auth, allowed_paths=[str(ui.roots.log_dir),
-                str(ui.roots.data_dir)], max_file_size=MAX_FILE_BYTES, theme=THEME, ssr_mode=False,
-                share=False, inbrowser=False, prevent_thread_lock=not block, show_error=False)
+    served = [str(ui.roots.model_dir), str(ui.roots.log_dir), str(ui.roots.data_dir)]
+    demo.launch(server_name=host, server_port=port, auth=auth, allowed_paths=served, max_file_size=MAX_FILE_BYTES,
+                theme=THEME, ssr_mode=False, share=False, inbrowser=False, prevent_thread_lock=not block,
+                show_error=False)
     return demo

@@ -53,6 +53,16 @@ class WebUI:
         return [(weights_label(p, where(p)), str(p)) for p in ckpts], [(weights_label(p, where(p)), str(p))
                                                                       for p in loras]
 
+    @staticmethod
+    def keep_choice(current: Optional[str], choices: list[tuple[str, str]]) -> Optional[str]:
+        """A picker's value after its choices were refreshed: the user's choice while it is there, except the
+        shipped model (the default before any training), which gives way to the newest file (a run that just
+        finished); with nothing chosen, the newest."""
+        shipped = bool(current) and Path(current).resolve() in SHIPPED
+        if current in [v for _, v in choices] and not shipped:
+            return current
+        return choices[0][1] if choices else None
+
     def readable_weights(self, path: Optional[str], what: str) -> Path:
         """A checkpoint or adapter the browser named, if it lies in the model or log folder (or is a shipped
         model)."""

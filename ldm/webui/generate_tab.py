@@ -63,23 +63,27 @@ def generate(ui: WebUI, ckpt: str, lora: str, strength: float, prompt: str, nega
     except user_errors() as e:
         return gr.skip(), refusal(e)
     folder = written[0].parent if written else ui.roots.outputs / "txt2img"
-    return [str(p) for p in written], (f"{len(written)} image{'s' * (len(written) != 1)} in {time.time() - tic:.1f} s,"
-                                       f" saved in {ui.label(folder)}")
+    done = f"{len(written)} image{'s' * (len(written) != 1)} in {time.time() - tic:.1f} s"
+    return [(str(p), tools.settings_caption(p)) for p in written], f"{done}, saved in {ui.label(folder)}"
 
 
 def selected_index(evt: gr.SelectData) -> int:
     return evt.index
 
 
-def send_to_inpaint(ui: WebUI, selected: Optional[int], gallery: Optional[list], ckpt: str, prompt: str) -> tuple:
-    """The selected result (the first when none is) into the inpaint editor, and that tab opened."""
+def send_to_inpaint(ui: WebUI, selected: Optional[int], gallery: Optional[list], ckpt: str, prompt: str,
+                    mode: str = "inpaint") -> tuple:
+    """The selected result (the first when none is) into the Inpaint / img2img editor, and that tab opened; for
+    img2img nothing is painted, so the whole picture is repainted at the tab's strength."""
     paths = [item[0] if isinstance(item, (list, tuple)) else item for item in gallery or []]
     chosen = paths[selected] if isinstance(selected, int) and 0 <= selected < len(paths) else (
         paths[0] if paths else None)
     if chosen is None:
-        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), "⚠ generate an image first"
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), "⚠ generate an image first"
     editor = {"background": chosen, "layers": [], "composite": chosen}
-    return editor, gr.Tabs(selected="inpaint"), ckpt, prompt, f"Sent {Path(chosen).name} to inpaint."
+    note = ("paint the part to repaint, then Inpaint" if mode == "inpaint" else
+            "nothing painted: Inpaint repaints the whole picture (img2img) at this strength")
+    return (editor, gr.Tabs(selected="inpaint"), ckpt, prompt, note, f"Sent {Path(chosen).name} to {mode}.")
 
 
 def mask_from_layers(layers: list, size: tuple[int, int], allowed: list[Path]) -> Optional[Image.Image]:
@@ -143,7 +147,7 @@ def run_inpaint(ui: WebUI, editor: Optional[dict], ckpt: str, prompt: str, negat
     except user_errors() as e:
         return gr.skip(), gr.skip(), refusal(e)
     what = "img2img (nothing painted)" if mask_path is None else "inpainting"
-    return (str(image_path), [str(p) for p in written],
+    return (str(image_path), [(str(p), tools.settings_caption(p)) for p in written],
             f"{what}: {len(written)} images in {time.time() - tic:.1f} s, saved in {ui.label(written[0].parent)}"
             if written else f"⚠ {what} wrote no images")
 
@@ -188,11 +192,14 @@ def _generate_form(ckpts: list, loras: list) -> SimpleNamespace:
             c.config = gr.Dropdown(tools.config_choices(), value="", label="model config", elem_id="gen-config")
             c.go = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column(scale=2):
-            c.send = gr.Button("Send to inpaint", elem_id="send-to-inpaint")  # shown in the gallery's toolbar
-            c.gallery = gr.Gallery(label="results (click one, then Send to inpaint)", columns=4, height=420,
-                                   elem_id="gen-gallery", buttons=["download", "fullscreen", c.send],
-                                   interactive=False)
+            c.gallery = gr.Gallery(label="results (click one to choose it for sending)", columns=4, height=420,
+                                   elem_id="gen-gallery", buttons=["download", "fullscreen"], interactive=False)
+            with gr.Row():
+                c.send = gr.Button("Send to inpaint", elem_id="send-to-inpaint", size="sm")
+                c.send_img2img = gr.Button("Send to img2img", elem_id="send-to-img2img", size="sm")
             c.status = gr.Markdown(elem_id="gen-status")
+            c.download = gr.File(label="download the results", file_count="multiple", interactive=False,
+                                 elem_id="gen-download")
     c.selected = gr.State(None)
     return c
 
@@ -227,18 +234,54 @@ def _inpaint_form(ckpts: list) -> SimpleNamespace:
     return c
 
 
+def png_info(ui: WebUI, path: Optional[str]) -> tuple[str, Optional[dict]]:
+    """The generation settings of a picture the browser sent, as a table, and as values for Generate."""
+    if not path:
+        return "", None
+    try:
+        settings = tools.png_settings(inside(path, [gradio_upload_dir(), ui.roots.data_dir, ui.roots.log_dir],
+                                             "picture"))
+    except user_errors() as e:
+        return refusal(e), None
+    rows = "\n".join(f"| {k} | {' '.join(str(v).split()).replace('|', '/')} |" for k, v in settings.items())
+    return f"| setting | value |\n|---|---|\n{rows}", settings
+
+
+def use_settings(settings: Optional[dict]) -> tuple:
+    """PNG info's settings into the Generate form (prompt, negative prompt, seed, steps, scale, sampler)."""
+    if not settings:
+        return (gr.skip(),) * 7
+    number = lambda key, kind: kind(settings[key]) if key in settings else gr.skip()  # noqa: E731
+    sampler = settings.get("sampler")
+    return (settings.get("prompt", gr.skip()), settings.get("negative_prompt", gr.skip()), number("seed", int),
+            number("steps", int), number("scale", float),
+            sampler if sampler in ("auto", *SAMPLER_NAMES) else gr.skip(), gr.Tabs(selected="generate"))
+
+
 def build(ui: WebUI, tabs: gr.Tabs) -> None:
-    """Both tabs and "send to inpaint" between them (call inside ``gr.Tabs``)."""
+    """The Generate, Inpaint / img2img and PNG info tabs and what passes between them (call inside
+    ``gr.Tabs``)."""
     ckpts, loras = ui.weights()
     with gr.Tab("Generate", id="generate") as generate_tab:
         g = _generate_form(ckpts, loras)
     with gr.Tab("Inpaint / img2img", id="inpaint") as inpaint_tab:
         i = _inpaint_form(ckpts)
+    with gr.Tab("PNG info", id="png-info"):
+        with gr.Row():
+            picture = gr.Image(label="a picture made by this project", type="filepath", elem_id="png-info-image",
+                               height=300)
+            with gr.Column():
+                table = gr.Markdown(elem_id="png-info")
+                use = gr.Button("Send the settings to Generate", elem_id="png-info-use")
+        settings = gr.State(None)
+    picture.change(lambda p: png_info(ui, p), picture, [table, settings])
+    use.click(use_settings, settings, [g.prompt, g.negative, g.seed, g.steps, g.scale, g.sampler, tabs])
 
     def lists(current: Optional[str]) -> tuple:
-        """Fresh choices; with nothing chosen yet, the newest checkpoint (a run that just finished)."""
+        """Fresh choices; with nothing chosen yet, or only the shipped model (the default before any training),
+        the newest checkpoint (a run that just finished)."""
         c, l_ = ui.weights()
-        value = current if current in [v for _, v in c] else (c[0][1] if c else None)
+        value = ui.keep_choice(current, c)
         return (gr.Dropdown(choices=c, value=value), gr.Dropdown(choices=[("(none)", "")] + l_),
                 gr.Dropdown(choices=c, value=value))
 
@@ -246,10 +289,13 @@ def build(ui: WebUI, tabs: gr.Tabs) -> None:
         event(lists, g.ckpt, [g.ckpt, g.lora, i.ckpt], show_progress="hidden")
     g.go.click(lambda *a: generate(ui, *a), [g.ckpt, g.lora, g.strength, g.prompt, g.negative, g.seed, g.steps,
                                              g.scale, g.sampler, g.size, g.n, g.config], [g.gallery, g.status]) \
-        .then(lambda: None, None, g.selected)
+        .then(lambda gallery: (None, [item[0] if isinstance(item, (list, tuple)) else item for item in gallery or []]
+                               or None), g.gallery, [g.selected, g.download])
     g.gallery.select(selected_index, None, g.selected)
-    g.send.click(lambda *a: send_to_inpaint(ui, *a), [g.selected, g.gallery, g.ckpt, g.prompt],
-                 [i.editor, tabs, i.ckpt, i.prompt, g.status])
+    for button, mode in ((g.send, "inpaint"), (g.send_img2img, "img2img")):
+        button.click(lambda *a, mode=mode: send_to_inpaint(ui, *a, mode=mode), [g.selected, g.gallery, g.ckpt,
+                                                                                 g.prompt],
+                     [i.editor, tabs, i.ckpt, i.prompt, i.status, g.status])
     i.go.click(lambda *a: run_inpaint(ui, *a), [i.editor, i.ckpt, i.prompt, i.negative, i.strength, i.blur,
                                                 i.only_masked, i.padding, i.seed, i.steps, i.scale, i.sampler, i.n,
                                                 i.config],

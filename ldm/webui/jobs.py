@@ -48,6 +48,7 @@ class JobRecord:
     pid: Optional[int] = None
     run_folder: Optional[str] = None
     returncode: Optional[int] = None
+    settings: Optional[dict] = None  # the Train tab's fields it was started with (shown again, read-only)
 
     def save(self, folder: Path) -> None:
         atomic_write(folder / f"{self.id}.json", lambda tmp: Path(tmp).write_text(json.dumps(asdict(self), indent=1)))
@@ -189,7 +190,7 @@ class JobManager:
 
     # ---- processes ---------------------------------------------------------------------------------------------
     def start(self, argv: list[str], name: str, recipe: str = "", inference_config: Optional[str] = None,
-              run_folder: Optional[Path] = None) -> JobRecord:
+              run_folder: Optional[Path] = None, settings: Optional[dict] = None) -> JobRecord:
         """Start ``argv`` (a main.py command line) in its own session, output to ``<id>.log``."""
         with self._lock:
             reason = self.busy()
@@ -197,7 +198,7 @@ class JobManager:
                 raise DeviceBusy(f"Not started: {reason}.")
             record = JobRecord(id=f"{datetime.datetime.now():%Y%m%d-%H%M%S-%f}", name=name, argv=argv,
                                recipe=recipe, inference_config=inference_config,
-                               run_folder=str(run_folder) if run_folder else None)
+                               run_folder=str(run_folder) if run_folder else None, settings=settings)
             log = open(self.folder / f"{record.id}.log", "wb")
             try:
                 child = subprocess.Popen(argv, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT,

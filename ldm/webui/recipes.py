@@ -32,6 +32,15 @@ PROGRESS_CALLBACK = "lightning.callbacks.webui_progress.target=ldm.webui.progres
 PRIOR_SOURCES = ("class images", "base model (LoRA, no class images)")
 
 
+#: The Train tab's confirmation for a run with fewer photos than its recipe's minimum.
+FEW_PHOTOS = "train with fewer photos anyway"
+
+
+def photo_count(folder: Path) -> int:
+    from ldm.data.image_loading import IMAGE_SUFFIXES
+    return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else 0
+
+
 class RequestError(ValueError):
     """A Train-tab field that cannot be used; one line."""
 
@@ -45,6 +54,7 @@ class Recipe:
     learning_rate: Optional[float] = None  # None: the config's (scaled as --scale_lr would)
     start: Optional[Path] = None  # a starting checkpoint shipped with the project
     needs_checkpoint: bool = True
+    min_photos: int = 5  # fewer only when the user says so (the paper's subjects have 4-6, users bring 5-30)
 
     def _config(self):
         return OmegaConf.load(self.config)
@@ -99,6 +109,7 @@ class TrainRequest:
     grid_every: float = 0
     seed: float = 23
     prior_source: str = "class images"  # PRIOR_SOURCES: what prior preservation compares with
+    few_photos_ok: bool = False  # train with fewer photos than the recipe's minimum anyway
 
 
 def _int(name: str, value: float, low: int, high: int) -> int:
@@ -129,6 +140,11 @@ def training_argv(request: TrainRequest, roots: Roots, cuda: bool) -> tuple[list
         raise RequestError(f"recipe {request.recipe!r}: not one of {', '.join(recipes())}")
     words, token = check_words(request.class_word, request.token)
     photos = inside(request.photos, [roots.data_dir], "photo folder")
+    count = photo_count(photos)
+    if count < recipe.min_photos and not request.few_photos_ok:
+        raise RequestError(f"photo folder {photos.name}: {count} photo{'s' * (count != 1)}; {recipe.label} wants at "
+                           f"least {recipe.min_photos} (DreamBooth works with 5-30): add photos, or tick "
+                           f"'{FEW_PHOTOS}'")
     steps = _int("steps", request.steps, 1, 1_000_000)
     seed = _int("seed", request.seed, 0, MAX_SEED)
     lr = float(request.learning_rate or 0)

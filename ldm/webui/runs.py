@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,17 +52,35 @@ class Progress:
         return " · ".join(parts)
 
 
+#: Lines of a run's output that are not the project's: Lightning's banners, model table and tips, progress bars
+#: (the page draws its own), warnings with their source lines, blank lines.
+_NOISE = re.compile("|".join([
+    r"^(GPU|TPU|HPU|IPU) available", r"💡|litlogger|\bTip:", r"^[┏┃┡│└━┗┌├╭╰|]", r"^\s*\|",
+    r"^(Trainable|Non-trainable|Total) (params|estimated model params|FLOPs)", r"^Modules in (train|eval) mode",
+    r"^(LOCAL_RANK|Seed set to|`Trainer\.fit` stopped|You are using a CUDA device)", r"\d+%\|", r"^Epoch \d+:",
+    r"(Warning|warn)\b.*:|^\s+(warnings\.warn|rank_zero_warn|warn)\(", r"/site-packages/", r"^\s*$",
+    r"^(DDIM|PLMS) Sampler|^Data shape for", r"^Traceback \(most recent call last\)|^\s{2,}\S",
+]))
+
+
+def project_lines(output: str, repo: Path) -> list[str]:
+    """The project's own lines of a run's output, in order: what main.py says (run folder, class images,
+    checkpoints, the end, a one-line error), without what Lightning and Python add around it (:data:`_NOISE`);
+    paths inside the repository are shown relative to it."""
+    prefix = str(repo).rstrip("/") + "/"
+    return [line.replace(prefix, "") for line in output.splitlines() if not _NOISE.search(line)]
+
+
 def output_progress(output: str) -> Progress:
     """The phase of a run that has no run folder yet, from its output: the last class-image progress line
     (``ldm.training.class_images.CLASS_PROGRESS``), else preparing."""
-    import re
-
     from ldm.training.class_images import CLASS_PROGRESS
     found = re.findall(CLASS_PROGRESS, output, re.M)
     if not found:
         return Progress(phase="preparing")
     done, total, seconds = found[-1]
-    return Progress(int(done), int(total), 1 / float(seconds) if float(seconds) > 0 else None, "class images")
+    rate = 1 / float(seconds) if seconds and float(seconds) > 0 else None
+    return Progress(int(done), int(total), rate, "class images")
 
 
 def format_seconds(seconds: float) -> str:

@@ -196,15 +196,17 @@ def _step(path: Path, mtime: float, size: int) -> Optional[int]:
 
 
 def weights_label(path: Path, where: str) -> str:
-    """What a picker shows for a weights file: the run's name, the file, the step it was saved at and its size
-    (``2026-12-03T10-14-54_sks_robot · last.ckpt · step 400 · 21.7 MB``); elsewhere the file as ``where`` names
-    it (its path in the model folder, or "shipped")."""
+    """What a picker shows for a weights file: the file, the step it was saved at, its size and its run, what
+    tells files apart first, so a narrow picker still does (``last.ckpt · step 400 · 21.7 MB ·
+    2026-12-03T10-14-54_sks_robot``); elsewhere the file as ``where`` names it (its path in the model folder, or
+    "shipped")."""
     from ldm.util import fmt_bytes
     stat = path.stat()
     step = _step(path, stat.st_mtime, stat.st_size)
-    head = [path.parent.parent.name, path.name] if path.parent.name == "checkpoints" else [where]
+    in_run = path.parent.name == "checkpoints"
     size = fmt_bytes(stat.st_size, True) if stat.st_size >= 100_000 else f"{stat.st_size / 1000:.0f} kB"
-    return " · ".join(head + ([f"step {step}"] if step is not None else []) + [size])
+    return " · ".join([path.name if in_run else where] + ([f"step {step}"] if step is not None else []) + [size]
+                      + [path.parent.parent.name] * in_run)
 
 
 # ---- sampling ------------------------------------------------------------------------------------------------
@@ -322,15 +324,52 @@ def img2img(model_path: Path, image: Path, options: SampleOptions, outdir: Path,
 
 # ---- model tools ---------------------------------------------------------------------------------------------
 
+#: PNG text keys the sampling scripts write, in the order a person reads them.
+SETTING_KEYS = ("prompt", "negative_prompt", "seed", "iteration", "index_in_batch", "steps", "scale", "guidance",
+                "sampler", "eta", "size", "strength", "mask", "mask_blur", "checkpoint", "lora")
+
+
+def png_settings(path: Path) -> dict[str, str]:
+    """The generation settings a picture made by this project carries (its PNG text); ``ToolError`` (one line)
+    for a file that is no PNG or carries none."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            text = dict(getattr(im, "text", {}) or {})
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise ToolError(f"{path.name}: not a readable picture ({' '.join(str(e).split())})") from None
+    if not any(k in text for k in ("prompt", "seed", "steps")):
+        raise ToolError(f"{path.name}: carries no generation settings (only pictures saved by this project's "
+                        f"scripts and web UI do)")
+    ordered = {k: text[k] for k in SETTING_KEYS if k in text}
+    return ordered | {k: v for k, v in text.items() if k not in ordered}
+
+
+def settings_caption(path: Path) -> str:
+    """One line under a result: seed (and which of the batch), steps, scale, sampler, size, checkpoint."""
+    try:
+        s = png_settings(path)
+    except ToolError:
+        return path.name
+    seed = ""
+    if "seed" in s:
+        batch, index = int(s.get("iteration", 0)), int(s.get("index_in_batch", 0))
+        seed = f"seed {s['seed']}" + (f", batch {batch + 1} image {index + 1}" if batch else
+                                      f", image {index + 1}" if "index_in_batch" in s else "")
+    parts = [seed, f"{s['steps']} steps" if "steps" in s else "", f"scale {s['scale']}" if "scale" in s else "",
+             s.get("sampler", ""), s.get("size", ""), s.get("checkpoint", "")]
+    return " · ".join(p for p in parts if p)
+
+
 def size_of(path: Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size
 
 
-def prune(ckpt: Path, out: Path) -> Path:
+def prune(ckpt: Path, out: Path, overwrite: bool = False) -> Path:
     """A fp16 safetensors file with what sampling needs (``prune_ckpt.py --fp16 --safetensors``)."""
-    run_script("prune_ckpt", ["--fp16", "--safetensors", "--", str(ckpt), str(out)])
+    run_script("prune_ckpt", ["--fp16", "--safetensors"] + ["--overwrite"] * overwrite + ["--", str(ckpt), str(out)])
     return out.with_suffix(".safetensors")
 
 
@@ -340,9 +379,9 @@ def convert(ckpt: Path, out: Path, config: Optional[Path]) -> Path:
     return out
 
 
-def merge(ckpt: Path, lora: Path, strength: float, out: Path) -> Path:
+def merge(ckpt: Path, lora: Path, strength: float, out: Path, overwrite: bool = False) -> Path:
     """The adapter baked into the model (``merge_lora.py``)."""
-    run_script("merge_lora", ["--", str(ckpt), f"{lora}:{strength}", str(out)])
+    run_script("merge_lora", ["--overwrite"] * overwrite + ["--", str(ckpt), f"{lora}:{strength}", str(out)])
     return out
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 from types import SimpleNamespace
 from pathlib import Path
@@ -13,7 +13,7 @@ import gradio as gr
 from ldm.webui import runs as run_files
 from ldm.webui.context import WebUI, refusal, user_errors
 from ldm.webui.paths import image_folders, inside
-from ldm.webui.recipes import PRIOR_SOURCES, TrainRequest, recipes, resume_argv, training_argv
+from ldm.webui.recipes import FEW_PHOTOS, PRIOR_SOURCES, TrainRequest, recipes, resume_argv, training_argv
 from ldm.webui.uploads import plural, sync_photos
 
 REFRESH_S = 1.5
@@ -90,12 +90,13 @@ def checkpoint_choices(ui: WebUI, recipe: str) -> list[tuple[str, str]]:
 
 def start(ui: WebUI, recipe: str, photos: str, class_word: str, token: str, checkpoint: str, steps: float,
           lr: float, prior: bool, n_class: float, grid_every: float, seed: float,
-          prior_source: str = PRIOR_SOURCES[0]) -> tuple[str, Any]:
+          prior_source: str = PRIOR_SOURCES[0], few_photos_ok: bool = False) -> tuple[str, Any]:
     try:
         request = TrainRequest(recipe, photos, class_word, token, checkpoint or None, steps, lr, prior, n_class,
-                               grid_every, seed, prior_source)
+                               grid_every, seed, prior_source, few_photos_ok)
         argv, name, r = training_argv(request, ui.roots, ui.cuda)
-        record = ui.jobs.start(argv, name, r.label, str(r.inference) if r.inference else None)
+        record = ui.jobs.start(argv, name, r.label, str(r.inference) if r.inference else None,
+                               settings=asdict(request))
     except user_errors() as e:
         return refusal(e), gr.skip()
     return f"Started {name} (pid {record.pid}).", picker(ui, f"job:{record.id}")
@@ -137,7 +138,8 @@ def resume(ui: WebUI, key: str) -> tuple[str, Any]:
             return f"⚠ {folder.name}: no checkpoint to resume from", gr.skip()
         previous = view.record
         record = ui.jobs.start(resume_argv(folder, ui.cuda), view.name, previous.recipe if previous else "",
-                               previous.inference_config if previous else None, run_folder=folder)
+                               previous.inference_config if previous else None, run_folder=folder,
+                               settings=previous.settings if previous else None)
     except user_errors() as e:
         return refusal(e), gr.skip()
     return f"Resuming {folder.name} (pid {record.pid}).", picker(ui, f"job:{record.id}")
@@ -149,6 +151,39 @@ class Shown:
     key: str = ""
     losses: int = -1
     grids: tuple = ()
+    locked: str = ""  # the run whose settings the form shows, read-only ("" when the form is the user's)
+
+
+#: The form's fields in TrainRequest's order: what a run started from the page is shown with again.
+FORM_FIELDS = tuple(f.name for f in fields(TrainRequest))
+
+
+def form_state(ui: WebUI, view: Optional[run_files.RunView], shown: Shown) -> tuple[list, str, str]:
+    """``(updates of the FORM_FIELDS, message, locked run)``. While the selected run runs, the form shows the
+    settings it was started with, read-only, and stale messages are cleared; once it ends (or another run is
+    selected) the form is the user's again. Nothing changes between those moments (the user may be typing)."""
+    running = view is not None and view.state == "running" and view.record is not None and bool(
+        view.record.settings)
+    key = view.key if running else ""
+    if key == shown.locked:
+        return [gr.skip()] * len(FORM_FIELDS), gr.skip(), shown.locked
+    if not running:
+        return [gr.update(interactive=True)] * len(FORM_FIELDS), "", ""
+    settings = view.record.settings
+    updates = []
+    for name in FORM_FIELDS:
+        value = settings.get(name)
+        if name == "photos":
+            updates.append(gr.Dropdown(choices=folder_choices(ui) + [(ui.label(Path(value)), value)] * (
+                value not in [v for _, v in folder_choices(ui)]), value=value, interactive=False))
+        elif name == "checkpoint":
+            choices = checkpoint_choices(ui, settings.get("recipe", ""))
+            value = value or ""
+            updates.append(gr.Dropdown(choices=choices + [(value, value)] * (value not in [v for _, v in choices]),
+                                       value=value, interactive=False))
+        else:
+            updates.append(gr.update(value=value, interactive=False))
+    return updates, f"Showing the settings {view.name} runs with (read-only while it runs).", key
 
 
 def progress_html(view: Optional[run_files.RunView], progress: run_files.Progress) -> str:
@@ -176,9 +211,32 @@ def loss_frame(losses: list[dict[str, float]]):
                          "term": pd.Series([r[2] for r in rows], dtype="object")})
 
 
-def refresh(ui: WebUI, key: Optional[str], shown: Optional[Shown]) -> tuple:
-    """Everything the run view shows, for the selected run (the newest when none is)."""
-    shown = shown or Shown()
+def grid_caption(path: Path) -> str:
+    """"step 20 · rows: photo of a sks robot | photo of a robot": the prompt of each row, from the grid's PNG."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            text = dict(getattr(im, "text", {}) or {})
+    except OSError:
+        return path.stem
+    step = text.get("step", path.stem.removeprefix("step-").lstrip("0") or "0")
+    return f"step {step}" + (f" · rows: {text['prompts']}" if text.get("prompts") else "")
+
+
+def log_text(ui: WebUI, output: str, raw: bool) -> str:
+    """The run's output as the log box shows it: the project's own lines (``runs.project_lines``), or the raw
+    output's last lines."""
+    from ldm.webui.recipes import REPO
+    lines = [line for line in output.splitlines() if line.strip()] if raw else run_files.project_lines(output, REPO)
+    return "\n".join(lines[-LOG_LINES:])
+
+
+def refresh(ui: WebUI, key: Optional[str], shown: Optional[Shown], raw: bool = False) -> tuple:
+    """Everything the run view shows, and the form's state (:func:`form_state`)."""
+    return _refresh(ui, key, shown or Shown(), raw)
+
+
+def _refresh(ui: WebUI, key: Optional[str], shown: Shown, raw: bool) -> tuple:
     views, view = _view(ui, key)
     choices = [(v.label, v.key) for v in views]
     selected = view.key if view else None
@@ -190,16 +248,19 @@ def refresh(ui: WebUI, key: Optional[str], shown: Optional[Shown]) -> tuple:
         progress, losses = run_files.read_progress(view.folder), run_files.read_losses(view.folder)
         grids = run_files.grids(view.folder)
     output = ui.jobs.output(view.record) if view and view.record else ""
-    tail = "\n".join([line for line in output.splitlines() if line.strip()][-LOG_LINES:])
+    tail = log_text(ui, output, raw)
     same_run = shown.key == (selected or "")
     plot = gr.skip() if same_run and shown.losses == len(losses) else loss_frame(losses)
-    gallery = gr.skip() if same_run and shown.grids == tuple(grids) else [(str(p), p.stem) for p in grids]
+    gallery = gr.skip() if same_run and shown.grids == tuple(grids) else [(str(p), grid_caption(p)) for p in grids]
     running = view is not None and view.state == "running"
     resumable = view is not None and view.folder is not None and view.state in ("stopped", "failed") and bool(
         run_files.checkpoints(view.folder))
+    form, message, locked = form_state(ui, view, shown)
+    # When the run ends, what was said about it ("Stopping...", "Not started: ... is running") no longer applies.
+    cleared = "" if shown.locked and not locked else gr.skip()
     return (gr.Dropdown(choices=choices, value=selected), progress_html(view, progress), plot, gallery, tail,
             gr.Button(interactive=running and view.record is not None), gr.Button(interactive=resumable),
-            Shown(selected or "", len(losses), tuple(grids)))
+            Shown(selected or "", len(losses), tuple(grids), locked), *form, message, cleared)
 
 
 def _form(ui: WebUI) -> SimpleNamespace:
@@ -215,6 +276,7 @@ def _form(ui: WebUI) -> SimpleNamespace:
                               type="filepath", elem_id="photos-upload")
             c.upload_report = gr.Markdown(elem_id="upload-report")
             c.upload_folder = gr.State(None)  # the folder this page's upload list is kept in
+            c.few_ok = gr.Checkbox(False, label=FEW_PHOTOS, elem_id="few-photos-ok")
             c.folder = gr.Dropdown(choices=folder_choices(ui), label="photo folder (in the data folder)",
                                    elem_id="photo-folder")
         with gr.Column():
@@ -239,6 +301,7 @@ def _form(ui: WebUI) -> SimpleNamespace:
                 c.grid_every = gr.Number(d["grid_every"], label="validation grid every (steps)", precision=0,
                                          elem_id="grid-every")
                 c.seed = gr.Number(23, label="seed", precision=0, elem_id="train-seed")
+    c.form_note = gr.Markdown(elem_id="form-note")
     c.start = gr.Button("Start training", variant="primary", elem_id="start")
     c.status = gr.Markdown(elem_id="train-status")
     return c
@@ -255,8 +318,9 @@ def _run_view() -> SimpleNamespace:
     with gr.Row():
         c.plot = gr.LinePlot(x="step", y="loss", color="term", label="loss", elem_id="loss-plot", y_title="MSE")
         c.grids = gr.Gallery(label="validation grids", columns=2, elem_id="grids", height=350, interactive=False)
-    c.log = gr.Textbox(label="last lines of the run's output", lines=LOG_LINES, max_lines=LOG_LINES,
-                       elem_id="run-log", autoscroll=True)
+    c.log = gr.Textbox(label="the run's messages", lines=LOG_LINES, max_lines=LOG_LINES, elem_id="run-log",
+                       autoscroll=True)
+    c.raw = gr.Checkbox(False, label="raw output (everything the process printed)", elem_id="raw-log")
     c.shown = gr.State(Shown())
     return c
 
@@ -271,11 +335,14 @@ def build(ui: WebUI) -> None:
     for box in (f.token, f.class_word):
         box.change(identifier_warnings, [f.token, f.class_word], f.token_info, show_progress="hidden")
     f.recipe.change(lambda r: recipe_defaults(ui, r), f.recipe, [f.steps, f.lr, f.grid_every, f.checkpoint])
-    f.start.click(lambda *a: start(ui, *a), [f.recipe, f.folder, f.class_word, f.token, f.checkpoint, f.steps, f.lr,
-                                             f.prior, f.n_class, f.grid_every, f.seed, f.prior_source],
-                  [f.status, v.picker])
+    form = [f.recipe, f.folder, f.class_word, f.token, f.checkpoint, f.steps, f.lr, f.prior, f.n_class, f.grid_every,
+            f.seed, f.prior_source, f.few_ok]  # FORM_FIELDS' order
+    f.start.click(lambda *a: start(ui, *a), form, [f.status, v.picker])
     v.stop.click(lambda k: stop(ui, k), v.picker, f.status)
     v.resume.click(lambda k: resume(ui, k), v.picker, [f.status, v.picker])
-    outputs = [v.picker, v.progress, v.plot, v.grids, v.log, v.stop, v.resume, v.shown]
-    timer.tick(lambda k, s: refresh(ui, k, s), [v.picker, v.shown], outputs, show_progress="hidden")
-    v.picker.select(lambda k: refresh(ui, k, None), v.picker, outputs, show_progress="hidden")
+    outputs = [v.picker, v.progress, v.plot, v.grids, v.log, v.stop, v.resume, v.shown, *form, f.form_note,
+               f.status]
+    timer.tick(lambda k, s, r: refresh(ui, k, s, r), [v.picker, v.shown, v.raw], outputs, show_progress="hidden")
+    for event in (v.picker.select, v.raw.change):
+        event(lambda k, s, r: refresh(ui, k, replace(s, losses=-1, grids=()), r), [v.picker, v.shown, v.raw],
+              outputs, show_progress="hidden")
