@@ -38,14 +38,11 @@ def recolour(pixels: np.ndarray, generator: torch.Generator) -> np.ndarray:
 class ToyWorldDataset(Dataset):
     """Every scene of a toy-world folder, decoded once into one ``[N, H, W, 3]`` uint8 array (6000 scenes at
     64 px: 74 MB). No flips: left and right matter little here, and the world is large enough without them.
-    ``recolour_p``: the share of items served recoloured (:func:`recolour`; for the autoencoder). ``crop_size``:
-    serve a random ``crop_size`` square of each scene instead of the whole (for the autoencoder, which is
-    convolutional and learns from any window: a 32 px crop costs a quarter of a 64 px scene's step)."""
+    ``recolour_p``: the share of items served recoloured (:func:`recolour`; for the autoencoder)."""
 
     flip_p = 0.0
 
-    def __init__(self, root: str | Path, limit: Optional[int] = None, recolour_p: float = 0.0,
-                 crop_size: Optional[int] = None) -> None:
+    def __init__(self, root: str | Path, limit: Optional[int] = None, recolour_p: float = 0.0) -> None:
         root = Path(root)
         if not (root / "captions.jsonl").is_file():
             raise ImageError(f"data.params.root {root}: no toy world here (captions.jsonl missing); write one with "
@@ -58,10 +55,6 @@ class ToyWorldDataset(Dataset):
                 self.images[k] = np.asarray(im.convert("RGB"))
         self.captions = [r["caption"] for r in records]
         self.recolour_p = recolour_p
-        if crop_size is not None and not 0 < crop_size <= min(first.shape[:2]):
-            raise ValueError(f"data.params.crop_size={crop_size}: must be between 1 and the scenes' "
-                             f"{min(first.shape[:2])} px")
-        self.crop_size = crop_size
 
     def __len__(self) -> int:
         return len(self.images)
@@ -75,31 +68,28 @@ class ToyWorldDataset(Dataset):
     def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
         i, seed = index if isinstance(index, tuple) else (index, None)
         pixels = self.images[i]
-        generator = torch.Generator().manual_seed(seed if seed is not None else i)
-        if self.crop_size is not None:
-            top, left = (int(torch.randint(0, n - self.crop_size + 1, (), generator=generator))
-                         for n in pixels.shape[:2])
-            pixels = np.ascontiguousarray(pixels[top:top + self.crop_size, left:left + self.crop_size])
-        if self.recolour_p > 0 and float(torch.rand((), generator=generator)) < self.recolour_p:
-            pixels = recolour(pixels, generator)
+        if self.recolour_p > 0:
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            if float(torch.rand((), generator=generator)) < self.recolour_p:
+                pixels = recolour(pixels, generator if generator is not None else torch.Generator().manual_seed(i))
         return {IMAGE_KEY: uint8_to_tensor(pixels), CAPTION_KEY: self.captions[i],
                 f"{IMAGE_KEY}_id": i, f"{IMAGE_KEY}_flip": False}
 
 
 class ToyWorldDataModule(pl.LightningDataModule):
     """``root``: a folder written by ``scripts/make_toy_world.py``; ``limit`` uses only its first scenes;
-    ``recolour_p``, ``crop_size``: see :class:`ToyWorldDataset`."""
+    ``recolour_p``: see :class:`ToyWorldDataset`."""
 
     def __init__(self, root: str, batch_size: int = 32, num_workers: int = 0, limit: Optional[int] = None,
-                 recolour_p: float = 0.0, seed: int = 23, crop_size: Optional[int] = None) -> None:
+                 recolour_p: float = 0.0, seed: int = 23) -> None:
         super().__init__()
         self.root, self.batch_size, self.num_workers, self.limit, self.seed = root, batch_size, num_workers, limit, seed
-        self.recolour_p, self.crop_size = recolour_p, crop_size
+        self.recolour_p = recolour_p
         self.train_dataset: Optional[ToyWorldDataset] = None
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_dataset is None:
-            self.train_dataset = ToyWorldDataset(self.root, self.limit, self.recolour_p, self.crop_size)
+            self.train_dataset = ToyWorldDataset(self.root, self.limit, self.recolour_p)
             rank_zero_info(f"Toy world: {len(self.train_dataset)} scenes from {self.root}")
 
     def train_dataloader(self) -> ResumableLoader:
