@@ -407,6 +407,40 @@ def test_fewer_photos_than_the_recipe_wants_need_a_yes(roots):
     assert f"--data_root={photos}" in argv
 
 
+def test_presets_and_the_command_shown_before_start(ui):
+    """The form's settings are saved as a preset (with the command they make) and loaded back into the form; the
+    command shown before Start is what Start runs, and it passes main.py's checks with the edited validation
+    prompts and masked loss."""
+    import shlex
+
+    import main as main_py
+    from ldm.training.run import TrainOptions, prepare
+    from ldm.webui import train_tab
+    photos = make_folder(ui.roots.data_dir / "uploads" / "robot", 5)
+    recipe = list(rc.recipes())[-1]
+    values = [recipe, str(photos), "robot", "zwx", "", 30, 2e-4, True, 8, 10, 5, rc.PRIOR_SOURCES[0], False,
+              "photo of a {token} {class_word} on the moon, at night\nphoto of a {class_word}", True]
+    command = train_tab.preview(ui, *values)
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "main.py"]
+    plan = prepare(TrainOptions.from_namespace(*main_py.get_parser().parse_known_args(argv[2:])))
+    assert list(plan.config.lightning.callbacks.image_logger.params.prompts) == [
+        "photo of a {token} {class_word} on the moon, at night", "photo of a {class_word}"]
+    assert plan.config.data.params.masked_loss is True and plan.config.data.params.token == "zwx"
+    status, picker = train_tab.save_preset(ui, "../my robot", *values)
+    assert status == "✓ preset saved to data/presets/my_robot.json" and picker.value == "my_robot"
+    assert json.loads((ui.roots.data_dir / "presets" / "my_robot.json").read_text())["command"] == command
+    loaded = train_tab.load_preset(ui, "my_robot")
+    assert [_field(u, "value") if not isinstance(u, (str, int, float, bool)) else u for u in loaded[:-1]] == values
+    assert loaded[-1] == "✓ loaded preset my_robot"
+    bad = [*values[:13], 'say "hi"', True]
+    assert train_tab.preview(ui, *bad) == "(not ready: validation prompt 'say \"hi\"': may not contain double " \
+                                          "quotes or backslashes)"
+    assert train_tab.preview(ui, *values[:13], "a {dog}", True).startswith("(not ready: validation prompt 'a {dog}'")
+    (ui.roots.data_dir / "presets" / "odd.json").write_text('{"settings": {"steps": 3, "rm": "-rf"}}')
+    assert train_tab.load_preset(ui, "odd")[-1] == "⚠ preset odd.json: unknown settings ['rm']"
+
+
 @pytest.mark.parametrize("recipe", list(rc.recipes()))
 def test_the_training_command_passes_main_py_checks(roots, recipe, t5_tokenizer):
     """Each recipe's command line goes through main.py's parser and the training module's checks of every

@@ -70,9 +70,11 @@ class Recipe:
         trainer = cfg.lightning.get("trainer", {})
         scale = int(cfg.data.params.get("batch_size", 1)) * int(trainer.get("accumulate_grad_batches", 1))
         grid = OmegaConf.select(cfg, "lightning.callbacks.image_logger.params.batch_frequency", default=None)
+        prompts = OmegaConf.select(cfg, "lightning.callbacks.image_logger.params.prompts", default=None) or []
         return {"steps": int(trainer.get("max_steps", 800)),
                 "learning_rate": self.learning_rate or float(cfg.model.base_learning_rate) * scale,
-                "size": int(cfg.data.params.get("size", 512)), "grid_every": int(grid) if grid else 0}
+                "size": int(cfg.data.params.get("size", 512)), "grid_every": int(grid) if grid else 0,
+                "validation_prompts": "\n".join(prompts)}
 
 
 def _tiny_recipe() -> Recipe:
@@ -110,6 +112,8 @@ class TrainRequest:
     seed: float = 23
     prior_source: str = "class images"  # PRIOR_SOURCES: what prior preservation compares with
     few_photos_ok: bool = False  # train with fewer photos than the recipe's minimum anyway
+    validation_prompts: str = ""  # one per line ({token}, {class_word} filled in); empty: the recipe's
+    masked_loss: bool = False  # weight each photo's loss by its mask (photo.mask.png, white = subject)
 
 
 def _int(name: str, value: float, low: int, high: int) -> int:
@@ -180,7 +184,36 @@ def training_argv(request: TrainRequest, roots: Roots, cuda: bool) -> tuple[list
     if request.grid_every:
         every = _int("validation grid every", request.grid_every, 1, 1_000_000)
         argv.append(f"lightning.callbacks.image_logger.params.batch_frequency={every}")
+    prompts = validation_prompts(request.validation_prompts)
+    if prompts:
+        argv.append("lightning.callbacks.image_logger.params.prompts=[" + ", ".join(f'"{p}"' for p in prompts) + "]")
+    if request.masked_loss:
+        argv.append("data.params.masked_loss=true")
     return argv, name, recipe
+
+
+def validation_prompts(text: str) -> list[str]:
+    """The validation prompts field, one prompt per line; each may name ``{token}`` and ``{class_word}`` and no
+    other field, and holds no quote or backslash (it travels inside a quoted config value)."""
+    prompts = [" ".join(line.split()) for line in (text or "").splitlines() if line.strip()]
+    for prompt in prompts:
+        if re.search(r"[\"\\]", prompt):
+            raise RequestError(f"validation prompt {prompt!r}: may not contain double quotes or backslashes")
+        fields = set(re.findall(r"{([^{}]*)}", prompt))
+        if fields - {"token", "class_word"} or prompt.count("{") != prompt.count("}"):
+            raise RequestError(f"validation prompt {prompt!r}: only {{token}} and {{class_word}} may appear in "
+                               f"braces")
+    if len(prompts) > 16:
+        raise RequestError(f"validation prompts: {len(prompts)} lines; at most 16 (each is sampled at every grid)")
+    return prompts
+
+
+def command_line(argv: list[str]) -> str:
+    """``argv`` as a person types it in the repository's folder: ``python main.py ...``, quoted for a POSIX
+    shell."""
+    import shlex
+    inside_repo = str(REPO) + "/"  # the repository's own files as the README names them (run from its folder)
+    return shlex.join(["python", *[a.replace(inside_repo, "") for a in argv[1:]]])
 
 
 def family_parts(recipe: Recipe, start: Path, roots: Roots) -> list[str]:

@@ -10,10 +10,12 @@ from typing import Any, Optional
 
 import gradio as gr
 
+from ldm.webui import presets
 from ldm.webui import runs as run_files
 from ldm.webui.context import WebUI, refusal, user_errors
 from ldm.webui.paths import image_folders, inside
-from ldm.webui.recipes import FEW_PHOTOS, PRIOR_SOURCES, TrainRequest, recipes, resume_argv, training_argv
+from ldm.webui.recipes import (FEW_PHOTOS, PRIOR_SOURCES, TrainRequest, command_line, recipes, resume_argv,
+                                training_argv)
 from ldm.webui.uploads import plural, sync_photos
 
 REFRESH_S = 1.5
@@ -71,11 +73,53 @@ def upload(ui: WebUI, files: Optional[list[str]], recipe: str, class_word: str,
     return report, kept, gr.Dropdown(choices=folder_choices(ui), value=str(result.folder)), str(result.folder)
 
 
-def recipe_defaults(ui: WebUI, recipe: str) -> tuple[Any, Any, Any, Any]:
+def recipe_defaults(ui: WebUI, recipe: str) -> tuple[Any, Any, Any, Any, Any]:
     r = recipes()[recipe]
     d = r.defaults()
-    return d["steps"], d["learning_rate"], d["grid_every"], gr.Dropdown(choices=checkpoint_choices(ui, recipe),
-                                                                         value=None if r.needs_checkpoint else "")
+    return (d["steps"], d["learning_rate"], d["grid_every"], gr.Dropdown(choices=checkpoint_choices(ui, recipe),
+                                                                          value=None if r.needs_checkpoint else ""),
+            d["validation_prompts"])
+
+
+def preview(ui: WebUI, *values: Any) -> str:
+    """The command Start would run for the form as it is (or why it would not start), shown before Start."""
+    try:
+        request = TrainRequest(*values)
+        argv, _, _ = training_argv(replace(request, checkpoint=request.checkpoint or None), ui.roots, ui.cuda)
+    except user_errors() as e:
+        return f"(not ready: {refusal(e)[2:]})"
+    return command_line(argv)
+
+
+def save_preset(ui: WebUI, name: str, *values: Any) -> tuple[str, Any]:
+    try:
+        request = TrainRequest(*values)
+        path = presets.save(ui.roots, name, request, preview(ui, *values))
+    except user_errors() as e:
+        return refusal(e), gr.skip()
+    return f"✓ preset saved to {ui.label(path)}", gr.Dropdown(choices=presets.names(ui.roots), value=path.stem)
+
+
+def load_preset(ui: WebUI, name: str) -> tuple:
+    """The preset's settings into the form (the fields it has; the others keep their values)."""
+    try:
+        settings = presets.load(ui.roots, name)
+    except user_errors() as e:
+        return (gr.skip(),) * len(FORM_FIELDS) + (refusal(e),)
+    updates = []
+    for key in FORM_FIELDS:
+        if key not in settings:
+            updates.append(gr.skip())
+        elif key == "photos":
+            value = settings[key]
+            updates.append(gr.Dropdown(choices=folder_choices(ui) + [(ui.label(Path(value)), value)] * (
+                value not in [v for _, v in folder_choices(ui)]), value=value) if value else gr.skip())
+        elif key == "checkpoint":
+            updates.append(gr.Dropdown(choices=checkpoint_choices(ui, settings.get("recipe", "")),
+                                       value=settings[key] or ""))
+        else:
+            updates.append(settings[key])
+    return (*updates, f"✓ loaded preset {name}")
 
 
 def checkpoint_choices(ui: WebUI, recipe: str) -> list[tuple[str, str]]:
@@ -90,10 +134,11 @@ def checkpoint_choices(ui: WebUI, recipe: str) -> list[tuple[str, str]]:
 
 def start(ui: WebUI, recipe: str, photos: str, class_word: str, token: str, checkpoint: str, steps: float,
           lr: float, prior: bool, n_class: float, grid_every: float, seed: float,
-          prior_source: str = PRIOR_SOURCES[0], few_photos_ok: bool = False) -> tuple[str, Any]:
+          prior_source: str = PRIOR_SOURCES[0], few_photos_ok: bool = False, validation_prompts: str = "",
+          masked_loss: bool = False) -> tuple[str, Any]:
     try:
         request = TrainRequest(recipe, photos, class_word, token, checkpoint or None, steps, lr, prior, n_class,
-                               grid_every, seed, prior_source, few_photos_ok)
+                               grid_every, seed, prior_source, few_photos_ok, validation_prompts, masked_loss)
         argv, name, r = training_argv(request, ui.roots, ui.cuda)
         record = ui.jobs.start(argv, name, r.label, str(r.inference) if r.inference else None,
                                settings=asdict(request))
@@ -301,6 +346,19 @@ def _form(ui: WebUI) -> SimpleNamespace:
                 c.grid_every = gr.Number(d["grid_every"], label="validation grid every (steps)", precision=0,
                                          elem_id="grid-every")
                 c.seed = gr.Number(23, label="seed", precision=0, elem_id="train-seed")
+            c.prompts = gr.Textbox(d["validation_prompts"], lines=4, elem_id="validation-prompts",
+                                   label="validation prompts, one per line ({token}, {class_word} filled in)")
+            c.masked = gr.Checkbox(False, label="masked loss (each photo's mask: white = subject)",
+                                   elem_id="masked-loss")
+    with gr.Row():
+        c.preset = gr.Dropdown(choices=presets.names(ui.roots), value=None, label="preset", elem_id="preset",
+                               scale=2)
+        c.load_preset = gr.Button("Load", elem_id="load-preset", scale=1)
+        c.preset_name = gr.Textbox(label="save the settings as", placeholder="my-dog-recipe", elem_id="preset-name",
+                                   scale=2)
+        c.save_preset = gr.Button("Save preset", elem_id="save-preset", scale=1)
+    c.command = gr.Textbox(label="the command Start runs (paste it in a terminal to run it there)", lines=2,
+                           interactive=False, elem_id="train-command")
     c.form_note = gr.Markdown(elem_id="form-note")
     c.start = gr.Button("Start training", variant="primary", elem_id="start")
     c.status = gr.Markdown(elem_id="train-status")
@@ -334,10 +392,14 @@ def build(ui: WebUI) -> None:
               [f.upload_report, f.files, f.folder, f.upload_folder])
     for box in (f.token, f.class_word):
         box.change(identifier_warnings, [f.token, f.class_word], f.token_info, show_progress="hidden")
-    f.recipe.change(lambda r: recipe_defaults(ui, r), f.recipe, [f.steps, f.lr, f.grid_every, f.checkpoint])
+    f.recipe.input(lambda r: recipe_defaults(ui, r), f.recipe, [f.steps, f.lr, f.grid_every, f.checkpoint,
+                                                                  f.prompts])
     form = [f.recipe, f.folder, f.class_word, f.token, f.checkpoint, f.steps, f.lr, f.prior, f.n_class, f.grid_every,
-            f.seed, f.prior_source, f.few_ok]  # FORM_FIELDS' order
+            f.seed, f.prior_source, f.few_ok, f.prompts, f.masked]  # FORM_FIELDS' order
     f.start.click(lambda *a: start(ui, *a), form, [f.status, v.picker])
+    gr.on([c.change for c in form], lambda *a: preview(ui, *a), form, f.command, show_progress="hidden")
+    f.save_preset.click(lambda n, *a: save_preset(ui, n, *a), [f.preset_name, *form], [f.status, f.preset])
+    f.load_preset.click(lambda n: load_preset(ui, n), f.preset, [*form, f.status])
     v.stop.click(lambda k: stop(ui, k), v.picker, f.status)
     v.resume.click(lambda k: resume(ui, k), v.picker, [f.status, v.picker])
     outputs = [v.picker, v.progress, v.plot, v.grids, v.log, v.stop, v.resume, v.shown, *form, f.form_note,
