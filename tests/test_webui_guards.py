@@ -169,6 +169,43 @@ def test_the_upload_folder_holds_exactly_the_photos_listed(ui, tmp_path, monkeyp
     assert gone is None and kept is None and picker.value is None and not list(Path(folder3).iterdir())
 
 
+def test_each_photo_gets_its_caption_and_mask(ui, tmp_path):
+    """A thumbnail's photo gets a caption (photo.txt, which the training loader reads instead of the template) and
+    a mask (photo.mask.png at the photo's size, white = subject, which the loader takes for masked loss); removing
+    the photo from the upload removes both."""
+    from ldm.data.image_loading import load_caption, load_training_image
+    from ldm.webui import train_tab
+    make_folder(tmp_path / "in", 5)
+    recipe = list(rc.recipes())[-1]
+    _, kept, picker, folder = train_tab.upload(ui, sorted(str(p) for p in (tmp_path / "in").iterdir()), recipe,
+                                               "robot", None)
+    entries = train_tab.thumbnails(ui, folder)
+    assert [Path(p).name for p, _ in entries] == [f"{i:02d}.png" for i in range(5)]
+    assert {c for _, c in entries} == {"(template)"}
+    photo, caption, mask, note = train_tab.choose_photo(ui, folder, SimpleNamespace(index=2))
+    assert (Path(photo).name, caption, mask, note) == ("02.png", "", None, "editing 02.png")
+    drawn = ui.roots.data_dir / "drawn.png"  # where the browser's upload lies (Gradio's folder is allowed too)
+    strokes = Image.new("RGB", (16, 16))
+    strokes.paste((255, 255, 255), (4, 4, 12, 12))
+    strokes.save(drawn)
+    status, thumbs = train_tab.save_photo(ui, folder, photo, "photo of a sks robot   waving", str(drawn))
+    assert status == "✓ 02.png: caption, a mask" and thumbs[2][1] == "photo of a sks robot waving + mask"
+    assert load_caption(photo) == "photo of a sks robot waving"
+    loaded = load_training_image(photo, [(64, 64)], with_mask=True)
+    assert loaded.mask.shape == (64, 64) and loaded.mask[32, 32] == 1.0 and loaded.mask[2, 2] == 0.0
+    assert train_tab.choose_photo(ui, folder, SimpleNamespace(index=2))[1:3] == (
+        "photo of a sks robot waving", str(Path(photo).with_name("02.mask.png")))
+    black = ui.roots.data_dir / "black.png"
+    Image.new("L", (8, 8)).save(black)
+    assert train_tab.save_photo(ui, folder, photo, "x", str(black))[0] == \
+        "⚠ mask for 02.png: no white (subject) pixel; white marks the subject"
+    assert train_tab.save_photo(ui, folder, photo, "", None)[0] == "✓ 02.png: no caption (the template), no mask"
+    assert load_caption(photo) is None and not Path(photo).with_name("02.mask.png").exists()
+    train_tab.save_photo(ui, folder, photo, "photo of a sks robot", str(drawn))
+    train_tab.upload(ui, kept[:2] + kept[3:], recipe, "robot", folder)
+    assert sorted(p.name for p in Path(folder).iterdir()) == ["00.png", "01.png", "03.png", "04.png"]
+
+
 def test_upload_names_and_limits(roots, tmp_path):
     make_folder(tmp_path / "x", 2)
     make_folder(tmp_path / "y", 1, offset=3)

@@ -4,19 +4,21 @@ from __future__ import annotations
 import html
 from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import gradio as gr
 
+from ldm.data.image_loading import mask_path
 from ldm.webui import presets
 from ldm.webui import runs as run_files
 from ldm.webui.context import WebUI, refusal, user_errors
+from ldm.webui.generate_tab import gradio_upload_dir
 from ldm.webui.paths import image_folders, inside
-from ldm.webui.recipes import (FEW_PHOTOS, PRIOR_SOURCES, TrainRequest, command_line, recipes, resume_argv,
-                                training_argv)
-from ldm.webui.uploads import plural, sync_photos
+from ldm.webui.recipes import (FEW_PHOTOS, PRIOR_SOURCES, RequestError, TrainRequest, command_line, recipes,
+                                resume_argv, training_argv)
+from ldm.webui.uploads import photo_entries, plural, save_caption, save_mask, sync_photos
 
 REFRESH_S = 1.5
 LOG_LINES = 14
@@ -46,6 +48,44 @@ def folder_choices(ui: WebUI) -> list[tuple[str, str]]:
     skip = (ui.roots.class_images, ui.roots.outputs)
     folders = [p for p in image_folders(ui.roots.data_dir) if not any(s == p or s in p.parents for s in skip)]
     return [(ui.label(p), str(p)) for p in sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+
+def thumbnails(ui: WebUI, folder: Optional[str]) -> list[tuple[str, str]]:
+    """The photo folder's pictures with their captions, for the thumbnails."""
+    try:
+        return photo_entries(inside(folder, [ui.roots.data_dir], "photo folder")) if folder else []
+    except user_errors():
+        return []
+
+
+def choose_photo(ui: WebUI, folder: Optional[str], evt: gr.SelectData) -> tuple[Optional[str], str, Any, str]:
+    """The clicked thumbnail's photo: (its path, its caption, its mask, what is being edited)."""
+    entries = thumbnails(ui, folder)
+    if not isinstance(evt.index, int) or not 0 <= evt.index < len(entries):
+        return None, "", None, ""
+    photo = Path(entries[evt.index][0])
+    caption = photo.with_suffix(".txt")
+    mask = mask_path(photo)
+    return (str(photo), caption.read_text(encoding="utf-8", errors="replace").strip() if caption.is_file() else "",
+            str(mask) if mask.is_file() else None, f"editing {photo.name}")
+
+
+def save_photo(ui: WebUI, folder: Optional[str], photo: Optional[str], caption: str,
+               mask: Optional[str]) -> tuple[str, Any]:
+    """Write the chosen photo's caption (``photo.txt``) and mask (``photo.mask.png``); (status, thumbnails)."""
+    try:
+        if not photo:
+            raise RequestError("no photo chosen: click a thumbnail first")
+        path = inside(photo, [ui.roots.uploads, ui.roots.data_dir], "photo")
+        save_caption(path, caption)
+        current = mask_path(path)
+        given = inside(mask, [gradio_upload_dir(), ui.roots.data_dir], "mask") if mask else None
+        if given is None or given != current.resolve():
+            save_mask(path, given)
+    except user_errors() as e:
+        return refusal(e), gr.skip()
+    text = "caption" if caption and caption.strip() else "no caption (the template)"
+    return f"✓ {path.name}: {text}, {'a mask' if mask_path(path).is_file() else 'no mask'}", thumbnails(ui, folder)
 
 
 def trained_folders(ui: WebUI) -> list[Path]:
@@ -324,6 +364,15 @@ def _form(ui: WebUI) -> SimpleNamespace:
             c.few_ok = gr.Checkbox(False, label=FEW_PHOTOS, elem_id="few-photos-ok")
             c.folder = gr.Dropdown(choices=folder_choices(ui), label="photo folder (in the data folder)",
                                    elem_id="photo-folder")
+            c.thumbs = gr.Gallery(label="the photos: click one to give it a caption or a mask", columns=6,
+                                  height=170, allow_preview=False, interactive=False, elem_id="photo-thumbs")
+            c.photo = gr.State(None)
+            c.photo_note = gr.Markdown(elem_id="photo-note")
+            c.caption = gr.Textbox(label="its caption (empty: the prompt template; name the identifier in it)",
+                                   elem_id="photo-caption")
+            c.mask = gr.Image(label="its mask, optional (white = subject; used with masked loss)", type="filepath",
+                              image_mode="L", height=150, elem_id="photo-mask")
+            c.save_photo = gr.Button("Save caption and mask", size="sm", elem_id="save-photo")
         with gr.Column():
             gr.Markdown("### 2. Subject")
             c.class_word = gr.Textbox(label="class word", placeholder="dog", elem_id="class-word")
@@ -390,6 +439,10 @@ def build(ui: WebUI) -> None:
     for event in (f.files.upload, f.files.delete, f.files.clear):  # the user's changes, not the page's own
         event(lambda fs, r, c, u: upload(ui, fs, r, c, u), [f.files, f.recipe, f.class_word, f.upload_folder],
               [f.upload_report, f.files, f.folder, f.upload_folder])
+    f.folder.change(lambda d: thumbnails(ui, d), f.folder, f.thumbs, show_progress="hidden")
+    f.thumbs.select(lambda d, evt: choose_photo(ui, d, evt), f.folder, [f.photo, f.caption, f.mask, f.photo_note])
+    f.save_photo.click(lambda d, p, c, m: save_photo(ui, d, p, c, m), [f.folder, f.photo, f.caption, f.mask],
+                       [f.photo_note, f.thumbs])
     for box in (f.token, f.class_word):
         box.change(identifier_warnings, [f.token, f.class_word], f.token_info, show_progress="hidden")
     f.recipe.input(lambda r: recipe_defaults(ui, r), f.recipe, [f.steps, f.lr, f.grid_every, f.checkpoint,

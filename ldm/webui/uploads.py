@@ -103,8 +103,10 @@ def digest(path: Path) -> str:
 
 
 def folder_photos(folder: Path) -> list[Path]:
-    from ldm.data.image_loading import IMAGE_SUFFIXES
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """The training photos of a folder (not their masks)."""
+    from ldm.data.image_loading import IMAGE_SUFFIXES, MASK_SUFFIXES
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not p.name.endswith(MASK_SUFFIXES))
 
 
 def sync_photos(files: Sequence[str | os.PathLike], parent: Path, label: str, size: int,
@@ -148,8 +150,10 @@ def sync_photos(files: Sequence[str | os.PathLike], parent: Path, label: str, si
     have = {digest(p): p for p in folder_photos(folder)}
     for key, path in have.items():
         if key not in good:
+            from ldm.data.image_loading import mask_path
             path.unlink()
-            path.with_suffix(".txt").unlink(missing_ok=True)  # its caption goes with it
+            path.with_suffix(".txt").unlink(missing_ok=True)  # its caption and mask go with it
+            mask_path(path).unlink(missing_ok=True)
     taken = {p.name.lower() for k, p in have.items() if k in good}
     for key, (path, shown) in good.items():
         if key not in have:
@@ -162,3 +166,57 @@ def sync_photos(files: Sequence[str | os.PathLike], parent: Path, label: str, si
     if len(result.photos) < RECOMMENDED_MIN:
         result.warnings.append(f"only {plural(len(result.photos), 'usable photo')}: DreamBooth works best with 5-30")
     return result
+
+
+def photo_entries(folder: Optional[Path]) -> list[tuple[str, str]]:
+    """The photos of a folder as the thumbnails show them: (file, its caption, or "(template)" when it has none;
+    "+ mask" when it has one)."""
+    from ldm.data.image_loading import mask_path
+    if folder is None or not Path(folder).is_dir():
+        return []
+    out = []
+    for photo in folder_photos(Path(folder)):
+        caption = photo.with_suffix(".txt")
+        text = caption.read_text(encoding="utf-8", errors="replace").strip() if caption.is_file() else "(template)"
+        out.append((str(photo), text + (" + mask" if mask_path(photo).is_file() else "")))
+    return out
+
+
+def save_caption(photo: Path, text: str) -> Optional[Path]:
+    """``photo.txt`` beside the photo, which training uses instead of the prompt template; an empty text removes
+    it (the template again). One line, UTF-8, written atomically."""
+    from ldm.files import atomic_write
+    caption = photo.with_suffix(".txt")
+    line = " ".join((text or "").split())
+    if not line:
+        caption.unlink(missing_ok=True)
+        return None
+    if len(line) > 1000:
+        raise UploadError(f"caption of {photo.name}: {len(line)} characters; at most 1000")
+    atomic_write(caption, lambda tmp: Path(tmp).write_text(line + "\n", encoding="utf-8"))
+    return caption
+
+
+def save_mask(photo: Path, mask: Optional[Path]) -> Optional[Path]:
+    """``photo.mask.png`` (white = subject) from the picture the user gave, as one grey channel at the photo's
+    size; None removes it. The training loader's checks apply: an unreadable file is refused in one line."""
+    from PIL import Image
+
+    from ldm.data.image_loading import ImageError, check_pixel_count, mask_path
+    from ldm.images import save_png
+    target = mask_path(photo)
+    if mask is None:
+        target.unlink(missing_ok=True)
+        return None
+    try:
+        with Image.open(mask) as im, Image.open(photo) as ph:
+            check_pixel_count(mask, *im.size)
+            grey = im.convert("L")
+            size = ph.size
+    except ImageError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UploadError(f"mask for {photo.name}: not a readable picture ({' '.join(str(e).split())})") from None
+    if grey.getextrema()[1] < 128:
+        raise UploadError(f"mask for {photo.name}: no white (subject) pixel; white marks the subject")
+    return save_png(grey.resize(size, Image.NEAREST), target)
