@@ -300,6 +300,34 @@ def _field(update, name: str):
     return update[name] if isinstance(update, dict) else getattr(update, name)
 
 
+def test_queued_runs_start_one_after_the_other(roots):
+    """Jobs added to the queue start when the device is free, in order, one at a time (the one-device rule holds);
+    a Start while jobs wait is refused (they go first); a queued job can be taken out; a restarted UI carries on."""
+    jobs = JobManager(roots.log_dir, REPO)
+    marks = roots.data_dir / "marks.txt"
+    def job(n: int, seconds: float) -> list[str]:  # noqa: E306
+        return [sys.executable, "-c", f"import time; open({str(marks)!r}, 'a').write('start {n}\\n'); "
+                                      f"time.sleep({seconds}); open({str(marks)!r}, 'a').write('end {n}\\n')"]
+    first = jobs.enqueue(job(1, 1.5), "one")
+    assert jobs.state(first) == "running"  # nothing ran: it starts at once
+    second, third = jobs.enqueue(job(2, 0.2), "two"), jobs.enqueue(job(3, 0.2), "three")
+    assert (jobs.state(second), jobs.state(third)) == ("queued", "queued")
+    assert jobs.dequeue(third) == "Removed three from the queue." and jobs.dequeue(third) == "three is not queued."
+    fourth = jobs.enqueue(job(4, 0.2), "four")
+    with pytest.raises(DeviceBusy, match="Not started: training run one is running"):
+        jobs.start(job(5, 0), "five")
+    deadline = time.time() + 30
+    while not (marks.is_file() and marks.read_text().count("end") == 3) and time.time() < deadline:
+        time.sleep(0.1)
+    assert marks.read_text().split("\n")[:-1] == ["start 1", "end 1", "start 2", "end 2", "start 4", "end 4"]
+    assert [jobs.state(jobs.load(r.id)) for r in (first, second, fourth)] == ["finished"] * 3
+    held = JobManager(roots.log_dir, REPO)
+    with held.device("image generation"):  # in-UI sampling holds the device: a queued job waits for it
+        waiting = held.enqueue(job(6, 0.1), "six")
+        assert held.state(waiting) == "queued"
+    assert held.state(held.load(waiting.id)) in ("running", "finished")
+
+
 def test_a_reloaded_page_shows_the_running_runs_settings_read_only(ui):
     """A fresh page (a reload) selecting a running run gets the settings that run was started with, read-only; the
     next refreshes leave the form alone (the user may type); when the run ends the form is the user's again and the
@@ -308,7 +336,7 @@ def test_a_reloaded_page_shows_the_running_runs_settings_read_only(ui):
     settings = {"recipe": list(rc.recipes())[-1], "photos": str(ui.roots.uploads / "x"), "class_word": "robot",
                 "token": "zwx", "checkpoint": None, "steps": 123, "learning_rate": 2e-4, "prior": True,
                 "num_class_images": 7, "grid_every": 20, "seed": 5, "prior_source": rc.PRIOR_SOURCES[0],
-                "few_photos_ok": False}
+                "few_photos_ok": False, "validation_prompts": "a {token} {class_word}", "masked_loss": False}
     record = ui.jobs.start([sys.executable, "-c", "import time; time.sleep(60)"], "zwx_robot", settings=settings)
     try:
         out = train_tab.refresh(ui, None, None)

@@ -49,6 +49,7 @@ class JobRecord:
     run_folder: Optional[str] = None
     returncode: Optional[int] = None
     settings: Optional[dict] = None  # the Train tab's fields it was started with (shown again, read-only)
+    queued: bool = False  # waiting for the device: started when the jobs before it have ended
 
     def save(self, folder: Path) -> None:
         atomic_write(folder / f"{self.id}.json", lambda tmp: Path(tmp).write_text(json.dumps(asdict(self), indent=1)))
@@ -119,6 +120,7 @@ class JobManager:
         self._lock = threading.Lock()
         self._records_lock = threading.Lock()
         self._in_process: Optional[str] = None  # what holds the device inside the UI (sampling), if anything
+        self.start_next()  # a restarted UI carries on with the queue
 
     # ---- records -----------------------------------------------------------------------------------------------
     def records(self) -> list[JobRecord]:
@@ -148,7 +150,9 @@ class JobManager:
         return record.returncode is None and _pid_runs(record.pid, marker)
 
     def state(self, record: JobRecord) -> str:
-        """running / stopped / finished / failed."""
+        """queued / running / stopped / finished / failed."""
+        if record.queued:
+            return "queued"
         if self.is_running(record):
             return "running"
         code = self._returncode(record)
@@ -187,27 +191,74 @@ class JobManager:
             yield
         finally:
             self._in_process = None
+        self.start_next()
 
     # ---- processes ---------------------------------------------------------------------------------------------
     def start(self, argv: list[str], name: str, recipe: str = "", inference_config: Optional[str] = None,
               run_folder: Optional[Path] = None, settings: Optional[dict] = None) -> JobRecord:
         """Start ``argv`` (a main.py command line) in its own session, output to ``<id>.log``."""
         with self._lock:
-            reason = self.busy()
+            reason = self.busy() or (f"{len(self.queue())} queued job(s) go first" if self.queue() else None)
             if reason:
                 raise DeviceBusy(f"Not started: {reason}.")
-            record = JobRecord(id=f"{datetime.datetime.now():%Y%m%d-%H%M%S-%f}", name=name, argv=argv,
-                               recipe=recipe, inference_config=inference_config,
-                               run_folder=str(run_folder) if run_folder else None, settings=settings)
-            log = open(self.folder / f"{record.id}.log", "wb")
-            try:
-                child = subprocess.Popen(argv, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-            finally:
-                log.close()
-            record.pid = child.pid
+            record = self._new(argv, name, recipe, inference_config, run_folder, settings)
+            return self._launch(record)
+
+    def enqueue(self, argv: list[str], name: str, recipe: str = "", inference_config: Optional[str] = None,
+                run_folder: Optional[Path] = None, settings: Optional[dict] = None) -> JobRecord:
+        """Queue ``argv``: it starts when the device is free and the jobs queued before it have started and
+        ended (one job on the device at a time); at once when nothing runs."""
+        with self._lock:
+            record = self._new(argv, name, recipe, inference_config, run_folder, settings)
+            record.queued = True
             record.save(self.folder)
-            self._children[record.id] = child
+        self.start_next()
+        return self.load(record.id) or record
+
+    def queue(self) -> list[JobRecord]:
+        """The queued jobs, in the order they will start."""
+        return [r for r in self.records() if r.queued]
+
+    def dequeue(self, record: JobRecord) -> str:
+        """Take a job that has not started out of the queue (its record is removed)."""
+        with self._lock:
+            saved = self.load(record.id)
+            if saved is None or not saved.queued:
+                return f"{record.name} is not queued."
+            (self.folder / f"{record.id}.json").unlink(missing_ok=True)
+        return f"Removed {record.name} from the queue."
+
+    def start_next(self) -> Optional[JobRecord]:
+        """Start the first queued job if the device is free; the job that ends starts the next (and a restarted
+        UI, which calls this when it starts)."""
+        with self._lock:
+            waiting = self.queue()
+            if not waiting or self.busy():
+                return None
+            record = waiting[0]
+            record.queued, record.started = False, time.time()
+            return self._launch(record)
+
+    def load(self, record_id: str) -> Optional[JobRecord]:
+        return JobRecord.load(self.folder / f"{record_id}.json")
+
+    def _new(self, argv: list[str], name: str, recipe: str, inference_config: Optional[str],
+             run_folder: Optional[Path], settings: Optional[dict]) -> JobRecord:
+        return JobRecord(id=f"{datetime.datetime.now():%Y%m%d-%H%M%S-%f}", name=name, argv=argv, recipe=recipe,
+                         inference_config=inference_config, run_folder=str(run_folder) if run_folder else None,
+                         settings=settings)
+
+    def _launch(self, record: JobRecord) -> JobRecord:
+        """Run a record's command (the caller holds the lock and has checked the device is free)."""
+        log = open(self.folder / f"{record.id}.log", "wb")
+        try:
+            child = subprocess.Popen(record.argv, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            log.close()
+        record.pid = child.pid
+        record.save(self.folder)
+        self._children[record.id] = child
         threading.Thread(target=self._wait, args=(record, child), daemon=True).start()
         return record
 
@@ -215,6 +266,7 @@ class JobManager:
         record.returncode = child.wait()
         self._update(record, returncode=record.returncode)
         self.run_folder(record)
+        self.start_next()
 
     def _update(self, record: JobRecord, **changes: object) -> None:
         """Change fields of the saved record (read again first: the page and the waiting thread both write)."""

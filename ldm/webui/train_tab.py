@@ -175,15 +175,19 @@ def checkpoint_choices(ui: WebUI, recipe: str) -> list[tuple[str, str]]:
 def start(ui: WebUI, recipe: str, photos: str, class_word: str, token: str, checkpoint: str, steps: float,
           lr: float, prior: bool, n_class: float, grid_every: float, seed: float,
           prior_source: str = PRIOR_SOURCES[0], few_photos_ok: bool = False, validation_prompts: str = "",
-          masked_loss: bool = False) -> tuple[str, Any]:
+          masked_loss: bool = False, queue: bool = False) -> tuple[str, Any]:
+    """Start the form's run now, or (``queue``) add it to the queue of runs that start one after the other."""
     try:
         request = TrainRequest(recipe, photos, class_word, token, checkpoint or None, steps, lr, prior, n_class,
                                grid_every, seed, prior_source, few_photos_ok, validation_prompts, masked_loss)
         argv, name, r = training_argv(request, ui.roots, ui.cuda)
-        record = ui.jobs.start(argv, name, r.label, str(r.inference) if r.inference else None,
-                               settings=asdict(request))
+        launch = ui.jobs.enqueue if queue else ui.jobs.start
+        record = launch(argv, name, r.label, str(r.inference) if r.inference else None, settings=asdict(request))
     except user_errors() as e:
         return refusal(e), gr.skip()
+    if record.queued:
+        return f"Queued {name}: {len(ui.jobs.queue())} in the queue; it starts when the device is free.", \
+            picker(ui, f"job:{record.id}")
     return f"Started {name} (pid {record.pid}).", picker(ui, f"job:{record.id}")
 
 
@@ -205,9 +209,12 @@ def picker(ui: WebUI, key: Optional[str]) -> Any:
 
 
 def stop(ui: WebUI, key: str) -> str:
+    """Stop the selected run, or take it out of the queue when it has not started."""
     _, view = _view(ui, key)
     if view is None or view.record is None:
         return "⚠ no run of this page selected (runs started elsewhere are stopped where they were started)"
+    if view.state == "queued":
+        return ui.jobs.dequeue(view.record)
     return ui.jobs.stop(view.record)
 
 
@@ -275,6 +282,9 @@ def progress_html(view: Optional[run_files.RunView], progress: run_files.Progres
     if view is None:
         return "<div id='train-progress' data-state='none'>No runs yet.</div>"
     step, top = progress.step or 0, progress.max_steps or 0
+    if view.state == "queued":
+        return (f"<div id='train-progress' data-state='queued' data-phase='queued' data-step='0' data-max='0'>"
+                f"<b>{html.escape(view.label)}</b><br>waiting in the queue: it starts when the device is free</div>")
     bar = "" if progress.phase == "preparing" else \
         f"<progress value='{step}' max='{top or 1}' style='width:100%'></progress>"
     phase = html.escape(progress.phase)
@@ -344,7 +354,9 @@ def _refresh(ui: WebUI, key: Optional[str], shown: Shown, raw: bool) -> tuple:
     # When the run ends, what was said about it ("Stopping...", "Not started: ... is running") no longer applies.
     cleared = "" if shown.locked and not locked else gr.skip()
     return (gr.Dropdown(choices=choices, value=selected), progress_html(view, progress), plot, gallery, tail,
-            gr.Button(interactive=running and view.record is not None), gr.Button(interactive=resumable),
+            gr.Button(interactive=view is not None and (running or view.state == "queued") and view.record is not None,
+                      value="Remove from queue" if view is not None and view.state == "queued" else "Stop"),
+            gr.Button(interactive=resumable),
             Shown(selected or "", len(losses), tuple(grids), locked), *form, message, cleared)
 
 
@@ -409,7 +421,9 @@ def _form(ui: WebUI) -> SimpleNamespace:
     c.command = gr.Textbox(label="the command Start runs (paste it in a terminal to run it there)", lines=2,
                            interactive=False, elem_id="train-command")
     c.form_note = gr.Markdown(elem_id="form-note")
-    c.start = gr.Button("Start training", variant="primary", elem_id="start")
+    with gr.Row():
+        c.start = gr.Button("Start training", variant="primary", elem_id="start", scale=3)
+        c.queue = gr.Button("Add to queue", elem_id="queue", scale=1)
     c.status = gr.Markdown(elem_id="train-status")
     return c
 
@@ -450,6 +464,7 @@ def build(ui: WebUI) -> None:
     form = [f.recipe, f.folder, f.class_word, f.token, f.checkpoint, f.steps, f.lr, f.prior, f.n_class, f.grid_every,
             f.seed, f.prior_source, f.few_ok, f.prompts, f.masked]  # FORM_FIELDS' order
     f.start.click(lambda *a: start(ui, *a), form, [f.status, v.picker])
+    f.queue.click(lambda *a: start(ui, *a, queue=True), form, [f.status, v.picker])
     gr.on([c.change for c in form], lambda *a: preview(ui, *a), form, f.command, show_progress="hidden")
     f.save_preset.click(lambda n, *a: save_preset(ui, n, *a), [f.preset_name, *form], [f.status, f.preset])
     f.load_preset.click(lambda n: load_preset(ui, n), f.preset, [*form, f.status])
