@@ -171,7 +171,8 @@ class DreamBoothSuite:
                "tiny-sdxl": REPO / "configs/stable-diffusion/tiny-sdxl-finetune.yaml",
                "sdxl": REPO / "configs/stable-diffusion/sdxl-dreambooth-lora.yaml",
                "tiny-flux": REPO / "configs/flux/tiny-flux-finetune.yaml",
-               "flux-dev": REPO / "configs/flux/flux1-dev-dreambooth-lora.yaml"}
+               "flux-dev": REPO / "configs/flux/flux1-dev-dreambooth-lora.yaml",
+               "toy": REPO / "configs/toy/dreambooth.yaml"}  # the shipped toy model's recipe (the web UI's estimate)
     header = ["variant", "s/step", "it/s", "peak (+over model)", "after build", "trainable params",
               "optimizer state", f"time, peak vs {REFERENCE}"]
     #: FLUX rows also show what the frozen-weight switches shrink and the loss they start from.

@@ -459,6 +459,21 @@ def test_progress_losses_and_external_runs(roots):
 
 # ---- the commands the UI builds ------------------------------------------------------------------------------
 
+def test_the_estimate_before_start_comes_from_the_measured_rows():
+    """Steps x the measured s/step of the recipe's row on this kind of device, its peak, and the machine it was
+    measured on; every row names a recipe of the page; a device without a row says so instead of guessing."""
+    rows = json.loads((REPO / "benchmarks" / "measured.json").read_text())["rows"]
+    assert {r["recipe"] for r in rows} <= set(rc.recipes())
+    toy = next(r for r in rows if r["recipe"] == "Tiny demo model (toy, CPU)" and r["device"] == "cpu")
+    seconds = round(400 * toy["s_per_step"])
+    text = rc.estimate("Tiny demo model (toy, CPU)", 400, cuda=False)
+    assert text.startswith(f"Estimate for 400 steps: about {seconds // 60}:{seconds % 60:02d} and "
+                           f"{toy['peak_bytes'] / 2 ** 20:.0f} MiB of main memory at the peak")
+    assert toy["machine"] in text
+    assert rc.estimate("SDXL LoRA", 800, cuda=True) == \
+        "No estimate: SDXL LoRA has not been measured on a GPU yet (scripts/benchmark.py measures it)."
+
+
 def test_fewer_photos_than_the_recipe_wants_need_a_yes(roots):
     """One photo is refused in one line naming the folder and the minimum; ticking the confirmation trains."""
     recipe = list(rc.recipes())[-1]

@@ -244,3 +244,32 @@ def _starting_checkpoint(checkpoint: Optional[str], recipe: Recipe, roots: Roots
 
 def resume_argv(run_folder: Path, cuda: bool) -> list[str]:
     return [sys.executable, str(REPO / "main.py"), f"--resume={run_folder}"] + (["--gpus=0,"] if cuda else [])
+
+
+MEASURED = REPO / "benchmarks" / "measured.json"
+
+
+def estimate(recipe: str, steps: float, cuda: bool) -> str:
+    """Time and memory of ``steps`` training steps of ``recipe`` on this machine's kind of device, from the
+    benchmark's measured rows (:data:`MEASURED`), said as an estimate with the machine it was measured on."""
+    import json
+
+    from ldm.util import fmt_bytes
+    device = "cuda" if cuda else "cpu"
+    try:
+        rows = json.loads(MEASURED.read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        rows = []
+    row = next((r for r in rows if r.get("recipe") == recipe and r.get("device") == device), None)
+    if row is None:
+        return (f"No estimate: {recipe} has not been measured on a {'GPU' if cuda else 'CPU'} yet "
+                f"(scripts/benchmark.py measures it).")
+    try:
+        n = int(steps)
+    except (TypeError, ValueError):
+        n = 0
+    total = n * float(row["s_per_step"])
+    from ldm.webui.runs import format_seconds
+    return (f"Estimate for {n} steps: about {format_seconds(total)} and {fmt_bytes(row['peak_bytes'])} of "
+            f"{'GPU' if cuda else 'main'} memory at the peak ({row['s_per_step']} s/step, {row['variant']}, "
+            f"measured on {row['machine']}; class images come on top).")

@@ -16,8 +16,8 @@ from ldm.webui import runs as run_files
 from ldm.webui.context import WebUI, refusal, user_errors
 from ldm.webui.generate_tab import gradio_upload_dir
 from ldm.webui.paths import image_folders, inside
-from ldm.webui.recipes import (FEW_PHOTOS, PRIOR_SOURCES, RequestError, TrainRequest, command_line, recipes,
-                                resume_argv, training_argv)
+from ldm.webui.recipes import (FEW_PHOTOS, PRIOR_SOURCES, RequestError, TrainRequest, command_line, estimate,
+                                recipes, resume_argv, training_argv)
 from ldm.webui.uploads import photo_entries, plural, save_caption, save_mask, sync_photos
 
 REFRESH_S = 1.5
@@ -420,6 +420,7 @@ def _form(ui: WebUI) -> SimpleNamespace:
         c.save_preset = gr.Button("Save preset", elem_id="save-preset", scale=1)
     c.command = gr.Textbox(label="the command Start runs (paste it in a terminal to run it there)", lines=2,
                            interactive=False, elem_id="train-command")
+    c.estimate = gr.Markdown(estimate(first, d["steps"], ui.cuda), elem_id="train-estimate")
     c.form_note = gr.Markdown(elem_id="form-note")
     with gr.Row():
         c.start = gr.Button("Start training", variant="primary", elem_id="start", scale=3)
@@ -466,6 +467,8 @@ def build(ui: WebUI) -> None:
     f.start.click(lambda *a: start(ui, *a), form, [f.status, v.picker])
     f.queue.click(lambda *a: start(ui, *a, queue=True), form, [f.status, v.picker])
     gr.on([c.change for c in form], lambda *a: preview(ui, *a), form, f.command, show_progress="hidden")
+    gr.on([f.recipe.change, f.steps.change], lambda r, n: estimate(r, n, ui.cuda), [f.recipe, f.steps], f.estimate,
+          show_progress="hidden")
     f.save_preset.click(lambda n, *a: save_preset(ui, n, *a), [f.preset_name, *form], [f.status, f.preset])
     f.load_preset.click(lambda n: load_preset(ui, n), f.preset, [*form, f.status])
     v.stop.click(lambda k: stop(ui, k), v.picker, f.status)
