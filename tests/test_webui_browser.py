@@ -89,6 +89,14 @@ def test_train_generate_inpaint_in_a_browser(page: Page):
     p.wait(lambda: "✓ 6 photos in" in p.text("upload-report"), "the photo back")
     assert sorted(f.name for f in folder.iterdir()) == [f.name for f in photos] == sorted(listed_files(p))
     assert p.el("photo-folder", "input").get_attribute("value").endswith(folder.name)
+    # Each photo has a thumbnail; one gets its own caption (photo.txt, which training reads).
+    p.wait(lambda: len(p.images("photo-thumbs")) == 6, "the thumbnails")
+    p.images("photo-thumbs")[1].click()
+    p.wait(lambda: "editing robot-01.png" in p.text("photo-note"), "the chosen photo")
+    p.fill("photo-caption", "photo of a sks robot waving")
+    p.click("save-photo")
+    p.wait(lambda: "✓ robot-01.png: caption" in p.text("photo-note"), "the caption saved")
+    assert (folder / "robot-01.txt").read_text().strip() == "photo of a sks robot waving"
 
     # 2. Subject: the identifier's warnings follow the typing.
     p.fill("class-word", "robot")
@@ -108,6 +116,10 @@ def test_train_generate_inpaint_in_a_browser(page: Page):
     p.fill("steps", STEPS)
     p.fill("class-images", 12)
     p.fill("grid-every", 20)
+    # What Start will run, and how long and how much memory it should take, before Start.
+    p.wait(lambda: "python main.py" in field(p, "train-command").get_attribute("value")
+           and f"--max_steps={STEPS}" in field(p, "train-command").get_attribute("value"), "the command line")
+    p.wait(lambda: f"Estimate for {STEPS} steps: about" in p.text("train-estimate"), "the estimate")
     p.click("start")
     p.wait(lambda: "Started" in p.text("train-status"), "the start message")
     p.wait(lambda: progress(p)["phase"] == "class images" and re.search(r"class images \d+ / 12",
@@ -116,6 +128,12 @@ def test_train_generate_inpaint_in_a_browser(page: Page):
     p.click("start")
     p.wait(lambda: "Not started" in p.text("train-status") and "is running" in p.text("train-status"),
            "the second start to be refused")
+    # Another run waits in the queue while this one runs; it can be taken out before it starts.
+    p.click("queue")
+    p.wait(lambda: "Queued sks_robot" in p.text("train-status") and progress(p)["state"] == "queued", "the queue")
+    p.wait(lambda: p.el("stop").text == "Remove from queue", "the remove button")
+    p.click("stop")
+    p.wait(lambda: "Removed sks_robot from the queue" in p.text("train-status"), "the run out of the queue")
 
     # 4. Stop once it trains, then resume: the run ends at its step limit.
     p.wait(lambda: progress(p)["state"] == "running" and int(progress(p)["step"]) >= 1, "training steps", 120)

@@ -268,6 +268,7 @@ Total FLOPs: 0
   self.ddim_timesteps = make_ddim_timesteps(ddim_num_steps, self.ddpm_num_timesteps, ddim_discretize)
 
 Epoch 0:   1%|          | 1/187 [00:00<02:29,  1.24it/s, v_num=_csv, train/loss=1.150]
+Training: |          | 60/? [00:35<00:00,  1.70it/s, v_num=5-42, train/loss=0.592]
 Saved validation grid images/train/step-000020.png
 `Trainer.fit` stopped: `max_steps=40` reached.
 Done: 40 steps in 61 s; checkpoints in {repo}/logs/2026-12-03T19-54-15_sks_robot/checkpoints

@@ -57,7 +57,7 @@ class Progress:
 _NOISE = re.compile("|".join([
     r"^(GPU|TPU|HPU|IPU) available", r"💡|litlogger|\bTip:", r"^[┏┃┡│└━┗┌├╭╰|]", r"^\s*\|",
     r"^(Trainable|Non-trainable|Total) (params|estimated model params|FLOPs)", r"^Modules in (train|eval) mode",
-    r"^(LOCAL_RANK|Seed set to|`Trainer\.fit` stopped|You are using a CUDA device)", r"\d+%\|", r"^Epoch \d+:",
+    r"^(LOCAL_RANK|Seed set to|`Trainer\.fit` stopped|You are using a CUDA device)", r"\d+%\|", r"^Epoch \d+:", r"\d(it/s|s/it)\b",
     r"(Warning|warn)\b.*:|^\s+(warnings\.warn|rank_zero_warn|warn)\(", r"/site-packages/", r"^\s*$",
     r"^(DDIM|PLMS) Sampler|^Data shape for", r"^Traceback \(most recent call last\)|^\s{2,}\S",
 ]))

@@ -352,8 +352,12 @@ def _refresh(ui: WebUI, key: Optional[str], shown: Shown, raw: bool) -> tuple:
         run_files.checkpoints(view.folder))
     form, message, locked = form_state(ui, view, shown)
     # When the run ends, what was said about it ("Stopping...", "Not started: ... is running") no longer applies.
-    cleared = "" if shown.locked and not locked else gr.skip()
-    return (gr.Dropdown(choices=choices, value=selected), progress_html(view, progress), plot, gallery, tail,
+    cleared = "" if shown.locked and not locked and shown.locked == (selected or "") else gr.skip()
+    # The picker keeps what the page shows unless that run is gone or renamed (a job that made its folder): a tick
+    # answered after the user picked another run (a Start, a queue) must not put the old one back.
+    keep = key is not None and key == selected
+    picker_update = gr.Dropdown(choices=choices) if keep else gr.Dropdown(choices=choices, value=selected)
+    return (picker_update, progress_html(view, progress), plot, gallery, tail,
             gr.Button(interactive=view is not None and (running or view.state == "queued") and view.record is not None,
                       value="Remove from queue" if view is not None and view.state == "queued" else "Stop"),
             gr.Button(interactive=resumable),
@@ -376,15 +380,7 @@ def _form(ui: WebUI) -> SimpleNamespace:
             c.few_ok = gr.Checkbox(False, label=FEW_PHOTOS, elem_id="few-photos-ok")
             c.folder = gr.Dropdown(choices=folder_choices(ui), label="photo folder (in the data folder)",
                                    elem_id="photo-folder")
-            c.thumbs = gr.Gallery(label="the photos: click one to give it a caption or a mask", columns=6,
-                                  height=170, allow_preview=False, interactive=False, elem_id="photo-thumbs")
-            c.photo = gr.State(None)
-            c.photo_note = gr.Markdown(elem_id="photo-note")
-            c.caption = gr.Textbox(label="its caption (empty: the prompt template; name the identifier in it)",
-                                   elem_id="photo-caption")
-            c.mask = gr.Image(label="its mask, optional (white = subject; used with masked loss)", type="filepath",
-                              image_mode="L", height=150, elem_id="photo-mask")
-            c.save_photo = gr.Button("Save caption and mask", size="sm", elem_id="save-photo")
+
         with gr.Column():
             gr.Markdown("### 2. Subject")
             c.class_word = gr.Textbox(label="class word", placeholder="dog", elem_id="class-word")
@@ -411,6 +407,18 @@ def _form(ui: WebUI) -> SimpleNamespace:
                                    label="validation prompts, one per line ({token}, {class_word} filled in)")
             c.masked = gr.Checkbox(False, label="masked loss (each photo's mask: white = subject)",
                                    elem_id="masked-loss")
+    with gr.Row():
+        c.thumbs = gr.Gallery(label="the photos: click one to give it a caption or a mask", columns=10, rows=1,
+                              height="auto", object_fit="contain", allow_preview=False, interactive=False,
+                              elem_id="photo-thumbs", scale=3)
+        with gr.Column(scale=1):
+            c.photo = gr.State(None)
+            c.photo_note = gr.Markdown(elem_id="photo-note")
+            c.caption = gr.Textbox(label="its caption (empty: the prompt template; name the identifier in it)",
+                                   elem_id="photo-caption")
+            c.mask = gr.Image(label="its mask, optional (white = subject; used with masked loss)", type="filepath",
+                              image_mode="L", height=150, elem_id="photo-mask")
+            c.save_photo = gr.Button("Save caption and mask", size="sm", elem_id="save-photo")
     with gr.Row():
         c.preset = gr.Dropdown(choices=presets.names(ui.roots), value=None, label="preset", elem_id="preset",
                                scale=2)
@@ -453,9 +461,13 @@ def build(ui: WebUI) -> None:
     timer = gr.Timer(REFRESH_S)
     for event in (f.files.upload, f.files.delete, f.files.clear):  # the user's changes, not the page's own
         event(lambda fs, r, c, u: upload(ui, fs, r, c, u), [f.files, f.recipe, f.class_word, f.upload_folder],
-              [f.upload_report, f.files, f.folder, f.upload_folder])
+              [f.upload_report, f.files, f.folder, f.upload_folder]) \
+            .then(lambda d: thumbnails(ui, d), f.folder, f.thumbs, show_progress="hidden")  # the same folder too
     f.folder.change(lambda d: thumbnails(ui, d), f.folder, f.thumbs, show_progress="hidden")
-    f.thumbs.select(lambda d, evt: choose_photo(ui, d, evt), f.folder, [f.photo, f.caption, f.mask, f.photo_note])
+    def chosen(folder: Optional[str], evt: gr.SelectData) -> tuple:  # Gradio passes evt by this annotation
+        return choose_photo(ui, folder, evt)
+
+    f.thumbs.select(chosen, f.folder, [f.photo, f.caption, f.mask, f.photo_note])
     f.save_photo.click(lambda d, p, c, m: save_photo(ui, d, p, c, m), [f.folder, f.photo, f.caption, f.mask],
                        [f.photo_note, f.thumbs])
     for box in (f.token, f.class_word):
