@@ -241,6 +241,8 @@ def test_class_images_are_a_phase_with_its_own_progress(tiny_ckpt, tmp_path, cap
     assert (runs.output_progress(output).step, runs.output_progress(output).max_steps) == (3, 3)
     assert runs.output_progress("Loading model ...\n").text() == "preparing: loading the model"
     assert runs.output_progress(output[:output.index("Class images 2/3")]).text() == "class images 0 / 3"
+    progress.then_s = 75.0  # the training after them, from the measured rows (the page fills it in)
+    assert re.fullmatch(r"class images 2 / 3 · .* left, then training \(about 1:15, estimated\)", progress.text())
 
 
 RUN_OUTPUT = """Seed set to 0

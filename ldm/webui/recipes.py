@@ -249,18 +249,22 @@ def resume_argv(run_folder: Path, cuda: bool) -> list[str]:
 MEASURED = REPO / "benchmarks" / "measured.json"
 
 
-def estimate(recipe: str, steps: float, cuda: bool) -> str:
-    """Time and memory of ``steps`` training steps of ``recipe`` on this machine's kind of device, from the
-    benchmark's measured rows (:data:`MEASURED`), said as an estimate with the machine it was measured on."""
+def measured_row(recipe: str, cuda: bool) -> Optional[dict]:
+    """The benchmark's measured row of ``recipe`` on this kind of device (:data:`MEASURED`), or None."""
     import json
-
-    from ldm.util import fmt_bytes
     device = "cuda" if cuda else "cpu"
     try:
         rows = json.loads(MEASURED.read_text())["rows"]
     except (OSError, ValueError, KeyError):
         rows = []
-    row = next((r for r in rows if r.get("recipe") == recipe and r.get("device") == device), None)
+    return next((r for r in rows if r.get("recipe") == recipe and r.get("device") == device), None)
+
+
+def estimate(recipe: str, steps: float, cuda: bool) -> str:
+    """Time and memory of ``steps`` training steps of ``recipe`` on this machine's kind of device, from the
+    benchmark's measured rows (:data:`MEASURED`), said as an estimate with the machine it was measured on."""
+    from ldm.util import fmt_bytes
+    row = measured_row(recipe, cuda)
     if row is None:
         return (f"No estimate: {recipe} has not been measured on a {'GPU' if cuda else 'CPU'} yet "
                 f"(scripts/benchmark.py measures it).")

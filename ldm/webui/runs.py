@@ -30,6 +30,7 @@ class Progress:
     max_steps: Optional[int] = None
     steps_per_s: Optional[float] = None
     phase: str = "training"
+    then_s: Optional[float] = None  # the training after the class images, estimated (benchmarks/measured.json)
 
     @property
     def eta_s(self) -> Optional[float]:
@@ -48,7 +49,9 @@ class Progress:
             speed = self.steps_per_s
             parts.append(f"{speed:.2f} {unit}s/s" if speed >= 1 else f"{1 / speed:.1f} s/{unit}")
         if running and self.eta_s is not None and self.step < (self.max_steps or 0):
-            parts.append(f"{format_seconds(self.eta_s)} left" + (", then training" if unit == "image" else ""))
+            then = "" if unit != "image" else ", then training" + (
+                f" (about {format_seconds(self.then_s)}, estimated)" if self.then_s else "")
+            parts.append(f"{format_seconds(self.eta_s)} left{then}")
         return " · ".join(parts)
 
 

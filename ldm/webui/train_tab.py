@@ -17,7 +17,7 @@ from ldm.webui.context import WebUI, refusal, user_errors
 from ldm.webui.generate_tab import gradio_upload_dir
 from ldm.webui.paths import image_folders, inside
 from ldm.webui.recipes import (FEW_PHOTOS, PRIOR_SOURCES, RequestError, TrainRequest, command_line, estimate,
-                                recipes, resume_argv, training_argv)
+                                measured_row, recipes, resume_argv, training_argv)
 from ldm.webui.uploads import photo_entries, plural, save_caption, save_mask, sync_photos
 
 REFRESH_S = 1.5
@@ -339,6 +339,10 @@ def _refresh(ui: WebUI, key: Optional[str], shown: Shown, raw: bool) -> tuple:
         progress, losses, grids = run_files.Progress(), [], []
         if view is not None and view.record is not None:  # class images, or the model loading
             progress = run_files.output_progress(ui.jobs.output(view.record))
+            settings = view.record.settings or {}
+            row = measured_row(settings.get("recipe", ""), ui.cuda)
+            if row is not None and settings.get("steps"):  # the training after them, as the estimate says
+                progress.then_s = float(settings["steps"]) * float(row["s_per_step"])
     else:
         progress, losses = run_files.read_progress(view.folder), run_files.read_losses(view.folder)
         grids = run_files.grids(view.folder)
