@@ -162,9 +162,9 @@ def test_train_generate_inpaint_in_a_browser(page: Page):
     log = p.el("run-log", "textarea").get_attribute("value")  # the project's lines, not Lightning's banners
     assert "Run folder:" in log and "Done:" in log
     assert not any(noise in log for noise in ("litlogger", "site-packages", "GPU available", "Epoch 0:"))
+    p.screenshot("train")
     p.click("raw-log")
     p.wait(lambda: "`Trainer.fit` stopped" in p.el("run-log", "textarea").get_attribute("value"), "the raw output")
-    p.screenshot("train")
 
     # 5. Generate two images from the run's checkpoint; the picker names run, file, step and size, and each
     # result shows its settings.

@@ -413,7 +413,7 @@ def _form(ui: WebUI) -> SimpleNamespace:
                                    elem_id="masked-loss")
     with gr.Row():
         c.thumbs = gr.Gallery(label="the photos: click one to give it a caption or a mask", columns=10, rows=1,
-                              height="auto", object_fit="contain", allow_preview=False, interactive=False,
+                              height=190, object_fit="contain", allow_preview=False, interactive=False,
                               elem_id="photo-thumbs", scale=3)
         with gr.Column(scale=1):
             c.photo = gr.State(None)
