@@ -21,7 +21,6 @@ a float sum, so the manifest records scores with margins rather than promising i
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -32,6 +31,8 @@ from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from ldm.files import sha256  # noqa: E402
 
 ASSETS = REPO / "assets" / "toy"
 WORLD_COUNT, WORLD_SEED, TRAIN_SEED = 6000, 0, 0
@@ -83,14 +84,6 @@ def run_seconds(ckpt: Path) -> int:
     counts the pause between its parts too)."""
     configs = sorted(ckpt.parent.parent.glob("configs/*-project.yaml"), key=lambda q: q.stat().st_mtime)
     return round(ckpt.stat().st_mtime - configs[0].stat().st_mtime) if configs else -1
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def pack(ldm_ckpt: Path, out: Path) -> Path:

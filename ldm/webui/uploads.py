@@ -10,13 +10,13 @@ removed from the list leaves the folder, and a folder a run trained from is neve
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ldm.files import sha256
 from ldm.webui.paths import safe_name
 
 MAX_FILES = 30
@@ -94,14 +94,6 @@ def _unique(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def folder_photos(folder: Path) -> list[Path]:
     """The training photos of a folder (not their masks)."""
     from ldm.data.image_loading import IMAGE_SUFFIXES, MASK_SUFFIXES
@@ -130,7 +122,7 @@ def sync_photos(files: Sequence[str | os.PathLike], parent: Path, label: str, si
     good: dict[str, tuple[Path, str]] = {}  # digest -> (file, the name the user gave it), in the order listed
     for path in paths:
         shown = original_name(path)
-        key = digest(path)
+        key = sha256(path)
         if key in good:
             first = good[key][1]
             result.warnings.append(f"{shown} twice: kept once" if shown == first else
@@ -147,7 +139,7 @@ def sync_photos(files: Sequence[str | os.PathLike], parent: Path, label: str, si
     if folder is None and not good:
         return result
     folder = Path(folder) if folder is not None else _new_folder(parent, label)
-    have = {digest(p): p for p in folder_photos(folder)}
+    have = {sha256(p): p for p in folder_photos(folder)}
     for key, path in have.items():
         if key not in good:
             from ldm.data.image_loading import mask_path
