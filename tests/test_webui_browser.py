@@ -77,6 +77,10 @@ def test_train_generate_inpaint_in_a_browser(page: Page):
            "the loader's error for the broken file")
     upload_files(p, photos[:1])
     p.wait(lambda: "✓ 1 photo in" in p.text("upload-report"), "the one photo")
+    p.fill("class-word", "robot")
+    p.click("start")  # one photo: below the recipe's minimum, refused until the user says so
+    p.wait(lambda: "1 photo; Tiny demo model (toy, CPU) wants at least 5" in p.text("train-status"),
+           "the one-photo refusal")
     upload_files(p, photos)
     p.wait(lambda: "✓ 6 photos in" in p.text("upload-report"), "the upload report")
     assert "holiday" not in p.text("upload-report") and "robot-00.png twice: kept once" in p.text("upload-report")
@@ -139,12 +143,17 @@ def test_train_generate_inpaint_in_a_browser(page: Page):
     p.wait(lambda: progress(p)["state"] == "running" and int(progress(p)["step"]) >= 1, "training steps", 120)
     p.click("stop")
     p.wait(lambda: progress(p)["state"] == "stopped", "the run to stop", 60)
+    assert "left" not in p.text("train-progress")  # a stopped run has no time left
     run = next(d for d in p.dirs["logs"].iterdir() if (d / "configs").is_dir())
     assert (run / "checkpoints" / "last.ckpt").is_file()
     p.wait(lambda: [json.loads(f.read_text())["returncode"] for f in (p.dirs["logs"] / ".webui-jobs").glob("*.json")]
            == [143], "main.py's exit code after SIGTERM")
     p.click("resume")
     p.wait(lambda: "Resuming" in p.text("train-status"), "the resume message")
+    p.tab("Generate")  # while it trains, Generate says the device is busy (not "none chosen")
+    p.click("generate")
+    p.wait(lambda: "The device is busy: training run sks_robot is running" in p.text("gen-status"), "the busy device")
+    p.tab("Train")
     # A reload while it runs: the form shows the run's own settings, read-only, and no stale message.
     p.d.refresh()
     p.wait(lambda: p.el("start"), "the page again")
