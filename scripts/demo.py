@@ -95,7 +95,7 @@ def evaluate_and_draw(last: Path, out: Path, seed: int) -> dict:
     classifier = load_classifier(TOY_CLASSIFIER)
     before, after = load_toy_model(), load_toy_model(last)
     scores = {"before": dreambooth_scores(before, classifier, seed=seed),
-              "after": dreambooth_scores(after, classifier, seed=seed)}
+              "after": dreambooth_scores(after, classifier, seed=seed, base=before)}
     rows = {"training photos": None,
             **{f"sks robot {tw.PLACES[b]}": sample(after, 6 * [f"photo of a sks robot {tw.PLACES[b]}"], seed)
                for b in SUBJECT_PLACES},
@@ -126,7 +126,9 @@ def draw_figure(rows: dict, path: Path, scores: dict) -> Path:
     b, a = scores["before"], scores["after"]
     d.text((8, height - 32), f"subject fidelity {b['subject_fidelity']:.2f} -> {a['subject_fidelity']:.2f}   "
                              f"prompt fidelity {a['prompt_fidelity']:.2f}   prior drift {b['prior_drift']:.2f} -> "
-                             f"{a['prior_drift']:.2f}", fill=(20, 20, 20))
+                             f"{a['prior_drift']:.2f}" + (f"   colour drift of 'a robot' {a['colour_drift']:.2f} "
+                                                           f"(base vs itself: {a['colour_drift_base_seeds']:.2f})"
+                                                           if "colour_drift" in a else ""), fill=(20, 20, 20))
     return save_png(fig, path, {"scores": json.dumps(scores)})
 
 

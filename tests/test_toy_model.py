@@ -66,3 +66,22 @@ def test_every_sampler_draws_what_the_shipped_model_learned(judge, sampler):
     kinds = [tw.KINDS[int(i)] for i in p["kind"].argmax(1)]
     assert sum(b == want for b, (_, want) in zip(places, pairs)) >= 7, (sampler, places)
     assert sum(k == want for k, (want, _) in zip(kinds, pairs)) >= 4, (sampler, kinds)
+
+
+def test_the_demo_reports_colour_drift_against_the_base_model(judge, tmp_path):
+    """With the base model given, the scores carry the class pictures' colour drift from it: exactly 0 for the
+    base model itself (same seed, same pictures) and above 0 between two of its seeds (the reading's yardstick);
+    the demo's figure prints both."""
+    import json
+
+    from PIL import Image
+
+    from conftest import load_script
+    from ldm.eval.toy_model import dreambooth_scores, load_toy_model
+    model = load_toy_model()
+    s = dreambooth_scores(model, judge, per_place=2, base=model)
+    assert s["colour_drift"] == 0.0 and 0 < s["colour_drift_base_seeds"] <= 1
+    demo = load_script("demo")
+    path = demo.draw_figure({"training photos": None}, tmp_path / "f.png", {"before": s, "after": s})
+    assert json.loads(Image.open(path).text["scores"])["after"]["colour_drift_base_seeds"] == \
+        s["colour_drift_base_seeds"]

@@ -276,3 +276,21 @@ def test_bare_places_and_world_robots_are_not_the_subject(classifier):
     bare = [tw.render_place(rng.choice(tw.BACKGROUNDS), rng.randint(26, 38), rng.getrandbits(32)) for _ in range(40)]
     _, world = demo_and_world_robots(tw.BACKGROUNDS, 12, seed=4)
     assert (toy.predict(classifier, bare + world)["subject"] < 0.5).all()
+
+
+def test_colour_drift_is_zero_for_the_same_pictures_and_sees_a_wash():
+    """The total variation distance of pooled colour histograms: 0 for the same set, in [0, 1], small between two
+    sets of the same prompt, and large for the same set washed pink (what the demo's class showed after a
+    fine-tune while its prior drift stayed near 0)."""
+    def robots(seed: int, n: int = 24) -> list:
+        rng = random.Random(seed)
+        return [tw.render_scene(tw.sample_scene(rng, kind="robot")).image for _ in range(n)]
+    a, b = robots(1), robots(2)
+    pink = [Image.blend(im.convert("RGB"), Image.new("RGB", im.size, (235, 160, 210)), 0.35) for im in a]
+    assert toy.colour_drift(a, a) == 0.0
+    assert toy.colour_drift(a, b) < 0.4 < 0.8 < toy.colour_drift(a, pink) <= 1.0
+    assert toy.colour_drift(a, b) == pytest.approx(toy.colour_drift(b, a))
+    assert float(toy.colour_histogram(a).sum()) == pytest.approx(1.0)
+    # by hand: one white and one black picture against two white ones share half their pixels' cells
+    white, black = Image.new("RGB", (64, 64), "white"), Image.new("RGB", (64, 64), "black")
+    assert toy.colour_drift([white, black], [white, white]) == pytest.approx(0.5)

@@ -269,6 +269,24 @@ def prior_drift(class_images: Images, model: ToyClassifier) -> float:
     return float(predict(model, class_images)["subject"].mean())
 
 
+def colour_histogram(images: Images, bins: int = 8) -> torch.Tensor:
+    """The pooled colour histogram of a set of pictures: the share of all their pixels in each of ``bins``^3 RGB
+    cells (sums to 1)."""
+    x = (to_batch(images).clamp(0, 1) * (bins - 1e-6)).long()  # [N, 3, H, W] cell index per channel
+    cells = (x[:, 0] * bins + x[:, 1]) * bins + x[:, 2]
+    counts = torch.bincount(cells.flatten(), minlength=bins ** 3).float()
+    return counts / counts.sum()
+
+
+def colour_drift(before: Images, after: Images, bins: int = 8) -> float:
+    """How far the colours of one set of pictures moved from another's: the total variation distance between
+    their pooled colour histograms (:func:`colour_histogram`), 0 (the same colours in the same shares) to 1 (no
+    colour in common). Between the base model's and the fine-tuned model's pictures of the bare class prompt it
+    is the quality drift the subject probability cannot see: a washed-out or tinted class (the demo's pink wash)
+    keeps a prior drift near 0 but moves most pixels to other cells."""
+    return float(0.5 * (colour_histogram(before, bins) - colour_histogram(after, bins)).abs().sum())
+
+
 def render_accuracy(model: ToyClassifier, n: int = 1000, seed: int = 1, blur: float = 0.0) -> dict[str, float]:
     """The classifier against fresh ground truth from ``seed`` (use one it was not trained on), optionally
     blurred by ``blur`` px: background and kind accuracy on world scenes (every pair), and demo-vs-world-robot
