@@ -311,7 +311,7 @@ def test_queued_runs_start_one_after_the_other(roots):
     def job(n: int, seconds: float) -> list[str]:  # noqa: E306
         return [sys.executable, "-c", f"import time; open({str(marks)!r}, 'a').write('start {n}\\n'); "
                                       f"time.sleep({seconds}); open({str(marks)!r}, 'a').write('end {n}\\n')"]
-    first = jobs.enqueue(job(1, 1.5), "one")
+    first = jobs.enqueue(job(1, 3), "one")  # long enough to be running through the next lines under load
     assert jobs.state(first) == "running"  # nothing ran: it starts at once
     second, third = jobs.enqueue(job(2, 0.2), "two"), jobs.enqueue(job(3, 0.2), "three")
     assert (jobs.state(second), jobs.state(third)) == ("queued", "queued")
@@ -323,7 +323,12 @@ def test_queued_runs_start_one_after_the_other(roots):
     while not (marks.is_file() and marks.read_text().count("end") == 3) and time.time() < deadline:
         time.sleep(0.1)
     assert marks.read_text().split("\n")[:-1] == ["start 1", "end 1", "start 2", "end 2", "start 4", "end 4"]
-    assert [jobs.state(jobs.load(r.id)) for r in (first, second, fourth)] == ["finished"] * 3
+    # "end 4" is written just before the process exits: wait for the exit, not only for the mark
+    def states() -> list[str]:  # noqa: E306
+        return [jobs.state(jobs.load(r.id)) for r in (first, second, fourth)]
+    while states() != ["finished"] * 3 and time.time() < deadline:
+        time.sleep(0.1)
+    assert states() == ["finished"] * 3
     held = JobManager(roots.log_dir, REPO)
     with held.device("image generation"):  # in-UI sampling holds the device: a queued job waits for it
         waiting = held.enqueue(job(6, 0.1), "six")
