@@ -423,5 +423,8 @@ def test_training_on_a_cpu_returns_freed_memory(tmp_path, monkeypatch):
                         lambda: calls.__setitem__("threshold", calls["threshold"] + 1) or True)
     monkeypatch.setattr(ldm.training.callbacks, "release_freed_memory",
                         lambda: calls.__setitem__("trim", calls["trim"] + 1) or True)
-    train(tmp_path, 3)
+    train(tmp_path / "default", 3)
+    assert calls == {"threshold": 1, "trim": 3}
+    # a small model's run may keep its freed memory (configs/toy/autoencoder.yaml): no threshold, no trim
+    train(tmp_path / "kept", 2, "lightning.release_freed_memory=false")
     assert calls == {"threshold": 1, "trim": 3}

@@ -53,7 +53,7 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace) -> DictConfig:
 PLAIN_SECTIONS: dict[str, set[str]] = {
     "": {"model", "data", "lightning", "class_images", "actual_resume"},
     "class_images": {"num", "ddim_steps", "scale", "batch_size", "seed"},
-    "lightning": {"trainer", "callbacks", "modelcheckpoint", "export", "validation"},
+    "lightning": {"trainer", "callbacks", "modelcheckpoint", "export", "validation", "release_freed_memory"},
     "lightning.modelcheckpoint": {"params"},
     "model.params.optimizer_config": {"name", "weight_decay", "betas", "eps", "fused_backward"},
 }

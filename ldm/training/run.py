@@ -488,7 +488,9 @@ def build_callbacks(config: DictConfig, run_folder: Path, now: str, resume: bool
                  ExportWeights(str(ckptdir), every_n_train_steps=every, **export), CacheFrozenInputs(),
                  pl.callbacks.ModelCheckpoint(dirpath=ckptdir, filename="{step:06d}", save_top_k=-1,
                                               **checkpoint_params),
-                 pl.callbacks.TQDMProgressBar(refresh_rate=1), ReleaseFreedMemory()]
+                 pl.callbacks.TQDMProgressBar(refresh_rate=1)]
+    if config.lightning.get("release_freed_memory", True):
+        callbacks.append(ReleaseFreedMemory())
     for cb in (config.lightning.get("callbacks") or {}).values():
         callbacks.append(instantiate_from_config(OmegaConf.to_container(cb, resolve=True)))
     if config.lightning.get("validation"):
