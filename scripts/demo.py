@@ -2,17 +2,19 @@
 """DreamBooth you can see on any laptop: the shipped toy model learns the demo robot and draws it where robots
 never were, on a CPU, in about a minute and a half (98 s on 2 cores), with nothing to download.
 
-    python scripts/demo.py                 # prior preservation (the paper's recipe)
-    python scripts/demo.py --no-prior      # without it: watch "photo of a robot" turn into the subject
+    python scripts/demo.py                     # prior preservation with class images (the paper's recipe)
+    python scripts/demo.py --prior base_model  # the prior from the base model's own prediction, no class images
+    python scripts/demo.py --no-prior          # without it: watch "photo of a robot" turn into the subject
 
-1. class images: the toy model itself draws "photo of a robot" (the prior-preservation set);
+1. class images: the toy model itself draws "photo of a robot" (the prior-preservation set; none with
+   ``--prior base_model``, where a frozen copy of the toy model answers the class prompt at every step instead);
 2. fine-tune the toy model (``configs/toy/dreambooth.yaml``, through main.py) on the six drawings of
    ``assets/demo/subject``, a robot design the toy world does not contain;
 3. measure with the toy classifier (``ldm/eval/toy_model.py``): subject fidelity and prompt fidelity on
    "photo of a sks robot" on the moon and in the snow (no robot is ever there in the world), and prior drift
    on "photo of a robot", before and after;
 4. one figure, ``OUTDIR/dreambooth.png``: the training photos, the subject on the held-out places, and the class
-   prompt before and after fine-tuning.
+   prompt before and after fine-tuning; the numbers also in ``OUTDIR/scores.json``.
 
 ``--family v1`` / ``--family sdxl`` run the same pipeline on the randomly initialised SD-v1- and SDXL-shaped toy
 configs instead (plumbing only: their pictures are noise).
@@ -35,14 +37,18 @@ SUBJECT = REPO / "assets" / "demo" / "subject"
 PLUMBING = {"v1": ("tiny-finetune.yaml", "tiny-inference.yaml"),
             "sdxl": ("tiny-sdxl-finetune.yaml", "tiny-sdxl-inference.yaml")}
 CELL = 128  # figure cell: the 64 px pictures at twice their size
+#: --prior: where the prior-preservation target comes from (model.params.prior_preservation), or no prior term.
+PRIORS = ("class_images", "base_model", "none")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--outdir", default="outputs/demo", help="where the run, class images, samples and figure go")
     p.add_argument("--max_steps", type=int, default=None, help="fine-tuning steps (default: the config's)")
-    p.add_argument("--no-prior", dest="prior", action="store_false",
-                   help="fine-tune without class images (no prior-preservation loss)")
+    p.add_argument("--prior", choices=PRIORS, default="class_images",
+                   help="what keeps the class: class images the toy model draws first (default), the base model's "
+                        "own prediction for 'photo of a robot' at every step (no class images), or nothing")
+    p.add_argument("--no-prior", dest="prior", action="store_const", const="none", help="the same as --prior none")
     p.add_argument("--seed", type=int, default=0, help="seed of the fine-tune and of the pictures")
     p.add_argument("--family", choices=["toy", *PLUMBING], default="toy",
                    help="toy: the shipped pretrained toy model (default); v1 / sdxl: random-weight plumbing demos")
@@ -59,7 +65,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"python scripts/train_toy_model.py\n")
     last = finetune(opt, out, env)
     scores = evaluate_and_draw(last, out, opt.seed)
+    scores["seconds"] = round(time.time() - tic)
     print(json.dumps(scores, indent=2))
+    (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     print(f"\nDemo done in {time.time() - tic:.0f} s: figure {out / 'dreambooth.png'}, checkpoint {last}")
     return 0
 
@@ -72,12 +80,14 @@ def run(cmd: list[str], env: dict[str, str]) -> None:
 def finetune(opt: argparse.Namespace, out: Path, env: dict[str, str]) -> Path:
     """main.py on configs/toy/dreambooth.yaml from the shipped model; returns the run's last.ckpt."""
     from ldm.eval.toy_model import TOY_MODEL
-    name = "demo" if opt.prior else "demo_no_prior"
+    name = {"class_images": "demo", "base_model": "demo_base_prior", "none": "demo_no_prior"}[opt.prior]
     cmd = [sys.executable, str(REPO / "main.py"), "--base", str(REPO / "configs/toy/dreambooth.yaml"), "-t",
            "--actual_resume", str(TOY_MODEL), "-n", name, "--logdir", str(out / "logs"), "--seed", str(opt.seed),
            "--data_root", str(SUBJECT), "--class_word", "robot"]
-    if opt.prior:
+    if opt.prior == "class_images":
         cmd += ["--reg_data_root", str(out / "class-images"), "--num_class_images", "64"]
+    elif opt.prior == "base_model":
+        cmd += ["model.params.prior_preservation=base_model"]
     if opt.max_steps:
         cmd += ["--max_steps", str(opt.max_steps)]
     run(cmd, env)

@@ -1,7 +1,8 @@
 """Prior preservation without class images (``model.params.prior_preservation: base_model``): the prior term's
-target is the base model's own prediction for the class prompt, the trained LoRA model switched back to its base
-weights. Checked against an independent copy of the base model (built before any adapter was added), on SD v1's and
-SDXL's and FLUX.1's tiny LoRA recipes, and through main.py."""
+target is the base model's own prediction for the class prompt: the trained LoRA model switched back to its base
+weights, or a full fine-tune's frozen copy of its starting weights. Checked against an independent copy of the base
+model (built before any adapter was added or weight trained), on SD v1's and SDXL's and FLUX.1's tiny recipes, and
+through main.py (a resumed full fine-tune keeps the base's copy, not the resumed weights)."""
 from __future__ import annotations
 
 import copy
@@ -48,21 +49,48 @@ def lora_model(config_path: Path, base_state: dict, tokenizer: Path | None = Non
     return model.eval(), base
 
 
+def full_model(config_path: Path, base_state: dict, tokenizer: Path | None = None
+               ) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the fine-tune config's model with base_model prior, full fine-tune (the text encoder trained too where the
+    family has one), an independent base copy), both holding the seeded tiny weights; the model's trainable weights
+    are then moved by noise, as training would move them, after it kept its base copy."""
+    config = tiny_flux_config(tokenizer, config_path) if tokenizer else load_config(config_path)
+    params = config.model.params
+    params.pop("lora_config", None)
+    params.use_ema = False
+    params.prior_preservation = "base_model"
+    if "cond_stage_config" in params:
+        params.cond_stage_trainable = True
+    model = instantiate_from_config(config.model)
+    model.load_state_dict(base_state, strict=False)
+    base = copy.deepcopy(model).eval()
+    model.configure_model()
+    g = torch.Generator().manual_seed(7)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained
+    with torch.no_grad():
+        for p in trained:
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval(), base
+
+
 def batch_of(tmp_path: Path, size: int) -> dict:
     dataset = DreamBoothDataset(make_folder(tmp_path / "subject", 2), "sks", "toy", size=size, flip_p=0.0,
                                 prior_captions=True)
     return default_collate([dataset[0], dataset[1]])
 
 
-@pytest.fixture(params=["sd_v1", "sdxl", "flux"])
+@pytest.fixture(params=[(f, mode) for f in ("sd_v1", "sdxl", "flux") for mode in ("lora", "full")],
+                ids=lambda p: "-".join(p))
 def family(request, tmp_path):
-    if request.param == "sd_v1":
-        return (*lora_model(TINY_FT, request.getfixturevalue("tiny_model").state_dict()), batch_of(tmp_path, 64))
-    if request.param == "sdxl":
-        return (*lora_model(TINY_SDXL_FT, request.getfixturevalue("tiny_sdxl_model").state_dict()),
-                batch_of(tmp_path, 64))
-    return (*lora_model(TINY_FLUX_FT, request.getfixturevalue("tiny_flux_model").state_dict(),
-                        request.getfixturevalue("t5_tokenizer")), batch_of(tmp_path, 64))
+    name, mode = request.param
+    make = lora_model if mode == "lora" else full_model
+    if name == "sd_v1":
+        return (*make(TINY_FT, request.getfixturevalue("tiny_model").state_dict()), batch_of(tmp_path, 64))
+    if name == "sdxl":
+        return (*make(TINY_SDXL_FT, request.getfixturevalue("tiny_sdxl_model").state_dict()), batch_of(tmp_path, 64))
+    return (*make(TINY_FLUX_FT, request.getfixturevalue("tiny_flux_model").state_dict(),
+                  request.getfixturevalue("t5_tokenizer")), batch_of(tmp_path, 64))
 
 
 def base_answer(base, x_noisy, t, captions, batch):
@@ -94,7 +122,7 @@ def test_the_prior_target_is_the_base_models_prediction_for_the_class_prompt(fam
         pred = model.apply_model(x, t, c)
     expected = ((pred - target) ** 2).flatten(1).mean(dim=1).mean()
     assert float(logs["loss_prior"]) == pytest.approx(float(expected), rel=1e-5)
-    assert float(logs["loss_prior"]) > 1e-4  # the random adapters moved the answer: the test sees the term
+    assert float(logs["loss_prior"]) > 1e-4  # the moved weights moved the answer: the test sees the term
     assert float(loss) == pytest.approx(float(logs["loss_subject"]) + model.reg_weight * float(expected), rel=1e-5)
 
 
@@ -139,8 +167,53 @@ def test_a_lora_run_without_class_images_trains_and_keeps_the_layout(tiny_ckpt, 
     assert not any((tmp_path / "logs").rglob("class-*.png"))
 
 
+def test_a_full_fine_tune_without_class_images_trains_resumes_and_saves_no_copy(tiny_ckpt, tmp_path, capsys):
+    """A full fine-tune with prior_preservation=base_model: the prior term is 0 at the first step (the model is its
+    base) and positive after; the checkpoint holds the original layout only (the frozen copy is not saved). Resumed
+    with -r, the copy is the base file's again, not the resumed weights: the first resumed step's prior term is not
+    0. Without the base file the resume is refused in one line."""
+    base_file = tmp_path / "base.ckpt"
+    base_file.write_bytes(tiny_ckpt.read_bytes())
+    args = ["--base", str(TINY_FT), "-t", "--logdir", str(tmp_path / "logs"), "-n", "self", "--actual_resume",
+            str(base_file), "--data_root", str(make_folder(tmp_path / "subject", 3)), "--class_word", "toy",
+            "--max_steps", "3", "model.params.prior_preservation=base_model", "lightning.trainer.log_every_n_steps=1",
+            "model.base_learning_rate=1e-3"]
+    assert main_module.main(args) == 0
+    (run,) = (tmp_path / "logs").iterdir()
+
+    def priors() -> list[float]:  # of the newest part of the run (a resumed part logs into its own file)
+        with open(max(run.rglob("metrics.csv"), key=lambda q: q.stat().st_mtime_ns)) as f:
+            return [float(r["train/loss_prior"]) for r in csv.DictReader(f) if r.get("train/loss_prior")]
+    first = priors()
+    assert len(first) == 3 and first[0] == 0.0 and all(p > 0 for p in first[1:]), first
+    last, _ = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    base, _ = read_checkpoint(tiny_ckpt)
+    assert set(last) == set(base)
+    assert any(not torch.equal(last[k], v) for k, v in base.items() if "diffusion_model" in k)
+    assert main_module.main(["-r", str(run), "--max_steps", "5"]) == 0
+    after = priors()
+    assert len(after) == 2 and all(p > 0 for p in after), after
+    base_file.unlink()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main_module.main(["-r", str(run), "--max_steps", "6"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1 and "takes its prior from the base model" in err[0], err
+    assert str(base_file) in err[0]
+
+
+def test_a_full_fine_tune_from_random_weights_has_no_base(tmp_path, capsys):
+    args = ["--base", str(TINY_FT), "-t", "--logdir", str(tmp_path / "logs"), "-n", "bad", "--data_root",
+            str(make_folder(tmp_path / "subject", 1)), "--class_word", "toy", "--max_steps", "1",
+            "model.params.prior_preservation=base_model"]
+    with pytest.raises(SystemExit) as info:
+        main_module.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1 and "needs the base model's weights (--actual_resume)" in err[0]
+    assert not (tmp_path / "logs").exists()
+
+
 @pytest.mark.parametrize("extra, message", [
-    (["model.params.prior_preservation=base_model"], "needs LoRA (--lora_rank or model.params.lora_config)"),
     (["--lora_rank", "4", "model.params.prior_preservation=base_model", "--reg_data_root", "REG"],
      "takes no class images (the base model's own prediction is the prior): drop --reg_data_root"),
     (["--lora_rank", "4", "model.params.prior_preservation=frozen"],

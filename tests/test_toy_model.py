@@ -85,3 +85,26 @@ def test_the_demo_reports_colour_drift_against_the_base_model(judge, tmp_path):
     path = demo.draw_figure({"training photos": None}, tmp_path / "f.png", {"before": s, "after": s})
     assert json.loads(Image.open(path).text["scores"])["after"]["colour_drift_base_seeds"] == \
         s["colour_drift_base_seeds"]
+
+
+def test_the_prior_comparison_tables_every_way_over_its_seeds_and_keeps_finished_runs(tmp_path, monkeypatch):
+    """scripts/compare_priors.py: a way's finished runs (their scores.json) are read, not run again; the table has
+    one row per way with the mean and the sample standard deviation over its seeds."""
+    import json
+    import subprocess
+
+    from conftest import load_script
+    compare = load_script("compare_priors")
+    for way, values in {"class_images": (0.5, 0.7), "none": (0.25, 0.25)}.items():
+        for seed, v in enumerate(values):
+            after = {"subject_fidelity": v, "prompt_fidelity": 1 - v, "prior_drift": v / 10, "colour_drift": 0.2,
+                     "colour_drift_base_seeds": 0.1}
+            (tmp_path / f"{way}-seed{seed}").mkdir()
+            (tmp_path / f"{way}-seed{seed}" / "scores.json").write_text(json.dumps({"after": after, "seconds": 90}))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail(f"ran {a}: the scores were there"))
+    assert compare.main(["--out", str(tmp_path), "--seeds", "0", "1", "--ways", "class_images", "none"]) == 0
+    rows = (tmp_path / "priors.md").read_text().splitlines()
+    assert len(rows) == 4
+    assert rows[2].startswith("| class images (the paper's) | 2 | 0.60 ± 0.14 | 0.40 ± 0.14 | 0.06 ± 0.01 |")
+    assert rows[3].startswith("| no prior preservation | 2 | 0.25 ± 0.00 | 0.75 ± 0.00 | 0.03 ± 0.00 |")
+    assert rows[3].endswith("| 0.20 ± 0.00 | 0.10 ± 0.00 | 90 |")

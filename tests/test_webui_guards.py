@@ -565,17 +565,13 @@ def test_the_training_command_passes_main_py_checks(roots, recipe, t5_tokenizer)
                                                      "clip": str(roots.model_dir / "clip_l.safetensors")}
         t5 = cfg.model.params.conditioner_config.params.emb_models[1].params
         assert t5.tokenizer_path == str(roots.model_dir / "spiece.model")
-    # Prior from the base model: LoRA recipes train with no class images; the others say why not, in one line.
+    # Prior from the base model: every recipe trains with no class images (LoRA: adapters off; full: a frozen copy).
     base_prior = rc.TrainRequest(recipe, str(photos), "dog", "sks", str(ckpt), 30, 2e-6, True, 8,
                                  prior_source=rc.PRIOR_SOURCES[1])
-    if "LoRA" in recipe:
-        opt, overrides = main_py.get_parser().parse_known_args(rc.training_argv(base_prior, roots, False)[0][2:])
-        cfg = prepare(TrainOptions.from_namespace(opt, overrides)).config
-        assert cfg.model.params.prior_preservation == "base_model" and cfg.data.params.prior_captions
-        assert not cfg.data.params.get("reg_data_root") and not cfg.class_images.get("num")
-    else:
-        with pytest.raises(rc.RequestError, match="is not a LoRA recipe"):
-            rc.training_argv(base_prior, roots, False)
+    opt, overrides = main_py.get_parser().parse_known_args(rc.training_argv(base_prior, roots, False)[0][2:])
+    cfg = prepare(TrainOptions.from_namespace(opt, overrides)).config
+    assert cfg.model.params.prior_preservation == "base_model" and cfg.data.params.prior_captions
+    assert not cfg.data.params.get("reg_data_root") and not cfg.class_images.get("num")
     with pytest.raises(PathRefused):
         rc.training_argv(rc.TrainRequest(recipe, "/tmp", "dog", "sks", str(ckpt), 30, 2e-6, False, 8), roots, False)
     with pytest.raises(rc.RequestError, match="may not contain"):

@@ -320,15 +320,16 @@ def check_lean_training(config: DictConfig) -> None:
 
 
 def check_base_model_prior(config: DictConfig) -> None:
-    """``prior_preservation: base_model``: a LoRA run without class images (the base model's prediction is the
-    prior's target); the data then serves each subject example's class prompt (``data.params.prior_captions``)."""
+    """``prior_preservation: base_model``: a run without class images (the base model's prediction is the prior's
+    target: the LoRA model with its adapters off, or a full fine-tune's frozen copy of its starting weights, which
+    must then come from a file); the data then serves each subject example's class prompt
+    (``data.params.prior_captions``)."""
     if OmegaConf.select(config, "model.params.prior_preservation", default="class_images") != "base_model":
         return
     key = "model.params.prior_preservation=base_model"
-    if not OmegaConf.select(config, "model.params.lora_config"):
-        raise ConfigError(f"{key} needs LoRA (--lora_rank or model.params.lora_config): the base model's "
-                          f"prediction is the model with its adapters switched off; use class images for a full "
-                          f"fine-tune")
+    if not OmegaConf.select(config, "model.params.lora_config") and not config.get("actual_resume"):
+        raise ConfigError(f"{key} on a full fine-tune needs the base model's weights (--actual_resume): its frozen "
+                          f"copy is the prior, and random weights have nothing to preserve")
     concepts = OmegaConf.select(config, "data.params.concepts") or []
     with_images = [f"concepts entry {k + 1}" for k, c in enumerate(concepts) if c.get("reg_data_root")]
     if OmegaConf.select(config, "data.params.reg_data_root"):

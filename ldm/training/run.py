@@ -104,7 +104,17 @@ def prepare(options: TrainOptions) -> Plan:
         check_run_name(options.name or Path(base[0]).stem, options.postfix)
     config = apply_overrides(apply_flags(load_configs(base), options), options.overrides)
     apply_part_settings(config, vars(options))
-    if options.resume:
+    base_copy = full_base_prior(config)
+    if options.resume and base_copy:
+        # A full fine-tune whose prior is a frozen copy of its base weights: the model is built from the base
+        # files again (the copy is taken from them), and Lightning then restores the trained weights over it.
+        if options.actual_resume:
+            print("--actual_resume is ignored with -r: the run continues from its own checkpoint (its base file "
+                  "stays the one it started from, the frozen copy for the prior)")
+        if not Path(config.get("actual_resume") or "").is_file():
+            raise ConfigError(f"-r {options.resume}: model.params.prior_preservation=base_model takes its prior from "
+                              f"the base model the run started from, {config.get('actual_resume')}, which is missing")
+    elif options.resume:
         if options.actual_resume:
             print("--actual_resume is ignored with -r: the run continues from its own checkpoint")
         # The weights (VAE and a family's other files included) are in the checkpoint: the original files are not
@@ -121,7 +131,7 @@ def prepare(options: TrainOptions) -> Plan:
     check_subjects(config, options.concepts)
     check_data_folders(config)
     check_validation_models(config)
-    weights = resume_ckpt or config.get("actual_resume")
+    weights = config.get("actual_resume") if base_copy else resume_ckpt or config.get("actual_resume")
     if weights is not None and not Path(weights).is_file():
         raise ConfigError(f"--actual_resume {weights}: file not found")
     vae = OmegaConf.select(config, "model.params.vae_path")
@@ -130,6 +140,13 @@ def prepare(options: TrainOptions) -> Plan:
     check_parts({**(OmegaConf.select(config, "model.params.component_paths") or {}),
                  **{k: getattr(options, k) for k in PART_SETTINGS}}, config)
     return Plan(config, now, run_folder, resume_ckpt, Path(weights) if weights else None)
+
+
+def full_base_prior(config: DictConfig) -> bool:
+    """Whether the run is a full fine-tune whose prior target is a frozen copy of its base weights
+    (``prior_preservation: base_model`` without LoRA)."""
+    return (OmegaConf.select(config, "model.params.prior_preservation", default="class_images") == "base_model"
+            and not OmegaConf.select(config, "model.params.lora_config"))
 
 
 def check_run_name(name: str, postfix: str) -> None:

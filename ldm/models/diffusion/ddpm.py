@@ -199,15 +199,12 @@ class LatentDiffusion(DreamBoothTraining, pl.LightningModule):
         self.lr_warmup_steps, self.lr_schedule = lr_warmup_steps, lr_schedule
         self.learning_rate = 1.0e-4  # main.py sets base_learning_rate (times the batch scaling) here
         self.lora_settings = LoraSettings(**lora_config) if lora_config else None
-        # Where the prior term's target comes from: class images (the paper's), or, with LoRA and no class images,
-        # the base model's own prediction for the class prompt on the subject's noisy latents (adapters off).
+        # Where the prior term's target comes from: class images (the paper's), or, without class images, the base
+        # model's own prediction for the class prompt on the subject's noisy latents (LoRA: adapters off; a full
+        # fine-tune: a frozen copy of the trained weights as they were at the start, taken in configure_model).
         if prior_preservation not in ("class_images", "base_model"):
             raise ValueError(f"model.params.prior_preservation {prior_preservation!r}: expected class_images or "
                              f"base_model")
-        if prior_preservation == "base_model" and not self.lora_settings:
-            raise ValueError("model.params.prior_preservation base_model needs lora_config (the base model's "
-                             "prediction is the model with its adapters switched off); use class images for a full "
-                             "fine-tune")
         self.prior_preservation = prior_preservation
         if self.lora_settings and use_ema:
             raise NotImplementedError("use_ema with LoRA: the EMA would track the frozen base weights")

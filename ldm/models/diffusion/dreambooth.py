@@ -7,7 +7,8 @@ original's wiring of VAE, text encoder and UNet, and training lives here.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from contextlib import contextmanager
+from typing import Any, ContextManager, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
@@ -108,14 +109,40 @@ class DreamBoothTraining:
         for its class prompt (``prior_caption``, "photo of a dog") and the base model's (adapters off, no
         gradient) on the same noisy latent and t. No class images are needed: the base model's answer is the
         prior, as ai-toolkit's "differential output preservation" and OneTrainer's prior prediction use it."""
-        from ldm.weights.lora import adapters_disabled
         captions = list(batch["prior_caption"])
-        with torch.no_grad(), adapters_disabled(self):
+        with torch.no_grad(), self.base_weights():
             base_c = self.condition_on(captions, batch, [""])
             target = self.apply_model(x_noisy, t, base_c)
-        # Frozen text encoders answer alike with the adapters on: their encoding is the base's.
-        c = self.condition_on(captions, batch, [""]) if self.lora_settings.text_encoder else base_c
+        # Frozen text encoders answer alike either way: their encoding is the base's.
+        text_trains = self.lora_settings.text_encoder if self.lora_settings else self.cond_stage_trainable
+        c = self.condition_on(captions, batch, [""]) if text_trains else base_c
         return per_example_loss(self.apply_model(x_noisy, t, c), target, self.loss_type)
+
+    def base_weights(self) -> ContextManager[None]:
+        """Inside the block the model answers as the base model: a LoRA model with its adapters off; a full
+        fine-tune with the frozen copy of its trainable weights (``keep_base_copy``) in place of the trained ones."""
+        if self.lora_settings:
+            from ldm.weights.lora import adapters_disabled
+            return adapters_disabled(self)
+        copy = getattr(self, "_base_copy", None)
+        if copy is None:
+            raise RuntimeError("prior_preservation base_model on a full fine-tune: no base copy was kept "
+                               "(configure_model keeps it, before training or a resumed checkpoint changes them)")
+        device = next(iter(copy.values())).device
+        if device != self.betas.device:  # the copy is not a submodule: it follows the model on first use
+            copy = self._base_copy = {k: nn.Parameter(v.to(self.betas.device), requires_grad=False)
+                                      for k, v in copy.items()}
+        return parameters_replaced(self, copy)
+
+    def keep_base_copy(self) -> None:
+        """``prior_preservation: base_model`` on a full fine-tune: a frozen copy of every trainable weight as it is
+        now (the base model; one more copy of the trained network in memory), outside the module's registry, so
+        that it is neither trained nor saved. A resumed run builds the model from the base file first
+        (``ldm.training.run``), so the copy is the base's there too, before Lightning restores the checkpoint."""
+        if self.prior_preservation != "base_model" or self.lora_settings:
+            return
+        self._base_copy = {n: nn.Parameter(p.detach().clone(), requires_grad=False)
+                           for n, p in self.named_parameters() if p.requires_grad}
 
     def step_generator(self) -> Optional[torch.Generator]:
         """The generator of the next training batch, from (noise_seed, batches trained so far, rank); None without
@@ -248,6 +275,7 @@ class DreamBoothTraining:
         if self.weights_dtype == "bf16":
             for p in self.trainable_parameters():
                 p.data = p.data.to(torch.bfloat16)
+        self.keep_base_copy()
         self.apply_low_memory()
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -283,3 +311,20 @@ class DreamBoothTraining:
         if self.weights_dtype != "bf16":
             return dict(state_dict)
         return {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state_dict.items()}
+
+
+@contextmanager
+def parameters_replaced(model: nn.Module, values: Mapping[str, nn.Parameter]) -> Iterator[None]:
+    """Inside the block, each named parameter of ``model`` is the tensor ``values`` gives for its name (the same
+    module code computes with other weights); the model's own parameters are back afterwards, untouched."""
+    saved = []
+    for name, value in values.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        saved.append((owner, attr, owner._parameters[attr]))
+        owner._parameters[attr] = value
+    try:
+        yield
+    finally:
+        for owner, attr, parameter in reversed(saved):
+            owner._parameters[attr] = parameter
