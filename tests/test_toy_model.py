@@ -108,3 +108,69 @@ def test_the_prior_comparison_tables_every_way_over_its_seeds_and_keeps_finished
     assert rows[2].startswith("| class images (the paper's) | 2 | 0.60 ± 0.14 | 0.40 ± 0.14 | 0.06 ± 0.01 |")
     assert rows[3].startswith("| no prior preservation | 2 | 0.25 ± 0.00 | 0.75 ± 0.00 | 0.03 ± 0.00 |")
     assert rows[3].endswith("| 0.20 ± 0.00 | 0.10 ± 0.00 | 90 |")
+
+
+def rendered(place: str, subject: bool, n: int, seed: int):
+    """``n`` renders (float, [-1, 1], as the decoder gives them) of the demo robot, or of a red world robot, at
+    ``place``."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from ldm.data import toy_world as tw
+    rng, out = random.Random(seed), []
+    for _ in range(n):
+        cx, base_y, horizon = tw.place_object(rng, *tw.object_extent("robot", 1.0))
+        r = (tw.render_demo_robot(place, cx, base_y, horizon, 1.0, 0, rng.getrandbits(32)) if subject else
+             tw.render_world_object("robot", tw.COLOURS["red"], 1.0, place, cx, base_y, horizon, rng.getrandbits(32)))
+        out.append(np.asarray(r.image))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def test_validation_with_the_toy_judge_scores_subject_place_and_class(judge):
+    """lightning.validation.judge: the subject rows' pictures scored for the subject and for the place their
+    prompt names, the class row's for how much they look like the subject. Renders with a known answer: the demo
+    robot on the moon for the moon prompt, on the beach for the snow prompt (the place wrong), world robots for
+    the class."""
+    from types import SimpleNamespace
+
+    from ldm.eval.toy_model import TOY_CLASSIFIER
+    from ldm.training.validation import ValidationMetrics
+    v = ValidationMetrics(1, prompts=["photo of a {token} {class_word} on the moon",
+                                      "photo of a {token} {class_word} in the snow"],
+                          judge=str(TOY_CLASSIFIER), class_prompt="photo of a {class_word}")
+    data = SimpleNamespace(concepts=[SimpleNamespace(token="sks", class_word="robot")])
+    images = {"photo of a sks robot on the moon": rendered("moon", True, 6, 0),
+              "photo of a sks robot in the snow": rendered("beach", True, 6, 1),
+              "photo of a robot": rendered("grass", False, 6, 2)}
+    assert list(v.prompts_for(data)) == list(images)
+    s = v.score(images, v.prompts_for(data), data)
+    assert s["subject fidelity"] > 0.8 and s["prompt fidelity"] == 0.5 and s["prior drift"] < 0.2, s
+
+
+def test_a_toy_run_validated_by_the_judge_writes_its_metrics(tmp_path):
+    """configs/toy/validation.yaml through main.py: every validation scored by the judge, metrics.md with its
+    rule in the judge's words; a judge file that is not there is one line before any model loads."""
+    import json
+
+    import main as main_module
+    from conftest import REPO
+    from ldm.eval.toy_model import TOY_MODEL
+    args = ["--base", str(REPO / "configs/toy/dreambooth.yaml"), str(REPO / "configs/toy/validation.yaml"), "-t",
+            "--actual_resume", str(TOY_MODEL), "-n", "val", "--logdir", str(tmp_path / "logs"), "--data_root",
+            str(REPO / "assets/demo/subject"), "--class_word", "robot", "--max_steps", "2",
+            "lightning.validation.every_n_steps=2", "lightning.validation.num_images=2",
+            "lightning.validation.ddim_steps=3",
+            f"lightning.validation.judge={REPO / 'assets/toy/classifier.safetensors'}"]
+    with pytest.raises(SystemExit) as info:
+        main_module.main(args[:-1] + [f"lightning.validation.judge={tmp_path / 'nope.safetensors'}"])
+    assert info.value.code == 2 and not (tmp_path / "logs").exists()
+    assert main_module.main(args) == 0
+    (run,) = (tmp_path / "logs").iterdir()
+    history = json.loads((run / "validation.json").read_text())
+    assert [h["step"] for h in history] == [0, 2]
+    assert all(0 <= h[k] <= 1 for h in history for k in ("subject fidelity", "prompt fidelity", "prior drift"))
+    report = (run / "metrics.md").read_text()
+    assert "the highest subject fidelity + prompt fidelity among the validated steps whose prior drift" in report
+    assert (run / "metrics.png").is_file() and (run / "images" / "val" / "step-000002.png").is_file()

@@ -263,9 +263,17 @@ def check_data_folders(config: DictConfig) -> None:
 
 def check_validation_models(config: DictConfig) -> None:
     """``lightning.validation.clip`` / ``.dino``: both or neither (then only the loss is validated), and each a
-    folder with its model's files, checked with the config rather than at the first validation."""
+    folder with its model's files; or ``.judge``, the toy world's classifier file, instead of both. Checked with
+    the config rather than at the first validation."""
     validation = config.lightning.get("validation") or {}
+    judge = validation.get("judge")
+    if judge and not Path(judge).is_file():
+        raise ConfigError(f"lightning.validation.judge {judge}: file not found (the toy world's judge is "
+                          f"assets/toy/classifier.safetensors)")
     given = {key: validation.get(key) for key in ("clip", "dino") if validation.get(key)}
+    if judge and given:
+        raise ConfigError("lightning.validation.judge scores the toy world instead of CLIP and DINO: set judge, or "
+                          "clip and dino, not both")
     if len(given) == 1:
         (key, _), = given.items()
         other = "dino" if key == "clip" else "clip"

@@ -9,7 +9,9 @@
    the subject pictures against the subject's training photos, CLIP-T of each picture against its prompt without
    the identifier, and PRES (DINO of the class pictures against the subject's photos: how much the class itself
    turned into the subject), averaged over the subjects; without the CLIP/DINO model folders it says so once and
-   only the loss is validated;
+   only the loss is validated. On the toy world, ``judge: assets/toy/classifier.safetensors`` scores with the toy
+   judge instead (``ldm.eval.toy``): subject fidelity, prompt fidelity (the place drawn as asked) and prior drift
+   (the class pictures taken for the subject) play CLIP-I, CLIP-T and PRES;
 3. computes the loss on a fixed grid of timesteps and noise over the training photos and class images
    (``val/loss_subject_fixed``, ``val/loss_prior_fixed``): the same numbers for the same weights, step to step;
 4. logs everything to TensorBoard and the CSV, and keeps the best step's weights as ``checkpoints/best.ckpt``
@@ -18,14 +20,16 @@
 The rule that picks the step (:func:`choose_step`): the highest CLIP-I + CLIP-T among the validated steps whose
 PRES is at most the baseline's (step 0) plus ``pres_margin``, if it beats the baseline's own CLIP-I + CLIP-T: the
 subject and the prompt both count, a step where the class has started to look like the subject is not taken, and
-when no trained step improves on the starting model none is called best (no ``best.ckpt``; ``metrics.md`` says so). At the end ``metrics.md`` holds the table,
-the rule and the step it picked, and ``metrics.png`` the four metrics against the steps.
+when no trained step improves on the starting model none is called best (no ``best.ckpt``; ``metrics.md`` says
+so). At the end ``metrics.md`` holds the table, the rule and the step it picked, and ``metrics.png`` the metrics
+against the steps.
 """
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import pytorch_lightning as pl
@@ -36,15 +40,36 @@ from ldm.images import make_grid, save_png, to_pil
 from ldm.training.callbacks import expand_prompts
 
 METRIC_NAMES = ("DINO", "CLIP-I", "CLIP-T", "PRES")
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """What a judge reports, and what the rule reads: the two scores summed for fidelity (higher is better) and
+    the one that says how far the class itself moved (lower is better)."""
+    names: tuple[str, ...]
+    fidelity: tuple[str, str]
+    preservation: str
+
+
+#: The paper's metrics (CLIP and DINO folders) and the toy world's (its judge; ``lightning.validation.judge``).
+PAPER = Metrics(METRIC_NAMES, ("CLIP-I", "CLIP-T"), "PRES")
+TOY = Metrics(("subject fidelity", "prompt fidelity", "prior drift"), ("subject fidelity", "prompt fidelity"),
+              "prior drift")
 DEFAULT_PROMPTS = ("a {token} {class_word} on the beach", "a {token} {class_word} in the snow",
                    "a {token} {class_word} on top of a wooden table", "a red {token} {class_word}")
 
 
-def _fidelity(record: dict[str, Any]) -> Optional[float]:
-    """CLIP-I + CLIP-T of a validation record, None without CLIP scores."""
-    if record.get("CLIP-I") is None or record.get("CLIP-T") is None:
+def metrics_of(history: Sequence[dict[str, Any]]) -> Metrics:
+    """The metric set a validation history was scored with (the toy judge's names, else the paper's)."""
+    return TOY if history and TOY.preservation in history[0] else PAPER
+
+
+def _fidelity(record: dict[str, Any], metrics: Metrics = PAPER) -> Optional[float]:
+    """CLIP-I + CLIP-T of a validation record (the toy judge's: subject + prompt fidelity), None without them."""
+    a, b = metrics.fidelity
+    if record.get(a) is None or record.get(b) is None:
         return None
-    return record["CLIP-I"] + record["CLIP-T"]
+    return record[a] + record[b]
 
 
 def choose_step(history: Sequence[dict[str, Any]], pres_margin: float) -> Optional[int]:
@@ -52,37 +77,45 @@ def choose_step(history: Sequence[dict[str, Any]], pres_margin: float) -> Option
     first is the baseline, the starting model): the highest CLIP-I + CLIP-T whose PRES <= baseline PRES +
     ``pres_margin``, and higher than the baseline's own, since a trained step that scores no better than the
     model it started from is no better choice; ties go to the earlier step. None without CLIP scores, without
-    trained steps, or when the baseline scored best (:func:`baseline_scored_best`)."""
-    if not history or history[0].get("PRES") is None:
+    trained steps, or when the baseline scored best (:func:`baseline_scored_best`). A toy-judge history is read
+    the same way with its own names (:data:`TOY`)."""
+    m = metrics_of(history)
+    pres = m.preservation
+    if not history or history[0].get(pres) is None:
         limit = math.inf
     else:
-        limit = history[0]["PRES"] + pres_margin
-    floor = _fidelity(history[0]) if history else None
-    candidates = [h for h in history[1:] if _fidelity(h) is not None and (h.get("PRES") is None or h["PRES"] <= limit)
-                  and (floor is None or _fidelity(h) > floor)]
+        limit = history[0][pres] + pres_margin
+    floor = _fidelity(history[0], m) if history else None
+    candidates = [h for h in history[1:] if _fidelity(h, m) is not None and (h.get(pres) is None or h[pres] <= limit)
+                  and (floor is None or _fidelity(h, m) > floor)]
     if not candidates:
         return None
-    best = max(candidates, key=lambda h: (_fidelity(h), -h["step"]))
+    best = max(candidates, key=lambda h: (_fidelity(h, m), -h["step"]))
     return int(best["step"])
 
 
 def baseline_scored_best(history: Sequence[dict[str, Any]], pres_margin: float) -> bool:
     """True when the starting model (step 0) has CLIP scores and no trained step within the PRES margin beats them:
     the run did not improve on the model it started from."""
-    return len(history) > 1 and _fidelity(history[0]) is not None and choose_step(history, pres_margin) is None \
-        and any(_fidelity(h) is not None for h in history[1:])
+    m = metrics_of(history)
+    return len(history) > 1 and _fidelity(history[0], m) is not None and choose_step(history, pres_margin) is None \
+        and any(_fidelity(h, m) is not None for h in history[1:])
 
 
 class ValidationMetrics(pl.Callback):
     """See the module docstring. ``clip`` / ``dino``: local folders of openai/clip-vit-base-patch32 and
-    facebook/dino-vits16 (as ``scripts/evaluate.py`` takes them)."""
+    facebook/dino-vits16 (as ``scripts/evaluate.py`` takes them); ``judge``: the toy world's classifier file, which
+    scores instead of them."""
 
     def __init__(self, every_n_steps: int, prompts: Sequence[str] = DEFAULT_PROMPTS, num_images: int = 4,
                  seed: int = 0, clip: Optional[str] = None, dino: Optional[str] = None, ddim_steps: int = 50,
-                 scale: float = 7.5, pres_margin: float = 0.05, loss_timesteps: int = 4, max_class_images: int = 8):
+                 scale: float = 7.5, pres_margin: float = 0.05, loss_timesteps: int = 4, max_class_images: int = 8,
+                 judge: Optional[str] = None, class_prompt: str = "a {class_word}"):
         super().__init__()
         if every_n_steps < 1:
             raise ValueError("lightning.validation.every_n_steps must be at least 1")
+        self.judge_path, self.class_prompt = judge, class_prompt
+        self._judge: Any = None
         self.every, self.templates, self.num_images, self.seed = every_n_steps, list(prompts), num_images, seed
         self.clip_path, self.dino_path, self.ddim_steps, self.scale = clip, dino, ddim_steps, scale
         self.pres_margin, self.loss_timesteps, self.max_class_images = pres_margin, loss_timesteps, max_class_images
@@ -155,8 +188,12 @@ class ValidationMetrics(pl.Callback):
             for p in expand_prompts(self.templates, [c]):
                 rows[p] = [p]
         for c in data.concepts:
-            rows[f"a {c.class_word}"] = [f"a {c.class_word}"]
+            rows[self.class_row(c)] = [self.class_row(c)]
         return rows
+
+    def class_row(self, concept: Any) -> str:
+        """The bare class prompt of ``concept`` ("a dog"; the toy world's captions say "photo of a robot")."""
+        return self.class_prompt.format(class_word=concept.class_word)
 
     @torch.no_grad()
     def sample(self, model: Any, data: Any) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
@@ -202,7 +239,10 @@ class ValidationMetrics(pl.Callback):
         return out
 
     def score(self, images: dict[str, torch.Tensor], rows: dict[str, list[str]], data: Any) -> dict[str, Any]:
-        """DINO, CLIP-I, CLIP-T and PRES averaged over the subjects (None each without the model folders)."""
+        """DINO, CLIP-I, CLIP-T and PRES averaged over the subjects (None each without the model folders), or the
+        toy judge's three."""
+        if self.judge_path:
+            return self.judge_scores(images, data)
         embedders = self.embedders()
         if embedders is None:
             return {name: None for name in METRIC_NAMES}
@@ -215,7 +255,7 @@ class ValidationMetrics(pl.Callback):
             mine = [p for p in expand_prompts(self.templates, [concept])]
             generated = [to_pil(x) for p in mine for x in images[p]]
             texts = [prompt_for_clip_t(p, concept.token) for p in mine for _ in images[p]]
-            prior = [to_pil(x) for x in images[f"a {concept.class_word}"]]
+            prior = [to_pil(x) for x in images[self.class_row(concept)]]
             real_dino, real_clip = dino.embed_images(real), clip.embed_images(real)
             gen_clip = clip.embed_images(generated)
             per_subject.append({
@@ -224,6 +264,21 @@ class ValidationMetrics(pl.Callback):
                 "CLIP-T": clip_t_score(gen_clip, clip.embed_texts(texts)),
                 "PRES": pres_score(real_dino, dino.embed_images(prior))})
         return {name: sum(s[name] for s in per_subject) / len(per_subject) for name in METRIC_NAMES}
+
+    def judge_scores(self, images: dict[str, torch.Tensor], data: Any) -> dict[str, Any]:
+        """The toy judge's subject fidelity and prompt fidelity over every subject prompt (the place each prompt
+        names, ``toy_world.background_of_prompt``) and its prior drift over the class pictures."""
+        from ldm.data.toy_world import background_of_prompt
+        from ldm.eval.toy import load_classifier, prior_drift, scores
+        if self._judge is None:
+            self._judge = load_classifier(self.judge_path)
+        mine = [p for c in data.concepts for p in expand_prompts(self.templates, [c])]
+        subject = torch.cat([images[p] for p in mine])
+        places = [background_of_prompt(p) for p in mine for _ in images[p]]
+        result = scores(subject, places, self._judge)
+        prior = torch.cat([images[self.class_row(c)] for c in data.concepts])
+        return {"subject fidelity": result["subject_fidelity"], "prompt fidelity": result["prompt_fidelity"],
+                "prior drift": prior_drift(prior, self._judge)}
 
     def embedders(self) -> Optional[tuple[Any, Any]]:
         if self._embedders is None:
@@ -254,7 +309,8 @@ def save_best(trainer: pl.Trainer, model: Any) -> list[Path]:
 
 def write_report(history: Sequence[dict[str, Any]], best: Optional[int], margin: float, root: Path) -> Path:
     """``metrics.md`` (the table, the rule, the step it picked) and ``metrics.png`` (the metrics against steps)."""
-    columns = ["step", *METRIC_NAMES, "loss_subject_fixed", "loss_prior_fixed"]
+    m = metrics_of(history)
+    columns = ["step", *m.names, "loss_subject_fixed", "loss_prior_fixed"]
     fmt = lambda v: "–" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = ["# Validation", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     base_best = baseline_scored_best(history, margin)
@@ -262,17 +318,18 @@ def write_report(history: Sequence[dict[str, Any]], best: Optional[int], margin:
         mark = " **best**" if h["step"] == best else " **best (the starting model)**" if base_best and h is \
             history[0] else ""
         lines.append("| " + " | ".join(fmt(h.get(c)) for c in columns) + mark + " |")
-    rule = (f"Rule: the highest CLIP-I + CLIP-T among the validated steps whose PRES is at most the baseline's "
+    (a, b), pres = m.fidelity, m.preservation
+    rule = (f"Rule: the highest {a} + {b} among the validated steps whose {pres} is at most the baseline's "
             f"(step 0) + {margin}, if it is higher than the baseline's own.")
     if best is not None:
         verdict = f"Recommended step: {best} (checkpoints/best.ckpt)"
     elif base_best:
-        verdict = (f"Recommended step: none. The starting model (step 0) scored best (CLIP-I + CLIP-T "
-                   f"{_fidelity(history[0]):.4f}): no trained step within the PRES margin improved on it, so no "
+        verdict = (f"Recommended step: none. The starting model (step 0) scored best ({a} + {b} "
+                   f"{_fidelity(history[0], m):.4f}): no trained step within the {pres} margin improved on it, so no "
                    f"best.ckpt was written. Try a lower learning rate or fewer steps, or check the photos and "
                    f"the identifier.")
     else:
-        verdict = "Recommended step: none (no CLIP/DINO scores, or no trained step within the PRES margin)"
+        verdict = f"Recommended step: none (no judge's scores, or no trained step within the {pres} margin)"
     lines += ["", rule, "", verdict, "", "![metrics](metrics.png)", ""]
     path = root / "metrics.md"
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines), encoding="utf-8"))
@@ -286,7 +343,7 @@ def plot_metrics(history: Sequence[dict[str, Any]], best: Optional[int], path: P
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     steps = [h["step"] for h in history]
-    for name in METRIC_NAMES:
+    for name in metrics_of(history).names:
         values = [h.get(name) for h in history]
         if any(v is not None for v in values):
             ax.plot(steps, [math.nan if v is None else v for v in values], marker="o", label=name)
