@@ -16,6 +16,12 @@ never were, on a CPU, in about a minute and a half (98 s on 2 cores), with nothi
 4. one figure, ``OUTDIR/dreambooth.png``: the training photos, the subject on the held-out places, and the class
    prompt before and after fine-tuning; the numbers also in ``OUTDIR/scores.json``.
 
+``--validate_every 100 --max_steps 1000``: the measured checkpoint choice on the toy world. The fine-tune validates
+with the toy judge every 100 steps (``configs/toy/validation.yaml``: the subject on the moon and in the snow, and
+the bare class), writes ``metrics.md`` / ``metrics.png`` and ``best.ckpt`` in its run folder, and the demo then
+scores best.ckpt and last.ckpt on places the choice never saw (beach, grass, city at night; another seed): the
+``best_vs_last`` entry of ``scores.json``.
+
 ``--family v1`` / ``--family sdxl`` run the same pipeline on the randomly initialised SD-v1- and SDXL-shaped toy
 configs instead (plumbing only: their pictures are noise).
 """
@@ -50,6 +56,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "own prediction for 'photo of a robot' at every step (no class images), or nothing")
     p.add_argument("--no-prior", dest="prior", action="store_const", const="none", help="the same as --prior none")
     p.add_argument("--seed", type=int, default=0, help="seed of the fine-tune and of the pictures")
+    p.add_argument("--validate_every", type=int, default=None, metavar="N",
+                   help="validate with the toy judge every N steps, keep best.ckpt, and score it against last.ckpt "
+                        "on places the choice never saw")
     p.add_argument("--family", choices=["toy", *PLUMBING], default="toy",
                    help="toy: the shipped pretrained toy model (default); v1 / sdxl: random-weight plumbing demos")
     opt = p.parse_args(argv)
@@ -65,6 +74,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"python scripts/train_toy_model.py\n")
     last = finetune(opt, out, env)
     scores = evaluate_and_draw(last, out, opt.seed)
+    if opt.validate_every:
+        scores["best_vs_last"] = best_vs_last(last, opt.seed)
     scores["seconds"] = round(time.time() - tic)
     print(json.dumps(scores, indent=2))
     (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
@@ -81,9 +92,16 @@ def finetune(opt: argparse.Namespace, out: Path, env: dict[str, str]) -> Path:
     """main.py on configs/toy/dreambooth.yaml from the shipped model; returns the run's last.ckpt."""
     from ldm.eval.toy_model import TOY_MODEL
     name = {"class_images": "demo", "base_model": "demo_base_prior", "none": "demo_no_prior"}[opt.prior]
-    cmd = [sys.executable, str(REPO / "main.py"), "--base", str(REPO / "configs/toy/dreambooth.yaml"), "-t",
+    from ldm.eval.toy_model import TOY_CLASSIFIER
+    configs = [str(REPO / "configs/toy/dreambooth.yaml")]
+    if opt.validate_every:
+        configs.append(str(REPO / "configs/toy/validation.yaml"))
+    cmd = [sys.executable, str(REPO / "main.py"), "--base", *configs, "-t",
            "--actual_resume", str(TOY_MODEL), "-n", name, "--logdir", str(out / "logs"), "--seed", str(opt.seed),
            "--data_root", str(SUBJECT), "--class_word", "robot"]
+    if opt.validate_every:
+        cmd += [f"lightning.validation.every_n_steps={opt.validate_every}",
+                f"lightning.validation.judge={TOY_CLASSIFIER}"]
     if opt.prior == "class_images":
         cmd += ["--reg_data_root", str(out / "class-images"), "--num_class_images", "64"]
     elif opt.prior == "base_model":
@@ -113,6 +131,40 @@ def evaluate_and_draw(last: Path, out: Path, seed: int) -> dict:
             "\"a robot\" after": sample(after, 6 * ["photo of a robot"], seed + 1)}
     draw_figure(rows, out / "dreambooth.png", scores)
     return scores
+
+
+#: Where best.ckpt and last.ckpt are compared: places the validation (the moon, the snow) never scored.
+CHECK_PLACES = ("beach", "grass", "city")
+
+
+def best_vs_last(last: Path, seed: int, per_place: int = 8) -> dict:
+    """Subject fidelity and prompt fidelity on :data:`CHECK_PLACES` and prior drift, of best.ckpt (the step the
+    validation chose, from validation.json) and of last.ckpt, with a seed the validation did not use."""
+    import torch
+
+    from ldm.data import toy_world as tw
+    from ldm.eval.toy import load_classifier, prior_drift
+    from ldm.eval.toy import scores as judge_scores
+    from ldm.eval.toy_model import TOY_CLASSIFIER, load_toy_model, sample
+    from ldm.weights.checkpoint import read_checkpoint
+    torch.set_num_threads(1)
+    best = last.parent / "best.ckpt"
+    history = json.loads((last.parent.parent / "validation.json").read_text())
+    result: dict = {"validated_steps": [h["step"] for h in history], "check_places": list(CHECK_PLACES)}
+    if not best.is_file():
+        result["best_step"] = None
+        return result
+    classifier = load_classifier(TOY_CLASSIFIER)
+    result["best_step"] = read_checkpoint(best)[1].get("global_step")
+    places = [b for b in CHECK_PLACES for _ in range(per_place)]
+    for name, ckpt in (("best", best), ("last", last)):
+        model = load_toy_model(ckpt)
+        s = judge_scores(sample(model, [f"photo of a sks robot {tw.PLACES[b]}" for b in places], seed + 100), places,
+                         classifier)
+        drift = prior_drift(sample(model, len(places) * ["photo of a robot"], seed + 101), classifier)
+        result[name] = {"subject_fidelity": round(s["subject_fidelity"], 3),
+                        "prompt_fidelity": round(s["prompt_fidelity"], 3), "prior_drift": round(drift, 3)}
+    return result
 
 
 def draw_figure(rows: dict, path: Path, scores: dict) -> Path:
