@@ -56,14 +56,14 @@ def test_every_sampler_draws_what_the_shipped_model_learned(judge, sampler):
     draws the asked place and kind (a sampler that mis-scales the noise, skips guidance or steps the wrong way
     gives noise or the unconditional picture, which the judge reads as neither). 20 steps, guidance 4."""
     from ldm.data import toy_world as tw
-    from ldm.eval.toy import predict
+    from ldm.eval.toy import KIND_LABELS, PLACE_LABELS, predict
     from ldm.eval.toy_model import load_toy_model, sample
     pairs = [("ball", "beach"), ("house", "snow"), ("cat", "grass"), ("tree", "city")] * 2
     images = sample(load_toy_model(), [f"photo of a {k} {tw.PLACES[b]}" for k, b in pairs], seed=5, steps=20,
                     sampler=sampler)
     p = predict(judge, images)
-    places = [tw.BACKGROUNDS[int(i)] for i in p["background"].argmax(1)]
-    kinds = [tw.KINDS[int(i)] for i in p["kind"].argmax(1)]
+    places = [PLACE_LABELS[int(i)] for i in p["background"].argmax(1)]
+    kinds = [KIND_LABELS[int(i)] for i in p["kind"].argmax(1)]
     assert sum(b == want for b, (_, want) in zip(places, pairs)) >= 7, (sampler, places)
     assert sum(k == want for k, (want, _) in zip(kinds, pairs)) >= 4, (sampler, kinds)
 
