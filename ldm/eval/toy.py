@@ -97,10 +97,11 @@ def render_training_set(n: int, seed: int, subject_share: float = 0.3,
                         distractor_share: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` rendered pictures ``uint8 [n, 64, 64, 3]`` with labels ``[n, 4]``: place index, kind index, subject
     0/1, colour index (IGNORE where a label does not apply: the colour of the subject and of pictures without an
-    object). The places include the studio backdrop, labelled "no place"; pictures without an object are "nothing". Scales are continuous
-    from below the world's "small" (0.6) to 1.5: the demo pictures, downscaled to 64 px, show the robot at about
-    1.4, so a fine-tuned model draws it larger than any world object. Distractors (:func:`_distractor`) teach
-    the subject head that a blob is not an object."""
+    object). The places include the studio backdrop, labelled "no place"; pictures without an object are
+    "nothing". Scales are continuous from below the world's "small" (0.6) to 1.5: the demo pictures, downscaled to
+    64 px, show the robot at about 1.4, so a fine-tuned model draws it larger than any world object. Distractors
+    (:func:`_distractor`) teach the subject head that a blob is not an object, and the place and kind heads what
+    no place and no object look like."""
     rng = random.Random(seed)
     places = tw.BACKGROUNDS + (tw.STUDIO,)
     images = np.empty((n, tw.SIZE, tw.SIZE, 3), dtype=np.uint8)
