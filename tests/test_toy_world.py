@@ -308,3 +308,32 @@ def test_the_judge_says_what_a_person_says_of_generated_pictures(classifier):
     assert agreement["place_agreement"] >= 0.9 and agreement["kind_agreement"] >= 0.66, agreement
     first = toy.labelled_agreement(toy.load_classifier(REPO / "assets/toy/classifier.safetensors"), folder)
     assert first["place_agreement"] < 0.75, first
+
+
+def test_colour_scores_read_the_asked_colour_kind_and_place(classifier, monkeypatch):
+    """ldm.eval.toy_model.colour_scores with a stand-in model that draws exactly what each prompt asks (a render of
+    that colour, kind and place): every (colour, kind) pair is asked and read back; drawn one colour further along
+    instead, the colour is never right; a judge without a colour head is refused."""
+    import ldm.eval.toy_model as tm
+
+    def drawing(shift: int):
+        def draw(model, prompts, seed, **kw):
+            rng, out = random.Random(seed), []
+            for prompt in prompts:
+                words = prompt.split()
+                colour, kind = words[3], words[4]
+                place = tw.background_of_prompt(prompt)
+                colour = toy.COLOUR_LABELS[(toy.COLOUR_LABELS.index(colour) + shift) % len(toy.COLOUR_LABELS)]
+                scene = tw.sample_scene(rng, kind=kind, background=place, held_out=())
+                scene = tw.Scene(kind, colour, "large", place, scene.cx, scene.base_y, scene.horizon, scene.detail_seed)
+                out.append(np.asarray(tw.render_scene(scene).image))
+            return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return draw
+    monkeypatch.setattr(tm, "sample", drawing(0))
+    right = tm.colour_scores(None, classifier, per_pair=1)
+    assert right["images"] == len(toy.COLOUR_LABELS) * len(tw.KINDS)
+    assert right["colour_accuracy"] >= 0.95 and right["all_three_accuracy"] >= 0.85, right
+    monkeypatch.setattr(tm, "sample", drawing(1))
+    assert tm.colour_scores(None, classifier, per_pair=1)["colour_accuracy"] <= 0.05
+    with pytest.raises(ValueError, match="colour head"):
+        tm.colour_scores(None, toy.ToyClassifier(places=5, kinds=5, colours=0))

@@ -68,6 +68,26 @@ def world_scores(model: Any, classifier: Any, per_pair: int = 4, seed: int = 0) 
             "held_out_kind_accuracy": round(float(kind_ok[held].mean()), 3), "images": len(prompts)}
 
 
+def colour_scores(model: Any, classifier: Any, per_pair: int = 2, seed: int = 0) -> dict[str, float]:
+    """With a judge that reads colours (``ToyClassifier.full``): over ``per_pair`` images of every (colour, kind)
+    pair of the world, each in a place the world shows that kind in ("photo of a red cat on the grass"), how often
+    the object has the asked colour, and how often colour, kind and place are all as asked."""
+    from ldm.eval.toy import COLOUR_LABELS, predict
+    if not getattr(classifier, "full", False):
+        raise ValueError("colour_scores needs a judge with a colour head (scripts/train_toy_classifier.py)")
+    asked = []
+    for i, (colour, kind) in enumerate((c, k) for c in COLOUR_LABELS for k in tw.KINDS):
+        places = [b for b in tw.BACKGROUNDS if (kind, b) not in tw.HELD_OUT_PAIRS]
+        asked += [(colour, kind, places[(i + j) % len(places)]) for j in range(per_pair)]
+    p = predict(classifier, sample(model, [f"photo of a {c} {k} {tw.PLACES[b]}" for c, k, b in asked], seed))
+    colour_ok = p["colour"].argmax(1) == torch.tensor([COLOUR_LABELS.index(c) for c, _, _ in asked])
+    kind_ok = p["kind"].argmax(1) == torch.tensor([tw.KINDS.index(k) for _, k, _ in asked])
+    place_ok = p["background"].argmax(1) == torch.tensor([tw.BACKGROUNDS.index(b) for _, _, b in asked])
+    return {"colour_accuracy": round(float(colour_ok.float().mean()), 3),
+            "all_three_accuracy": round(float((colour_ok & kind_ok & place_ok).float().mean()), 3),
+            "images": len(asked)}
+
+
 def dreambooth_scores(model: Any, classifier: Any, token: str = "sks", class_word: str = "robot",
                       per_place: int = 8, seed: int = 0, base: Any = None) -> dict[str, float]:
     """Subject fidelity and prompt fidelity on "photo of a <token> <class> <place>" for the held-out places, and
