@@ -319,6 +319,13 @@ def check_lean_training(config: DictConfig) -> None:
                               f"{strategy}: the offloaded optimizer is DeepSpeed's CPU AdamW; use name: adamw")
 
 
+def full_base_prior(config: DictConfig) -> bool:
+    """Whether the run is a full fine-tune whose prior target is a frozen copy of its base weights
+    (``prior_preservation: base_model`` without LoRA)."""
+    return (OmegaConf.select(config, "model.params.prior_preservation", default="class_images") == "base_model"
+            and not OmegaConf.select(config, "model.params.lora_config"))
+
+
 def check_base_model_prior(config: DictConfig) -> None:
     """``prior_preservation: base_model``: a run without class images (the base model's prediction is the prior's
     target: the LoRA model with its adapters off, or a full fine-tune's frozen copy of its starting weights, which
@@ -327,7 +334,7 @@ def check_base_model_prior(config: DictConfig) -> None:
     if OmegaConf.select(config, "model.params.prior_preservation", default="class_images") != "base_model":
         return
     key = "model.params.prior_preservation=base_model"
-    if not OmegaConf.select(config, "model.params.lora_config") and not config.get("actual_resume"):
+    if full_base_prior(config) and not config.get("actual_resume"):
         raise ConfigError(f"{key} on a full fine-tune needs the base model's weights (--actual_resume): its frozen "
                           f"copy is the prior, and random weights have nothing to preserve")
     concepts = OmegaConf.select(config, "data.params.concepts") or []

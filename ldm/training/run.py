@@ -26,7 +26,7 @@ from ldm.config import MAX_SEED, ConfigError, Range, apply_overrides, load_confi
 from ldm.families import apply_part_settings
 from ldm.sampling.cli import PART_SETTINGS, check_parts
 from ldm.files import is_within
-from ldm.training.config import apply_flags, check_training_config
+from ldm.training.config import apply_flags, check_training_config, full_base_prior
 
 #: Set by rank 0 for the processes Lightning's DDP launcher starts, so that all ranks share one run folder.
 RUN_FOLDER_ENV = "LDM_RUN_FOLDER"
@@ -140,13 +140,6 @@ def prepare(options: TrainOptions) -> Plan:
     check_parts({**(OmegaConf.select(config, "model.params.component_paths") or {}),
                  **{k: getattr(options, k) for k in PART_SETTINGS}}, config)
     return Plan(config, now, run_folder, resume_ckpt, Path(weights) if weights else None)
-
-
-def full_base_prior(config: DictConfig) -> bool:
-    """Whether the run is a full fine-tune whose prior target is a frozen copy of its base weights
-    (``prior_preservation: base_model`` without LoRA)."""
-    return (OmegaConf.select(config, "model.params.prior_preservation", default="class_images") == "base_model"
-            and not OmegaConf.select(config, "model.params.lora_config"))
 
 
 def check_run_name(name: str, postfix: str) -> None:
