@@ -87,6 +87,19 @@ def test_ema_config_from_ema_only_file_starts_ema_from_weights(tiny_ckpt, tiny_m
     assert torch.equal(model.state_dict()[ema_key(k)], tiny_model.state_dict()[k])
 
 
+def test_a_fresh_ema_keeps_the_configured_decay_when_built_on_the_meta_device(tiny_model, tmp_path):
+    """A base file without EMA (pruned, or the toy model) loaded into a model that trains with EMA: the EMA starts
+    at the weights with ``model.params.ema_decay`` as configured (it was 0.9999 whatever the config said, when the
+    model was built on the meta device as load_model_from_config and main.py's --actual_resume build it)."""
+    config = load_config()
+    config.model.params.use_ema, config.model.params.ema_decay = True, 0.99
+    plain = {k: v for k, v in tiny_model.state_dict().items() if not k.startswith("model_ema.")}
+    model = load_model_from_config(config, save_checkpoint(tmp_path / "base.safetensors", plain), verbose=False)
+    assert float(model.model_ema.decay) == pytest.approx(0.99) and int(model.model_ema.num_updates) == 0
+    k = "model.diffusion_model.out.2.weight"
+    assert torch.equal(model.state_dict()[ema_key(k)], plain[k])
+
+
 class PickledCallback:
     """An arbitrary class in the pickle, as old Lightning checkpoints carry; running it must never happen."""
 

@@ -22,8 +22,11 @@ class LitEma(nn.Module):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be between 0 and 1, got {decay}")
         self.m_name2s_name: dict[str, str] = {}
+        #: The counters a fresh EMA starts from: a checkpoint without them (a pruned base model loaded into a model
+        #: built on the meta device) gets these, so the configured decay holds (ldm.weights.checkpoint).
+        self.start_values = {"decay": float(decay), "num_updates": 0 if use_num_upates else -1}
         self.register_buffer("decay", torch.tensor(decay, dtype=torch.float32))
-        self.register_buffer("num_updates", torch.tensor(0 if use_num_upates else -1, dtype=torch.int32))
+        self.register_buffer("num_updates", torch.tensor(self.start_values["num_updates"], dtype=torch.int32))
         for name, p in model.named_parameters():
             if p.requires_grad:
                 s_name = name.replace(".", "")

@@ -332,7 +332,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, prefer_ema: bool 
     own = model.state_dict()
     for k in expected:
         if k not in chosen:  # optional keys and a freshly started EMA keep the model's own values
-            chosen[k] = own[k] if own[k].device.type != "meta" else _default_for(k, own[k])
+            chosen[k] = own[k] if own[k].device.type != "meta" else _default_for(k, own[k], model)
         chosen[k] = chosen[k].to(own[k].dtype) if own[k].dtype != chosen[k].dtype else chosen[k]
     refuse_nonfinite(chosen, path)
     model.load_state_dict(chosen, strict=True, assign=assign)
@@ -346,13 +346,13 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, prefer_ema: bool 
     return meta
 
 
-def _default_for(key: str, like: torch.Tensor) -> torch.Tensor:
+def _default_for(key: str, like: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """A value for a key the file lacks, on a model built on the meta device (which has none of its own)."""
     if key.endswith("position_ids"):
         return torch.arange(like.shape[-1], dtype=like.dtype).expand(like.shape).clone()
-    if key == "model_ema.decay":
-        return torch.tensor(0.9999, dtype=like.dtype)
-    if key == "model_ema.num_updates":
-        return torch.tensor(0, dtype=like.dtype)
+    if key in EMA_COUNTERS:  # a fresh EMA: the configured decay (model.params.ema_decay), not a constant
+        start = getattr(getattr(model, "model_ema", None), "start_values", {"decay": 0.9999, "num_updates": 0})
+        return torch.tensor(start[key.split(".")[-1]], dtype=like.dtype)
     raise CheckpointError(f"no value for {key}")
 
 
