@@ -38,18 +38,21 @@ ASSETS = REPO / "assets" / "toy"
 #: Stage 1 of the rebuild, kept (4000 steps of configs/toy/autoencoder.yaml, its weights without the loss's; PSNR
 #: 26.8 dB on 64 world scenes), and the seconds it took on the 2-core development CPU: ``--ae`` starts at stage 2.
 STAGE1, STAGE1_SECONDS = ASSETS / "build" / "toy-ae-stage1.safetensors", 2767
+#: Stage 2, kept as packed (8000 steps of configs/toy/ldm.yaml, EMA weights, float16; about 80 min here: 0.91 s/step
+#: until the freed-memory release was turned off, 0.56 s/step after): ``--pack STAGE1 STAGE2`` ships it.
+STAGE2, STAGE2_SECONDS = ASSETS / "build" / "toy-ldm-stage2.safetensors", 4800
 WORLD_COUNT, WORLD_SEED, TRAIN_SEED = 6000, 0, 0
 #: How close a rebuild comes to the shipped model (recorded in the manifest). The world is a pure function of its
-#: seed; the weights depend on the torch build and the CPU's float reductions, so a rebuild is held to margins: the
-#: shipped build measured background accuracy 1.00 and kind accuracy 0.63, an earlier build of the same recipe
-#: without the autoencoder's recolouring 1.00 and 0.69.
+#: seed; the weights depend on the torch build and the CPU's float reductions, so a rebuild is held to margins. The
+#: shipped build (8-channel latent, 8000 stage-2 steps) measured place and kind accuracy 0.93 on 100 pictures (0.945
+#: and 0.91 on 200), colours 1.00; the first build (4-channel latent, 3000 steps) place 1.00 and kind 0.63.
 REBUILD_MARGINS = {
     "world.data_hash": "identical (tests/test_toy_model.py regenerates the world and compares)",
-    "scores.world.background_accuracy": ">= 0.95",
-    "scores.world.kind_accuracy": "0.55 to 0.75",
+    "scores.world.background_accuracy": ">= 0.9",
+    "scores.world.kind_accuracy": ">= 0.85",
+    "scores.colours.colour_accuracy": ">= 0.9",
     "scores.before_dreambooth.subject_fidelity": "< 0.01",
-    "dreambooth effect": "the margins of tests/test_toy_model.py (subject fidelity > base + 0.04, prompt fidelity "
-                         ">= 0.4, prior drift < 0.1, without prior preservation drift higher by > 0.15)",
+    "dreambooth effect": "the margins of tests/test_toy_model.py and tests/test_toy_controls.py",
 }
 
 
@@ -96,8 +99,9 @@ def pack(ldm_ckpt: Path, out: Path) -> Path:
     from ldm.export.prune import prune_state_dict
     from ldm.weights.checkpoint import read_checkpoint, save_checkpoint
     sd, meta = read_checkpoint(ldm_ckpt)
-    pruned, used_ema = prune_state_dict(sd, dtype=torch.float16, use_ema=True)
-    if not used_ema:
+    packed = ldm_ckpt.suffix == ".safetensors"  # packed already (the EMA weights as the weights, float16)
+    pruned, used_ema = prune_state_dict(sd, dtype=torch.float16, use_ema=not packed)
+    if not used_ema and not packed:
         raise SystemExit(f"{ldm_ckpt}: no EMA weights to pack")
     return save_checkpoint(out, pruned, global_step=meta.get("global_step"))
 
@@ -129,7 +133,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         """Train one stage, or continue it from its newest checkpoint, or take it as finished (or from --pack);
         its wall time adds to ``seconds`` (kept in the workdir, so a stopped rebuild counts every part)."""
         if packed is not None:
-            seconds[key] = STAGE1_SECONDS if Path(packed).resolve() == STAGE1 else run_seconds(packed)
+            kept = {STAGE1: STAGE1_SECONDS, STAGE2: STAGE2_SECONDS}
+            seconds[key] = kept.get(Path(packed).resolve()) or run_seconds(packed)
             return packed
         run_dir, done = stage_state(logs, name)
         if run_dir is not None and done >= steps:

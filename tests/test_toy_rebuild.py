@@ -34,3 +34,14 @@ def test_both_stages_train_through_main_and_a_stopped_rebuild_continues(tmp_path
     # continue the stopped stage to step 3 the way the rebuild does (main.py -r RUN --max_steps N)
     assert main_module.main(["-r", str(ldm_dir), "--max_steps", "3"]) == 0
     assert rebuild.stage_state(logs, "toy_ldm") == (ldm_dir, 3)
+
+
+def test_the_shipped_model_is_the_kept_stage_2_packed(tmp_path):
+    """``--pack STAGE1 STAGE2`` ships the kept stage 2 (assets/toy/build, EMA weights already as the weights) as it
+    is: the packed tensors equal the shipped model's, under the same names, in float16 (schedule buffers float32)."""
+    rebuild = load_script("train_toy_model")
+    packed = read_checkpoint(rebuild.pack(rebuild.STAGE2, tmp_path / "toy-ldm.safetensors"))[0]
+    shipped = read_checkpoint(REPO / "assets/toy/toy-ldm.safetensors")[0]
+    assert packed.keys() == shipped.keys() and not any(k.startswith("model_ema.") for k in packed)
+    assert all(torch.equal(packed[k], shipped[k]) for k in shipped)
+    assert packed["model.diffusion_model.input_blocks.0.0.weight"].dtype == torch.float16

@@ -156,6 +156,27 @@ def test_regenerated_demo_assets_equal_the_shipped_ones():
     for i in range(6):
         shipped = np.asarray(Image.open(REPO / f"assets/demo/subject/robot-{i:02d}.png").convert("RGB"))
         assert np.array_equal(np.asarray(script.draw_scene(i)), shipped)
+        mask = np.asarray(Image.open(REPO / f"assets/demo/subject/robot-{i:02d}.mask.png"))
+        assert np.array_equal(np.asarray(script.draw_mask(i)), mask)
+
+
+def test_the_demo_masks_cover_the_robot_and_little_else():
+    """Each shipped loss mask is white on every pixel where the photo differs from its backdrop alone (the robot),
+    and covers at most a few pixels' margin more (the robot is a quarter of the picture or less)."""
+    from PIL import ImageDraw, ImageFilter
+    script = load_script("make_demo_assets")
+    for i in range(6):
+        sky, ground, horizon, clutter, _ = script.layout(i)
+        backdrop = Image.new("RGB", (script.SIZE, script.SIZE), sky)
+        d = ImageDraw.Draw(backdrop)
+        d.rectangle([0, horizon, script.SIZE, script.SIZE], fill=ground)
+        for x, y, r in clutter:
+            d.ellipse([x - r, y - r, x + r, y + r], fill=tuple(max(0, c - 40) for c in ground))
+        robot = (np.abs(np.asarray(script.draw_scene(i)).astype(int)
+                        - np.asarray(backdrop.filter(ImageFilter.SMOOTH)).astype(int)).max(-1) > 24)
+        mask = np.asarray(Image.open(REPO / f"assets/demo/subject/robot-{i:02d}.mask.png")) > 127
+        assert robot.sum() > 1000 and mask[robot].all(), i
+        assert mask.sum() < 1.5 * robot.sum() and mask.mean() < 0.3, (i, mask.sum(), robot.sum())
 
 
 def test_cli_writes_the_folder(tmp_path):
@@ -178,7 +199,7 @@ def test_background_of_prompt():
 
 @pytest.fixture(scope="session")
 def classifier():
-    return toy.train_toy_classifier(seed=0, steps=400)  # ~17 s on one core
+    return toy.train_toy_classifier(seed=0, steps=800)  # ~40 s on one core (400 steps: kind 0.80 on renders)
 
 
 def demo_and_world_robots(backgrounds, n_each: int, seed: int) -> tuple[list[Image.Image], list[Image.Image]]:
@@ -269,6 +290,19 @@ def test_render_accuracy_report(classifier):
     assert toy.render_accuracy(untrained, n=80, seed=31)["background_acc"] < 0.6
 
 
+def test_the_shipped_judge_reads_pink_washed_pictures():
+    """Renders mixed 30 % with the pink an over-trained fine-tune paints: the shipped judge (trained on washed
+    pictures) still names the place and tells the demo robot from world robots; the first judge, trained on clean
+    renders only, loses the place (measured on 100 renders: shipped 1.00 and 0.995, first judge 0.74 and 0.93)."""
+    from conftest import REPO
+    shipped = toy.render_accuracy(toy.load_classifier(REPO / "assets/toy/classifier.safetensors"), n=100, seed=77,
+                                  wash=0.3)
+    assert shipped["background_acc"] >= 0.95 and shipped["subject_acc"] >= 0.97, shipped
+    first = toy.render_accuracy(toy.load_classifier(REPO / "tests/data/toy-judge-v1.safetensors"), n=100, seed=77,
+                                wash=0.3)
+    assert first["background_acc"] < 0.85, first
+
+
 def test_bare_places_and_world_robots_are_not_the_subject(classifier):
     """What the judge's subject head must never fire on: a place with nothing in it, or a world robot in any of
     the world's colours (flat teal pictures are a documented blind spot: see ldm/eval/toy.py)."""
@@ -297,17 +331,22 @@ def test_colour_drift_is_zero_for_the_same_pictures_and_sees_a_wash():
 
 
 def test_the_judge_says_what_a_person_says_of_generated_pictures(classifier):
-    """tests/data/toy-labelled: 34 generated pictures (the shipped model; an overfit demo fine-tune that drew the
-    photos' pink studio backdrop instead of the asked place) labelled by a person. The judge agrees on the place of
-    those a person could name, "no place" included, and on the kind (or "nothing"); the first judge, which had no
-    "no place" answer, called the studio backdrop "snow", "beach" or "city" (8 of 27 wrong)."""
+    """tests/data/toy-labelled: 50 generated pictures labelled by a person: from the first toy model, an overfit demo
+    fine-tune that drew the photos' pink studio backdrop instead of the asked place, and "photo of a robot" from the
+    rebuilt model's demo fine-tunes with and without prior preservation (washed pink where the subject leaked in).
+    The judge agrees on the place of those a person could name ("no place" included), on the kind (or "nothing")
+    and on whether the demo robot is drawn. The first judge (tests/data/toy-judge-v1.safetensors), which had no
+    "no place" answer and never saw a washed picture, called the studio backdrop "snow", "beach" or "city" and
+    missed the subject in the washed pictures (measured: place 0.51, subject 0.23; this test's 800-step judge 0.77,
+    0.77 and kind 0.92; the shipped 1500-step judge 0.86, 0.54 and 0.92)."""
     from conftest import REPO
     folder = REPO / "tests/data/toy-labelled"
     agreement = toy.labelled_agreement(classifier, folder)
-    assert agreement["place_labelled"] == 27 and agreement["kind_labelled"] == 9
-    assert agreement["place_agreement"] >= 0.9 and agreement["kind_agreement"] >= 0.66, agreement
-    first = toy.labelled_agreement(toy.load_classifier(REPO / "assets/toy/classifier.safetensors"), folder)
-    assert first["place_agreement"] < 0.75, first
+    assert (agreement["place_labelled"], agreement["kind_labelled"], agreement["subject_labelled"]) == (43, 24, 13)
+    assert agreement["place_agreement"] >= 0.7 and agreement["kind_agreement"] >= 0.75, agreement
+    assert agreement["subject_agreement"] >= 0.7, agreement
+    first = toy.labelled_agreement(toy.load_classifier(REPO / "tests/data/toy-judge-v1.safetensors"), folder)
+    assert first["place_agreement"] < 0.65 and first["subject_agreement"] < 0.5, first
 
 
 def test_colour_scores_read_the_asked_colour_kind_and_place(classifier, monkeypatch):

@@ -160,9 +160,12 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.reshape(n, c, h, w)
 
 
-def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, g: torch.Generator, wash: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Flips, blur (sigma up to 1.5 px on half the images), brightness/colour jitter and pixel noise: what a small
-    decoder does to a picture. ``x``: ``[N, 3, 64, 64]`` in [0, 1]."""
+    decoder does to a picture. ``x``: ``[N, 3, 64, 64]`` in [0, 1]. A share ``wash`` of the pictures is also
+    washed as an over-trained fine-tune draws them: mixed with one random colour (up to 40 %), overlaid with
+    coarse and finer coloured blotches, blurred again (up to 2 px); returns the pictures and which were washed
+    (their object's colour is then no longer a fair question)."""
     n = x.shape[0]
     flip = torch.rand(n, generator=g) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
@@ -171,7 +174,18 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     gain = 1 + (torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.3
     shift = (torch.rand(n, 3, 1, 1, generator=g) - 0.5) * 0.1
     noise = torch.randn(x.shape, generator=g) * torch.rand(n, 1, 1, 1, generator=g) * 0.06
-    return (x * gain + shift + noise).clamp(0, 1)
+    x = (x * gain + shift + noise).clamp(0, 1)
+    washed = torch.rand(n, generator=g) < wash
+    if wash > 0:
+        w = washed[:, None, None, None]
+        amount = torch.rand(n, 1, 1, 1, generator=g) * 0.4 * w
+        tint = torch.rand(n, 3, 1, 1, generator=g)
+        coarse = F.interpolate(torch.randn(n, 3, 8, 8, generator=g), size=x.shape[-2:], mode="bilinear")
+        fine = F.interpolate(torch.randn(n, 3, 16, 16, generator=g), size=x.shape[-2:], mode="bilinear")
+        strength = torch.rand(n, 1, 1, 1, generator=g) * w
+        x = x * (1 - amount) + tint * amount + (coarse * 0.2 + fine * 0.1) * strength
+        x = _gaussian_blur(x.clamp(0, 1), torch.rand(n, generator=g) * 2.0 * washed)
+    return x.clamp(0, 1), washed
 
 
 # ---------------------------------------------------------------- training
@@ -182,15 +196,17 @@ def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def train_toy_classifier(seed: int = 0, steps: int = 1500, batch_size: int = 64, pool: Optional[int] = None,
-                         log_every: int = 0) -> ToyClassifier:
+                         log_every: int = 0, wash: float = 0.35) -> ToyClassifier:
     """Train :class:`ToyClassifier` on fresh renders; a deterministic function of its arguments (one thread).
 
     ``pool`` pictures are rendered once (default ``steps * batch_size / 4``, at least 4000) and drawn with
     replacement, augmented anew each step. Adam, lr 3e-3 decayed linearly to 0. About 40 ms a step on one core.
     Measured on 1000 fresh renders (``scripts/train_toy_classifier.py``, this version with the "no place",
-    "nothing" and colour answers): the default 1500 steps give 100 % on every question (place, kind, colour,
-    subject, "no place" on studio backdrops, "nothing" on bare places), and still 99.2 % kind accuracy when the
-    pictures are blurred by 1.5 px; 400 steps give 92.5 % kind accuracy (200 renders), 100 % on the rest.
+    "nothing" and colour answers, and ``wash``: a share of the training pictures washed as an over-trained
+    fine-tune draws them, see :func:`augment`): the default 1500 steps give 100 % on every question (place, kind
+    99.7 %, colour, subject, "no place" on studio backdrops, "nothing" on bare places), 97.6 % kind accuracy when
+    the pictures are blurred by 1.5 px. Without the wash the judge read a pink-washed, drifted "photo of a robot"
+    as no subject at all (prior drift 0.003 where the washed judge reads 0.25; the demo without prior preservation).
     """
     pool = pool or max(4000, steps * batch_size // 4)
     images, labels = render_training_set(pool, seed)
@@ -206,9 +222,10 @@ def train_toy_classifier(seed: int = 0, steps: int = 1500, batch_size: int = 64,
         start = time.perf_counter()
         for step in range(steps):
             idx = torch.randint(0, pool, (batch_size,), generator=g)
-            x = augment(images[idx].permute(0, 3, 1, 2).float() / 255, g)
+            x, washed = augment(images[idx].permute(0, 3, 1, 2).float() / 255, g, wash)
             bg, kind, subj, colour = model(x)
-            y = labels[idx]
+            y = labels[idx].clone()
+            y[washed, 3] = IGNORE
             loss = (_cross_entropy(bg, y[:, 0]) + _cross_entropy(kind, y[:, 1])
                     + F.binary_cross_entropy_with_logits(subj, y[:, 2].float()) + _cross_entropy(colour, y[:, 3]))
             opt.zero_grad(set_to_none=True)
@@ -321,10 +338,15 @@ def colour_drift(before: Images, after: Images, bins: int = 8) -> float:
     return float(0.5 * (colour_histogram(before, bins) - colour_histogram(after, bins)).abs().sum())
 
 
-def render_accuracy(model: ToyClassifier, n: int = 1000, seed: int = 1, blur: float = 0.0) -> dict[str, float]:
+#: The wash of :func:`render_accuracy`: the pink an over-trained toy fine-tune paints over its pictures.
+WASH_PINK = (1.0, 0.6, 0.8)
+
+
+def render_accuracy(model: ToyClassifier, n: int = 1000, seed: int = 1, blur: float = 0.0,
+                    wash: float = 0.0) -> dict[str, float]:
     """The classifier against fresh ground truth from ``seed`` (use one it was not trained on), optionally
-    blurred by ``blur`` px: background and kind accuracy on world scenes (every pair), and demo-vs-world-robot
-    accuracy and AUC, overall and in the places robots are held out of (moon, snow). A judge with the "no place",
+    blurred by ``blur`` px and mixed with :data:`WASH_PINK` by ``wash`` (0-1): background and kind accuracy on
+    world scenes (every pair), and demo-vs-world-robot accuracy and AUC, overall and in the places robots are held out of (moon, snow). A judge with the "no place",
     "nothing" and colour answers also gets: colour accuracy on the world scenes, "no place" accuracy on the demo
     photos' studio backdrops (with the demo robot, or a world object), and "nothing" accuracy on bare places."""
     rng = random.Random(seed)
@@ -340,8 +362,10 @@ def render_accuracy(model: ToyClassifier, n: int = 1000, seed: int = 1, blur: fl
 
     def run(images: list[Image.Image]) -> dict[str, torch.Tensor]:
         x = to_batch(images)
+        x = _gaussian_blur(x, torch.full((len(x),), blur)) if blur else x
+        x = x * (1 - wash) + torch.tensor(WASH_PINK)[:, None, None] * wash if wash else x
         with torch.no_grad():
-            return _predict01(model, _gaussian_blur(x, torch.full((len(x),), blur)) if blur else x)
+            return _predict01(model, x)
     p = run([tw.render_scene(s).image for s in scenes])
     pos, neg = run(robots[True])["subject"], run(robots[False])["subject"]
     held = torch.tensor([b in ("moon", "snow") for b in places])
@@ -376,8 +400,9 @@ def render_accuracy(model: ToyClassifier, n: int = 1000, seed: int = 1, blur: fl
 
 def labelled_agreement(model: ToyClassifier, folder: str | Path) -> dict[str, float]:
     """How often the judge says what a person says of generated pictures (``folder/labels.json``: per picture the
-    place and the kind drawn, ``unclear`` where a person cannot tell; ``tests/data/toy-labelled``): the share of
-    agreeing answers over the pictures a person could label, per question, and how many those were."""
+    place and the kind drawn, and for some whether the demo robot is drawn (``subject``: yes / no), ``unclear``
+    where a person cannot tell; ``tests/data/toy-labelled``): the share of agreeing answers over the pictures a
+    person could label, per question, and how many those were."""
     import json
     folder = Path(folder)
     items = json.loads((folder / "labels.json").read_text())["labels"]
@@ -388,4 +413,9 @@ def labelled_agreement(model: ToyClassifier, folder: str | Path) -> dict[str, fl
                 if item[question] != "unclear"]
         out[f"{question}_agreement"] = float(np.mean([a == b for a, b in said]))
         out[f"{question}_labelled"] = float(len(said))
+    # Is the demo robot drawn (a later question: pictures without it count as unclear)?
+    said = [("yes" if float(q) > 0.5 else "no", item["subject"]) for q, item in zip(p["subject"], items)
+            if item.get("subject", "unclear") != "unclear"]
+    out["subject_agreement"] = float(np.mean([a == b for a, b in said])) if said else float("nan")
+    out["subject_labelled"] = float(len(said))
     return out

@@ -118,4 +118,7 @@ def score_model(ckpt: str | Path, classifier_path: str | Path, config: Optional[
     from ldm.eval.toy import load_classifier
     model = load_toy_model(ckpt, config or TOY_CONFIG)
     classifier = load_classifier(classifier_path)
-    return {"world": world_scores(model, classifier), "before_dreambooth": dreambooth_scores(model, classifier)}
+    out = {"world": world_scores(model, classifier), "before_dreambooth": dreambooth_scores(model, classifier)}
+    if getattr(classifier, "full", False):
+        out["colours"] = colour_scores(model, classifier)
+    return out
