@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """DreamBooth you can see on any laptop: the shipped toy model learns the demo robot and draws it where robots
-never were, on a CPU, in about a minute and a half (98 s on 2 cores), with nothing to download.
+never were, on a CPU, in under four minutes (218 s on 2 cores, one thread), with nothing to download.
 
     python scripts/demo.py                     # prior preservation with class images (the paper's recipe)
     python scripts/demo.py --prior base_model  # the prior from the base model's own prediction, no class images
@@ -8,11 +8,11 @@ never were, on a CPU, in about a minute and a half (98 s on 2 cores), with nothi
 
 1. class images: the toy model itself draws "photo of a robot" (the prior-preservation set; none with
    ``--prior base_model``, where a frozen copy of the toy model answers the class prompt at every step instead);
-2. fine-tune the toy model (``configs/toy/dreambooth.yaml``, through main.py) on the six drawings of
-   ``assets/demo/subject``, a robot design the toy world does not contain;
+2. fine-tune the toy model (``configs/toy/dreambooth.yaml``, through main.py: 600 steps, the loss masked to the
+   robot, EMA) on the six drawings of ``assets/demo/subject``, a robot design the toy world does not contain;
 3. measure with the toy classifier (``ldm/eval/toy_model.py``): subject fidelity and prompt fidelity on
    "photo of a sks robot" on the moon and in the snow (no robot is ever there in the world), and prior drift
-   on "photo of a robot", before and after;
+   on "photo of a robot", before and after, and the colour drift of "photo of a robot" from the base model;
 4. one figure, ``OUTDIR/dreambooth.png``: the training photos, the subject on the held-out places, and the class
    prompt before and after fine-tuning; the numbers also in ``OUTDIR/scores.json``.
 
@@ -171,9 +171,10 @@ def draw_figure(rows: dict, path: Path, scores: dict) -> Path:
     """A labelled grid: one row per entry (None = the training photos), six pictures each, scores at the bottom."""
     from PIL import Image, ImageDraw
 
+    from ldm.data.image_loading import find_images
     from ldm.images import save_png, to_pil
     label_w, pad = 190, 4
-    photos = [Image.open(p).convert("RGB") for p in sorted(SUBJECT.glob("*.png"))][:6]
+    photos = [Image.open(p).convert("RGB") for p in find_images(SUBJECT, "demo subject")][:6]
     width = label_w + 6 * (CELL + pad)
     height = len(rows) * (CELL + pad) + 40
     fig = Image.new("RGB", (width, height), "white")

@@ -12,7 +12,7 @@ def test_controls_show_no_effect(tmp_path, judge, base_scores):
     import shutil
     photos = tmp_path / "photos"
     shutil.copytree(REPO / "assets/demo/subject", photos)
-    for png in photos.glob("*.png"):
+    for png in photos.glob("robot-0?.png"):
         png.with_suffix(".txt").write_text("photo of a robot")
     no_identifier = scores(finetune(tmp_path / "a", data_root=photos), judge)
     assert not dreambooth_effect(base_scores, no_identifier), no_identifier

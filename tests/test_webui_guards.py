@@ -697,7 +697,7 @@ def test_flag_like_training_fields_stay_values(roots):
                                                   False, 8), roots, cuda=False)
     opt, overrides = main_py.get_parser().parse_known_args(argv[2:])
     assert (opt.token, " ".join(opt.class_word), overrides) == ("--version", "--help -h", [
-        "model.base_learning_rate=0.0001", rc.PROGRESS_CALLBACK])
+        "model.base_learning_rate=0.0001", rc.PROGRESS_CALLBACK, "data.params.masked_loss=false"])
 
 
 def test_a_script_that_wants_to_exit_or_hangs_never_holds_the_server(ui, tmp_path, monkeypatch):

@@ -66,11 +66,13 @@ def finetune(tmp_path: Path, *extra: str, prior: bool = True, data_root: Path = 
 
 
 def scores(ckpt, judge):
+    """The demo's numbers for a fine-tune (None: the base model), with the colour drift of "photo of a robot"."""
     from ldm.eval.toy_model import dreambooth_scores, load_toy_model
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the measured numbers above were taken with one thread
     try:
-        return dreambooth_scores(load_toy_model(ckpt) if ckpt else load_toy_model(), judge, per_place=6)
+        base = load_toy_model()
+        return dreambooth_scores(load_toy_model(ckpt) if ckpt else base, judge, per_place=6, base=base)
     finally:
         torch.set_num_threads(threads)
 
@@ -78,8 +80,14 @@ def scores(ckpt, judge):
 def dreambooth_effect(before: dict, after: dict) -> bool:
     """What DreamBooth is for, in numbers: the subject appears (well above the base model), in the held-out places
     asked for, while the bare class prompt does not turn into the subject."""
-    return (after["subject_fidelity"] > before["subject_fidelity"] + 0.04 and after["prompt_fidelity"] >= 0.4
-            and after["prior_drift"] < 0.1)
+    return (after["subject_fidelity"] > before["subject_fidelity"] + 0.1 and after["prompt_fidelity"] >= 0.4
+            and after["prior_drift"] < 0.4)
+
+
+def class_drift(s: dict) -> float:
+    """How far "photo of a robot" moved: towards the subject (prior drift) plus away from the base model's colours
+    (colour drift, the pink wash the subject probability does not always see)."""
+    return s["prior_drift"] + s["colour_drift"]
 
 
 

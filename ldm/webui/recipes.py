@@ -186,8 +186,8 @@ def training_argv(request: TrainRequest, roots: Roots, cuda: bool) -> tuple[list
     prompts = validation_prompts(request.validation_prompts)
     if prompts:
         argv.append("lightning.callbacks.image_logger.params.prompts=[" + ", ".join(f'"{p}"' for p in prompts) + "]")
-    if request.masked_loss:
-        argv.append("data.params.masked_loss=true")
+    # Said either way: a recipe's config may turn it on (configs/toy/dreambooth.yaml does, for the demo's masks).
+    argv.append(f"data.params.masked_loss={'true' if request.masked_loss else 'false'}")
     return argv, name, recipe
 
 
