@@ -37,14 +37,20 @@ def layout(index: int) -> tuple[tuple, tuple, int, list[tuple[int, int, int]], d
     return sky, ground, horizon, clutter, pose
 
 
-def draw_scene(index: int) -> Image.Image:
-    sky, ground, horizon, clutter, pose = layout(index)
+def draw_backdrop(index: int) -> Image.Image:
+    """Scene ``index`` without its robot, unsmoothed: sky, ground and clutter."""
+    sky, ground, horizon, clutter, _ = layout(index)
     img = Image.new("RGB", (SIZE, SIZE), sky)
     d = ImageDraw.Draw(img)
     d.rectangle([0, horizon, SIZE, SIZE], fill=ground)
     for x, y, r in clutter:
         d.ellipse([x - r, y - r, x + r, y + r], fill=tuple(max(0, c - 40) for c in ground))
-    draw_robot(d, **pose)
+    return img
+
+
+def draw_scene(index: int) -> Image.Image:
+    img = draw_backdrop(index)
+    draw_robot(ImageDraw.Draw(img), **layout(index)[4])
     return img.filter(ImageFilter.SMOOTH)
 
 

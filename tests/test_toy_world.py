@@ -163,17 +163,12 @@ def test_regenerated_demo_assets_equal_the_shipped_ones():
 def test_the_demo_masks_cover_the_robot_and_little_else():
     """Each shipped loss mask is white on every pixel where the photo differs from its backdrop alone (the robot),
     and covers at most a few pixels' margin more (the robot is a quarter of the picture or less)."""
-    from PIL import ImageDraw, ImageFilter
+    from PIL import ImageFilter
     script = load_script("make_demo_assets")
     for i in range(6):
-        sky, ground, horizon, clutter, _ = script.layout(i)
-        backdrop = Image.new("RGB", (script.SIZE, script.SIZE), sky)
-        d = ImageDraw.Draw(backdrop)
-        d.rectangle([0, horizon, script.SIZE, script.SIZE], fill=ground)
-        for x, y, r in clutter:
-            d.ellipse([x - r, y - r, x + r, y + r], fill=tuple(max(0, c - 40) for c in ground))
+        backdrop = script.draw_backdrop(i).filter(ImageFilter.SMOOTH)
         robot = (np.abs(np.asarray(script.draw_scene(i)).astype(int)
-                        - np.asarray(backdrop.filter(ImageFilter.SMOOTH)).astype(int)).max(-1) > 24)
+                        - np.asarray(backdrop).astype(int)).max(-1) > 24)
         mask = np.asarray(Image.open(REPO / f"assets/demo/subject/robot-{i:02d}.mask.png")) > 127
         assert robot.sum() > 1000 and mask[robot].all(), i
         assert mask.sum() < 1.5 * robot.sum() and mask.mean() < 0.3, (i, mask.sum(), robot.sum())

@@ -346,9 +346,10 @@ def render_accuracy(model: ToyClassifier, n: int = 1000, seed: int = 1, blur: fl
                     wash: float = 0.0) -> dict[str, float]:
     """The classifier against fresh ground truth from ``seed`` (use one it was not trained on), optionally
     blurred by ``blur`` px and mixed with :data:`WASH_PINK` by ``wash`` (0-1): background and kind accuracy on
-    world scenes (every pair), and demo-vs-world-robot accuracy and AUC, overall and in the places robots are held out of (moon, snow). A judge with the "no place",
-    "nothing" and colour answers also gets: colour accuracy on the world scenes, "no place" accuracy on the demo
-    photos' studio backdrops (with the demo robot, or a world object), and "nothing" accuracy on bare places."""
+    world scenes (every pair), and demo-vs-world-robot accuracy and AUC, overall and in the places robots are held
+    out of (moon, snow). A judge with the "no place", "nothing" and colour answers also gets: colour accuracy on the
+    world scenes, "no place" accuracy on the demo photos' studio backdrops (with the demo robot, or a world object),
+    and "nothing" accuracy on bare places."""
     rng = random.Random(seed)
     scenes = [tw.sample_scene(rng, held_out=()) for _ in range(n)]
     robots = {True: [], False: []}

@@ -351,8 +351,7 @@ def _default_for(key: str, like: torch.Tensor, model: nn.Module) -> torch.Tensor
     if key.endswith("position_ids"):
         return torch.arange(like.shape[-1], dtype=like.dtype).expand(like.shape).clone()
     if key in EMA_COUNTERS:  # a fresh EMA: the configured decay (model.params.ema_decay), not a constant
-        start = getattr(getattr(model, "model_ema", None), "start_values", {"decay": 0.9999, "num_updates": 0})
-        return torch.tensor(start[key.split(".")[-1]], dtype=like.dtype)
+        return torch.tensor(model.model_ema.start_values[key.split(".")[-1]], dtype=like.dtype)
     raise CheckpointError(f"no value for {key}")
 
 
