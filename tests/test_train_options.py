@@ -148,3 +148,44 @@ def test_set_grads_to_none_reaches_the_training_loop(tmp_path, to_none):
     assert main_module.main(args) == 0
     assert len(RecordGrads.seen) == 3 and RecordGrads.seen[0] is None  # nothing before the first backward
     assert RecordGrads.seen[1:] == ([None, None] if to_none else [0.0, 0.0])
+
+
+def _moved(before: dict, after: dict, prefix: str) -> float:
+    """The largest change of any weight under ``prefix`` between two state dicts."""
+    return max(float((after[k].float() - v.float()).abs().max()) for k, v in before.items() if k.startswith(prefix))
+
+
+@pytest.mark.parametrize("text_lr", [1e-12, 3e-2])
+def test_text_encoder_lr_sets_the_text_encoders_own_rate(tmp_path, tiny_ckpt, text_lr):
+    """model.params.text_encoder_lr: the text encoder trains at its own rate, the network at base_learning_rate
+    (1e-3 in tiny-finetune.yaml): at ~0 the text encoder stays where it was while the network moves; at 3e-2 it
+    moves over ten times as far as the network (AdamW moves a weight by about its rate per step)."""
+    args = ["--base", str(TINY_FT), "-t", "--actual_resume", str(tiny_ckpt), "--logdir", str(tmp_path / "logs"),
+            "--data_root", str(make_folder(tmp_path / "s", 2)), "--class_word", "toy", "--max_steps", "2",
+            "--seed", "0", f"model.params.text_encoder_lr={text_lr}"]
+    assert main_module.main(args) == 0
+    before = torch.load(tiny_ckpt, weights_only=True)["state_dict"]
+    (run,) = (tmp_path / "logs").iterdir()
+    after = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    text, unet = _moved(before, after, "cond_stage_model."), _moved(before, after, "model.diffusion_model.")
+    assert unet > 1e-5
+    assert (text < 1e-9) if text_lr < 1e-6 else (text > 10 * unet)
+
+
+def test_text_encoder_lr_needs_a_text_encoder_that_trains(tmp_path, tiny_ckpt, capsys):
+    args = ["--base", str(TINY_FT), "-t", "--actual_resume", str(tiny_ckpt), "--logdir", str(tmp_path / "logs"),
+            "--data_root", str(make_folder(tmp_path / "s", 2)), "--class_word", "toy", "--max_steps", "1",
+            "model.params.cond_stage_trainable=false", "model.params.text_encoder_lr=1e-3"]
+    with pytest.raises((ValueError, SystemExit)) as info:
+        main_module.main(args)
+    assert "text_encoder_lr" in (str(info.value) + capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("config, dtype", [({"fused_backward": True}, torch.float32), ({}, torch.bfloat16)])
+def test_parameter_groups_refused_where_the_optimizer_is_per_tensor(config, dtype):
+    """The per-tensor optimizers (fused backward, bf16 weights) have one learning rate: a second group's own rate
+    would be dropped without a word, so the groups are refused in one line."""
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(3, dtype=dtype))]},
+              {"params": [torch.nn.Parameter(torch.zeros(3, dtype=dtype))], "lr": 1e-5}]
+    with pytest.raises(ValueError, match="text_encoder_lr"):
+        build_optimizer(groups, 1e-3, config)

@@ -55,9 +55,11 @@ def build_cpu_adam() -> None:
     CPUAdamBuilder().load(verbose=False)
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, config: Mapping[str, Any],
-                    seed: int = 0, cpu_offload: bool = False) -> torch.optim.Optimizer:
-    """AdamW (Loshchilov & Hutter 2019) with the config's ``weight_decay``, ``betas`` and ``eps``.
+def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]], lr: float,
+                    config: Mapping[str, Any], seed: int = 0, cpu_offload: bool = False) -> torch.optim.Optimizer:
+    """AdamW (Loshchilov & Hutter 2019) with the config's ``weight_decay``, ``betas`` and ``eps``. ``params``:
+    tensors, or torch's parameter groups (dicts with ``params`` and their own ``lr``; a group without one takes
+    ``lr``), which the LR schedule scales alike.
 
     ``name: adamw8bit`` keeps the two moments in 8 bits (Dettmers et al. 2022, bitsandbytes): a quarter of the
     optimizer memory. Without bitsandbytes it says so and falls back to the 32-bit AdamW.
@@ -65,6 +67,9 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, config: Map
     optimizer per tensor; ``seed`` seeds its stochastic rounding).
     """
     params = list(params)
+    groups = [g for g in params if isinstance(g, dict)]
+    if groups:
+        params = [g for g in groups if g["params"]]
     if not params:
         raise ValueError("no trainable parameters: the UNet and the text encoder are both frozen")
     config = dict(config)
@@ -76,6 +81,11 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, config: Map
                          f"(known: name, fused_backward, {', '.join(sorted(ADAMW_DEFAULTS))})")
     kwargs = {**ADAMW_DEFAULTS, **{k: tuple(v) if k == "betas" else v for k, v in config.items()}}
     cls = optimizer_class(name, cpu_offload)
+    if groups:
+        if fused or any(p.dtype != torch.float32 for g in params for p in g["params"]):
+            raise ValueError("model.params.text_encoder_lr with fused_backward or weights_dtype: bf16: their "
+                             "per-tensor optimizer has one learning rate (leave text_encoder_lr unset)")
+        return cls(params, lr=lr, **kwargs)
     if fused or any(p.dtype != torch.float32 for p in params):
         from ldm.optim.per_tensor import PerTensorOptimizer
         return PerTensorOptimizer(params, lr, lambda spans: cls(spans, lr=lr, **kwargs), fused=fused, seed=seed)

@@ -596,6 +596,9 @@ def run(options: TrainOptions) -> int:
     data.seed = options.seed
     data.setup("fit")  # decodes and checks every image now: a bad file stops the run before the first step
     model.learning_rate = scale_learning_rate(config, n_devices, options.scale_lr)
+    if getattr(model, "text_encoder_lr", None) is not None:  # the same batch scaling as the network's rate
+        model.text_learning_rate = model.text_encoder_lr * model.learning_rate / float(config.model.base_learning_rate)
+        print(f"Text encoder learning rate {model.text_learning_rate:.2e}")
     if plan.resume_ckpt is not None:  # refused here, before the Trainer writes anything into the run folder
         check_resume(model, plan.resume_ckpt)
 

@@ -128,6 +128,7 @@ class LatentDiffusion(DreamBoothTraining, pl.LightningModule):
                  lr_warmup_steps: int = 0,
                  lr_schedule: Literal["constant", "cosine"] = "constant",
                  lora_config: Optional[Mapping[str, Any]] = None,
+                 text_encoder_lr: Optional[float] = None,
                  offset_noise: float = 0.0,
                  min_snr_gamma: Optional[float] = None,
                  cache_latents: bool = False,
@@ -198,6 +199,12 @@ class LatentDiffusion(DreamBoothTraining, pl.LightningModule):
         self.optimizer_config = dict(optimizer_config or {})
         self.lr_warmup_steps, self.lr_schedule = lr_warmup_steps, lr_schedule
         self.learning_rate = 1.0e-4  # main.py sets base_learning_rate (times the batch scaling) here
+        # The text encoder's own rate when it trains (cond_stage_trainable, or LoRA adapters on it), as kohya's and
+        # diffusers' text_encoder_lr; None: the network's. main.py scales it as it scales base_learning_rate.
+        if text_encoder_lr is not None and not text_encoder_lr > 0:
+            raise ValueError(f"model.params.text_encoder_lr must be > 0, got {text_encoder_lr}")
+        self.text_encoder_lr = text_encoder_lr
+        self.text_learning_rate: Optional[float] = text_encoder_lr
         self.lora_settings = LoraSettings(**lora_config) if lora_config else None
         # Where the prior term's target comes from: class images (the paper's), or, without class images, the base
         # model's own prediction for the class prompt on the subject's noisy latents (LoRA: adapters off; a full

@@ -189,6 +189,19 @@ class DreamBoothTraining:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for m in (self.model, self.text_model) for p in m.parameters() if p.requires_grad]
 
+    def parameter_groups(self) -> list[nn.Parameter] | list[dict[str, Any]]:
+        """What the optimizer trains: the trainable weights, or, with ``text_encoder_lr`` and a text encoder that
+        trains, two groups: the network's at the run's rate, the text encoder's at ``text_learning_rate``."""
+        params = self.trainable_parameters()
+        if self.text_encoder_lr is None:
+            return params
+        text = {id(p) for p in self.text_model.parameters() if p.requires_grad}
+        if not text:
+            raise ValueError("model.params.text_encoder_lr: the text encoder does not train (set "
+                             "cond_stage_trainable: true, or lora_config.text_encoder: true)")
+        return [{"params": [p for p in params if id(p) not in text]},
+                {"params": [p for p in params if id(p) in text], "lr": self.text_learning_rate}]
+
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         # set_to_none frees the gradient tensors between steps instead of zero-filling them.
         optimizer.zero_grad(set_to_none=self.set_grads_to_none)
@@ -242,7 +255,7 @@ class DreamBoothTraining:
         from ldm.optim.build import build_optimizer, build_scheduler
         if getattr(self, "_hooked_optimizer", None) is not None:  # configured again: the old hooks must go
             self._hooked_optimizer.remove_hooks()
-        optimizer = build_optimizer(self.trainable_parameters(), self.learning_rate, self.optimizer_config,
+        optimizer = build_optimizer(self.parameter_groups(), self.learning_rate, self.optimizer_config,
                                     seed=self.noise_seed or 0, cpu_offload=self._zero_offload())
         self._hooked_optimizer = optimizer if not self.automatic_optimization else None
         scheduler = build_scheduler(optimizer, self.scheduler_config, self.lr_schedule, self.lr_warmup_steps,
