@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """DreamBooth you can see on any laptop: the shipped toy model learns the demo robot and draws it where robots
-never were, on a CPU, in under four minutes (218 s on 2 cores, one thread), with nothing to download.
+never were, on a CPU, in under three minutes (138 s on 2 cores, two threads), with nothing to download.
 
     python scripts/demo.py                     # prior preservation with class images (the paper's recipe)
     python scripts/demo.py --prior base_model  # the prior from the base model's own prediction, no class images
@@ -13,8 +13,8 @@ never were, on a CPU, in under four minutes (218 s on 2 cores, one thread), with
 3. measure with the toy classifier (``ldm/eval/toy_model.py``): subject fidelity and prompt fidelity on
    "photo of a sks robot" on the moon and in the snow (no robot is ever there in the world), and prior drift
    on "photo of a robot", before and after, and the colour drift of "photo of a robot" from the base model;
-4. one figure, ``OUTDIR/dreambooth.png``: the training photos, the subject on the held-out places, and the class
-   prompt before and after fine-tuning; the numbers also in ``OUTDIR/scores.json``.
+4. one figure, ``OUTDIR/dreambooth.png``: the training photos, the subject on the held-out places and on the
+   grass, and the class prompt before and after fine-tuning; the numbers also in ``OUTDIR/scores.json``.
 
 ``--validate_every 100 --max_steps 1000``: the measured checkpoint choice on the toy world. The fine-tune validates
 with the toy judge every 100 steps (``configs/toy/validation.yaml``: the subject on the moon and in the snow, and
@@ -63,8 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="toy: the shipped pretrained toy model (default); v1 / sdxl: random-weight plumbing demos")
     opt = p.parse_args(argv)
     out = Path(opt.outdir).resolve()
-    # A toy model gains nothing from more threads, and OpenMP threads that wait on a busy core are very slow.
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads()))
     tic = time.time()
     if opt.family != "toy":
         return plumbing(opt, out, env, tic)
@@ -81,6 +80,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     print(f"\nDemo done in {time.time() - tic:.0f} s: figure {out / 'dreambooth.png'}, checkpoint {last}")
     return 0
+
+
+def threads() -> int:
+    """OMP_NUM_THREADS if set, else 2 where there are two cores: the toy model's steps are small, and on the
+    2-core development machine two threads took the demo from 218 s to 138 s where more would wait on each other
+    (OpenMP threads that wait on a busy core are very slow)."""
+    return int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1))
 
 
 def run(cmd: list[str], env: dict[str, str]) -> None:
@@ -119,14 +125,14 @@ def evaluate_and_draw(last: Path, out: Path, seed: int) -> dict:
     from ldm.data import toy_world as tw
     from ldm.eval.toy import load_classifier
     from ldm.eval.toy_model import SUBJECT_PLACES, TOY_CLASSIFIER, dreambooth_scores, load_toy_model, sample
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads())
     classifier = load_classifier(TOY_CLASSIFIER)
     before, after = load_toy_model(), load_toy_model(last)
     scores = {"before": dreambooth_scores(before, classifier, seed=seed),
               "after": dreambooth_scores(after, classifier, seed=seed, base=before)}
     rows = {"training photos": None,
             **{f"sks robot {tw.PLACES[b]}": sample(after, 6 * [f"photo of a sks robot {tw.PLACES[b]}"], seed)
-               for b in SUBJECT_PLACES},
+               for b in (*SUBJECT_PLACES, "grass")},  # the scored places, and a third new one for the eye
             "\"a robot\" before": sample(before, 6 * ["photo of a robot"], seed + 1),
             "\"a robot\" after": sample(after, 6 * ["photo of a robot"], seed + 1)}
     draw_figure(rows, out / "dreambooth.png", scores)
@@ -147,7 +153,7 @@ def best_vs_last(last: Path, seed: int, per_place: int = 8) -> dict:
     from ldm.eval.toy import scores as judge_scores
     from ldm.eval.toy_model import TOY_CLASSIFIER, load_toy_model, sample
     from ldm.weights.checkpoint import read_checkpoint
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads())
     best = last.parent / "best.ckpt"
     history = json.loads((last.parent.parent / "validation.json").read_text())
     result: dict = {"validated_steps": [h["step"] for h in history], "check_places": list(CHECK_PLACES)}
