@@ -51,6 +51,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--outdir", default="outputs/demo", help="where the run, class images, samples and figure go")
     p.add_argument("--max_steps", type=int, default=None, help="fine-tuning steps (default: the config's)")
+    p.add_argument("--num_class_images", type=int, default=64, help="class images the toy model draws first")
     p.add_argument("--prior", choices=PRIORS, default="class_images",
                    help="what keeps the class: class images the toy model draws first (default), the base model's "
                         "own prediction for 'photo of a robot' at every step (no class images), or nothing")
@@ -109,7 +110,7 @@ def finetune(opt: argparse.Namespace, out: Path, env: dict[str, str]) -> Path:
         cmd += [f"lightning.validation.every_n_steps={opt.validate_every}",
                 f"lightning.validation.judge={TOY_CLASSIFIER}"]
     if opt.prior == "class_images":
-        cmd += ["--reg_data_root", str(out / "class-images"), "--num_class_images", "64"]
+        cmd += ["--reg_data_root", str(out / "class-images"), "--num_class_images", str(opt.num_class_images)]
     elif opt.prior == "base_model":
         cmd += ["model.params.prior_preservation=base_model"]
     if opt.max_steps:
