@@ -534,12 +534,14 @@ def check_resume(model: Any, ckpt: Path) -> None:
         raise CheckpointError(f"-r {ckpt}: {e}") from None
 
 
-def scale_learning_rate(config: DictConfig, n_devices: int, scale_lr: bool) -> float:
+def scale_learning_rate(config: DictConfig, n_devices: int, scale_lr: bool, base_lr: Optional[float] = None,
+                        what: str = "Learning rate") -> float:
+    """``base_lr`` (default: ``model.base_learning_rate``) times devices x batch x accumulation with ``scale_lr``."""
     accumulate = int(config.lightning.get("trainer", {}).get("accumulate_grad_batches", 1))
     bs = int(config.data.params.get("batch_size", 1))
-    base_lr = float(config.model.base_learning_rate)
+    base_lr = float(config.model.base_learning_rate if base_lr is None else base_lr)
     lr = base_lr * (n_devices * bs * accumulate if scale_lr else 1)
-    print(f"Learning rate {lr:.2e}" + (
+    print(f"{what} {lr:.2e}" + (
         f" = {n_devices} (devices) * {bs} (batch) * {accumulate} (accumulate) * {base_lr:.2e} (base)"
         if scale_lr else " (not scaled)"))
     return lr
@@ -597,8 +599,8 @@ def run(options: TrainOptions) -> int:
     data.setup("fit")  # decodes and checks every image now: a bad file stops the run before the first step
     model.learning_rate = scale_learning_rate(config, n_devices, options.scale_lr)
     if getattr(model, "text_encoder_lr", None) is not None:  # the same batch scaling as the network's rate
-        model.text_learning_rate = model.text_encoder_lr * model.learning_rate / float(config.model.base_learning_rate)
-        print(f"Text encoder learning rate {model.text_learning_rate:.2e}")
+        model.text_learning_rate = scale_learning_rate(config, n_devices, options.scale_lr, model.text_encoder_lr,
+                                                       "Text encoder learning rate")
     if plan.resume_ckpt is not None:  # refused here, before the Trainer writes anything into the run folder
         check_resume(model, plan.resume_ckpt)
 
