@@ -81,12 +81,12 @@ def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict[str, An
                          f"(known: name, fused_backward, {', '.join(sorted(ADAMW_DEFAULTS))})")
     kwargs = {**ADAMW_DEFAULTS, **{k: tuple(v) if k == "betas" else v for k, v in config.items()}}
     cls = optimizer_class(name, cpu_offload)
-    if groups:
-        if fused or any(p.dtype != torch.float32 for g in params for p in g["params"]):
-            raise ValueError("model.params.text_encoder_lr with fused_backward or weights_dtype: bf16: their "
-                             "per-tensor optimizer has one learning rate (leave text_encoder_lr unset)")
-        return cls(params, lr=lr, **kwargs)
-    if fused or any(p.dtype != torch.float32 for p in params):
+    tensors = [p for g in params for p in g["params"]] if groups else params
+    per_tensor = fused or any(p.dtype != torch.float32 for p in tensors)
+    if per_tensor and groups:
+        raise ValueError("model.params.text_encoder_lr with fused_backward or weights_dtype: bf16: their "
+                         "per-tensor optimizer has one learning rate (leave text_encoder_lr unset)")
+    if per_tensor:
         from ldm.optim.per_tensor import PerTensorOptimizer
         return PerTensorOptimizer(params, lr, lambda spans: cls(spans, lr=lr, **kwargs), fused=fused, seed=seed)
     return cls(params, lr=lr, **kwargs)
