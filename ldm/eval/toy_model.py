@@ -2,7 +2,8 @@
 learned in pretraining, and the DreamBooth effect of a fine-tune on the demo robot.
 
 - :func:`world_scores`: images of every (kind, place) pair of the world, held-out pairs included; background and
-  kind accuracy of the classifier on them (how well the pretrained model follows prompts).
+  kind accuracy of the classifier on them (how well the pretrained model follows prompts). Sampled as a user
+  samples: ``scripts/stable_txt2img.py``'s defaults, DDIM 50 steps at guidance 7.5 (:data:`WORLD_SAMPLING`).
 - :func:`dreambooth_scores`: for a fine-tuned model (and, to compare, the model before), the three numbers the demo
   prints: subject fidelity on "photo of a sks robot" in the held-out places (robots never appear there in the
   world, so drawing the subject there is recontextualisation), prompt fidelity on those images, and prior drift
@@ -24,6 +25,10 @@ TOY_CLASSIFIER = TOY_DIR / "classifier.safetensors"
 TOY_CONFIG = REPO / "configs" / "toy" / "inference.yaml"
 #: The places robots are held out of in the world: where the subject must appear after fine-tuning.
 SUBJECT_PLACES = tuple(place for kind, place in tw.HELD_OUT_PAIRS if kind == "robot")
+#: (steps, scale) of the world and colour scores: stable_txt2img.py's defaults. The shipped model draws the asked
+#: kind in 91.5 % of 200 pictures at DDIM 25 / scale 4 (the demo's sampling), 99 % at 50 / 7.5 (the place: 94.5 and
+#: 98 %): at 25 steps and weak guidance a few starting noises end in the wrong place or an empty night city.
+WORLD_SAMPLING = (50, 7.5)
 
 
 def load_toy_model(ckpt: str | Path = TOY_MODEL, config: str | Path = TOY_CONFIG) -> Any:
@@ -51,13 +56,14 @@ def sample(model: Any, prompts: Sequence[str], seed: int, steps: int = 25, scale
     return torch.cat(out)
 
 
-def world_scores(model: Any, classifier: Any, per_pair: int = 4, seed: int = 0) -> dict[str, float]:
+def world_scores(model: Any, classifier: Any, per_pair: int = 8, seed: int = 0,
+                 sampling: tuple[int, float] = WORLD_SAMPLING) -> dict[str, float]:
     """Background and kind accuracy over ``per_pair`` images of every (kind, place) pair ("photo of a <kind>
-    <place phrase>"), and separately over the held-out pairs."""
+    <place phrase>"), and separately over the held-out pairs; ``sampling``: (DDIM steps, guidance scale)."""
     from ldm.eval.toy import predict
     pairs = [(k, b) for k in tw.KINDS for b in tw.BACKGROUNDS]
     prompts = [f"photo of a {k} {tw.PLACES[b]}" for k, b in pairs for _ in range(per_pair)]
-    p = predict(classifier, sample(model, prompts, seed))
+    p = predict(classifier, sample(model, prompts, seed, steps=sampling[0], scale=sampling[1]))
     bg_ok = (p["background"].argmax(1) == torch.tensor([tw.BACKGROUNDS.index(b) for _, b in pairs
                                                         for _ in range(per_pair)])).float()
     kind_ok = (p["kind"].argmax(1) == torch.tensor([tw.KINDS.index(k) for k, _ in pairs
@@ -65,10 +71,12 @@ def world_scores(model: Any, classifier: Any, per_pair: int = 4, seed: int = 0) 
     held = torch.tensor([(k, b) in tw.HELD_OUT_PAIRS for k, b in pairs for _ in range(per_pair)])
     return {"background_accuracy": round(float(bg_ok.mean()), 3), "kind_accuracy": round(float(kind_ok.mean()), 3),
             "held_out_background_accuracy": round(float(bg_ok[held].mean()), 3),
-            "held_out_kind_accuracy": round(float(kind_ok[held].mean()), 3), "images": len(prompts)}
+            "held_out_kind_accuracy": round(float(kind_ok[held].mean()), 3), "images": len(prompts),
+            "ddim_steps": sampling[0], "scale": sampling[1]}
 
 
-def colour_scores(model: Any, classifier: Any, per_pair: int = 2, seed: int = 0) -> dict[str, float]:
+def colour_scores(model: Any, classifier: Any, per_pair: int = 2, seed: int = 0,
+                  sampling: tuple[int, float] = WORLD_SAMPLING) -> dict[str, float]:
     """With a judge that reads colours (``ToyClassifier.full``): over ``per_pair`` images of every (colour, kind)
     pair of the world, each in a place the world shows that kind in ("photo of a red cat on the grass"), how often
     the object has the asked colour, and how often colour, kind and place are all as asked."""
@@ -79,7 +87,8 @@ def colour_scores(model: Any, classifier: Any, per_pair: int = 2, seed: int = 0)
     for i, (colour, kind) in enumerate((c, k) for c in COLOUR_LABELS for k in tw.KINDS):
         places = [b for b in tw.BACKGROUNDS if (kind, b) not in tw.HELD_OUT_PAIRS]
         asked += [(colour, kind, places[(i + j) % len(places)]) for j in range(per_pair)]
-    p = predict(classifier, sample(model, [f"photo of a {c} {k} {tw.PLACES[b]}" for c, k, b in asked], seed))
+    p = predict(classifier, sample(model, [f"photo of a {c} {k} {tw.PLACES[b]}" for c, k, b in asked], seed,
+                                   steps=sampling[0], scale=sampling[1]))
     colour_ok = p["colour"].argmax(1) == torch.tensor([COLOUR_LABELS.index(c) for c, _, _ in asked])
     kind_ok = p["kind"].argmax(1) == torch.tensor([tw.KINDS.index(k) for _, k, _ in asked])
     place_ok = p["background"].argmax(1) == torch.tensor([tw.BACKGROUNDS.index(b) for _, _, b in asked])
@@ -118,7 +127,9 @@ def score_model(ckpt: str | Path, classifier_path: str | Path, config: Optional[
     from ldm.eval.toy import load_classifier
     model = load_toy_model(ckpt, config or TOY_CONFIG)
     classifier = load_classifier(classifier_path)
-    out = {"world": world_scores(model, classifier), "before_dreambooth": dreambooth_scores(model, classifier)}
+    out = {"world": world_scores(model, classifier),
+           "world_at_the_demos_sampling": world_scores(model, classifier, sampling=(25, 4.0)),
+           "before_dreambooth": dreambooth_scores(model, classifier)}
     if getattr(classifier, "full", False):
         out["colours"] = colour_scores(model, classifier)
     return out
