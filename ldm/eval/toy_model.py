@@ -25,6 +25,8 @@ TOY_CLASSIFIER = TOY_DIR / "classifier.safetensors"
 TOY_CONFIG = REPO / "configs" / "toy" / "inference.yaml"
 #: The places robots are held out of in the world: where the subject must appear after fine-tuning.
 SUBJECT_PLACES = tuple(place for kind, place in tw.HELD_OUT_PAIRS if kind == "robot")
+#: (DDIM steps, guidance scale) of :func:`sample` unless told otherwise: the demo's sampling (fast on a CPU).
+DEMO_SAMPLING = (25, 4.0)
 #: (steps, scale) of the world and colour scores: stable_txt2img.py's defaults. The shipped model draws the asked
 #: kind in 91.5 % of 200 pictures at DDIM 25 / scale 4 (the demo's sampling), 99 % at 50 / 7.5 (the place: 94.5 and
 #: 98 %): at 25 steps and weak guidance a few starting noises end in the wrong place or an empty night city.
@@ -39,8 +41,8 @@ def load_toy_model(ckpt: str | Path = TOY_MODEL, config: str | Path = TOY_CONFIG
 
 
 @torch.no_grad()
-def sample(model: Any, prompts: Sequence[str], seed: int, steps: int = 25, scale: float = 4.0,
-           batch_size: int = 32, sampler: str = "ddim") -> torch.Tensor:
+def sample(model: Any, prompts: Sequence[str], seed: int, steps: int = DEMO_SAMPLING[0],
+           scale: float = DEMO_SAMPLING[1], batch_size: int = 32, sampler: str = "ddim") -> torch.Tensor:
     """Decoded images ``[N, 3, H, W]`` in [-1, 1] for ``prompts`` (``sampler`` by name: DDIM with eta 0 unless
     said otherwise; guidance ``scale``), one generator seeded once for the whole list, so the same call gives the
     same pictures."""
@@ -128,7 +130,7 @@ def score_model(ckpt: str | Path, classifier_path: str | Path, config: Optional[
     model = load_toy_model(ckpt, config or TOY_CONFIG)
     classifier = load_classifier(classifier_path)
     out = {"world": world_scores(model, classifier),
-           "world_at_the_demos_sampling": world_scores(model, classifier, sampling=(25, 4.0)),
+           "world_at_the_demos_sampling": world_scores(model, classifier, sampling=DEMO_SAMPLING),
            "before_dreambooth": dreambooth_scores(model, classifier)}
     if getattr(classifier, "full", False):
         out["colours"] = colour_scores(model, classifier)
