@@ -57,6 +57,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "own prediction for 'photo of a robot' at every step (no class images), or nothing")
     p.add_argument("--no-prior", dest="prior", action="store_const", const="none", help="the same as --prior none")
     p.add_argument("--seed", type=int, default=0, help="seed of the fine-tune and of the pictures")
+    p.add_argument("--data_root", type=Path, default=SUBJECT, metavar="DIR",
+                   help="the subject's photos (default: the six shipped drawings; e.g. the design photographed in "
+                        "world places: python scripts/make_demo_assets.py --in_world DIR)")
     p.add_argument("--validate_every", type=int, default=None, metavar="N",
                    help="validate with the toy judge every N steps, keep best.ckpt, and score it against last.ckpt "
                         "on places the choice never saw")
@@ -73,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.exit(2, f"{p.prog}: error: {TOY_MODEL}: the toy model is missing; rebuild it with "
                   f"python scripts/train_toy_model.py\n")
     last = finetune(opt, out, env)
-    scores = evaluate_and_draw(last, out, opt.seed)
+    scores = evaluate_and_draw(last, out, opt.seed, opt.data_root)
     if opt.validate_every:
         scores["best_vs_last"] = best_vs_last(last, opt.seed)
     scores["seconds"] = round(time.time() - tic)
@@ -105,7 +108,7 @@ def finetune(opt: argparse.Namespace, out: Path, env: dict[str, str]) -> Path:
         configs.append(str(REPO / "configs/toy/validation.yaml"))
     cmd = [sys.executable, str(REPO / "main.py"), "--base", *configs, "-t",
            "--actual_resume", str(TOY_MODEL), "-n", name, "--logdir", str(out / "logs"), "--seed", str(opt.seed),
-           "--data_root", str(SUBJECT), "--class_word", "robot"]
+           "--data_root", str(opt.data_root), "--class_word", "robot"]
     if opt.validate_every:
         cmd += [f"lightning.validation.every_n_steps={opt.validate_every}",
                 f"lightning.validation.judge={TOY_CLASSIFIER}"]
@@ -119,7 +122,7 @@ def finetune(opt: argparse.Namespace, out: Path, env: dict[str, str]) -> Path:
     return max((out / "logs").glob(f"*_{name}/checkpoints/last.ckpt"), key=lambda q: q.stat().st_mtime)
 
 
-def evaluate_and_draw(last: Path, out: Path, seed: int) -> dict:
+def evaluate_and_draw(last: Path, out: Path, seed: int, photos: Path = SUBJECT) -> dict:
     """The three numbers before and after, and the figure."""
     import torch
 
@@ -136,7 +139,7 @@ def evaluate_and_draw(last: Path, out: Path, seed: int) -> dict:
                for b in (*SUBJECT_PLACES, "grass")},  # the scored places, and a third new one for the eye
             "\"a robot\" before": sample(before, 6 * ["photo of a robot"], seed + 1),
             "\"a robot\" after": sample(after, 6 * ["photo of a robot"], seed + 1)}
-    draw_figure(rows, out / "dreambooth.png", scores)
+    draw_figure(rows, out / "dreambooth.png", scores, photos)
     return scores
 
 
@@ -174,14 +177,14 @@ def best_vs_last(last: Path, seed: int, per_place: int = 8) -> dict:
     return result
 
 
-def draw_figure(rows: dict, path: Path, scores: dict) -> Path:
+def draw_figure(rows: dict, path: Path, scores: dict, photo_dir: Path = SUBJECT) -> Path:
     """A labelled grid: one row per entry (None = the training photos), six pictures each, scores at the bottom."""
     from PIL import Image, ImageDraw
 
     from ldm.data.image_loading import find_images
     from ldm.images import save_png, to_pil
     label_w, pad = 190, 4
-    photos = [Image.open(p).convert("RGB") for p in find_images(SUBJECT, "demo subject")][:6]
+    photos = [Image.open(p).convert("RGB") for p in find_images(photo_dir, "demo subject")][:6]
     width = label_w + 6 * (CELL + pad)
     height = len(rows) * (CELL + pad) + 40
     fig = Image.new("RGB", (width, height), "white")
@@ -206,7 +209,7 @@ def plumbing(opt: argparse.Namespace, out: Path, env: dict[str, str], tic: float
     """The random-weight SD v1- / SDXL-shaped toy configs: class images, fine-tune, sample (noise pictures)."""
     finetune_cfg, inference = (REPO / "configs/stable-diffusion" / name for name in PLUMBING[opt.family])
     run([sys.executable, str(REPO / "main.py"), "--base", str(finetune_cfg), "-t", "-n", "demo", "--logdir",
-         str(out / "logs"), "--data_root", str(SUBJECT), "--reg_data_root", str(out / "class-images"),
+         str(out / "logs"), "--data_root", str(opt.data_root), "--reg_data_root", str(out / "class-images"),
          "--num_class_images", "12", "--class_word", "robot", "--max_steps", str(opt.max_steps or 60)], env)
     last = max((out / "logs").glob("*_demo/checkpoints/last.ckpt"), key=lambda q: q.stat().st_mtime)
     run([sys.executable, str(REPO / "scripts/stable_txt2img.py"), "--config", str(inference), "--ckpt", str(last),

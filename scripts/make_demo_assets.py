@@ -5,19 +5,27 @@ README), which the demo trains with so that the studio backdrop is not learned a
 
 The project draws these itself (no photos of anyone's property, no licence questions). Run again to redraw:
     python scripts/make_demo_assets.py
+``--in_world DIR`` draws the same design into six world places where robots live (the beach, the grass, the city
+at night; 64 px, at the world's scale), with masks and captions that name the place ("photo of a sks robot on the
+beach", ``robot-00.txt``; delete them to train on the template alone), for ``scripts/demo.py --data_root DIR``
+(README, "DreamBooth step by step": what such photos do to the demo's numbers):
+    python scripts/make_demo_assets.py --in_world outputs/robot-in-world
 """
 from __future__ import annotations
 
+import argparse
 import random
 import sys
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # The design lives in the toy world's library, which also draws it into world places for the evaluator.
 from ldm.data.toy_world import DEMO_BACKDROPS as BACKGROUNDS  # noqa: E402
+from ldm.data import toy_world as tw  # noqa: E402
 from ldm.data.toy_world import draw_demo_robot as draw_robot  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "assets" / "demo" / "subject"
@@ -65,12 +73,39 @@ def draw_mask(index: int, margin: int = 3) -> Image.Image:
     return ImageChops.lighter(a, b).convert("L").filter(ImageFilter.MaxFilter(2 * margin + 1))
 
 
-def main() -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    for i in range(6):
-        draw_scene(i).save(OUT / f"robot-{i:02d}.png", optimize=True)
-        draw_mask(i).save(OUT / f"robot-{i:02d}.mask.png", optimize=True)
-    print(f"wrote 6 pictures and their masks to {OUT}")
+#: The places of the ``--in_world`` photos: where the world has robots (the moon and the snow never do).
+WORLD_PLACES = ("beach", "grass", "city", "beach", "grass", "city")
+
+
+def world_photos(seed: int = 7) -> list[tuple[Image.Image, Image.Image]]:
+    """The design in :data:`WORLD_PLACES` (64 px, 1.0-1.25x a large world robot's size, a random tilt), each with
+    its mask: the pixels that differ from the same place painted without the robot, grown by one pixel."""
+    rng = random.Random(seed)
+    out = []
+    for place in WORLD_PLACES:
+        scale = rng.uniform(1.0, 1.25)
+        cx, base_y, horizon = tw.place_object(rng, *tw.object_extent("robot", scale))
+        detail = rng.getrandbits(32)
+        photo = tw.render_demo_robot(place, cx, base_y, horizon, scale, rng.randint(-4, 4), detail).image
+        backdrop = tw.render_place(place, horizon, detail)
+        robot = np.abs(np.asarray(photo, dtype=int) - np.asarray(backdrop, dtype=int)).sum(-1) > 12
+        out.append((photo, Image.fromarray(robot.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(3))))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--in_world", metavar="DIR", help="draw the design into world places, into DIR")
+    opt = p.parse_args(argv)
+    out = Path(opt.in_world) if opt.in_world else OUT
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = world_photos() if opt.in_world else [(draw_scene(i), draw_mask(i)) for i in range(6)]
+    for i, (photo, mask) in enumerate(pairs):
+        photo.save(out / f"robot-{i:02d}.png", optimize=True)
+        mask.save(out / f"robot-{i:02d}.mask.png", optimize=True)
+        if opt.in_world:
+            (out / f"robot-{i:02d}.txt").write_text(f"photo of a sks robot {tw.PLACES[WORLD_PLACES[i]]}\n")
+    print(f"wrote {len(pairs)} pictures and their masks{' and captions' if opt.in_world else ''} to {out}")
 
 
 if __name__ == "__main__":

@@ -371,3 +371,24 @@ def test_colour_scores_read_the_asked_colour_kind_and_place(classifier, monkeypa
     assert tm.colour_scores(None, classifier, per_pair=1)["colour_accuracy"] <= 0.05
     with pytest.raises(ValueError, match="colour head"):
         tm.colour_scores(None, toy.ToyClassifier(places=5, kinds=5, colours=0))
+
+
+def test_demo_photos_in_world_places(tmp_path):
+    """``make_demo_assets.py --in_world``: six photos of the demo design where the world has robots, which the
+    shipped judge reads as the subject in the place its caption names, each with a mask that covers every pixel of the
+    robot's teal and orange (found here by colour on the photo on disk) and not much more."""
+    from ldm.eval.toy_model import TOY_CLASSIFIER
+    load_script("make_demo_assets").main(["--in_world", str(tmp_path)])
+    photos = [Image.open(tmp_path / f"robot-{i:02d}.png").convert("RGB") for i in range(6)]
+    masks = [np.asarray(Image.open(tmp_path / f"robot-{i:02d}.mask.png")) > 127 for i in range(6)]
+    p = toy.predict(toy.load_classifier(TOY_CLASSIFIER), photos)
+    places = [tw.BACKGROUNDS[int(k)] for k in p["background"].argmax(1)]
+    assert places == ["beach", "grass", "city", "beach", "grass", "city"]
+    captions = [(tmp_path / f"robot-{i:02d}.txt").read_text().strip() for i in range(6)]
+    assert [PHRASE_TO_PLACE[c.removeprefix("photo of a sks robot ")] for c in captions] == places
+    assert bool((p["subject"] > 0.5).all()), p["subject"]
+    for photo, mask in zip(photos, masks):
+        a = np.asarray(photo)
+        marks = sum(near(a, c) for c in DEMO_TEAL) + near(a, DEMO_ORANGE)
+        assert marks.sum() >= 14 and mask[marks > 0].all()
+        assert mask.sum() < 0.25 * mask.size and mask.sum() < 4 * marks.sum()
