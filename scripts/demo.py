@@ -57,6 +57,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "own prediction for 'photo of a robot' at every step (no class images), or nothing")
     p.add_argument("--no-prior", dest="prior", action="store_const", const="none", help="the same as --prior none")
     p.add_argument("--seed", type=int, default=0, help="seed of the fine-tune and of the pictures")
+    p.add_argument("--scale", type=float, default=None,
+                   help="guidance scale of the pictures and the scores (default: the demo's 4.0, DDIM 25 steps)")
     p.add_argument("--data_root", type=Path, default=SUBJECT, metavar="DIR",
                    help="the subject's photos (default: the six shipped drawings; e.g. the design photographed in "
                         "world places: python scripts/make_demo_assets.py --in_world DIR)")
@@ -76,7 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.exit(2, f"{p.prog}: error: {TOY_MODEL}: the toy model is missing; rebuild it with "
                   f"python scripts/train_toy_model.py\n")
     last = finetune(opt, out, env)
-    scores = evaluate_and_draw(last, out, opt.seed, opt.data_root)
+    scores = evaluate_and_draw(last, out, opt.seed, opt.data_root, opt.scale)
     if opt.validate_every:
         scores["best_vs_last"] = best_vs_last(last, opt.seed)
     scores["seconds"] = round(time.time() - tic)
@@ -122,23 +124,29 @@ def finetune(opt: argparse.Namespace, out: Path, env: dict[str, str]) -> Path:
     return max((out / "logs").glob(f"*_{name}/checkpoints/last.ckpt"), key=lambda q: q.stat().st_mtime)
 
 
-def evaluate_and_draw(last: Path, out: Path, seed: int, photos: Path = SUBJECT) -> dict:
-    """The three numbers before and after, and the figure."""
+def evaluate_and_draw(last: Path, out: Path, seed: int, photos: Path = SUBJECT, scale: Optional[float] = None
+                      ) -> dict:
+    """The three numbers before and after, and the figure, sampled at guidance ``scale`` (None: the demo's)."""
     import torch
 
     from ldm.data import toy_world as tw
     from ldm.eval.toy import load_classifier
-    from ldm.eval.toy_model import SUBJECT_PLACES, TOY_CLASSIFIER, dreambooth_scores, load_toy_model, sample
+    from ldm.eval.toy_model import (DEMO_SAMPLING, SUBJECT_PLACES, TOY_CLASSIFIER, dreambooth_scores, load_toy_model,
+                                    sample)
     torch.set_num_threads(threads())
+    steps, scale = DEMO_SAMPLING[0], DEMO_SAMPLING[1] if scale is None else scale
     classifier = load_classifier(TOY_CLASSIFIER)
     before, after = load_toy_model(), load_toy_model(last)
-    scores = {"before": dreambooth_scores(before, classifier, seed=seed),
-              "after": dreambooth_scores(after, classifier, seed=seed, base=before)}
+    scores = {"before": dreambooth_scores(before, classifier, seed=seed, sampling=(steps, scale)),
+              "after": dreambooth_scores(after, classifier, seed=seed, base=before, sampling=(steps, scale))}
     rows = {"training photos": None,
-            **{f"sks robot {tw.PLACES[b]}": sample(after, 6 * [f"photo of a sks robot {tw.PLACES[b]}"], seed)
+            **{f"sks robot {tw.PLACES[b]}": sample(after, 6 * [f"photo of a sks robot {tw.PLACES[b]}"], seed,
+                                                   steps, scale)
                for b in (*SUBJECT_PLACES, "grass")},  # the scored places, and a third new one for the eye
-            "\"a robot\" before": sample(before, 6 * ["photo of a robot"], seed + 1),
-            "\"a robot\" after": sample(after, 6 * ["photo of a robot"], seed + 1)}
+            "\"a robot\" before": sample(before, 6 * ["photo of a robot"], seed + 1, steps, scale),
+            "\"a robot\" after": sample(after, 6 * ["photo of a robot"], seed + 1, steps, scale)}
+    if scale != DEMO_SAMPLING[1]:
+        scores["guidance_scale"] = scale
     draw_figure(rows, out / "dreambooth.png", scores, photos)
     return scores
 

@@ -100,17 +100,20 @@ def colour_scores(model: Any, classifier: Any, per_pair: int = 2, seed: int = 0,
 
 
 def dreambooth_scores(model: Any, classifier: Any, token: str = "sks", class_word: str = "robot",
-                      per_place: int = 8, seed: int = 0, base: Any = None) -> dict[str, float]:
+                      per_place: int = 8, seed: int = 0, base: Any = None,
+                      sampling: tuple[int, float] = DEMO_SAMPLING) -> dict[str, float]:
     """Subject fidelity and prompt fidelity on "photo of a <token> <class> <place>" for the held-out places, and
-    prior drift on "photo of a <class>" (module docstring). With ``base`` (the model before fine-tuning), also the
-    colour drift of the class pictures from the base model's of the same seed (``ldm.eval.toy.colour_drift``) and,
-    to read it against, the base model's own drift between two seeds."""
+    prior drift on "photo of a <class>" (module docstring), on pictures sampled with ``sampling`` (DDIM steps,
+    guidance scale). With ``base`` (the model before fine-tuning), also the colour drift of the class pictures
+    from the base model's of the same seed (``ldm.eval.toy.colour_drift``) and, to read it against, the base
+    model's own drift between two seeds."""
     from ldm.eval.toy import colour_drift, predict, prior_drift, scores
+    steps, scale = sampling
     places = [b for b in SUBJECT_PLACES for _ in range(per_place)]
-    subject = sample(model, [f"photo of a {token} {class_word} {tw.PLACES[b]}" for b in places], seed)
+    subject = sample(model, [f"photo of a {token} {class_word} {tw.PLACES[b]}" for b in places], seed, steps, scale)
     result = scores(subject, places, classifier)
     class_prompts = per_place * len(SUBJECT_PLACES) * [f"photo of a {class_word}"]
-    class_images = sample(model, class_prompts, seed + 1)
+    class_images = sample(model, class_prompts, seed + 1, steps, scale)
     drift = prior_drift(class_images, classifier)
     p = predict(classifier, subject)
     out = {"subject_fidelity": round(result["subject_fidelity"], 3),
@@ -118,9 +121,10 @@ def dreambooth_scores(model: Any, classifier: Any, token: str = "sks", class_wor
            "prior_drift": round(drift, 3),
            "subject_detected": round(float((p["subject"] > 0.5).float().mean()), 3)}
     if base is not None:
-        reference = sample(base, class_prompts, seed + 1)
+        reference = sample(base, class_prompts, seed + 1, steps, scale)
         out["colour_drift"] = round(colour_drift(reference, class_images), 3)
-        out["colour_drift_base_seeds"] = round(colour_drift(reference, sample(base, class_prompts, seed + 2)), 3)
+        out["colour_drift_base_seeds"] = round(colour_drift(reference, sample(base, class_prompts, seed + 2, steps,
+                                                                              scale)), 3)
     return out
 
 
