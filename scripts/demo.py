@@ -5,6 +5,8 @@ never were, on a CPU, in under three minutes (138 s on 2 cores, two threads), wi
     python scripts/demo.py                     # prior preservation with class images (the paper's recipe)
     python scripts/demo.py --prior base_model  # the prior from the base model's own prediction, no class images
     python scripts/demo.py --no-prior          # without it: watch "photo of a robot" turn into the subject
+    python scripts/make_demo_assets.py --in_world outputs/robot-in-world   # the subject photographed in the world
+    python scripts/demo.py --data_root outputs/robot-in-world --prior base_model --scale 3   # issue 22's numbers
 
 1. class images: the toy model itself draws "photo of a robot" (the prior-preservation set; none with
    ``--prior base_model``, where a frozen copy of the toy model answers the class prompt at every step instead);
