@@ -136,19 +136,19 @@ def evaluate_and_draw(last: Path, out: Path, seed: int, photos: Path = SUBJECT, 
     from ldm.eval.toy_model import (DEMO_SAMPLING, SUBJECT_PLACES, TOY_CLASSIFIER, dreambooth_scores, load_toy_model,
                                     sample)
     torch.set_num_threads(threads())
-    steps, scale = DEMO_SAMPLING[0], DEMO_SAMPLING[1] if scale is None else scale
+    sampling = DEMO_SAMPLING if scale is None else (DEMO_SAMPLING[0], scale)
     classifier = load_classifier(TOY_CLASSIFIER)
     before, after = load_toy_model(), load_toy_model(last)
-    scores = {"before": dreambooth_scores(before, classifier, seed=seed, sampling=(steps, scale)),
-              "after": dreambooth_scores(after, classifier, seed=seed, base=before, sampling=(steps, scale))}
+    scores = {"before": dreambooth_scores(before, classifier, seed=seed, sampling=sampling),
+              "after": dreambooth_scores(after, classifier, seed=seed, base=before, sampling=sampling)}
     rows = {"training photos": None,
             **{f"sks robot {tw.PLACES[b]}": sample(after, 6 * [f"photo of a sks robot {tw.PLACES[b]}"], seed,
-                                                   steps, scale)
+                                                   *sampling)
                for b in (*SUBJECT_PLACES, "grass")},  # the scored places, and a third new one for the eye
-            "\"a robot\" before": sample(before, 6 * ["photo of a robot"], seed + 1, steps, scale),
-            "\"a robot\" after": sample(after, 6 * ["photo of a robot"], seed + 1, steps, scale)}
-    if scale != DEMO_SAMPLING[1]:
-        scores["guidance_scale"] = scale
+            "\"a robot\" before": sample(before, 6 * ["photo of a robot"], seed + 1, *sampling),
+            "\"a robot\" after": sample(after, 6 * ["photo of a robot"], seed + 1, *sampling)}
+    if sampling != DEMO_SAMPLING:
+        scores["guidance_scale"] = sampling[1]
     draw_figure(rows, out / "dreambooth.png", scores, photos)
     return scores
 

@@ -108,12 +108,11 @@ def dreambooth_scores(model: Any, classifier: Any, token: str = "sks", class_wor
     from the base model's of the same seed (``ldm.eval.toy.colour_drift``) and, to read it against, the base
     model's own drift between two seeds."""
     from ldm.eval.toy import colour_drift, predict, prior_drift, scores
-    steps, scale = sampling
     places = [b for b in SUBJECT_PLACES for _ in range(per_place)]
-    subject = sample(model, [f"photo of a {token} {class_word} {tw.PLACES[b]}" for b in places], seed, steps, scale)
+    subject = sample(model, [f"photo of a {token} {class_word} {tw.PLACES[b]}" for b in places], seed, *sampling)
     result = scores(subject, places, classifier)
     class_prompts = per_place * len(SUBJECT_PLACES) * [f"photo of a {class_word}"]
-    class_images = sample(model, class_prompts, seed + 1, steps, scale)
+    class_images = sample(model, class_prompts, seed + 1, *sampling)
     drift = prior_drift(class_images, classifier)
     p = predict(classifier, subject)
     out = {"subject_fidelity": round(result["subject_fidelity"], 3),
@@ -121,10 +120,10 @@ def dreambooth_scores(model: Any, classifier: Any, token: str = "sks", class_wor
            "prior_drift": round(drift, 3),
            "subject_detected": round(float((p["subject"] > 0.5).float().mean()), 3)}
     if base is not None:
-        reference = sample(base, class_prompts, seed + 1, steps, scale)
+        reference = sample(base, class_prompts, seed + 1, *sampling)
         out["colour_drift"] = round(colour_drift(reference, class_images), 3)
-        out["colour_drift_base_seeds"] = round(colour_drift(reference, sample(base, class_prompts, seed + 2, steps,
-                                                                              scale)), 3)
+        other_seed = sample(base, class_prompts, seed + 2, *sampling)
+        out["colour_drift_base_seeds"] = round(colour_drift(reference, other_seed), 3)
     return out
 
 
