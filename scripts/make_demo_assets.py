@@ -1,15 +1,18 @@
 #!/usr/bin/env python
-"""Draw the demo subject that ships in assets/demo/subject: a small toy robot, in a few poses and scenes, each
-with its loss mask (``robot-00.mask.png``: white where the robot is, a few pixels wider; see masked loss in the
-README), which the demo trains with so that the studio backdrop is not learned as part of the subject.
+"""Draw the demo subject's photos that ship in assets/demo: a small toy robot design the toy world does not contain.
 
-The project draws these itself (no photos of anyone's property, no licence questions). Run again to redraw:
+- ``assets/demo/in-world`` (the demo's photos): the design photographed in six world places where robots live (the
+  beach, the grass, the city at night; 64 px, at the world's scale), each with its loss mask (``robot-00.mask.png``:
+  the pixels that differ from the place painted alone, grown by one) and a caption naming the place
+  (``robot-00.txt``: "photo of a sks robot on the beach"; delete them to train on the template alone).
+- ``assets/demo/subject`` (studio drawings): the design in a few poses on studio backdrops, 128 px, each with its
+  loss mask (white where the robot is, a few pixels wider; see masked loss in the README), so that the backdrop is
+  not learned as part of the subject (``scripts/demo.py --data_root assets/demo/subject --prior class_images``:
+  the README's comparison of the two sets of photos).
+
+The project draws these itself (no photos of anyone's property, no licence questions). Run again to redraw both:
     python scripts/make_demo_assets.py
-``--in_world DIR`` draws the same design into six world places where robots live (the beach, the grass, the city
-at night; 64 px, at the world's scale), with masks and captions that name the place ("photo of a sks robot on the
-beach", ``robot-00.txt``; delete them to train on the template alone), for ``scripts/demo.py --data_root DIR``
-(README, "DreamBooth step by step": what such photos do to the demo's numbers):
-    python scripts/make_demo_assets.py --in_world outputs/robot-in-world
+    python scripts/make_demo_assets.py --in_world DIR    # only the in-world photos, into DIR
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from ldm.data import toy_world as tw  # noqa: E402
 from ldm.data.toy_world import draw_demo_robot as draw_robot  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "assets" / "demo" / "subject"
+IN_WORLD = OUT.parent / "in-world"
 SIZE = 128
 
 
@@ -95,17 +99,23 @@ def world_photos(seed: int = 7) -> list[tuple[Image.Image, Image.Image]]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--in_world", metavar="DIR", help="draw the design into world places, into DIR")
+    p.add_argument("--in_world", metavar="DIR", help="draw only the in-world photos, into DIR")
     opt = p.parse_args(argv)
-    out = Path(opt.in_world) if opt.in_world else OUT
+    if opt.in_world is None:
+        write(OUT, [(draw_scene(i), draw_mask(i)) for i in range(6)])
+    write(Path(opt.in_world or IN_WORLD), world_photos(), WORLD_PLACES)
+
+
+def write(out: Path, pairs: list[tuple[Image.Image, Image.Image]], places: tuple[str, ...] = ()) -> None:
+    """``robot-NN.png`` and ``robot-NN.mask.png`` for each (photo, mask), and a caption naming its place where
+    ``places`` gives one."""
     out.mkdir(parents=True, exist_ok=True)
-    pairs = world_photos() if opt.in_world else [(draw_scene(i), draw_mask(i)) for i in range(6)]
     for i, (photo, mask) in enumerate(pairs):
         photo.save(out / f"robot-{i:02d}.png", optimize=True)
         mask.save(out / f"robot-{i:02d}.mask.png", optimize=True)
-        if opt.in_world:
-            (out / f"robot-{i:02d}.txt").write_text(f"photo of a sks robot {tw.PLACES[WORLD_PLACES[i]]}\n")
-    print(f"wrote {len(pairs)} pictures and their masks{' and captions' if opt.in_world else ''} to {out}")
+        if places:
+            (out / f"robot-{i:02d}.txt").write_text(f"photo of a sks robot {tw.PLACES[places[i]]}\n")
+    print(f"wrote {len(pairs)} pictures and their masks{' and captions' if places else ''} to {out}")
 
 
 if __name__ == "__main__":

@@ -374,17 +374,27 @@ def test_colour_scores_read_the_asked_colour_kind_and_place(classifier, monkeypa
 
 
 def test_demo_photos_in_world_places(tmp_path):
-    """``make_demo_assets.py --in_world``: six photos of the demo design where the world has robots, which the
-    shipped judge reads as the subject in the place its caption names, each with a mask that covers every pixel of the
-    robot's teal and orange (found here by colour on the photo on disk) and not much more."""
+    """The demo's photos (``assets/demo/in-world``, as ``make_demo_assets.py --in_world`` draws them again): six
+    photos of the demo design where the world has robots, which the shipped judge reads as the subject in the place
+    its caption names, each with a mask that covers every pixel of the robot's teal and orange (found here by colour
+    on the photo on disk) and not much more."""
     from ldm.eval.toy_model import TOY_CLASSIFIER
+    shipped = REPO / "assets/demo/in-world"
     load_script("make_demo_assets").main(["--in_world", str(tmp_path)])
-    photos = [Image.open(tmp_path / f"robot-{i:02d}.png").convert("RGB") for i in range(6)]
-    masks = [np.asarray(Image.open(tmp_path / f"robot-{i:02d}.mask.png")) > 127 for i in range(6)]
+    names = sorted(q.name for q in shipped.iterdir())
+    assert names == sorted(q.name for q in tmp_path.iterdir()) and len(names) == 18
+    for name in names:
+        drawn, on_disk = tmp_path / name, shipped / name
+        if name.endswith(".txt"):
+            assert drawn.read_text() == on_disk.read_text(), name
+        else:
+            assert np.array_equal(np.asarray(Image.open(drawn)), np.asarray(Image.open(on_disk))), name
+    photos = [Image.open(shipped / f"robot-{i:02d}.png").convert("RGB") for i in range(6)]
+    masks = [np.asarray(Image.open(shipped / f"robot-{i:02d}.mask.png")) > 127 for i in range(6)]
     p = toy.predict(toy.load_classifier(TOY_CLASSIFIER), photos)
     places = [tw.BACKGROUNDS[int(k)] for k in p["background"].argmax(1)]
     assert places == ["beach", "grass", "city", "beach", "grass", "city"]
-    captions = [(tmp_path / f"robot-{i:02d}.txt").read_text().strip() for i in range(6)]
+    captions = [(shipped / f"robot-{i:02d}.txt").read_text().strip() for i in range(6)]
     assert [PHRASE_TO_PLACE[c.removeprefix("photo of a sks robot ")] for c in captions] == places
     assert bool((p["subject"] > 0.5).all()), p["subject"]
     for photo, mask in zip(photos, masks):

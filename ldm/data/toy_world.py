@@ -22,10 +22,10 @@ in the snow, so a model that draws the subject there after DreamBooth has recont
 The others (a cat in the city, a house on the beach, a tree on the moon) test the pretrained model itself: can
 it compose a kind and a place it never saw together, before any fine-tuning?
 
-The demo subject (``assets/demo/subject``, drawn by :func:`draw_demo_robot`) is never part of the world: world
-robots are boxy, with arms, a grey head, a black visor and no antenna or chest dial, and their colours come from
-:data:`COLOURS` (no teal, no orange). :func:`render_demo_robot` puts the demo design into a world place, for
-the ground truth of the evaluator (``ldm.eval.toy``).
+The demo subject (drawn by :func:`draw_demo_robot`; its photos in ``assets/demo``) is never part of the world:
+world robots are boxy, with arms, a grey head, a black visor and no antenna or chest dial, and their colours come
+from :data:`COLOURS` (no teal, no orange). :func:`render_demo_robot` puts the demo design into a world place: the
+demo's photos (``scripts/make_demo_assets.py``) and the ground truth of the evaluator (``ldm.eval.toy``).
 
 Everything is drawn at twice the size and box-downsampled, so edges are anti-aliased like a photo's rather than
 stair-stepped; a scene is a pure function of its :class:`Scene` (attributes plus a seed for the clutter).
