@@ -2,19 +2,20 @@
 """DreamBooth you can see on any laptop: the shipped toy model learns the demo robot and draws it where robots
 never were, on a CPU, in under three minutes (138 s on 2 cores, two threads), with nothing to download.
 
-    python scripts/demo.py                     # prior preservation with class images (the paper's recipe)
-    python scripts/demo.py --prior base_model  # the prior from the base model's own prediction, no class images
-    python scripts/demo.py --no-prior          # without it: watch "photo of a robot" turn into the subject
-    python scripts/make_demo_assets.py --in_world outputs/robot-in-world   # the subject photographed in the world
-    python scripts/demo.py --data_root outputs/robot-in-world --prior base_model --scale 3   # issue 22's numbers
+    python scripts/demo.py                         # six photos of the subject, the base model's prediction as prior
+    python scripts/demo.py --prior class_images    # prior preservation with class images (the paper's recipe)
+    python scripts/demo.py --no-prior              # without any: watch "photo of a robot" turn into the subject
+    python scripts/demo.py --data_root assets/demo/subject --prior class_images   # studio drawings instead
 
-1. class images: the toy model itself draws "photo of a robot" (the prior-preservation set; none with
-   ``--prior base_model``, where a frozen copy of the toy model answers the class prompt at every step instead);
+1. the subject's photos (``assets/demo/in-world``): a robot design the toy world does not contain, photographed in
+   six places where the world has robots (beach, grass, city at night), each with its loss mask and a caption naming
+   the place (``python scripts/make_demo_assets.py`` draws them);
 2. fine-tune the toy model (``configs/toy/dreambooth.yaml``, through main.py: 600 steps, the loss masked to the
-   robot, EMA) on the six drawings of ``assets/demo/subject``, a robot design the toy world does not contain;
-3. measure with the toy classifier (``ldm/eval/toy_model.py``): subject fidelity and prompt fidelity on
-   "photo of a sks robot" on the moon and in the snow (no robot is ever there in the world), and prior drift
-   on "photo of a robot", before and after, and the colour drift of "photo of a robot" from the base model;
+   robot, EMA) with prior preservation from a frozen copy of the toy model, which answers "photo of a robot" at
+   every step (``--prior class_images``: the toy model first draws 64 class images, the paper's prior set);
+3. measure with the toy classifier (``ldm/eval/toy_model.py``, DDIM 25 at guidance 3): subject fidelity and prompt
+   fidelity on "photo of a sks robot" on the moon and in the snow (no robot is ever there in the world), and prior
+   drift on "photo of a robot", before and after, and the colour drift of "photo of a robot" from the base model;
 4. one figure, ``OUTDIR/dreambooth.png``: the training photos, the subject on the held-out places and on the
    grass, and the class prompt before and after fine-tuning; the numbers also in ``OUTDIR/scores.json``.
 
@@ -40,7 +41,7 @@ from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SUBJECT = REPO / "assets" / "demo" / "subject"
+SUBJECT = REPO / "assets" / "demo" / "in-world"
 #: --family -> (fine-tuning config, inference config) of the random-weight plumbing demos.
 PLUMBING = {"v1": ("tiny-finetune.yaml", "tiny-inference.yaml"),
             "sdxl": ("tiny-sdxl-finetune.yaml", "tiny-sdxl-inference.yaml")}
@@ -54,16 +55,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--outdir", default="outputs/demo", help="where the run, class images, samples and figure go")
     p.add_argument("--max_steps", type=int, default=None, help="fine-tuning steps (default: the config's)")
     p.add_argument("--num_class_images", type=int, default=64, help="class images the toy model draws first")
-    p.add_argument("--prior", choices=PRIORS, default="class_images",
-                   help="what keeps the class: class images the toy model draws first (default), the base model's "
-                        "own prediction for 'photo of a robot' at every step (no class images), or nothing")
+    p.add_argument("--prior", choices=PRIORS, default="base_model",
+                   help="what keeps the class: the base model's own prediction for 'photo of a robot' at every step "
+                        "(default; no class images), class images the toy model draws first, or nothing")
     p.add_argument("--no-prior", dest="prior", action="store_const", const="none", help="the same as --prior none")
     p.add_argument("--seed", type=int, default=0, help="seed of the fine-tune and of the pictures")
     p.add_argument("--scale", type=float, default=None,
-                   help="guidance scale of the pictures and the scores (default: the demo's 4.0, DDIM 25 steps)")
+                   help="guidance scale of the pictures and the scores (default: the demo's 3.0, DDIM 25 steps)")
     p.add_argument("--data_root", type=Path, default=SUBJECT, metavar="DIR",
-                   help="the subject's photos (default: the six shipped drawings; e.g. the design photographed in "
-                        "world places: python scripts/make_demo_assets.py --in_world DIR)")
+                   help="the subject's photos (default: the six shipped photos in world places; assets/demo/subject: "
+                        "the same design drawn on studio backdrops)")
     p.add_argument("--validate_every", type=int, default=None, metavar="N",
                    help="validate with the toy judge every N steps, keep best.ckpt, and score it against last.ckpt "
                         "on places the choice never saw")

@@ -11,9 +11,9 @@ def test_controls_show_no_effect(tmp_path, judge, base_scores):
     without it) or when nothing learns (a learning rate of 1e-12)."""
     import shutil
     photos = tmp_path / "photos"
-    shutil.copytree(REPO / "assets/demo/subject", photos)
-    for png in photos.glob("robot-0?.png"):
-        png.with_suffix(".txt").write_text("photo of a robot")
+    shutil.copytree(REPO / "assets/demo/in-world", photos)
+    for caption in photos.glob("robot-0?.txt"):  # "photo of a sks robot on the beach" -> "photo of a robot on ..."
+        caption.write_text(caption.read_text().replace("sks ", ""))
     no_identifier = scores(finetune(tmp_path / "a", data_root=photos), judge)
     assert not dreambooth_effect(base_scores, no_identifier), no_identifier
     frozen = scores(finetune(tmp_path / "b", "model.base_learning_rate=1e-12"), judge)

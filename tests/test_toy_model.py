@@ -1,20 +1,22 @@
 """The shipped toy model (assets/toy/): its manifest, the world it was trained on, and the DreamBooth effect a short
 fine-tune on the demo robot has on it, measured with the toy judge (ldm/eval/toy_model.py).
 
-The margins were measured with this file's own fine-tune (the demo's recipe, masked loss and EMA, 300 steps, 32
-class images, 6 pictures per held-out place) over seeds 0, 1, 2 on the development machine, with the shipped judge:
+The margins were measured with this file's own fine-tune (the demo's recipe: the six photos in world places, masked
+loss, EMA, the prior from the base model's prediction; 300 steps, 6 pictures per held-out place, DDIM 25 at guidance
+3) over seeds 0, 1, 2 on the development machine, with the shipped judge:
 
-    with prior preservation:    subject fidelity 0.24 / 0.20 / 0.42, prompt fidelity 0.75 / 0.83 / 0.75,
-                                prior drift 0.24 / 0.30 / 0.28, colour drift 0.64 / 0.54 / 0.43
-    without prior preservation: prior drift 0.41 / 0.43 / 0.17, colour drift 0.73 / 0.84 / 0.70
-                                (class drift, their sum: higher than with it by 0.26 / 0.43 / 0.16)
-    controls (seed 0):          identifier not in the captions: subject fidelity 0.01;
+    the recipe:                 subject fidelity 0.71 / 0.64 / 0.68, prompt fidelity 0.83 / 0.67 / 0.50,
+                                prior drift 0.023 / 0.005 / 0.002, colour drift 0.28 / 0.36 / 0.41
+    without prior preservation: subject fidelity 0.31 / 0.51 / 0.37, prompt fidelity 0.75 / 0.92 / 0.50,
+                                prior drift 0.26 / 0.21 / 0.21, colour drift 0.52 / 0.53 / 0.51
+                                (class drift, their sum: higher than with it by 0.47 / 0.36 / 0.31)
+    controls (seed 0):          identifier not in the captions: subject fidelity 0.007;
                                 learning rate 1e-12: subject fidelity 0.00
-    base model:                 subject fidelity 0.00, prompt fidelity 0.92, prior drift 0.006
+    base model:                 subject fidelity 0.00, prompt fidelity 0.92, prior drift 0.009
 
-So the subject threshold (0.1 above the base model) sits below every recipe run and above both controls, and
-the class-drift threshold (0.1) below the smallest rise without preservation. Prior drift alone would not do:
-seed 2 without preservation drew a washed class the judge reads as less like the subject (0.17) than with it.
+So the subject threshold (0.3 above the base model) sits below every recipe run and far above both controls, the
+prior-drift threshold (0.1) above every recipe run and below every run without preservation, and the class-drift
+margin (0.2) below the smallest rise without preservation.
 """
 from __future__ import annotations
 
@@ -46,9 +48,10 @@ def test_dreambooth_puts_the_subject_in_held_out_places(base_scores, recipe_scor
     assert dreambooth_effect(base_scores, recipe_scores), (base_scores, recipe_scores)
 
 
-def test_without_prior_preservation_the_class_drifts_more(tmp_path_factory, judge, recipe_scores):
+def test_without_prior_preservation_the_class_drifts_more(tmp_path_factory, judge, base_scores, recipe_scores):
     without = scores(finetune(tmp_path_factory.mktemp("np"), prior=False), judge)
-    assert class_drift(without) > class_drift(recipe_scores) + 0.1, (recipe_scores, without)
+    assert class_drift(without) > class_drift(recipe_scores) + 0.2, (recipe_scores, without)
+    assert not dreambooth_effect(base_scores, without), without  # the class turned into the subject
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "plms", "euler", "dpmpp_2m"])

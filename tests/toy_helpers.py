@@ -14,8 +14,7 @@ from conftest import REPO
 
 TOY = REPO / "assets" / "toy"
 MANIFEST = json.loads((TOY / "manifest.json").read_text())
-STEPS = 300  # the shortened fine-tune (the demo runs the config's 400)
-CLASS_IMAGES = 32
+STEPS = 300  # the shortened fine-tune (the demo runs the config's 600)
 
 
 def sha256(path: Path) -> str:
@@ -27,39 +26,17 @@ def load_judge():
     return load_classifier(TOY / MANIFEST["classifier"])
 
 
-def class_images(tmp_path: Path) -> Path:
-    """The fine-tunes' class images, generated once per test session for every worker (under a lock) as main.py
-    generates them: by the shipped model, with configs/toy/dreambooth.yaml's class_images settings. Every fine-tune
-    starts from that model with that prompt, so each would draw these same images (22 s each on 2 cores)."""
-    import fcntl
-
-    from omegaconf import OmegaConf
-
-    from ldm.eval.toy_model import load_toy_model
-    from ldm.training.class_images import count_images, generate_class_images
-    session = next((p for p in tmp_path.parents if p.name.startswith("pytest-") and p.name[7:].isdigit()),
-                   tmp_path.parent)  # pytest's folder of this session (all workers), else (--basetemp) the test's
-    folder = session / "toy-class-robot"
-    with open(session / "toy-class-robot.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if count_images(folder) < CLASS_IMAGES:
-            config = OmegaConf.load(REPO / "configs/toy/dreambooth.yaml")
-            cfg = config.class_images
-            generate_class_images(load_toy_model().to("cpu"), folder, "photo of a robot", CLASS_IMAGES,
-                                  size=int(config.data.params.size), ddim_steps=int(cfg.ddim_steps),
-                                  scale=float(cfg.scale), batch_size=int(cfg.batch_size), seed=int(cfg.seed))
-    return folder
-
-
-def finetune(tmp_path: Path, *extra: str, prior: bool = True, data_root: Path = REPO / "assets/demo/subject"
-             ) -> Path:
+def finetune(tmp_path: Path, *extra: str, prior: bool = True,
+             data_root: Path = REPO / "assets" / "demo" / "in-world") -> Path:
+    """The demo's fine-tune, shortened to STEPS: its photos, and the prior from the base model's prediction
+    (``prior=False``: no prior term); ``extra``: more main.py arguments (a later ``--seed`` wins)."""
     from ldm.eval.toy_model import TOY_MODEL
     args = ["--base", str(REPO / "configs/toy/dreambooth.yaml"), "-t", "--actual_resume", str(TOY_MODEL),
             "-n", "ft", "--logdir", str(tmp_path / "logs"), "--data_root", str(data_root),
             "--class_word", "robot", "--max_steps", str(STEPS), "--seed", "0",
             "lightning.callbacks.image_logger.params.batch_frequency=1000", *extra]
     if prior:
-        args += ["--reg_data_root", str(class_images(tmp_path)), "--num_class_images", str(CLASS_IMAGES)]
+        args.append("model.params.prior_preservation=base_model")
     assert main_module.main(args) == 0
     (ckpt,) = (tmp_path / "logs").glob("*_ft/checkpoints/last.ckpt")
     return ckpt
@@ -80,16 +57,14 @@ def scores(ckpt, judge):
 def dreambooth_effect(before: dict, after: dict) -> bool:
     """What DreamBooth is for, in numbers: the subject appears (well above the base model), in the held-out places
     asked for, while the bare class prompt does not turn into the subject."""
-    return (after["subject_fidelity"] > before["subject_fidelity"] + 0.1 and after["prompt_fidelity"] >= 0.4
-            and after["prior_drift"] < 0.4)
+    return (after["subject_fidelity"] > before["subject_fidelity"] + 0.3 and after["prompt_fidelity"] >= 0.4
+            and after["prior_drift"] < 0.1)
 
 
 def class_drift(s: dict) -> float:
     """How far "photo of a robot" moved: towards the subject (prior drift) plus away from the base model's colours
     (colour drift, the pink wash the subject probability does not always see)."""
     return s["prior_drift"] + s["colour_drift"]
-
-
 
 
 @pytest.fixture(scope="module")

@@ -25,11 +25,13 @@ TOY_CLASSIFIER = TOY_DIR / "classifier.safetensors"
 TOY_CONFIG = REPO / "configs" / "toy" / "inference.yaml"
 #: The places robots are held out of in the world: where the subject must appear after fine-tuning.
 SUBJECT_PLACES = tuple(place for kind, place in tw.HELD_OUT_PAIRS if kind == "robot")
-#: (DDIM steps, guidance scale) of :func:`sample` unless told otherwise: the demo's sampling (fast on a CPU).
-DEMO_SAMPLING = (25, 4.0)
+#: (DDIM steps, guidance scale) of :func:`sample` unless told otherwise: the demo's sampling (fast on a CPU; at
+#: guidance 4 the demo's fine-tunes draw the subject saturated and partly garbled: README, "DreamBooth step by step").
+DEMO_SAMPLING = (25, 3.0)
 #: (steps, scale) of the world and colour scores: stable_txt2img.py's defaults. The shipped model draws the asked
-#: kind in 91.5 % of 200 pictures at DDIM 25 / scale 4 (the demo's sampling), 99 % at 50 / 7.5 (the place: 94.5 and
-#: 98 %): at 25 steps and weak guidance a few starting noises end in the wrong place or an empty night city.
+#: kind in 89.5 % of 200 pictures at DDIM 25 / scale 3 (the demo's sampling; 91.5 % at scale 4), 99 % at 50 / 7.5
+#: (the place: 92.5 and 98 %): at 25 steps and weak guidance a few starting noises end in the wrong place or an
+#: empty night city.
 WORLD_SAMPLING = (50, 7.5)
 
 
