@@ -140,7 +140,8 @@ def test_train_generate_inpaint_in_a_browser(page: Page):
     p.wait(lambda: "Removed sks_robot from the queue" in p.text("train-status"), "the run out of the queue")
 
     # 4. Stop once it trains, then resume: the run ends at its step limit.
-    p.wait(lambda: progress(p)["state"] == "running" and int(progress(p)["step"]) >= 1, "training steps", 120)
+    p.wait(lambda: progress(p)["state"] == "running" and progress(p)["phase"] == "training"
+           and int(progress(p)["step"]) >= 1, "training steps", 120)
     p.click("stop")
     p.wait(lambda: progress(p)["state"] == "stopped", "the run to stop", 120)  # it saves a 0.12 GB last.ckpt
     assert "left" not in p.text("train-progress")  # a stopped run has no time left

@@ -95,7 +95,7 @@ def format_seconds(seconds: float) -> str:
 
 @dataclass
 class RunView:
-    key: str  # the run folder's name, or "job:<id>" before main.py has made the folder
+    key: str  # "job:<id>" for a run started from the page (its latest start), else the run folder's name
     name: str
     state: str  # running / stopped / finished / failed
     folder: Optional[Path]
@@ -181,6 +181,9 @@ def list_runs(jobs: JobManager) -> list[RunView]:
     for folder in sorted(p for p in jobs.log_dir.iterdir() if (p / "configs").is_dir()):
         record = by_folder.get(folder.resolve())
         state = jobs.state(record) if record else external_state(folder)
-        views.append(RunView(folder.name, record.name if record else folder.name, state, folder, record))
+        # A page's run keeps its job key when main.py makes its folder, so the picker's value never changes under
+        # the user (a refresh answered late would otherwise put the renamed run back over a newer choice).
+        key = f"job:{record.id}" if record else folder.name
+        views.append(RunView(key, record.name if record else folder.name, state, folder, record))
     started = {v.key: (v.record.started if v.record else v.folder.stat().st_mtime) for v in views + pending}
     return sorted(views + pending, key=lambda v: started[v.key], reverse=True)

@@ -192,14 +192,14 @@ def start(ui: WebUI, recipe: str, photos: str, class_word: str, token: str, chec
 
 
 def _view(ui: WebUI, key: Optional[str]) -> tuple[list[run_files.RunView], Optional[run_files.RunView]]:
-    """All runs and the selected one (the newest when none is). ``job:<id>`` names a run started from the page,
-    which is known by its folder's name once main.py has made it."""
+    """All runs and the selected one (the newest when none is). ``job:<id>`` names a run started from the page; an
+    earlier start of a resumed run names the run's folder (its newest start)."""
     views = run_files.list_runs(ui.jobs)
-    if key and key.startswith("job:"):
+    chosen = next((v for v in views if v.key == key), None)
+    if chosen is None and key and key.startswith("job:"):
         record = next((r for r in ui.jobs.records() if r.id == key[4:]), None)
         folder = ui.jobs.run_folder(record) if record else None
-        key = folder.name if folder else key
-    chosen = next((v for v in views if v.key == key), None)
+        chosen = next((v for v in views if folder and v.folder and v.folder.resolve() == folder.resolve()), None)
     return views, chosen or (views[0] if views else None)
 
 
@@ -357,8 +357,8 @@ def _refresh(ui: WebUI, key: Optional[str], shown: Shown, raw: bool) -> tuple:
     form, message, locked = form_state(ui, view, shown)
     # When the run ends, what was said about it ("Stopping...", "Not started: ... is running") no longer applies.
     cleared = "" if shown.locked and not locked and shown.locked == (selected or "") else gr.skip()
-    # The picker keeps what the page shows unless that run is gone or renamed (a job that made its folder): a tick
-    # answered after the user picked another run (a Start, a queue) must not put the old one back.
+    # The picker keeps what the page shows unless that run is gone or was resumed (a new start): a tick answered
+    # after the user picked another run (a Start, a queue) must not put the old one back.
     keep = key is not None and key == selected
     picker_update = gr.Dropdown(choices=choices) if keep else gr.Dropdown(choices=choices, value=selected)
     return (picker_update, progress_html(view, progress), plot, gallery, tail,
