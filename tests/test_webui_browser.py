@@ -24,6 +24,9 @@ from webui_browser import REPO, Page, free_port, start_app, start_browser
 
 SUBJECT = REPO / "assets" / "demo" / "subject"
 STEPS = 60
+# Enough class images that their phase lasts over 10 s even on an idle machine (0.44 s an image on the 2-core CPU):
+# the page, refreshed every 1.5 s, shows it, and the run is still in it or training when the queue is tried.
+CLASS_IMAGES = 32
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +121,7 @@ def test_train_generate_inpaint_in_a_browser(page: Page):
     # A short run with prior preservation; a second Start while it runs is refused. The class images are a phase
     # of their own, with their count and time left.
     p.fill("steps", STEPS)
-    p.fill("class-images", 12)
+    p.fill("class-images", CLASS_IMAGES)
     p.fill("grid-every", 20)
     # What Start will run, and how long and how much memory it should take, before Start.
     p.wait(lambda: "python main.py" in field(p, "train-command").get_attribute("value")
@@ -126,7 +129,7 @@ def test_train_generate_inpaint_in_a_browser(page: Page):
     p.wait(lambda: f"Estimate for {STEPS} steps: about" in p.text("train-estimate"), "the estimate")
     p.click("start")
     p.wait(lambda: "Started" in p.text("train-status"), "the start message")
-    p.wait(lambda: progress(p)["phase"] == "class images" and re.search(r"class images \d+ / 12",
+    p.wait(lambda: progress(p)["phase"] == "class images" and re.search(rf"class images \d+ / {CLASS_IMAGES}",
                                                                            p.text("train-progress")),
            "the class-image phase", 90, poll=0.1)
     p.click("start")
