@@ -36,8 +36,9 @@ def backward_profile(step: Callable[[], Any], device: str, top: int) -> dict[str
 
 def format_profiles(titles: Sequence[str], profiles: Sequence[dict[str, Any]]) -> str:
     """Two (or more) profiles as columns: rank, then per implementation ``node  calls  ms  %``."""
-    width = 44
-    header = "".join(f"{t[:width]:<{width + 22}}" for t in titles)
+    width = max([44] + [len(op[0]) for p in profiles for op in p["ops"]])  # whole node names, however long
+    cell = width + 25  # "name calls ms %" below; columns joined by two spaces
+    header = "  ".join(f"{t[:width]:<{cell}}" for t in titles)
     lines = ["Backward per autograd node (one profiled step; % of that step's backward; with gradient checkpointing "
              "a node's time includes the forward recomputation it triggered):", "    " + header]
     depth = max(len(p["ops"]) for p in profiles)
@@ -49,8 +50,8 @@ def format_profiles(titles: Sequence[str], profiles: Sequence[dict[str, Any]]) -
                 share = 100 * ms / p["backward_ms"] if p["backward_ms"] else 0
                 cells.append(f"{name[:width]:<{width}} {calls:>5} {ms:>9.2f} ms {share:4.0f}%")
             else:
-                cells.append(" " * (width + 22))
+                cells.append(" " * cell)
         lines.append(f"{i + 1:>2}. " + "  ".join(cells))
-    lines.append("    " + "".join(f"{'backward total':<{width}} {'':>5} {p['backward_ms']:>9.2f} ms      "
-                                    for p in profiles))
-    return "\n".join(lines)
+    lines.append("    " + "  ".join(f"{'backward total':<{width}} {'':>5} {p['backward_ms']:>9.2f} ms {'':5}"
+                                      for p in profiles))
+    return "\n".join(line.rstrip() for line in lines)

@@ -169,6 +169,21 @@ def test_unet_suite_builds_diffusers_from_the_same_config_as_diffusers_own_reade
         assert torch.allclose(theirs(x, t, encoder_hidden_states=c).sample, expected, atol=1e-5)
 
 
+def test_profile_table_names_each_node_whole() -> None:
+    """CPU attention's backward node has a 45-character name: the --profile table must not cut it (a node the
+    reader cannot search for is no use), and each column keeps its numbers in line."""
+    from benchmarks.profile import format_profiles
+    long = "ScaledDotProductFlashAttentionForCpuBackward0"
+    profiles = [{"backward_ms": 10.0, "ops": [[long, 4, 6.0], ["ConvolutionBackward0", 8, 3.0]]},
+                {"backward_ms": 5.0, "ops": [["ConvolutionBackward0", 8, 4.0]]}]
+    text = format_profiles(["ours", "diffusers"], profiles)
+    header, first, second, total = text.splitlines()[1:5]
+    assert long in first and "6.00 ms   60%" in first and "4.00 ms   80%" in first and "3.00 ms   30%" in second
+    column = header.index("diffusers")  # the second implementation's column, on every line
+    assert first.index("ConvolutionBackward0") == column == total.index("backward total", column)
+    assert total.index("5.00 ms") == first.index("4.00 ms")
+
+
 def test_unet_suite_takes_a_config_without_image_size() -> None:
     """diffusers' sample_size is then the latent side of the model that config builds (LatentDiffusion's
     default), as ldm.export.diffusers.unet_config now reads it."""
