@@ -367,6 +367,32 @@ def test_a_reloaded_page_shows_the_running_runs_settings_read_only(ui):
             os.kill(record.pid, 9)
 
 
+def test_a_late_refresh_keeps_the_users_choice_of_run(ui):
+    """A run started from the page keeps its picker value when main.py makes its folder: a refresh asked for it and
+    answered after the user picked another run (one just queued) sends no value that would put it back, and Stop
+    on the queued run takes it out of the queue, leaving the running one alone."""
+    from ldm.webui import train_tab
+    folder = ui.roots.log_dir / "2026-12-06T03-00-00_one"
+    script = (f"import os, time; os.makedirs({str(folder / 'configs')!r}); "
+              f"print('Run folder: {folder} (config saved to x)', flush=True); time.sleep(60)")
+    first = ui.jobs.start([sys.executable, "-c", script], "one")
+    try:
+        deadline = time.time() + 30
+        while ui.jobs.run_folder(first) is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert ui.jobs.run_folder(first) == folder
+        queued = ui.jobs.enqueue([sys.executable, "-c", "pass"], "two")
+        late = train_tab.refresh(ui, f"job:{first.id}", None)[0]  # asked before the queue, answered after it
+        sent = late.constructor_args  # what Gradio sends to the page: the arguments the update was built with
+        assert sent.get("value", f"job:{first.id}") == f"job:{first.id}"
+        assert (f"{folder.name} (running)", f"job:{first.id}") in sent["choices"]
+        assert train_tab.stop(ui, f"job:{queued.id}") == "Removed two from the queue."
+        assert ui.jobs.state(first) == "running"
+    finally:
+        if ui.jobs.is_running(first):
+            os.kill(first.pid, 9)
+
+
 def test_pickers_offer_the_shipped_model_and_tell_checkpoints_apart(ui):
     """Every checkpoint picker offers the shipped toy model (to compare before and after training), and names a
     run's files by run, file, step and size, so last.ckpt and best.ckpt differ at a glance."""
