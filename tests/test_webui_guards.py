@@ -28,6 +28,13 @@ from ldm.webui.paths import PathRefused, Roots, inside, safe_name
 from ldm.webui.uploads import MAX_FILES, UploadError, sync_photos
 
 
+def wait_until(done, seconds: float) -> None:
+    """Poll ``done()`` every 0.1 s until it is true or ``seconds`` have passed (the caller asserts what it needs)."""
+    deadline = time.time() + seconds
+    while not done() and time.time() < deadline:
+        time.sleep(0.1)
+
+
 @pytest.fixture
 def roots(tmp_path) -> Roots:
     return Roots.create(tmp_path / "models", tmp_path / "logs", tmp_path / "data")
@@ -319,9 +326,7 @@ def test_queued_runs_start_one_after_the_other(roots):
     fourth = jobs.enqueue(job(4, 0.2), "four")
     with pytest.raises(DeviceBusy, match="Not started: training run one is running"):
         jobs.start(job(5, 0), "five")
-    deadline = time.time() + 30
-    while not (marks.is_file() and marks.read_text().count("end") == 3) and time.time() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: marks.is_file() and marks.read_text().count("end") == 3, 30)
     assert marks.read_text().split("\n")[:-1] == ["start 1", "end 1", "start 2", "end 2", "start 4", "end 4"]
     # "end 4" is written just before the process exits: wait for the exit, not only for the mark
     def states() -> list[str]:  # noqa: E306
@@ -356,9 +361,7 @@ def test_a_reloaded_page_shows_the_running_runs_settings_read_only(ui):
         again = train_tab.refresh(ui, None, shown)
         assert all(u == gr.skip() for u in again[8:])
         ui.jobs.stop(record)
-        deadline = time.time() + 20
-        while ui.jobs.state(record) == "running" and time.time() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: ui.jobs.state(record) != "running", 20)
         after = train_tab.refresh(ui, None, again[7])
         assert after[7].locked == "" and after[-2] == "" and after[-1] == ""
         assert all(_field(u, "interactive") for u in after[8:8 + len(train_tab.FORM_FIELDS)])
@@ -377,9 +380,7 @@ def test_a_late_refresh_keeps_the_users_choice_of_run(ui):
               f"print('Run folder: {folder} (config saved to x)', flush=True); time.sleep(60)")
     first = ui.jobs.start([sys.executable, "-c", script], "one")
     try:
-        deadline = time.time() + 30
-        while ui.jobs.run_folder(first) is None and time.time() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: ui.jobs.run_folder(first) is not None, 30)
         assert ui.jobs.run_folder(first) == folder
         queued = ui.jobs.enqueue([sys.executable, "-c", "pass"], "two")
         late = train_tab.refresh(ui, f"job:{first.id}", None)[0]  # asked before the queue, answered after it
@@ -448,9 +449,7 @@ def test_one_job_at_a_time_stop_and_a_restarted_ui(roots):
 def test_a_crash_is_failed_with_its_last_lines(roots):
     jobs = JobManager(roots.log_dir, REPO)
     record = jobs.start([sys.executable, "-c", "print('step 3'); raise MemoryError('CUDA out of memory')"], "oom")
-    deadline = time.time() + 30
-    while jobs.state(record) == "running" and time.time() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: jobs.state(record) != "running", 30)
     assert jobs.state(record) == "failed"
     assert jobs.output(record).strip().splitlines()[-1] == "MemoryError: CUDA out of memory"
 
