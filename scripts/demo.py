@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """DreamBooth you can see on any laptop: the shipped toy model learns the demo robot and draws it where robots
-never were, on a CPU, in under three minutes (138 s on 2 cores, two threads), with nothing to download.
+never were, on a CPU, in a few minutes (2 cores, two threads: 138-160 s on an earlier day, 265-296 s on a slower
+one: README), with nothing to download.
 
     python scripts/demo.py                         # six photos of the subject, the base model's prediction as prior
     python scripts/demo.py --prior class_images    # prior preservation with class images (the paper's recipe)
@@ -14,14 +15,15 @@ never were, on a CPU, in under three minutes (138 s on 2 cores, two threads), wi
    robot, EMA) with prior preservation from a frozen copy of the toy model, which answers "photo of a robot" at
    every step (``--prior class_images``: the toy model first draws 64 class images, the paper's prior set);
 3. measure with the toy classifier (``ldm/eval/toy_model.py``, DDIM 25 at guidance 3): subject fidelity and prompt
-   fidelity on "photo of a sks robot" on the moon and in the snow (no robot is ever there in the world), and prior
-   drift on "photo of a robot", before and after, and the colour drift of "photo of a robot" from the base model;
-4. one figure, ``OUTDIR/dreambooth.png``: the training photos, the subject on the held-out places and on the
-   grass, and the class prompt before and after fine-tuning; the numbers also in ``OUTDIR/scores.json``.
+   fidelity on "photo of a sks robot" on the moon, in the snow and on mars (no robot is ever there in the world), and
+   prior drift on "photo of a robot", before and after, and the colour drift of "photo of a robot" from the base
+   model;
+4. one figure, ``OUTDIR/dreambooth.png``: the training photos, the subject in the three held-out places, and the
+   class prompt before and after fine-tuning; the numbers also in ``OUTDIR/scores.json``.
 
 ``--validate_every 100 --max_steps 1000``: the measured checkpoint choice on the toy world. The fine-tune validates
-with the toy judge every 100 steps (``configs/toy/validation.yaml``: the subject on the moon and in the snow, and
-the bare class), writes ``metrics.md`` / ``metrics.png`` and ``best.ckpt`` in its run folder, and the demo then
+with the toy judge every 100 steps (``configs/toy/validation.yaml``: the subject on the moon, in the snow and on
+mars, and the bare class), writes ``metrics.md`` / ``metrics.png`` and ``best.ckpt`` in its run folder, and the demo then
 scores best.ckpt and last.ckpt on places the choice never saw (beach, grass, city at night; another seed): the
 ``best_vs_last`` entry of ``scores.json``.
 
@@ -145,7 +147,7 @@ def evaluate_and_draw(last: Path, out: Path, seed: int, photos: Path = SUBJECT, 
     rows = {"training photos": None,
             **{f"sks robot {tw.PLACES[b]}": sample(after, 6 * [f"photo of a sks robot {tw.PLACES[b]}"], seed,
                                                    *sampling)
-               for b in (*SUBJECT_PLACES, "grass")},  # the scored places, and a third new one for the eye
+               for b in SUBJECT_PLACES},  # the scored places: no robot is ever there in the world
             "\"a robot\" before": sample(before, 6 * ["photo of a robot"], seed + 1, *sampling),
             "\"a robot\" after": sample(after, 6 * ["photo of a robot"], seed + 1, *sampling)}
     if sampling != DEMO_SAMPLING:
@@ -154,7 +156,7 @@ def evaluate_and_draw(last: Path, out: Path, seed: int, photos: Path = SUBJECT, 
     return scores
 
 
-#: Where best.ckpt and last.ckpt are compared: places the validation (the moon, the snow) never scored.
+#: Where best.ckpt and last.ckpt are compared: places the validation (the moon, the snow, mars) never scored.
 CHECK_PLACES = ("beach", "grass", "city")
 
 

@@ -77,7 +77,7 @@ def draw_mask(index: int, margin: int = 3) -> Image.Image:
     return ImageChops.lighter(a, b).convert("L").filter(ImageFilter.MaxFilter(2 * margin + 1))
 
 
-#: The places of the ``--in_world`` photos: where the world has robots (the moon and the snow never do).
+#: The places of the ``--in_world`` photos: where the world has robots (the moon, the snow and mars never do).
 WORLD_PLACES = ("beach", "grass", "city", "beach", "grass", "city")
 
 

@@ -2,21 +2,27 @@
 fine-tune on the demo robot has on it, measured with the toy judge (ldm/eval/toy_model.py).
 
 The margins were measured with this file's own fine-tune (the demo's recipe: the six photos in world places, masked
-loss, EMA, the prior from the base model's prediction; 300 steps, 6 pictures per held-out place, DDIM 25 at guidance
-3) over seeds 0, 1, 2 on the development machine, with the shipped judge:
+loss, EMA, the prior from the base model's prediction; 300 steps, 6 pictures per held-out place (the moon, the
+snow, mars), DDIM 25 at guidance 3) over seeds 0, 1, 2 on the development machine, with the shipped six-place
+model and judge:
 
-    the recipe:                 subject fidelity 0.71 / 0.64 / 0.68, prompt fidelity 0.83 / 0.67 / 0.50,
-                                prior drift 0.023 / 0.005 / 0.002, colour drift 0.28 / 0.36 / 0.41
-    without prior preservation: subject fidelity 0.31 / 0.51 / 0.37, prompt fidelity 0.75 / 0.92 / 0.50,
-                                prior drift 0.26 / 0.21 / 0.21, colour drift 0.52 / 0.53 / 0.51
-                                (class drift, their sum: higher than with it by 0.47 / 0.36 / 0.31)
-    controls (seed 0):          identifier not in the captions: subject fidelity 0.007;
-                                learning rate 1e-12: subject fidelity 0.00
-    base model:                 subject fidelity 0.00, prompt fidelity 0.92, prior drift 0.009
+    the recipe:                 subject fidelity 0.79 / 0.97 / 0.78, prompt fidelity 0.94 / 0.94 / 0.89,
+                                prior drift 0.014 / 0.019 / 0.060, colour drift 0.42 / 0.42 / 0.63
+    without prior preservation: subject fidelity 0.15 / 0.27 / 0.24, prompt fidelity 0.78 / 0.94 / 0.89,
+                                prior drift 0.28 / 0.35 / 0.17 (higher than with it by 0.26 / 0.33 / 0.11),
+                                colour drift 0.60 / 0.57 / 0.61
+    controls (seed 0):          identifier not in the captions: subject fidelity 0.48 (prompt fidelity 0.89,
+                                prior drift 0.018); learning rate 1e-12: subject fidelity 0.001
+    base model:                 subject fidelity 0.001, prompt fidelity 0.94, prior drift 0.002
 
-So the subject threshold (0.3 above the base model) sits below every recipe run and far above both controls, the
-prior-drift threshold (0.1) above every recipe run and below every run without preservation, and the class-drift
-margin (0.2) below the smallest rise without preservation.
+So the subject threshold (0.6 above the base model) sits below every recipe run (by 0.17 at the least) and above
+both controls (by 0.12 over the fine-tune without the identifier: with the six-place model the subject leaks into
+"photo of a robot on the beach" and the like, which the base-model prior does not guard, so "sks robot on the
+moon" draws it half the time without any identifier; the five-place model drew it 0.007 of the time), the
+prior-drift threshold (0.1) above every recipe run and below every run without preservation, and the rise of the
+prior drift without preservation (0.1) below the smallest measured (seed 2's 0.11, the tightest margin; this test
+runs seed 0: 0.26). The colour drift alone did not separate them on seed 2 (0.63 with the prior, 0.61
+without), so the test asks only that the class drift, prior and colour drift together, is higher without.
 """
 from __future__ import annotations
 
@@ -32,10 +38,13 @@ def test_shipped_files_match_the_manifest():
     assert sha256(classifier) == MANIFEST["classifier_sha256"]
 
 
-def test_the_world_regenerates_with_the_manifests_hash(tmp_path):
+def test_both_worlds_regenerate_with_the_manifests_hashes(tmp_path):
+    """The six-place world the LDM trained on and the five-place first world the autoencoder started on (~40 s)."""
     from ldm.data.toy_world import write_world
-    world = MANIFEST["world"]
-    assert write_world(tmp_path / "world", world["count"], world["seed"])["data_hash"] == world["data_hash"]
+    for key in ("world", "first_world"):
+        world = MANIFEST[key]
+        made = write_world(tmp_path / key, world["count"], world["seed"], tuple(world["places"]))
+        assert made["data_hash"] == world["data_hash"], key
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +59,8 @@ def test_dreambooth_puts_the_subject_in_held_out_places(base_scores, recipe_scor
 
 def test_without_prior_preservation_the_class_drifts_more(tmp_path_factory, judge, base_scores, recipe_scores):
     without = scores(finetune(tmp_path_factory.mktemp("np"), prior=False), judge)
-    assert class_drift(without) > class_drift(recipe_scores) + 0.2, (recipe_scores, without)
+    assert without["prior_drift"] > recipe_scores["prior_drift"] + 0.1, (recipe_scores, without)
+    assert class_drift(without) > class_drift(recipe_scores), (recipe_scores, without)
     assert not dreambooth_effect(base_scores, without), without  # the class turned into the subject
 
 

@@ -57,7 +57,7 @@ def scores(ckpt, judge):
 def dreambooth_effect(before: dict, after: dict) -> bool:
     """What DreamBooth is for, in numbers: the subject appears (well above the base model), in the held-out places
     asked for, while the bare class prompt does not turn into the subject."""
-    return (after["subject_fidelity"] > before["subject_fidelity"] + 0.3 and after["prompt_fidelity"] >= 0.4
+    return (after["subject_fidelity"] > before["subject_fidelity"] + 0.6 and after["prompt_fidelity"] >= 0.4
             and after["prior_drift"] < 0.1)
 
 

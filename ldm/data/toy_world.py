@@ -3,7 +3,7 @@
 DreamBooth's claim (Ruiz et al. 2022) is about a pretrained model: after fine-tuning on a few pictures of one
 subject, "a [V] robot on the moon" shows *that* robot on the moon, while "a robot" still shows the class. Real
 Stable Diffusion weights are too large to test this on a CPU, so this module draws a world with a known prior:
-five object kinds x five colours x three sizes, standing in five places, each scene captioned by one grammar::
+five object kinds x five colours x three sizes, standing in six places, each scene captioned by one grammar::
 
     "photo of a {colour} {kind} {place phrase}"      e.g. "photo of a red robot on the beach"
     "photo of a {kind} {place phrase}"               e.g. "photo of a robot on the beach"
@@ -17,8 +17,9 @@ are readable. The demo subject's marks (orange chest dial, round eyes, red anten
 size, enough for a classifier and for an eye. A 4x-downsampling autoencoder turns 64 px into 16x16 latents, where
 a small UNet's step is cheap on a CPU; 128 px would cost 4x per step for no information this world has.
 
-Held out: :data:`HELD_OUT_PAIRS` (kind, place) never occur in a generated set. No robot is ever on the moon or
-in the snow, so a model that draws the subject there after DreamBooth has recontextualised it, not recalled it.
+Held out: :data:`HELD_OUT_PAIRS` (kind, place) never occur in a generated set. No robot is ever on the moon, in
+the snow or on mars, so a model that draws the subject there after DreamBooth has recontextualised it, not
+recalled it.
 The others (a cat in the city, a house on the beach, a tree on the moon) test the pretrained model itself: can
 it compose a kind and a place it never saw together, before any fine-tuning?
 
@@ -37,7 +38,7 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal, Optional
+from typing import Callable, Iterable, Iterator, Literal, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -50,10 +51,14 @@ COLOURS = {"red": (205, 45, 45), "blue": (45, 85, 205), "green": (50, 150, 60), 
 # Object height factor; the tallest object at "large" spans ~40 of the 64 px.
 SIZES = {"small": 0.6, "medium": 0.8, "large": 1.0}
 PLACES = {"beach": "on the beach", "moon": "on the moon", "snow": "in the snow", "grass": "on the grass",
-          "city": "in the city at night"}
+          "city": "in the city at night", "mars": "on mars"}
 BACKGROUNDS = tuple(PLACES)
+# The first world's five places: the rebuild's stage-1 autoencoder trains on a world of these, before mars came
+# (scripts/train_toy_model.py; docs/toy-experiments.md tells why the autoencoder is then fine-tuned on all six).
+FIRST_PLACES = BACKGROUNDS[:5]
 # (kind, background) pairs that never occur in a generated world: the recontextualisation test cases.
-HELD_OUT_PAIRS = (("robot", "moon"), ("robot", "snow"), ("cat", "city"), ("house", "beach"), ("tree", "moon"))
+HELD_OUT_PAIRS = (("robot", "moon"), ("robot", "snow"), ("cat", "city"), ("house", "beach"), ("tree", "moon"),
+                  ("robot", "mars"))
 # Not a world place: the pastel sky-and-ground backdrops of the demo pictures (make_demo_assets.py); the
 # evaluator trains on it so that "photo of a sks robot" without a place is still recognised.
 STUDIO = "studio"
@@ -262,6 +267,21 @@ def _paint_city(d: ImageDraw.ImageDraw, h: float, rng: random.Random) -> None:
     d.line([0, (h + w) / 2, w, (h + w) / 2], fill=(120, 120, 95), width=2)
 
 
+def _paint_mars(d: ImageDraw.ImageDraw, h: float, rng: random.Random) -> None:
+    """Butterscotch sky over dark red-brown mesas, rust ground strewn with dark rocks."""
+    w = SIZE * _SS
+    d.rectangle([0, 0, w, w], fill=(222, 168, 98))
+    x = -rng.uniform(0, 20)
+    while x < w:
+        span, top = rng.uniform(24, 50), h - rng.uniform(8, 20)
+        d.polygon([(x, h), (x + span * 0.2, top), (x + span * 0.8, top), (x + span, h)], fill=(120, 52, 34))
+        x += span + rng.uniform(6, 30)
+    d.rectangle([0, h, w, w], fill=(176, 86, 48))
+    for _ in range(rng.randint(5, 8)):
+        x, y, r = rng.uniform(0, w), rng.uniform(h + 6, w), rng.uniform(3, 7)
+        d.ellipse([x - r, y - r * 0.6, x + r, y + r * 0.6], fill=(105, 45, 30))
+
+
 def _paint_studio(d: ImageDraw.ImageDraw, h: float, rng: random.Random) -> None:
     """The demo pictures' backdrop: a pastel sky and ground with a few darker blobs (make_demo_assets.py)."""
     w = SIZE * _SS
@@ -275,7 +295,7 @@ def _paint_studio(d: ImageDraw.ImageDraw, h: float, rng: random.Random) -> None:
 
 _PAINTERS: dict[str, Callable[[ImageDraw.ImageDraw, float, random.Random], None]] = {
     "beach": _paint_beach, "moon": _paint_moon, "snow": _paint_snow, "grass": _paint_grass, "city": _paint_city,
-    STUDIO: _paint_studio}
+    "mars": _paint_mars, STUDIO: _paint_studio}
 
 
 # ---------------------------------------------------------------- scenes
@@ -353,10 +373,12 @@ def place_object(rng: random.Random, half_width: float, height: float) -> tuple[
 
 
 def sample_scene(rng: random.Random, kind: Optional[str] = None, background: Optional[str] = None,
-                 held_out: Iterable[tuple[str, str]] = HELD_OUT_PAIRS) -> Scene:
-    """A uniformly random scene among the allowed (kind, background) pairs; ``kind``/``background`` pin one."""
+                 held_out: Iterable[tuple[str, str]] = HELD_OUT_PAIRS,
+                 places: Sequence[str] = BACKGROUNDS) -> Scene:
+    """A uniformly random scene among the allowed (kind, background) pairs of ``places``; ``kind``/``background``
+    pin one."""
     blocked = set(held_out)
-    pairs = [(k, b) for k in KINDS for b in BACKGROUNDS
+    pairs = [(k, b) for k in KINDS for b in places
              if (k, b) not in blocked and kind in (None, k) and background in (None, b)]
     if not pairs:
         raise ValueError(f"no allowed scene with kind={kind!r}, background={background!r}")
@@ -389,11 +411,19 @@ def _choose_form(rng: random.Random) -> CaptionForm:
     return rng.choices(list(CAPTION_FORMS), weights=list(CAPTION_FORMS.values()))[0]
 
 
-def world_records(count: int, seed: int) -> Iterator[tuple[dict, Image.Image]]:
-    """``count`` (record, image) pairs of the world drawn from ``seed``; a record is one captions.jsonl line."""
+def _check_places(places: Sequence[str]) -> None:
+    unknown = [b for b in places if b not in BACKGROUNDS]
+    if unknown or not places:
+        raise ValueError(f"unknown places {unknown or list(places)}; expected some of {list(BACKGROUNDS)}")
+
+
+def world_records(count: int, seed: int, places: Sequence[str] = BACKGROUNDS) -> Iterator[tuple[dict, Image.Image]]:
+    """``count`` (record, image) pairs of the world drawn from ``seed`` in ``places``; a record is one
+    captions.jsonl line."""
+    _check_places(places)
     rng = random.Random(seed)
     for i in range(count):
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, places=places)
         form = _choose_form(rng)
         rendered = render_scene(scene)
         record = {"file": f"images/{i:06d}.png", "caption": caption(scene, form), "form": form, **asdict(scene),
@@ -406,17 +436,21 @@ def _hash_update(h: "hashlib._Hash", file: str, pixels: np.ndarray) -> None:
     h.update(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes())
 
 
-def write_world(out: str | Path, count: int = 6000, seed: int = 0) -> dict:
+def write_world(out: str | Path, count: int = 6000, seed: int = 0, places: Sequence[str] = BACKGROUNDS) -> dict:
     """Write ``out/images/NNNNNN.png``, ``out/captions.jsonl`` and ``out/manifest.json``; return the manifest.
+
+    ``places`` narrows the world to some of :data:`BACKGROUNDS` (:data:`FIRST_PLACES`: the five-place world the
+    rebuild's autoencoder starts on); its scenes are then exactly those the world had before the sixth place came.
 
     The manifest's ``data_hash`` is :func:`data_hash` of what was written: a sha256 over every image's name and
     decoded RGB pixels, then the bytes of captions.jsonl. It hashes pixels, not PNG bytes, so it does not change
     with the zlib build that compressed the files.
     """
+    _check_places(places)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     h, lines = hashlib.sha256(), []
-    for record, image in world_records(count, seed):
+    for record, image in world_records(count, seed, places):
         image.save(out / record["file"])
         _hash_update(h, record["file"], np.asarray(image))
         lines.append(json.dumps(record, sort_keys=True))
@@ -424,8 +458,8 @@ def write_world(out: str | Path, count: int = 6000, seed: int = 0) -> dict:
     (out / "captions.jsonl").write_bytes(text)
     h.update(text)
     manifest = {"generator": "ldm.data.toy_world", "seed": seed, "count": count, "size": SIZE,
-                "held_out_pairs": [list(p) for p in HELD_OUT_PAIRS], "caption_forms": CAPTION_FORMS,
-                "data_hash": h.hexdigest()}
+                "places": list(places), "held_out_pairs": [list(p) for p in HELD_OUT_PAIRS if p[1] in places],
+                "caption_forms": CAPTION_FORMS, "data_hash": h.hexdigest()}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
