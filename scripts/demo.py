@@ -23,8 +23,8 @@ one: README), with nothing to download.
 
 ``--validate_every 100 --max_steps 1000``: the measured checkpoint choice on the toy world. The fine-tune validates
 with the toy judge every 100 steps (``configs/toy/validation.yaml``: the subject on the moon, in the snow and on
-mars, and the bare class), writes ``metrics.md`` / ``metrics.png`` and ``best.ckpt`` in its run folder, and the demo then
-scores best.ckpt and last.ckpt on places the choice never saw (beach, grass, city at night; another seed): the
+mars, and the bare class), writes ``metrics.md`` / ``metrics.png`` and ``best.ckpt`` in its run folder, and the demo
+then scores best.ckpt and last.ckpt on places the choice never saw (beach, grass, city at night; another seed): the
 ``best_vs_last`` entry of ``scores.json``.
 
 ``--family v1`` / ``--family sdxl`` run the same pipeline on the randomly initialised SD-v1- and SDXL-shaped toy

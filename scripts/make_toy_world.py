@@ -22,7 +22,8 @@ from ldm.data.toy_world import BACKGROUNDS, write_world  # noqa: E402
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to write (created if missing)")
-    parser.add_argument("--count", type=int, default=12000, help="number of scenes (default: the shipped model's world)")
+    parser.add_argument("--count", type=int, default=12000,
+                        help="number of scenes (default: the shipped model's world)")
     parser.add_argument("--seed", type=int, default=2, help="the world's seed: same seed, same pixels")
     parser.add_argument("--places", nargs="+", choices=BACKGROUNDS, default=list(BACKGROUNDS),
                         help="the places scenes stand in (default: all six)")

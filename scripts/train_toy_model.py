@@ -224,7 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                     f"--seed {FIRST_WORLD_SEED} --places {' '.join(FIRST_PLACES)}",
                      "world": f"python scripts/make_toy_world.py --out WORLD --count {WORLD_COUNT} --seed {WORLD_SEED}",
                      "autoencoder": short(ae_cmd), "autoencoder_six_places": short(ae6_cmd),
-                     "ldm": short(ldm_cmd), "packed": f"LOGS/<date>_toy_ldm/checkpoints/step={LDM_STEP:06d}.ckpt",
+                     "ldm": short(ldm_cmd), "packed": short([sys.executable, str(ldm)]).removeprefix("python "),
                      "classifier": "python scripts/train_toy_classifier.py --out assets/toy/classifier.safetensors"},
         "seconds": seconds,
         "scores": scores,
