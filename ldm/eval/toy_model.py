@@ -102,12 +102,17 @@ def colour_scores(model: Any, classifier: Any, per_pair: int = 2, seed: int = 0,
 
 def dreambooth_scores(model: Any, classifier: Any, token: str = "sks", class_word: str = "robot",
                       per_place: int = 8, seed: int = 0, base: Any = None,
-                      sampling: tuple[int, float] = DEMO_SAMPLING) -> dict[str, float]:
+                      sampling: tuple[int, float] = DEMO_SAMPLING, base_class_images: Optional[torch.Tensor] = None,
+                      pictures: Optional[dict[str, torch.Tensor]] = None) -> dict[str, float]:
     """Subject fidelity and prompt fidelity on "photo of a <token> <class> <place>" for the held-out places, and
     prior drift on "photo of a <class>" (module docstring), on pictures sampled with ``sampling`` (DDIM steps,
     guidance scale). With ``base`` (the model before fine-tuning), also the colour drift of the class pictures
     from the base model's of the same seed (``ldm.eval.toy.colour_drift``) and, to read it against, the base
-    model's own drift between two seeds."""
+    model's own drift between two seeds.
+
+    ``base_class_images``: the base model's class pictures of this seed where they were drawn already (its own
+    scores' ``pictures["class"]``), so they are not drawn again. ``pictures``: a dict that receives the scored
+    pictures, ``subject`` (``per_place`` per place, place by place) and ``class``."""
     from ldm.eval.toy import colour_drift, predict, prior_drift, scores
     places = [b for b in SUBJECT_PLACES for _ in range(per_place)]
     subject = sample(model, [f"photo of a {token} {class_word} {tw.PLACES[b]}" for b in places], seed, *sampling)
@@ -120,8 +125,11 @@ def dreambooth_scores(model: Any, classifier: Any, token: str = "sks", class_wor
            "prompt_fidelity": round(result["prompt_fidelity"], 3),
            "prior_drift": round(drift, 3),
            "subject_detected": round(float((p["subject"] > 0.5).float().mean()), 3)}
+    if pictures is not None:
+        pictures["subject"], pictures["class"] = subject, class_images
     if base is not None:
-        reference = sample(base, class_prompts, seed + 1, *sampling)
+        reference = sample(base, class_prompts, seed + 1, *sampling) if base_class_images is None \
+            else base_class_images
         out["colour_drift"] = round(colour_drift(reference, class_images), 3)
         other_seed = sample(base, class_prompts, seed + 2, *sampling)
         out["colour_drift_base_seeds"] = round(colour_drift(reference, other_seed), 3)
