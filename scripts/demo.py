@@ -24,8 +24,8 @@ one: README), with nothing to download.
 ``--validate_every 100 --max_steps 1000``: the measured checkpoint choice on the toy world. The fine-tune validates
 with the toy judge every 100 steps (``configs/toy/validation.yaml``: the subject on the moon, in the snow and on
 mars, and the bare class), writes ``metrics.md`` / ``metrics.png`` and ``best.ckpt`` in its run folder, and the demo
-then scores best.ckpt and last.ckpt on places the choice never saw (beach, grass, city at night; another seed): the
-``best_vs_last`` entry of ``scores.json``.
+then scores best.ckpt and last.ckpt on the same held-out places with pictures the choice never saw (another seed,
+16 per place): the ``best_vs_last`` entry of ``scores.json``.
 
 ``--family v1`` / ``--family sdxl`` run the same pipeline on the randomly initialised SD-v1- and SDXL-shaped toy
 configs instead (plumbing only: their pictures are noise).
@@ -166,35 +166,33 @@ def evaluate_and_draw(last: Path, out: Path, seed: int, photos: Path = SUBJECT, 
     return scores
 
 
-#: Where best.ckpt and last.ckpt are compared: places the validation (the moon, the snow, mars) never scored.
-CHECK_PLACES = ("beach", "grass", "city")
-
-
-def best_vs_last(last: Path, seed: int, per_place: int = 8) -> dict:
-    """Subject fidelity and prompt fidelity on :data:`CHECK_PLACES` and prior drift, of best.ckpt (the step the
-    validation chose, from validation.json) and of last.ckpt, with a seed the validation did not use."""
+def best_vs_last(last: Path, seed: int, per_place: int = 16) -> dict:
+    """Subject fidelity and prompt fidelity on the held-out places (the moon, the snow, mars: no training photo was
+    taken there) and prior drift, of best.ckpt (the step the validation chose, from validation.json) and of
+    last.ckpt, on pictures the choice never saw: another seed than the validation's, twice as many per place."""
     import torch
 
     from ldm.data import toy_world as tw
     from ldm.eval.toy import load_classifier, prior_drift
     from ldm.eval.toy import scores as judge_scores
-    from ldm.eval.toy_model import TOY_CLASSIFIER, load_toy_model, sample
+    from ldm.eval.toy_model import SUBJECT_PLACES, TOY_CLASSIFIER, load_toy_model, sample
     from ldm.weights.checkpoint import read_checkpoint
     torch.set_num_threads(threads())
     best = last.parent / "best.ckpt"
     history = json.loads((last.parent.parent / "validation.json").read_text())
-    result: dict = {"validated_steps": [h["step"] for h in history], "check_places": list(CHECK_PLACES)}
+    result: dict = {"validated_steps": [h["step"] for h in history], "check_places": list(SUBJECT_PLACES),
+                    "check_seed": seed + 100}
     if not best.is_file():
         result["best_step"] = None
         return result
     classifier = load_classifier(TOY_CLASSIFIER)
     result["best_step"] = read_checkpoint(best)[1].get("global_step")
-    places = [b for b in CHECK_PLACES for _ in range(per_place)]
+    places = [b for b in SUBJECT_PLACES for _ in range(per_place)]
     for name, ckpt in (("best", best), ("last", last)):
         model = load_toy_model(ckpt)
         s = judge_scores(sample(model, [f"photo of a sks robot {tw.PLACES[b]}" for b in places], seed + 100), places,
                          classifier)
-        drift = prior_drift(sample(model, len(places) * ["photo of a robot"], seed + 101), classifier)
+        drift = prior_drift(sample(model, len(SUBJECT_PLACES) * 8 * ["photo of a robot"], seed + 101), classifier)
         result[name] = {"subject_fidelity": round(s["subject_fidelity"], 3),
                         "prompt_fidelity": round(s["prompt_fidelity"], 3), "prior_drift": round(drift, 3)}
     return result

@@ -107,12 +107,12 @@ def test_the_prior_target_is_the_base_models_prediction_for_the_class_prompt(fam
     model, base, batch = family
     assert list(batch["prior_caption"]) == ["photo of a toy"] * 2
     seen = {}
-    losses_of = model.base_prior_losses
+    target_of = model.base_prior_target
 
     def recording(x_noisy, t, b):
         seen.update(x=x_noisy.detach().clone(), t=t.clone())
-        return losses_of(x_noisy, t, b)
-    model.base_prior_losses = recording
+        return target_of(x_noisy, t, b)
+    model.base_prior_target = recording
     with torch.no_grad():
         loss, logs = model.shared_step(batch, torch.Generator().manual_seed(3))
         x, t = seen["x"], seen["t"]
@@ -159,7 +159,9 @@ def test_a_lora_run_without_class_images_trains_and_keeps_the_layout(tiny_ckpt, 
     (run,) = (tmp_path / "logs").iterdir()
     with open(next(run.rglob("metrics.csv"))) as f:
         prior = [float(r["train/loss_prior"]) for r in csv.DictReader(f) if r.get("train/loss_prior")]
-    assert len(prior) == 4 and prior[0] == 0.0 and all(p > 0 for p in prior[1:]), prior
+    # 0 up to rounding at the first step: the prior rows go through the network batched with the subject's, the
+    # base's answer alone (9e-13 measured), against 2e-7 and more once the adapters moved.
+    assert len(prior) == 4 and prior[0] < 1e-10 and all(p > 1e-8 for p in prior[1:]), prior
     last, _ = read_checkpoint(run / "checkpoints" / "last.ckpt")
     base, _ = read_checkpoint(tiny_ckpt)
     assert all(torch.equal(last[k], v) for k, v in base.items())
@@ -185,14 +187,14 @@ def test_a_full_fine_tune_without_class_images_trains_resumes_and_saves_no_copy(
         with open(max(run.rglob("metrics.csv"), key=lambda q: q.stat().st_mtime_ns)) as f:
             return [float(r["train/loss_prior"]) for r in csv.DictReader(f) if r.get("train/loss_prior")]
     first = priors()
-    assert len(first) == 3 and first[0] == 0.0 and all(p > 0 for p in first[1:]), first
+    assert len(first) == 3 and first[0] < 1e-10 and all(p > 1e-8 for p in first[1:]), first  # 0 up to rounding
     last, _ = read_checkpoint(run / "checkpoints" / "last.ckpt")
     base, _ = read_checkpoint(tiny_ckpt)
     assert set(last) == set(base)
     assert any(not torch.equal(last[k], v) for k, v in base.items() if "diffusion_model" in k)
     assert main_module.main(["-r", str(run), "--max_steps", "5"]) == 0
     after = priors()
-    assert len(after) == 2 and all(p > 0 for p in after), after
+    assert len(after) == 2 and all(p > 1e-8 for p in after), after
     base_file.unlink()
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
