@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """DreamBooth you can see on any laptop: the shipped toy model learns the demo robot and draws it where robots
-never were, on a CPU, in a few minutes (2 cores, two threads: 138-160 s on an earlier day, 265-296 s on a slower
-one: README), with nothing to download.
+never were, on a CPU, in under three minutes (2 cores, two threads: 149-164 s per run on 2026-12-07: README), with
+nothing to download.
 
     python scripts/demo.py                         # six photos of the subject, the base model's prediction as prior
     python scripts/demo.py --prior class_images    # prior preservation with class images (the paper's recipe)
@@ -11,7 +11,7 @@ one: README), with nothing to download.
 1. the subject's photos (``assets/demo/in-world``): a robot design the toy world does not contain, photographed in
    six places where the world has robots (beach, grass, city at night), each with its loss mask and a caption naming
    the place (``python scripts/make_demo_assets.py`` draws them);
-2. fine-tune the toy model (``configs/toy/dreambooth.yaml``, through main.py: 300 steps, the loss masked to the
+2. fine-tune the toy model (``configs/toy/dreambooth.yaml``, through main.py: 350 steps, the loss masked to the
    robot, EMA) with prior preservation from a frozen copy of the toy model, which answers "photo of a robot" at
    every step (``--prior class_images``: the toy model first draws 64 class images, the paper's prior set);
 3. measure with the toy classifier (``ldm/eval/toy_model.py``, DDIM 25 at guidance 3): subject fidelity and prompt

@@ -14,7 +14,7 @@ from conftest import REPO
 
 TOY = REPO / "assets" / "toy"
 MANIFEST = json.loads((TOY / "manifest.json").read_text())
-STEPS = 300  # the demo's fine-tune (the config's max_steps), here with the image logger off
+STEPS = 300  # the demo's fine-tune, shortened (the config runs 350), with the image logger off
 
 
 def sha256(path: Path) -> str:
