@@ -3,7 +3,7 @@
 prediction for the class prompt (no class images: ``model.params.prior_preservation=base_model``), and none. Each
 way with several seeds, each run ``scripts/demo.py`` in a fresh process (the same recipe, steps and measures).
 
-    python scripts/compare_priors.py                       # 3 ways x 3 seeds, 18 min on a 2-core CPU
+    python scripts/compare_priors.py                       # 3 ways x 3 seeds, 23 min on a 2-core CPU
     python scripts/compare_priors.py --seeds 0 1 --out outputs/priors
 
 Writes ``OUT/priors.md``: per way the mean and standard deviation over the seeds of subject fidelity, prompt
