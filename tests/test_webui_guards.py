@@ -331,8 +331,7 @@ def test_queued_runs_start_one_after_the_other(roots):
     # "end 4" is written just before the process exits: wait for the exit, not only for the mark
     def states() -> list[str]:  # noqa: E306
         return [jobs.state(jobs.load(r.id)) for r in (first, second, fourth)]
-    while states() != ["finished"] * 3 and time.time() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: states() == ["finished"] * 3, 30)
     assert states() == ["finished"] * 3
     held = JobManager(roots.log_dir, REPO)
     with held.device("image generation"):  # in-UI sampling holds the device: a queued job waits for it
