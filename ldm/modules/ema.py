@@ -43,17 +43,16 @@ class LitEma(nn.Module):
             n = int(self.num_updates)
             decay = min(decay, (1 + n) / (10 + n))
         shadow = dict(self.named_buffers())
-        pairs = [(shadow[self.m_name2s_name[name]], p.detach()) for name, p in model.named_parameters()
-                 if p.requires_grad]
-        if not pairs:
-            return
-        # shadow + (1 - decay) * (param - shadow) in one pass per tensor (lerp), a foreach call per device and dtype: the
-        # three passes of the original expression took 13 ms of a 6.6 M-parameter toy step on a 2-core CPU, this 5.
+        # shadow + (1 - decay) * (param - shadow) in one pass per tensor (lerp), a foreach call per device and
+        # dtype: the three passes of the original expression took 13 ms of a 6.6 M-parameter toy step on a
+        # 2-core CPU, this 5.
         groups: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for s, p in pairs:
-            group = groups.setdefault((s.device, s.dtype), ([], []))
-            group[0].append(s)
-            group[1].append(p.to(s.device, s.dtype))
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                s = shadow[self.m_name2s_name[name]]
+                shadows, params = groups.setdefault((s.device, s.dtype), ([], []))
+                shadows.append(s)
+                params.append(p.detach().to(s.device, s.dtype))
         for shadows, params in groups.values():
             torch._foreach_lerp_(shadows, params, 1.0 - decay)
 
